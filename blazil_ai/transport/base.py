@@ -1,0 +1,118 @@
+"""The channel interface every transport implements: publications offer messages, subscriptions poll them.
+
+A channel is addressed by a URI and a stream id, as in Aeron:
+
+* ``tcp://host:port`` / ``tcps://host:port`` (TLS with client certificates): the subscription listens
+  on ``host:port``; any number of publications connect to it.
+* ``aeron:ipc`` and ``aeron:udp?endpoint=host:port``: Aeron through its media driver.
+
+Publications never block unless asked to: ``offer`` returns an :class:`OfferStatus` at once, or waits
+up to ``timeout`` seconds for room. Subscriptions are driven by the caller (``poll``), so no thread
+runs behind the application's back; ``receive`` waits for one message without spinning.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from blazil_ai.errors import BlazilError
+from blazil_ai.transport.framing import Message
+from blazil_ai.transport.idle import BackoffIdleStrategy
+
+
+class OfferStatus(enum.IntEnum):
+    """What became of an offer."""
+
+    OK = 0
+    BACK_PRESSURED = 1  # the buffers towards the subscriber are full: retry later
+    NOT_CONNECTED = 2  # no subscriber is connected (yet, or any more)
+    CLOSED = 3  # this publication (or its media driver) is closed
+
+
+class TransportError(BlazilError):
+    """A channel could not do what was asked; ``status`` holds the offer status when there is one."""
+
+    def __init__(self, message: str, status: OfferStatus | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Publication(ABC):
+    """The sending end of a channel."""
+
+    uri: str
+    stream_id: int
+
+    @abstractmethod
+    def offer(self, meta: Mapping[str, Any] | None = None, arrays: Sequence[np.ndarray] = (), *,
+              timeout: float = 0.0) -> OfferStatus:
+        """Offer one message; wait up to ``timeout`` seconds for room (0 = do not wait)."""
+
+    def offer_batch(self, messages: Sequence[Message], *, timeout: float = 0.0) -> int:
+        """Offer many messages in order; return how many were accepted (stops at the first refusal)."""
+        for i, m in enumerate(messages):
+            if self.offer(m.meta, m.arrays, timeout=timeout) != OfferStatus.OK:
+                return i
+        return len(messages)
+
+    def send(self, meta: Mapping[str, Any] | None = None, arrays: Sequence[np.ndarray] = (), *,
+             timeout: float = 10.0) -> None:
+        """Offer one message, waiting up to ``timeout`` seconds; raise :class:`TransportError` otherwise."""
+        status = self.offer(meta, arrays, timeout=timeout)
+        if status != OfferStatus.OK:
+            raise TransportError(f"{self.uri} stream {self.stream_id}: send failed: {status.name}", status)
+
+    @property
+    @abstractmethod
+    def is_connected(self) -> bool:
+        """Whether a subscriber is connected now."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the channel; further offers return ``CLOSED``."""
+
+    def __enter__(self) -> Publication:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Subscription(ABC):
+    """The receiving end of a channel."""
+
+    uri: str
+    stream_id: int
+
+    @abstractmethod
+    def poll(self, handler: Callable[[Message], None], limit: int = 64) -> int:
+        """Deliver up to ``limit`` whole messages to ``handler``; return how many were delivered."""
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        """Wait up to ``timeout`` seconds (None = forever) for one message; None on time-out."""
+        got: list[Message] = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        idle = BackoffIdleStrategy()
+        while True:
+            n = self.poll(got.append, 1)
+            if got:
+                return got[0]
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            idle.idle(n)
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop receiving and release the channel."""
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
