@@ -1,0 +1,214 @@
+"""Reading a Hugging Face Qwen2 checkpoint directory: the config, and only the tensors one stage needs.
+
+A checkpoint is ``config.json`` plus either ``model.safetensors`` or ``model.safetensors.index.json``
+with its shards. A stage asks for the tensors of its layers (and the embeddings, final norm, LM head
+where it holds them); each is read from the one shard the index's weight map names, so a stage never
+maps the rest of the model. Any missing or inconsistent file is reported by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blazil_ai.errors import ConfigError, DataError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(slots=True)
+class StageSpec:
+    """Which part of the model one stage holds: layers ``[start, stop)``, and the ends where it is first/last."""
+
+    stage: int
+    start: int
+    stop: int
+    num_layers: int
+
+    @property
+    def is_first(self) -> bool:
+        """Whether this stage holds the token embeddings."""
+        return self.start == 0
+
+    @property
+    def is_last(self) -> bool:
+        """Whether this stage holds the final norm and the LM head (and samples)."""
+        return self.stop == self.num_layers
+
+
+def load_config(model_dir: str | os.PathLike[str]) -> Any:
+    """Read ``config.json`` of a Qwen2 checkpoint directory as a ``Qwen2Config``."""
+    from transformers import Qwen2Config
+
+    path = Path(model_dir) / "config.json"
+    if not Path(model_dir).is_dir():
+        raise ConfigError(f"model directory {model_dir} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing (a Hugging Face checkpoint directory has config.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON: {e.msg}", path=str(path), line=e.lineno) from e
+    if raw.get("model_type") != "qwen2":
+        raise DataError(f"model_type is {raw.get('model_type')!r}, this pipeline runs 'qwen2'", path=str(path),
+                        field="model_type")
+    return Qwen2Config.from_dict(raw)
+
+
+def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
+    """A short hash of ``config.json`` (and the index), which every stage of one pipeline must share."""
+    h = hashlib.sha256()
+    for name in ("config.json", INDEX_NAME):
+        p = Path(model_dir) / name
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def split_layers(num_layers: int, split: tuple[int, ...] | None = None, stages: int = 3) -> list[tuple[int, int]]:
+    """Layer ranges of each stage; ``split`` holds the first layer of stages 2.. (28 layers: 10,20)."""
+    if split is None:
+        base = round(num_layers / stages + 0.25)
+        split = tuple(min(num_layers - (stages - i), base * i) for i in range(1, stages))
+    bounds = [0, *split, num_layers]
+    if len(bounds) != stages + 1 or any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ConfigError(f"split {','.join(map(str, split))} does not cut {num_layers} layers into {stages} "
+                          "non-empty stages (give the first layer of stages 2 and 3, e.g. 10,20)")
+    return list(zip(bounds, bounds[1:]))
+
+
+def parse_split(text: str | None) -> tuple[int, ...] | None:
+    """Parse ``--split A,B`` into a tuple of ints (None when not given)."""
+    if not text:
+        return None
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError as e:
+        raise ConfigError(f"--split {text!r}: expected comma-separated layer numbers such as 10,20") from e
+
+
+def parse_layers(text: str) -> tuple[int, int]:
+    """Parse ``--layers A:B`` (layers A..B-1)."""
+    try:
+        a, b = (int(p) for p in text.split(":"))
+    except ValueError as e:
+        raise ConfigError(f"--layers {text!r}: expected START:STOP such as 0:10") from e
+    if not 0 <= a < b:
+        raise ConfigError(f"--layers {text!r}: need 0 <= START < STOP")
+    return a, b
+
+
+def stage_tensor_names(spec: StageSpec, config: Any, available: set[str]) -> list[tuple[str, str]]:
+    """Pairs (checkpoint tensor name, name inside the stage) this stage needs; layers are renumbered from 0."""
+    want: list[tuple[str, str]] = []
+    for i in range(spec.start, spec.stop):
+        prefix = f"model.layers.{i}."
+        found = sorted(n for n in available if n.startswith(prefix))
+        if not found:
+            raise DataError(f"checkpoint has no tensors for layer {i}", field=prefix + "*")
+        want.extend((n, f"layers.{i - spec.start}." + n[len(prefix):]) for n in found)
+    if spec.is_first:
+        want.append(("model.embed_tokens.weight", "embed_tokens.weight"))
+    if spec.is_last:
+        want.append(("model.norm.weight", "norm.weight"))
+        if "lm_head.weight" in available:
+            want.append(("lm_head.weight", "lm_head.weight"))
+        elif getattr(config, "tie_word_embeddings", False):
+            # Tied embeddings: the LM head is the embedding matrix, stored once under the embedding name.
+            want.append(("model.embed_tokens.weight", "lm_head.weight"))
+        else:
+            raise DataError("checkpoint has no lm_head.weight and tie_word_embeddings is false", field="lm_head.weight")
+    for name, _ in want:
+        if name not in available:
+            raise DataError(f"checkpoint has no tensor {name}", field=name)
+    return want
+
+
+def weight_map(model_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Tensor name -> shard file, from the index (or the single ``model.safetensors``); checks the files exist."""
+    from safetensors import safe_open
+
+    root = Path(model_dir)
+    index = root / INDEX_NAME
+    if index.is_file():
+        try:
+            raw = json.loads(index.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(f"not valid JSON: {e.msg}", path=str(index), line=e.lineno) from e
+        wm = raw.get("weight_map")
+        if not isinstance(wm, dict) or not wm:
+            raise DataError("no weight_map", path=str(index), field="weight_map")
+        out = {name: root / fname for name, fname in wm.items()}
+        for f in sorted(set(out.values())):
+            if not f.is_file():
+                raise ConfigError(f"{f}: checkpoint shard named by {index.name} is missing")
+        return out
+    single = root / SINGLE_NAME
+    if not single.is_file():
+        raise ConfigError(f"{root}: no {SINGLE_NAME} and no {INDEX_NAME} (a safetensors checkpoint is needed)")
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            names = list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise DataError(f"not a readable safetensors file: {e}", path=str(single)) from e
+    return {n: single for n in names}
+
+
+def load_stage_tensors(model_dir: str | os.PathLike[str], spec: StageSpec, config: Any,
+                       dtype: Any = None, device: str = "cpu") -> dict[str, Any]:
+    """Read only this stage's tensors (renamed for the stage) from the checkpoint, checking their shapes."""
+    from safetensors import safe_open
+
+    wmap = weight_map(model_dir)
+    wanted = stage_tensor_names(spec, config, set(wmap))
+    by_file: dict[Path, list[tuple[str, str]]] = {}
+    for name, local in wanted:
+        by_file.setdefault(wmap[name], []).append((name, local))
+    expected = _expected_shapes(config)
+    out: dict[str, Any] = {}
+    for path, names in sorted(by_file.items()):
+        try:
+            with safe_open(str(path), framework="pt", device=device) as f:
+                present = set(f.keys())
+                for name, local in names:
+                    if name not in present:
+                        raise DataError(f"tensor {name} is not in this file although the index names it",
+                                        path=str(path), field=name)
+                    t = f.get_tensor(name)
+                    shape_key = _shape_key(name)
+                    if shape_key in expected and tuple(t.shape) != expected[shape_key]:
+                        raise DataError(f"tensor {name} has shape {tuple(t.shape)}, config.json implies "
+                                        f"{expected[shape_key]}", path=str(path), field=name)
+                    out[local] = t.to(dtype) if dtype is not None else t
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"cannot read checkpoint file: {e}", path=str(path)) from e
+    return out
+
+
+def _shape_key(name: str) -> str:
+    parts = name.split(".")
+    if name.startswith("model.layers."):
+        return ".".join(parts[3:])
+    return name
+
+
+def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    h, inter, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    hd = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    return {
+        "model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h), "model.norm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.weight": (kv, h), "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.weight": (kv, h), "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h), "mlp.down_proj.weight": (h, inter),
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+    }
