@@ -1,0 +1,176 @@
+"""CSV tables read with line numbers, so every bad row is reported by file and line (or skipped and counted).
+
+Column types: a column named in ``numeric`` must parse as float in every row; with ``numeric=None`` the
+types are inferred from the first 200 data rows (a column is numeric when most of its values there parse
+as float, empty counting as missing), and then every row that breaks the column's type is an error (or
+skipped) like any other.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blazil_ai.errors import DataError
+
+ON_ERROR = ("error", "skip")
+_INFER_ROWS = 200
+_MISSING = {"", "nan", "NaN", "NA", "null", "None"}
+
+
+@dataclass(slots=True)
+class SkippedRow:
+    """A row left out under the ``skip`` policy, with the reason."""
+
+    line: int
+    reason: str
+
+
+@dataclass(slots=True)
+class Table:
+    """Columns of one CSV file: numeric columns as float64 arrays, the others as str arrays."""
+
+    path: Path
+    columns: dict[str, np.ndarray]
+    lines: np.ndarray  # file line of each kept row, so later checks can still name the line
+    skipped: list[SkippedRow] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    @property
+    def numeric(self) -> list[str]:
+        """Names of the numeric columns."""
+        return [k for k, v in self.columns.items() if v.dtype.kind == "f"]
+
+    @property
+    def categorical(self) -> list[str]:
+        """Names of the text (categorical) columns."""
+        return [k for k, v in self.columns.items() if v.dtype.kind != "f"]
+
+    def skipped_summary(self, limit: int = 5) -> dict:
+        """Count of skipped rows and the first few with their reasons."""
+        return {"count": len(self.skipped), "first": [f"line {s.line}: {s.reason}" for s in self.skipped[:limit]]}
+
+
+def _to_float(text: str) -> float:
+    text = text.strip()
+    if text in _MISSING:
+        return math.nan
+    return float(text)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        _to_float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def read_csv(path: str | Path, *, required: Sequence[str] = (), numeric: Iterable[str] | None = None,
+             text: Iterable[str] = (), on_error: str = "error") -> Table:
+    """Read a CSV with a header row; bad rows raise DataError (file, line, field) or are skipped and counted."""
+    path = Path(path)
+    if on_error not in ON_ERROR:
+        raise DataError(f"on_error must be one of {ON_ERROR}, got {on_error!r}", path=str(path))
+    if not path.is_file():
+        raise DataError("no such file", path=str(path))
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError("empty file (no header row)", path=str(path), line=1) from None
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DataError(f"unreadable header: {e}", path=str(path), line=1) from None
+        header = [h.strip() for h in header]
+        if len(set(header)) != len(header):
+            raise DataError(f"duplicate column names in header {header}", path=str(path), line=1)
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise DataError(f"missing column(s) {missing}; header has {header}", path=str(path), line=1,
+                            field=missing[0])
+        rows: list[list[str]] = []
+        lines: list[int] = []
+        skipped: list[SkippedRow] = []
+        width = len(header)
+        try:
+            for row in reader:
+                line = reader.line_num
+                if not row:
+                    continue
+                if len(row) != width:
+                    reason = f"expected {width} fields, found {len(row)}"
+                    if on_error == "error":
+                        raise DataError(reason, path=str(path), line=line)
+                    skipped.append(SkippedRow(line, reason))
+                    continue
+                rows.append(row)
+                lines.append(line)
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DataError(f"malformed CSV: {e}", path=str(path), line=reader.line_num) from None
+    text_cols = set(text)
+    if numeric is None:
+        probe = rows[:_INFER_ROWS]
+        num_cols = [j for j, name in enumerate(header)
+                    if name not in text_cols and probe and 2 * sum(_is_float(r[j]) for r in probe) > len(probe)]
+    else:
+        wanted = set(numeric)
+        unknown = wanted - set(header)
+        if unknown:
+            raise DataError(f"numeric column(s) {sorted(unknown)} not in header {header}", path=str(path), line=1)
+        num_cols = [j for j, name in enumerate(header) if name in wanted]
+    values: dict[int, list[float]] = {j: [] for j in num_cols}
+    keep_rows: list[list[str]] = []
+    keep_lines: list[int] = []
+    for row, line in zip(rows, lines):
+        parsed: dict[int, float] = {}
+        bad = None
+        for j in num_cols:
+            try:
+                parsed[j] = _to_float(row[j])
+            except ValueError:
+                bad = (j, f"not a number: {row[j]!r}")
+                break
+        if bad is not None:
+            if on_error == "error":
+                raise DataError(bad[1], path=str(path), line=line, field=header[bad[0]])
+            skipped.append(SkippedRow(line, f"field {header[bad[0]]!r}: {bad[1]}"))
+            continue
+        for j, v in parsed.items():
+            values[j].append(v)
+        keep_rows.append(row)
+        keep_lines.append(line)
+    columns: dict[str, np.ndarray] = {}
+    for j, name in enumerate(header):
+        if j in values:
+            columns[name] = np.asarray(values[j], dtype=np.float64)
+        else:
+            columns[name] = np.asarray([r[j] for r in keep_rows], dtype=str)
+    return Table(path=path, columns=columns, lines=np.asarray(keep_lines, dtype=np.int64), skipped=skipped)
+
+
+def write_csv(path: str | Path, columns: Mapping[str, Any]) -> Path:
+    """Write equal-length columns as a CSV with a header row (floats to 13 significant digits)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = list(columns)
+    cols = []
+    for name in names:
+        col = np.asarray(columns[name])
+        if col.dtype.kind == "f":
+            cols.append([f"{v:.13g}" for v in col.tolist()])
+        else:
+            cols.append([str(v) for v in col.tolist()])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(names)
+        w.writerows(zip(*cols))
+    return path
