@@ -170,10 +170,9 @@ class _TractEngine:
         with self._lock:
             state = self._state_for(shapes)
             try:
-                out = state.run(arrays)
+                return [t.to_numpy() for t in state.run(arrays)]
             except self._tract.TractError as e:
                 raise DataError(f"tract run failed: {tract_message(e)}", path=str(self.path)) from e
-            return [t.to_numpy() for t in out]
 
 
 def tract_message(e: BaseException) -> str:
