@@ -143,11 +143,19 @@ class StageModel(nn.Module):
         if all(n == 1 for n in lengths):
             out = self._run(hidden.unsqueeze(1), caches, positions).squeeze(1)
         else:
-            parts, offset = [], 0
-            for cache, pos, n in zip(caches, positions, lengths):
-                parts.append(self._run(hidden[offset:offset + n].unsqueeze(0), [cache], [pos]).squeeze(0))
-                offset += n
-            out = torch.cat(parts) if len(parts) > 1 else parts[0]
+            offsets = [0]
+            for n in lengths:
+                offsets.append(offsets[-1] + n)
+            out = torch.empty_like(hidden)
+            one = [i for i, n in enumerate(lengths) if n == 1]
+            if one:
+                rows = torch.tensor([offsets[i] for i in one], device=self.device_)
+                out[rows] = self._run(hidden[rows].unsqueeze(1), [caches[i] for i in one],
+                                      [positions[i] for i in one]).squeeze(1)
+            for i, n in enumerate(lengths):
+                if n > 1:
+                    a, b = offsets[i], offsets[i + 1]
+                    out[a:b] = self._run(hidden[a:b].unsqueeze(0), [caches[i]], [positions[i]]).squeeze(0)
         for cache, n in zip(caches, lengths):
             cache.length += n
         return out

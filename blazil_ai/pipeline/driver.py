@@ -1,0 +1,471 @@
+"""The client side of a pipeline: start stage processes, check them, submit prompts, stream tokens back.
+
+>>> with LocalPipeline("path/to/qwen2", transport="tcp") as pipe:           # doctest: +SKIP
+...     result = pipe.client.generate(pipe.client.encode("Hello"), SamplingParams(max_new_tokens=20))
+...     print(result.text)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blazil_ai.errors import BlazilError, ConfigError
+from blazil_ai.pipeline.protocol import DRIVER_STREAM, STAGE_STREAM_BASE, Address
+from blazil_ai.pipeline.sampling import SamplingParams, eos_ids_of
+from blazil_ai.pipeline.weights import load_config, model_fingerprint, split_layers
+from blazil_ai.transport import Publication, Subscription, publication, subscription
+from blazil_ai.transport.framing import Message
+from blazil_ai.transport.idle import BackoffIdleStrategy
+
+
+class PipelineError(BlazilError):
+    """A request or the pipeline itself failed; the message names the stage and the request."""
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    """One finished request: the ids it generated, why it stopped, and how long it took."""
+
+    rid: str
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    finish: str | None = None
+    text: str = ""
+    submitted: float = 0.0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    logits: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def prefill_s(self) -> float:
+        """Seconds from submission to the first token (prompt through all stages + first sample)."""
+        return self.first_token_at - self.submitted
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second after the first one."""
+        span = self.last_token_at - self.first_token_at
+        return (len(self.token_ids) - 1) / span if span > 0 and len(self.token_ids) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly summary."""
+        return {"rid": self.rid, "prompt_tokens": len(self.prompt_ids), "token_ids": self.token_ids,
+                "text": self.text, "finish": self.finish, "prefill_s": round(self.prefill_s, 6),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+                "decode_ms_per_token": round(1000 / self.decode_tokens_per_s, 3) if self.decode_tokens_per_s else None}
+
+
+class PipelineClient:
+    """Talks to a running ring of stages: handshake, requests, token stream, pings, cancellation."""
+
+    def __init__(self, stages: Sequence[Address], model_dir: str | os.PathLike[str] | None = None,
+                 listen: Address = ("tcp://127.0.0.1:0", 1), timeout: float = 60.0,
+                 ping_timeout: float = 1.0) -> None:
+        self.stage_addrs = list(stages)
+        self.model_dir = str(model_dir) if model_dir is not None else None
+        self.timeout = timeout
+        self.ping_timeout = ping_timeout
+        self.sub: Subscription = subscription(listen[0], listen[1])
+        self.reply_to: Address = (self.sub.uri, listen[1])
+        self.pubs: list[Publication] = [publication(u, s) for u, s in self.stage_addrs]
+        self.stages_info: list[dict[str, Any]] = []
+        self._tokenizer: Any = None
+        self._results: dict[str, GenerationResult] = {}
+        self._errors: dict[str, str] = {}
+        self._active: set[str] = set()
+        self._nonce = itertools.count(1)
+        self._stray: list[Message] = []
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def connect(self, timeout: float = 60.0, alive: Callable[[], None] | None = None,
+                expect: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Send ``hello`` round the ring until the last stage answers ``ready``; check what they hold."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if alive is not None:
+                alive()
+            nonce = next(self._nonce)
+            self.pubs[0].offer({"op": "hello", "nonce": nonce, "reply_to": list(self.reply_to), "stages": []},
+                               timeout=0.5)
+            m = self._wait_for(lambda m: m.meta.get("nonce") == nonce, min(1.0, max(0.05, deadline - time.monotonic())))
+            if m is None:
+                continue
+            if m.meta["op"] == "ready":
+                self.stages_info = list(m.meta["stages"])
+                self._check(expect or {})
+                return self.stages_info
+            last = str(m.meta.get("message"))
+            if "cannot reach" not in last:
+                raise PipelineError(f"pipeline handshake failed: {last}")
+            time.sleep(0.1)
+        raise PipelineError(f"pipeline handshake: stages did not all answer within {timeout:.0f}s ({last}); "
+                            f"stage 1 is {self.stage_addrs[0][0]} stream {self.stage_addrs[0][1]}")
+
+    def _check(self, expect: dict[str, Any]) -> None:
+        if len(self.stages_info) != len(self.stage_addrs):
+            raise PipelineError(f"{len(self.stages_info)} stages answered the handshake, expected "
+                                f"{len(self.stage_addrs)}")
+        s0 = self.stages_info[0]
+        for key, want in expect.items():
+            if key != "split" and want is not None and s0.get(key) != want:
+                raise PipelineError(f"pipeline handshake: the stages hold {key} {s0.get(key)!r}, "
+                                    f"this client expects {want!r}")
+        for s in self.stages_info:
+            want_split = expect.get("split")
+            if want_split is not None and [s["start"], s["stop"]] != list(want_split[s["stage"] - 1]):
+                raise PipelineError(f"stage {s['stage']} holds layers {s['start']}:{s['stop']}, expected "
+                                    f"{want_split[s['stage'] - 1][0]}:{want_split[s['stage'] - 1][1]}")
+
+    # -- tokens and text ----------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (transformers, with its chat template)."""
+        if self._tokenizer is None:
+            if self.model_dir is None:
+                raise ConfigError("this client has no model directory, so no tokenizer")
+            from transformers import AutoTokenizer
+            if not (Path(self.model_dir) / "tokenizer.json").is_file():
+                raise ConfigError(f"{self.model_dir}/tokenizer.json: missing (needed to turn text into tokens)")
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        return self._tokenizer
+
+    def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        """Prompt text -> ids; ``chat`` wraps it in the checkpoint's chat template first."""
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                       [{"role": "user", "content": prompt}]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return [int(i) for i in ids]
+        return [int(i) for i in self.tokenizer.encode(prompt, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text (special tokens dropped)."""
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, want_logits: bool = False,
+               rid: str | None = None) -> str:
+        """Start one request; returns its id. Tokens arrive through :meth:`wait`."""
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty: give at least one token")
+        params.validate()
+        if not params.eos_token_ids and self.model_dir is not None:
+            params.eos_token_ids = eos_ids_of(self.model_dir)
+        rid = rid or uuid.uuid4().hex[:12]
+        res = self._results[rid] = GenerationResult(rid, [int(i) for i in prompt_ids], submitted=time.perf_counter())
+        self._active.add(rid)
+        self.pubs[0].send({"op": "generate", "rid": rid, "reply_to": list(self.reply_to),
+                           "sampling": params.to_dict(), "logits": want_logits},
+                          [np.asarray(res.prompt_ids, dtype=np.int64)], timeout=self.timeout)
+        return rid
+
+    def wait(self, rids: Sequence[str], on_token: Callable[[str, int], None] | None = None,
+             decode_text: bool = True) -> list[GenerationResult]:
+        """Collect tokens until every request in ``rids`` finishes; raise :class:`PipelineError` on a fault."""
+        pending = set(rids)
+        last_seen = dict.fromkeys(pending, time.monotonic())
+        idle = BackoffIdleStrategy(max_park_s=5e-4)
+        while pending:
+            got: list[Message] = [*self._stray]
+            self._stray.clear()
+            self.sub.poll(got.append, limit=256)
+            now = time.perf_counter()
+            for m in got:
+                rid = m.meta.get("rid")
+                if rid not in self._results:
+                    continue
+                if m.meta.get("op") == "token":
+                    res = self._results[rid]
+                    res.token_ids.append(int(m.meta["token"]))
+                    if m.arrays:
+                        res.logits.append(np.array(m.arrays[0]))
+                    if len(res.token_ids) == 1:
+                        res.first_token_at = now
+                    res.last_token_at = now
+                    last_seen[rid] = time.monotonic()
+                    if on_token is not None:
+                        on_token(rid, int(m.meta["token"]))
+                    if m.meta.get("finish"):
+                        res.finish = str(m.meta["finish"])
+                        pending.discard(rid)
+                        self._active.discard(rid)
+                elif m.meta.get("op") == "error":
+                    self._fail(rid, str(m.meta.get("message")), rids)
+            if pending:
+                stale = [r for r in pending if time.monotonic() - last_seen[r] > self.timeout]
+                if stale:
+                    self._fail(stale[0], self._diagnose(stale[0]), rids)
+            idle.idle(len(got))
+        out = [self._results.pop(r) for r in rids]
+        if decode_text and self.model_dir is not None:
+            for res in out:
+                res.text = self.decode(res.token_ids)
+        return out
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                 on_token: Callable[[str, int], None] | None = None, want_logits: bool = False) -> GenerationResult:
+        """Run one request to completion."""
+        return self.wait([self.submit(prompt_ids, params, want_logits)], on_token)[0]
+
+    def generate_many(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                      want_logits: bool = False) -> list[GenerationResult]:
+        """Run several requests at once (they share each stage's forward passes)."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        rids = [self.submit(p, SamplingParams.from_dict(sp.to_dict()), want_logits) for p, sp in zip(prompts, plist)]
+        return self.wait(rids)
+
+    def _fail(self, rid: str, message: str, rids: Sequence[str]) -> None:
+        self.cancel(list(rids))
+        for r in rids:
+            self._results.pop(r, None)
+            self._active.discard(r)
+        raise PipelineError(f"request {rid} failed: {message}")
+
+    def _diagnose(self, rid: str) -> str:
+        answers = self.ping(self.ping_timeout)
+        silent = [f"stage {i + 1} ({u} stream {s})" for i, ((u, s), a) in enumerate(zip(self.stage_addrs, answers))
+                  if a is None]
+        if silent:
+            return (f"no token for {self.timeout:.1f}s; {', '.join(silent)} did not answer a ping within "
+                    f"{self.ping_timeout:.1f}s (dead or hung)")
+        return f"no token for {self.timeout:.1f}s although every stage answers pings (the request was lost)"
+
+    def cancel(self, rids: Sequence[str]) -> None:
+        """Tell every stage to forget these requests (their caches are dropped)."""
+        for pub in self.pubs:
+            pub.offer({"op": "cancel", "rids": list(rids)}, timeout=0.2)
+
+    def ping(self, timeout: float = 1.0) -> list[dict[str, Any] | None]:
+        """Ask every stage for a sign of life; its answer (with the request ids it caches) or None."""
+        nonce = next(self._nonce)
+        for pub in self.pubs:
+            pub.offer({"op": "ping", "nonce": nonce, "reply_to": list(self.reply_to)}, timeout=0.2)
+        answers: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while len(answers) < len(self.pubs) and time.monotonic() < deadline:
+            m = self._wait_for(lambda m: m.meta.get("op") == "pong" and m.meta.get("nonce") == nonce,
+                               deadline - time.monotonic())
+            if m is not None:
+                answers[int(m.meta["stage"])] = m.meta
+        return [answers.get(i + 1) for i in range(len(self.pubs))]
+
+    def _wait_for(self, pred: Callable[[Message], bool], timeout: float) -> Message | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        while True:
+            m = self.sub.receive(max(0.0, deadline - time.monotonic()))
+            if m is None:
+                return None
+            if pred(m):
+                return m
+            if m.meta.get("op") in ("token", "error") and m.meta.get("rid") in self._results:
+                self._stray.append(m)
+
+    def shutdown_stages(self) -> None:
+        """Ask every stage process to exit."""
+        for pub in self.pubs:
+            pub.offer({"op": "shutdown"}, timeout=0.2)
+
+    def close(self) -> None:
+        """Release the channels (the stages keep running)."""
+        for pub in self.pubs:
+            pub.close()
+        self.sub.close()
+
+    def __enter__(self) -> PipelineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(slots=True)
+class StageProcess:
+    """A stage process this driver started, with its arguments (to restart it) and its log file."""
+
+    stage: int
+    args: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, env: dict[str, str] | None = None) -> None:
+        """Start (or restart) the process."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes to it for its whole life
+        self.proc = subprocess.Popen([sys.executable, "-m", "blazil_ai.pipeline.stage", *self.args],
+                                     stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        log.close()
+
+    def log_tail(self, lines: int = 5) -> str:
+        """The last lines the process wrote."""
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Terminate the process (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+        p = self.proc
+        if p is None or p.poll() is not None:
+            return
+        try:
+            p.send_signal(signal.SIGCONT)
+            p.terminate()
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+        except ProcessLookupError:
+            pass
+
+
+class LocalPipeline:
+    """Three (or more) stage processes on this host plus a client; stops everything it started."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], transport: str = "tcp", split: tuple[int, ...] | None = None,
+                 dtype: str = "auto", device: str = "cpu", stages: int = 3, threads: int = 0,
+                 timeout: float = 60.0, start_timeout: float = 300.0, log_dir: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.model_dir = str(model_dir)
+        config = load_config(model_dir)
+        self.ranges = split_layers(config.num_hidden_layers, split, stages)
+        if transport not in ("tcp", "aeron"):
+            raise ConfigError(f"--transport {transport!r}: choose tcp or aeron")
+        self.transport = transport
+        self.dtype = dtype
+        self.device = device
+        self.threads = threads
+        self.timeout = timeout
+        self.start_timeout = start_timeout
+        self.env = env
+        self.media_driver: Any = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="blazil-pipeline-") if log_dir is None else None
+        self.log_dir = Path(log_dir or self._tmp.name)  # type: ignore[union-attr]
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.addrs = self._addresses(len(self.ranges))
+        self.procs: list[StageProcess] = []
+        self.client: PipelineClient | None = None
+        self._dtype_name: str | None = None
+
+    def _addresses(self, n: int) -> list[Address]:
+        if self.transport == "tcp":
+            return [(f"tcp://127.0.0.1:{free_port()}", 1) for _ in range(n)]
+        return [("aeron:ipc", STAGE_STREAM_BASE + i + 1) for i in range(n)]
+
+    def _client_listen(self) -> Address:
+        if self.transport == "tcp":
+            return ("tcp://127.0.0.1:0", 1)
+        return ("aeron:ipc", DRIVER_STREAM + 1000 + os.getpid() % 50000)
+
+    def stage_args(self, i: int) -> list[str]:
+        """Command-line arguments of stage ``i + 1``."""
+        a, b = self.ranges[i]
+        nxt = self.addrs[(i + 1) % len(self.addrs)]
+        args = ["--stage", str(i + 1), "--model", self.model_dir, "--layers", f"{a}:{b}",
+                "--listen", self.addrs[i][0], "--listen-stream", str(self.addrs[i][1]),
+                "--next", nxt[0], "--next-stream", str(nxt[1]), "--dtype", self.dtype, "--device", self.device]
+        if self.threads:
+            args += ["--threads", str(self.threads)]
+        return args
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ if self.env is None else self.env)
+        root = str(Path(__file__).resolve().parents[2])
+        # Idle stages must not spin OpenMP threads while another stage of the ring computes.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if self.media_driver is not None and getattr(self.media_driver, "aeron_dir", None):
+            env["AERON_DIR"] = str(self.media_driver.aeron_dir)
+        return env
+
+    def start(self) -> PipelineClient:
+        """Start the media driver (Aeron), the stage processes and the client; check the ring answers."""
+        try:
+            if self.transport == "aeron":
+                self._start_media_driver()
+            for i in range(len(self.ranges)):
+                sp = StageProcess(i + 1, self.stage_args(i), self.log_dir / f"stage{i + 1}.log")
+                sp.start(self._env())
+                self.procs.append(sp)
+            self.client = PipelineClient(self.addrs, self.model_dir, self._client_listen(), timeout=self.timeout)
+            self.client.connect(self.start_timeout, alive=self.check_alive,
+                                expect={"model": model_fingerprint(self.model_dir), "split": self.ranges})
+            return self.client
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_media_driver(self) -> None:
+        from blazil_ai.transport import aeron
+
+        self.media_driver = aeron.MediaDriver()
+        self.media_driver.start()
+
+    def check_alive(self) -> None:
+        """Raise :class:`PipelineError` (with the stage's last words) if a stage process has exited."""
+        for sp in self.procs:
+            if sp.proc is not None and sp.proc.poll() is not None:
+                raise PipelineError(f"stage {sp.stage} exited with status {sp.proc.returncode}: {sp.log_tail()}")
+
+    def restart_stage(self, stage: int) -> None:
+        """Start stage ``stage`` again (after it died) and wait until the ring answers."""
+        sp = self.procs[stage - 1]
+        sp.stop()
+        sp.start(self._env())
+        assert self.client is not None
+        self.client.connect(self.start_timeout, alive=self.check_alive)
+
+    def stop(self) -> None:
+        """Stop every process this pipeline started (stages, then the media driver)."""
+        if self.client is not None:
+            try:
+                self.client.shutdown_stages()
+            except BlazilError:
+                pass
+        deadline = time.monotonic() + 3.0
+        for sp in self.procs:
+            while sp.proc is not None and sp.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            sp.stop()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.media_driver is not None:
+            self.media_driver.close()
+            self.media_driver = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> LocalPipeline:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

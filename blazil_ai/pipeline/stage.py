@@ -1,0 +1,397 @@
+"""A stage process: receive hidden states, run this stage's layers, send them on (the last stage samples).
+
+The stage is an agent in Aeron's sense: ``do_work`` drains the subscription, runs ONE forward for every
+sequence that arrived (decode steps batched), sends the result on and returns how much it did; the
+loop idles with a back-off strategy when there is nothing to do. Every message's position for a
+sequence must equal the stage's cache length for it, else that request fails with an error naming
+the stage, the request and both numbers.
+
+Run one with ``python -m blazil_ai.pipeline.stage --stage 2 --model DIR --layers 10:20 --listen URI --next URI``
+(or ``blazil stage``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from blazil_ai import metrics
+from blazil_ai.errors import BlazilError
+from blazil_ai.pipeline.model import PositionError, StageModel
+from blazil_ai.pipeline.protocol import PROTOCOL_VERSION, Address, addr, hidden_from_wire, hidden_to_wire
+from blazil_ai.pipeline.sampling import Sampler, SamplingParams
+from blazil_ai.pipeline.weights import StageSpec, load_config, model_fingerprint
+from blazil_ai.transport import OfferStatus, Publication, publication, subscription
+from blazil_ai.transport.framing import Message
+from blazil_ai.transport.idle import BackoffIdleStrategy
+
+log = logging.getLogger(__name__)
+
+_forward_s = metrics.histogram("pipeline", "stage_forward", "seconds", "One stage forward (all sequences)",
+                               ["stage"])
+_sequences = metrics.gauge("pipeline", "stage_sequences", "count", "Sequences with a KV cache", ["stage"])
+_tokens = metrics.counter("pipeline", "tokens_generated", "total", "Tokens sampled by the last stage", ["stage"])
+
+
+@dataclass(slots=True)
+class Request:
+    """What a stage remembers of one request besides its cache."""
+
+    reply_to: Address
+    sampler: Sampler | None = None
+    want_logits: bool = False
+    produced: int = 0
+
+
+@dataclass(slots=True)
+class _Batch:
+    rids: list[str] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    lens: list[int] = field(default_factory=list)
+    parts: list[torch.Tensor] = field(default_factory=list)
+    new: dict[str, Any] = field(default_factory=dict)
+
+
+class StageServer:
+    """One pipeline stage bound to its channels."""
+
+    def __init__(self, model_dir: str, spec: StageSpec, listen: Address, next_addr: Address,
+                 dtype: str = "auto", device: str = "cpu", send_timeout: float = 5.0) -> None:
+        self.model_dir = model_dir
+        self.spec = spec
+        self.model = StageModel.from_checkpoint(model_dir, spec, dtype=dtype, device=device)
+        self.fingerprint = model_fingerprint(model_dir)
+        self.dtype_name = str(self.model.dtype_).replace("torch.", "")
+        self.device = device
+        self.sub = subscription(listen[0], listen[1])
+        self.listen = (self.sub.uri, listen[1])
+        self.next_addr = next_addr
+        self._next: Publication | None = None
+        self._replies: dict[Address, Publication] = {}
+        self.requests: dict[str, Request] = {}
+        self.cancelled: dict[str, float] = {}
+        self.send_timeout = send_timeout
+        self.running = True
+        self._tokenizer: Any = None
+        self._label = str(spec.stage)
+
+    # -- channels -------------------------------------------------------------------------------
+
+    def _pub(self, a: Address) -> Publication:
+        if a == self.next_addr:
+            if self._next is None:
+                self._next = publication(a[0], a[1])
+            return self._next
+        pub = self._replies.get(a)
+        if pub is None:
+            pub = self._replies[a] = publication(a[0], a[1])
+        return pub
+
+    def _send(self, a: Address, meta: dict[str, Any], arrays: list[np.ndarray] | None = None) -> OfferStatus:
+        return self._pub(a).offer(meta, arrays or [], timeout=self.send_timeout)
+
+    def _error(self, rid: str, message: str) -> None:
+        req = self.requests.pop(rid, None)
+        self.model.drop(rid)
+        log.warning("%s", message)
+        if req is not None:
+            self._send(req.reply_to, {"op": "error", "rid": rid, "stage": self.spec.stage, "message": message})
+
+    def tokenizer(self) -> Any:
+        """The checkpoint's tokenizer (loaded on first use: only stop strings need it here)."""
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+            self._tokenizer = Tokenizer.from_file(os.path.join(self.model_dir, "tokenizer.json"))
+        return self._tokenizer
+
+    # -- the agent ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until a ``shutdown`` message or SIGTERM."""
+        idle = BackoffIdleStrategy(max_park_s=2e-4)
+        while self.running:
+            idle.idle(self.do_work())
+        self.close()
+
+    def close(self) -> None:
+        """Release every channel."""
+        for p in [self._next, *self._replies.values()]:
+            if p is not None:
+                p.close()
+        self.sub.close()
+
+    def do_work(self) -> int:
+        """Handle everything that has arrived; return the number of messages handled."""
+        msgs: list[Message] = []
+        self.sub.poll(msgs.append, limit=256)
+        if not msgs:
+            return 0
+        batch = _Batch()
+        for m in msgs:
+            op = m.meta.get("op")
+            try:
+                if op in ("generate", "fwd", "tokens"):
+                    self._collect(m, batch)
+                elif op == "hello":
+                    self._hello(m.meta)
+                elif op == "ping":
+                    self._send(addr(m.meta["reply_to"]), {
+                        "op": "pong", "nonce": m.meta.get("nonce"), "stage": self.spec.stage,
+                        "caches": sorted(self.model.caches), "pid": os.getpid()})
+                elif op == "cancel":
+                    for rid in m.meta["rids"]:
+                        self._forget(rid)
+                        self.cancelled[rid] = time.monotonic()
+                elif op == "drop":
+                    for rid in m.meta["rids"]:
+                        self._forget(rid)
+                    if not self.spec.is_last:
+                        self._send(self.next_addr, m.meta)
+                elif op == "shutdown":
+                    self.running = False
+                else:
+                    log.warning("stage %d: ignoring message with op %r from %s", self.spec.stage, op, m.peer)
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("stage %d: malformed %r message from %s: %s", self.spec.stage, op, m.peer, e)
+        if batch.rids:
+            self._forward(batch)
+        _sequences.labels(self._label).set(len(self.model.caches))
+        self._expire_cancelled()
+        return len(msgs)
+
+    def _forget(self, rid: str) -> None:
+        self.model.drop(rid)
+        self.requests.pop(rid, None)
+
+    def _expire_cancelled(self) -> None:
+        if len(self.cancelled) > 1024:
+            cutoff = time.monotonic() - 600
+            self.cancelled = {r: t for r, t in self.cancelled.items() if t > cutoff}
+
+    def _hello(self, meta: dict[str, Any]) -> None:
+        info = {"stage": self.spec.stage, "start": self.spec.start, "stop": self.spec.stop,
+                "num_layers": self.spec.num_layers, "model": self.fingerprint, "dtype": self.dtype_name,
+                "device": self.device, "listen": list(self.listen), "pid": os.getpid(),
+                "protocol": PROTOCOL_VERSION}
+        stages = [*meta.get("stages", []), info]
+        reply = addr(meta["reply_to"])
+        out = {**meta, "stages": stages}
+        if not self.spec.is_last:
+            status = self._send(self.next_addr, out)
+            if status != OfferStatus.OK:
+                self._send(reply, {"op": "error", "nonce": meta.get("nonce"), "stage": self.spec.stage,
+                                   "message": f"stage {self.spec.stage}: cannot reach the next stage at "
+                                              f"{self.next_addr[0]} (stream {self.next_addr[1]}): {status.name}"})
+            return
+        problem = check_stages(stages)
+        if problem:
+            self._send(reply, {"op": "error", "nonce": meta.get("nonce"), "stage": self.spec.stage,
+                               "message": problem})
+        else:
+            self._send(reply, {"op": "ready", "nonce": meta.get("nonce"), "stages": stages})
+
+    def _collect(self, m: Message, batch: _Batch) -> None:
+        meta, op = m.meta, m.meta["op"]
+        if op == "generate":
+            rid = str(meta["rid"])
+            ids = np.asarray(m.arrays[0], dtype=np.int64)
+            if not self.spec.is_first:
+                raise ValueError("generate must go to the first stage")
+            params = SamplingParams.from_dict(meta["sampling"])
+            req = Request(addr(meta["reply_to"]), want_logits=bool(meta.get("logits")))
+            if rid in self.model.caches or rid in self.requests:
+                self._send(req.reply_to, {"op": "error", "rid": rid, "stage": self.spec.stage,
+                                          "message": f"stage {self.spec.stage}: request id {rid} is already active"})
+                return
+            self.requests[rid] = req
+            batch.new[rid] = {"reply_to": list(req.reply_to), "sampling": params.to_dict(),
+                              "prompt": ids.tolist(), "logits": req.want_logits}
+            self._add(batch, rid, 0, self.model.embed(torch.from_numpy(ids.copy())))
+        elif op == "tokens":
+            rows = [(str(r), int(p), int(t)) for r, p, t in zip(meta["rids"], meta["pos"], meta["tokens"])
+                    if r not in self.cancelled and r in self.requests]
+            if rows:
+                emb = self.model.embed(torch.tensor([t for _, _, t in rows], dtype=torch.long))
+                for i, (rid, pos, _) in enumerate(rows):
+                    self._add(batch, rid, pos, emb[i:i + 1])
+        else:  # fwd
+            hidden = hidden_from_wire(m.arrays[0], meta["dtype"])
+            for rid, info in meta.get("new", {}).items():
+                if rid in self.cancelled:
+                    continue
+                self.requests[rid] = Request(addr(info["reply_to"]), want_logits=bool(info.get("logits")))
+                if self.spec.is_last:
+                    params = SamplingParams.from_dict(info["sampling"])
+                    self.requests[rid].sampler = Sampler(params, info["prompt"],
+                                                         self.tokenizer() if params.stop else None)
+                batch.new[rid] = info
+            offset = 0
+            for rid, pos, n in zip(meta["rids"], meta["pos"], meta["lens"]):
+                if rid not in self.cancelled and rid in self.requests:
+                    self._add(batch, str(rid), int(pos), hidden[offset:offset + n])
+                offset += n
+
+    def _add(self, batch: _Batch, rid: str, pos: int, hidden: torch.Tensor) -> None:
+        cache = self.model.caches.get(rid)
+        have = 0 if cache is None else cache.length
+        if have != pos:
+            self._error(rid, f"stage {self.spec.stage}: request {rid} arrives at position {pos}, "
+                             f"this stage's cache holds {have} positions")
+            return
+        batch.rids.append(rid)
+        batch.pos.append(pos)
+        batch.lens.append(int(hidden.shape[0]))
+        batch.parts.append(hidden)
+
+    def _forward(self, batch: _Batch) -> None:
+        t0 = time.perf_counter()
+        try:
+            hidden = batch.parts[0] if len(batch.parts) == 1 else torch.cat([p.to(self.model.device_)
+                                                                              for p in batch.parts])
+            out = self.model.forward(hidden, batch.rids, batch.pos, batch.lens)
+        except (PositionError, RuntimeError) as e:
+            for rid in batch.rids:
+                self._error(rid, f"stage {self.spec.stage}: forward failed: {e}")
+            return
+        _forward_s.labels(self._label).observe(time.perf_counter() - t0)
+        if self.spec.is_last:
+            self._sample(batch, out)
+            return
+        arr, name = hidden_to_wire(out)
+        meta = {"op": "fwd", "rids": batch.rids, "pos": batch.pos, "lens": batch.lens, "dtype": name,
+                "new": {r: v for r, v in batch.new.items() if r in self.requests}}
+        status = self._send(self.next_addr, meta, [arr])
+        if status != OfferStatus.OK:
+            for rid in batch.rids:
+                self._error(rid, f"stage {self.spec.stage}: cannot send to stage {self.spec.stage + 1} at "
+                                 f"{self.next_addr[0]} (stream {self.next_addr[1]}): {status.name}")
+
+    def _sample(self, batch: _Batch, out: torch.Tensor) -> None:
+        ends = np.cumsum(batch.lens) - 1
+        logits = self.model.logits(out[torch.as_tensor(ends, device=out.device)]).cpu()
+        go_rids, go_pos, go_tokens, done = [], [], [], []
+        for i, rid in enumerate(batch.rids):
+            req = self.requests[rid]
+            assert req.sampler is not None
+            token = req.sampler.choose(logits[i])
+            req.produced += 1
+            finish = req.sampler.finish_reason()
+            meta = {"op": "token", "rid": rid, "token": token, "index": req.produced - 1, "finish": finish}
+            arrays = [logits[i].numpy()] if req.want_logits else []
+            if self._send(req.reply_to, meta, arrays) != OfferStatus.OK:
+                finish = "client gone"
+            _tokens.labels(self._label).inc()
+            if finish is None:
+                go_rids.append(rid)
+                go_pos.append(batch.pos[i] + batch.lens[i])
+                go_tokens.append(token)
+            else:
+                done.append(rid)
+                self._forget(rid)
+        if go_rids:
+            status = self._send(self.next_addr, {"op": "tokens", "rids": go_rids, "pos": go_pos,
+                                                 "tokens": go_tokens})
+            if status != OfferStatus.OK:
+                for rid in go_rids:
+                    self._error(rid, f"stage {self.spec.stage}: cannot send tokens to stage 1 at "
+                                     f"{self.next_addr[0]} (stream {self.next_addr[1]}): {status.name}")
+                    done.append(rid)
+        if done:
+            self._send(self.next_addr, {"op": "drop", "rids": done})
+
+
+def check_stages(stages: list[dict[str, Any]]) -> str | None:
+    """Why the stages of one ring do not form one model (None when they do)."""
+    first = stages[0]
+    for s in stages:
+        if s.get("protocol") != PROTOCOL_VERSION:
+            return f"stage {s['stage']} speaks protocol {s.get('protocol')}, expected {PROTOCOL_VERSION}"
+        if s["model"] != first["model"]:
+            return (f"stage {s['stage']} holds model {s['model']}, stage {first['stage']} holds {first['model']} "
+                    "(their config.json differ)")
+        if s["dtype"] != first["dtype"]:
+            return f"stage {s['stage']} runs {s['dtype']}, stage {first['stage']} runs {first['dtype']}"
+        if s["num_layers"] != first["num_layers"]:
+            return f"stage {s['stage']} assumes {s['num_layers']} layers, stage {first['stage']} {first['num_layers']}"
+    expect = 0
+    for i, s in enumerate(stages):
+        if s["stage"] != i + 1:
+            return f"stage {s['stage']} sits at place {i + 1} of the ring"
+        if s["start"] != expect:
+            return f"stage {s['stage']} holds layers {s['start']}:{s['stop']} but layer {expect} comes next"
+        expect = s["stop"]
+    if expect != first["num_layers"]:
+        return f"the stages hold layers 0:{expect} of {first['num_layers']}"
+    return None
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """Options of one stage process (shared by ``blazil stage`` and ``python -m blazil_ai.pipeline.stage``)."""
+    p = parser or argparse.ArgumentParser(prog="python -m blazil_ai.pipeline.stage", description=__doc__,
+                                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", type=int, required=True, help="this stage's number (1 = embeddings, last = head)")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
+    p.add_argument("--layers", required=True, help="layers this stage holds, START:STOP (e.g. 0:10)")
+    p.add_argument("--listen", required=True, help="URI this stage receives on (tcp://0.0.0.0:7001, aeron:ipc, ...)")
+    p.add_argument("--next", required=True, help="URI of the next stage (the last stage's next is stage 1)")
+    p.add_argument("--listen-stream", type=int, default=1, help="stream id to receive on (default 1)")
+    p.add_argument("--next-stream", type=int, default=1, help="stream id of the next stage (default 1)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    return p
+
+
+def run_stage(args: argparse.Namespace) -> int:
+    """Load the stage and serve until SIGTERM/SIGINT or a shutdown message."""
+    from blazil_ai.pipeline.weights import parse_layers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start, stop = parse_layers(args.layers)
+    config = load_config(args.model)
+    spec = StageSpec(args.stage, start, stop, config.num_hidden_layers)
+    if stop > config.num_hidden_layers:
+        raise BlazilError(f"--layers {args.layers}: the model has {config.num_hidden_layers} layers")
+    t0 = time.perf_counter()
+    server = StageServer(args.model, spec, (args.listen, args.listen_stream), (args.next, args.next_stream),
+                         dtype=args.dtype, device=args.device)
+    if args.metrics_port is not None:
+        ms = metrics.serve(args.metrics_port)
+        print(f"stage {args.stage}: metrics at {ms.url}", file=sys.stderr, flush=True)
+
+    def stop_handler(signum: int, frame: Any) -> None:
+        server.running = False
+
+    signal.signal(signal.SIGTERM, stop_handler)
+    signal.signal(signal.SIGINT, stop_handler)
+    print(f"stage {args.stage}: layers {start}:{stop} of {config.num_hidden_layers} ({server.dtype_name}, "
+          f"{args.device}) loaded in {time.perf_counter() - t0:.1f}s; listening on {server.listen[0]} "
+          f"stream {server.listen[1]}, next {args.next}", file=sys.stderr, flush=True)
+    server.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m blazil_ai.pipeline.stage``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run_stage(args)
+    except BlazilError as e:
+        print(f"blazil stage {args.stage}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
