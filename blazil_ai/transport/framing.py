@@ -56,7 +56,8 @@ def _wire_array(a: np.ndarray) -> np.ndarray:
         a = a.view(np.dtype((np.void, a.dtype.itemsize)))
     if a.dtype.kind not in _ALLOWED_KINDS or a.dtype.hasobject:
         raise FrameError(f"dtype {a.dtype} cannot travel as raw bytes (numeric or fixed-size records only)")
-    return np.ascontiguousarray(a)
+    # np.ascontiguousarray would turn a 0-d array into 1-d.
+    return a if a.flags.c_contiguous else a.copy(order="C")
 
 
 def encode(meta: Mapping[str, Any] | None, arrays: Sequence[np.ndarray] = (),
@@ -78,7 +79,7 @@ def encode(meta: Mapping[str, Any] | None, arrays: Sequence[np.ndarray] = (),
         raise FrameError(f"message of {HEADER_SIZE + body_len} bytes exceeds the maximum of {max_size}")
     parts: list[bytes | memoryview] = [HEADER.pack(MAGIC, VERSION, 0, len(wire), len(meta_bytes), body_len),
                                        meta_bytes]
-    parts.extend(memoryview(a).cast("B") for a in wire if a.nbytes)
+    parts.extend(memoryview(a).cast("B") for a in wire if a.nbytes)  # type: ignore[arg-type]
     return parts
 
 
@@ -88,7 +89,8 @@ def encode_bytes(meta: Mapping[str, Any] | None, arrays: Sequence[np.ndarray] = 
     return b"".join(encode(meta, arrays, max_size))
 
 
-def decode_header(buf: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[int, int, int]:
+def decode_header(buf: bytes | bytearray | memoryview,
+                  max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> tuple[int, int, int]:
     """Check a 20-byte header and return ``(array_count, metadata_length, body_length)``."""
     if len(buf) < HEADER_SIZE:
         raise FrameError(f"truncated header: {len(buf)} of {HEADER_SIZE} bytes")

@@ -1,0 +1,602 @@
+"""TCP channels (``tcp://host:port``) and TLS with client certificates (``tcps://host:port``).
+
+The subscription listens on ``host:port`` and any number of publications connect to it. Nothing runs
+in the background: ``poll`` accepts connections, reads what the kernel holds and decodes whole frames,
+so a subscriber that stops polling stops reading, the kernel's socket buffers fill up and the
+publishers see ``BACK_PRESSURED`` once their own bounded buffer is full.
+
+Each connection opens with a hello frame carrying the stream id; a publication for another stream, a
+frame that breaks the wire format, or a client without a valid certificate closes that one connection
+with a logged error naming the peer and the fault. The subscription keeps serving its other peers,
+and a frame is handed to the application only once it has arrived whole and decoded cleanly.
+
+TLS options (keyword arguments or URI query parameters): ``certfile``, ``keyfile``, ``cafile``. The
+subscription requires a client certificate signed by ``cafile``; the publication verifies the server
+against ``cafile`` (and its host name unless ``check_hostname=0``).
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import selectors
+import socket
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from blazil_ai import metrics
+from blazil_ai.transport import framing
+from blazil_ai.transport.base import OfferStatus, Publication, Subscription, TransportError
+from blazil_ai.transport.framing import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, FrameError, Message
+
+log = logging.getLogger(__name__)
+
+_HELLO_KEY = "$hello"
+_READ_CHUNK = 256 * 1024
+_LIVENESS_CHECK_S = 0.01  # how often an idle-reading publication peeks for the peer having gone away
+_RECONNECT_BACKOFF_S = (0.05, 1.0)
+
+_received = metrics.counter("transport", "messages_received", "total", "Messages delivered to the application",
+                            ["transport"])
+_sent = metrics.counter("transport", "messages_sent", "total", "Messages accepted by offer", ["transport"])
+_frame_errors = metrics.counter("transport", "frame_errors", "total",
+                                "Connections closed for a bad frame or handshake", ["transport", "fault"])
+_connections = metrics.gauge("transport", "connections", "count", "Open inbound connections", ["transport"])
+
+
+@dataclass(slots=True)
+class _Endpoint:
+    scheme: str
+    host: str
+    port: int
+    options: dict[str, str]
+
+
+def parse_uri(uri: str) -> _Endpoint:
+    """Split ``tcp://host:port?k=v`` into its parts, with a clear error for anything else."""
+    parsed = urllib.parse.urlsplit(uri)
+    if parsed.scheme not in ("tcp", "tcps"):
+        raise TransportError(f"{uri!r}: expected tcp:// or tcps://")
+    try:
+        port = parsed.port
+    except ValueError as e:
+        raise TransportError(f"{uri!r}: bad port: {e}") from e
+    if not parsed.hostname or port is None:
+        raise TransportError(f"{uri!r}: expected tcp://host:port")
+    options = dict(urllib.parse.parse_qsl(parsed.query))
+    return _Endpoint(parsed.scheme, parsed.hostname, port, options)
+
+
+def _tls_settings(ep: _Endpoint, kw: dict[str, Any]) -> dict[str, Any]:
+    merged: dict[str, Any] = {**ep.options, **{k: v for k, v in kw.items() if v is not None}}
+    if ep.scheme == "tcps":
+        for name in ("certfile", "keyfile", "cafile"):
+            if not merged.get(name):
+                raise TransportError(f"tcps:// needs {name}= (as an option or in the URI query)")
+    return merged
+
+
+def _server_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(opts["certfile"], opts["keyfile"])
+    ctx.load_verify_locations(cafile=opts["cafile"])
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _client_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(opts["certfile"], opts["keyfile"])
+    ctx.load_verify_locations(cafile=opts["cafile"])
+    ctx.check_hostname = str(opts.get("check_hostname", "1")).lower() not in ("0", "false", "no")
+    return ctx
+
+
+@dataclass(slots=True, eq=False)
+class _Conn:
+    sock: socket.socket
+    peer: str
+    handshaking: bool = False
+    hello_done: bool = False
+    rbuf: bytearray = field(default_factory=lambda: bytearray(_READ_CHUNK))
+    rstart: int = 0
+    rend: int = 0
+    header: tuple[int, int, int] | None = None
+    body: bytearray | None = None  # a frame too large for rbuf is read straight into its own buffer
+    body_filled: int = 0
+
+
+class TcpSubscription(Subscription):
+    """The listening end of a TCP channel: several publishers, each delivered in its own order."""
+
+    def __init__(self, uri: str, stream_id: int = 1, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 certfile: str | None = None, keyfile: str | None = None, cafile: str | None = None,
+                 backlog: int = 128, **_: Any) -> None:
+        ep = parse_uri(uri)
+        opts = _tls_settings(ep, {"certfile": certfile, "keyfile": keyfile, "cafile": cafile})
+        self.stream_id = stream_id
+        self.max_message_size = max_message_size
+        self._kind = ep.scheme
+        self._ssl = _server_context(opts) if ep.scheme == "tcps" else None
+        self._listener = socket.create_server((ep.host, ep.port), backlog=backlog, reuse_port=False)
+        self._listener.setblocking(False)
+        port = self._listener.getsockname()[1]
+        query = urllib.parse.urlsplit(uri).query
+        self.uri = f"{ep.scheme}://{ep.host}:{port}" + (f"?{query}" if query else "")
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._listener, selectors.EVENT_READ, None)
+        self._conns: dict[int, _Conn] = {}
+        self._ready: collections.deque[Message] = collections.deque()
+        self._closed = False
+
+    # -- the application's side -------------------------------------------------------------------
+
+    def poll(self, handler: Callable[[Message], None], limit: int = 64) -> int:
+        """Deliver up to ``limit`` whole messages to ``handler``; never blocks."""
+        if self._closed:
+            raise TransportError(f"{self.uri}: subscription is closed")
+        if not self._ready:
+            self._pump(0.0)
+        return self._deliver(handler, limit)
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        """Wait up to ``timeout`` seconds (None = forever) for one message, sleeping in ``select``."""
+        if self._closed:
+            raise TransportError(f"{self.uri}: subscription is closed")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._pump(wait)
+            if self._ready or (deadline is not None and time.monotonic() >= deadline):
+                break
+        if not self._ready:
+            return None
+        _received.labels(self._kind).inc()
+        return self._ready.popleft()
+
+    @property
+    def peers(self) -> list[str]:
+        """Addresses of the publications connected now."""
+        return [c.peer for c in self._conns.values() if c.hello_done]
+
+    def close(self) -> None:
+        """Close every connection and the listening socket."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        self._sel.unregister(self._listener)
+        self._listener.close()
+        self._sel.close()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _deliver(self, handler: Callable[[Message], None], limit: int) -> int:
+        n = 0
+        ready = self._ready
+        while ready and n < limit:
+            handler(ready.popleft())
+            n += 1
+        if n:
+            _received.labels(self._kind).inc(n)
+        return n
+
+    def _pump(self, timeout: float | None) -> None:
+        """One round of select: accept, handshake, read and decode; waits at most ``timeout``."""
+        # TLS may hold decrypted bytes that select cannot see.
+        pending_tls = [c for c in self._conns.values() if isinstance(c.sock, ssl.SSLSocket) and c.sock.pending()]
+        for c in pending_tls:
+            self._read(c)
+        if pending_tls:
+            timeout = 0.0
+        for key, _ in self._sel.select(timeout):
+            if key.data is None:
+                self._accept()
+            else:
+                conn: _Conn = key.data
+                if conn.handshaking:
+                    self._handshake(conn)
+                else:
+                    self._read(conn)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            peer = f"{addr[0]}:{addr[1]}"
+            conn = _Conn(sock=sock, peer=peer)
+            if self._ssl is not None:
+                conn.sock = self._ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                conn.handshaking = True
+            self._conns[conn.sock.fileno()] = conn
+            self._sel.register(conn.sock, selectors.EVENT_READ, conn)
+            _connections.labels(self._kind).inc()
+            if conn.handshaking:
+                self._handshake(conn)
+
+    def _handshake(self, conn: _Conn) -> None:
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        try:
+            conn.sock.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return
+        except (ssl.SSLError, OSError) as e:
+            self._fault(conn, "tls", f"TLS handshake failed: {e}")
+            return
+        conn.handshaking = False
+
+    def _fault(self, conn: _Conn, fault: str, detail: str) -> None:
+        log.error("%s stream %d: closing connection from %s: %s", self.uri, self.stream_id, conn.peer, detail)
+        _frame_errors.labels(self._kind, fault).inc()
+        self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        if fd in self._conns:
+            del self._conns[fd]
+            self._sel.unregister(conn.sock)
+            _connections.labels(self._kind).dec()
+        conn.sock.close()
+
+    def _read(self, conn: _Conn) -> None:
+        """Read what is available on one connection and decode every whole frame in it."""
+        sock = conn.sock
+        for _ in range(64):  # bounded, so one busy peer cannot starve the others
+            try:
+                if conn.body is not None:
+                    n = sock.recv_into(memoryview(conn.body)[conn.body_filled:])
+                else:
+                    if conn.rend == len(conn.rbuf):
+                        self._compact(conn)
+                    n = sock.recv_into(memoryview(conn.rbuf)[conn.rend:])
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except (ssl.SSLError, OSError) as e:
+                if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.EPIPE):
+                    self._disconnected(conn)
+                else:
+                    self._fault(conn, "io", f"read failed: {e}")
+                return
+            if n == 0:
+                self._disconnected(conn)
+                return
+            if conn.body is not None:
+                conn.body_filled += n
+                if conn.body_filled == len(conn.body):
+                    if not self._finish_frame(conn, conn.body):
+                        return
+                    conn.body, conn.header = None, None
+            else:
+                conn.rend += n
+                if not self._parse(conn):
+                    return
+            if conn.body is None and conn.rend - conn.rstart < HEADER_SIZE and n < len(conn.rbuf) // 2:
+                return  # drained what the kernel had
+
+    def _disconnected(self, conn: _Conn) -> None:
+        partial = conn.body is not None or conn.rend > conn.rstart
+        if partial:
+            self._fault(conn, "truncated", "peer closed the connection in the middle of a frame")
+        else:
+            log.info("%s: %s disconnected", self.uri, conn.peer)
+            self._drop(conn)
+
+    @staticmethod
+    def _compact(conn: _Conn) -> None:
+        remaining = conn.rend - conn.rstart
+        conn.rbuf[:remaining] = conn.rbuf[conn.rstart:conn.rend]
+        conn.rstart, conn.rend = 0, remaining
+
+    def _parse(self, conn: _Conn) -> bool:
+        """Decode the whole frames in the read buffer; False if the connection was closed."""
+        buf = conn.rbuf
+        while True:
+            avail = conn.rend - conn.rstart
+            if conn.header is None:
+                if avail < HEADER_SIZE:
+                    break
+                try:
+                    conn.header = framing.decode_header(memoryview(buf)[conn.rstart:conn.rstart + HEADER_SIZE],
+                                                        self.max_message_size)
+                except FrameError as e:
+                    self._fault(conn, "header", str(e))
+                    return False
+                conn.rstart += HEADER_SIZE
+                avail -= HEADER_SIZE
+            body_len = conn.header[2]
+            if avail >= body_len:
+                body = bytearray(memoryview(buf)[conn.rstart:conn.rstart + body_len])
+                conn.rstart += body_len
+                if not self._finish_frame(conn, body):
+                    return False
+                conn.header = None
+                continue
+            if body_len > len(buf) - HEADER_SIZE:
+                # Too large for the read buffer: read the rest straight into the frame's own buffer.
+                conn.body = bytearray(body_len)
+                conn.body[:avail] = buf[conn.rstart:conn.rend]
+                conn.body_filled = avail
+                conn.rstart = conn.rend = 0
+                return True
+            break
+        if conn.rstart == conn.rend:
+            conn.rstart = conn.rend = 0
+        elif conn.rstart > len(buf) // 2:
+            self._compact(conn)
+        return True
+
+    def _finish_frame(self, conn: _Conn, body: bytearray) -> bool:
+        assert conn.header is not None
+        n_arrays, meta_len, _ = conn.header
+        try:
+            msg = framing.decode_body(n_arrays, meta_len, body)
+        except FrameError as e:
+            self._fault(conn, "body", str(e))
+            return False
+        if not conn.hello_done:
+            hello = msg.meta.get(_HELLO_KEY)
+            if not isinstance(hello, dict):
+                self._fault(conn, "hello", "first frame is not a hello")
+                return False
+            if hello.get("stream_id") != self.stream_id:
+                self._fault(conn, "hello", f"publication is for stream {hello.get('stream_id')!r}, "
+                                           f"this subscription serves stream {self.stream_id}")
+                return False
+            conn.hello_done = True
+            return True
+        msg.peer = conn.peer
+        self._ready.append(msg)
+        return True
+
+
+class TcpPublication(Publication):
+    """The connecting end of a TCP channel. Not thread-safe: one sender per publication."""
+
+    def __init__(self, uri: str, stream_id: int = 1, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 buffer_limit: int = 4 * 1024 * 1024, connect_timeout: float = 2.0,
+                 certfile: str | None = None, keyfile: str | None = None, cafile: str | None = None,
+                 check_hostname: bool | None = None, **_: Any) -> None:
+        ep = parse_uri(uri)
+        self._ep = ep
+        self._opts = _tls_settings(ep, {"certfile": certfile, "keyfile": keyfile, "cafile": cafile,
+                                        "check_hostname": None if check_hostname is None else int(check_hostname)})
+        self._ssl = _client_context(self._opts) if ep.scheme == "tcps" else None
+        self.uri = uri
+        self.stream_id = stream_id
+        self.max_message_size = max_message_size
+        self.buffer_limit = buffer_limit
+        self.connect_timeout = connect_timeout
+        self._sock: socket.socket | None = None
+        self._pending: collections.deque[memoryview] = collections.deque()
+        self._pending_bytes = 0
+        self._next_attempt = 0.0
+        self._backoff = _RECONNECT_BACKOFF_S[0]
+        self._last_check = 0.0
+        self._closed = False
+        self._sent_unreported = 0
+        self._handshaking = False
+        self._connect(self.connect_timeout)
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether the connection to the subscriber is up (checked without sending)."""
+        return self._sock is not None and not self._handshaking and self._alive(force=True)
+
+    def offer(self, meta: Mapping[str, Any] | None = None, arrays: Sequence[np.ndarray] = (), *,
+              timeout: float = 0.0) -> OfferStatus:
+        """Queue one message for the subscriber, waiting up to ``timeout`` s for a connection or room."""
+        if self._closed:
+            return OfferStatus.CLOSED
+        parts = framing.encode(meta, arrays, self.max_message_size)
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self._try_offer(parts)
+            if status == OfferStatus.OK:
+                self._sent_unreported += 1
+                if self._sent_unreported >= 1024:
+                    self._report()
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return status
+            self._wait(status, remaining)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything offered has been handed to the kernel; False on time-out or disconnect."""
+        deadline = time.monotonic() + timeout
+        while self._pending:
+            if self._sock is None or (self._handshaking and not self._handshake()) or not self._drain():
+                return False
+            remaining = deadline - time.monotonic()
+            if not self._pending:
+                break
+            if remaining <= 0:
+                return False
+            self._wait(OfferStatus.BACK_PRESSURED, remaining)
+        return True
+
+    def close(self) -> None:
+        """Send what is buffered (briefly), then close the connection."""
+        if self._closed:
+            return
+        if self._sock is not None and self._pending:
+            self.flush(timeout=1.0)
+        self._report()
+        self._closed = True
+        self._disconnect()
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _report(self) -> None:
+        if self._sent_unreported:
+            _sent.labels(self._ep.scheme).inc(self._sent_unreported)
+            self._sent_unreported = 0
+
+    def _try_offer(self, parts: list[bytes | memoryview]) -> OfferStatus:
+        if self._sock is None or not self._alive():
+            if not self._connect(0.0):
+                return OfferStatus.NOT_CONNECTED
+        if self._handshaking and not self._handshake():
+            return OfferStatus.NOT_CONNECTED
+        if self._pending and not self._drain():
+            return OfferStatus.NOT_CONNECTED
+        size = sum(len(p) for p in parts)
+        if self._pending_bytes + size > self.buffer_limit and self._pending:
+            return OfferStatus.BACK_PRESSURED
+        if self._pending:
+            self._queue(parts, 0)
+            return OfferStatus.OK
+        try:
+            sent = self._send(parts)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0
+        except OSError as e:
+            log.info("%s: connection lost: %s", self.uri, e)
+            self._disconnect()
+            return OfferStatus.NOT_CONNECTED
+        if sent < size:
+            self._queue(parts, sent)
+        return OfferStatus.OK
+
+    def _send(self, parts: list[bytes | memoryview]) -> int:
+        assert self._sock is not None
+        if self._ssl is not None:
+            data = b"".join(parts)
+            return self._sock.send(data)
+        return self._sock.sendmsg(parts)
+
+    def _queue(self, parts: list[bytes | memoryview], skip: int) -> None:
+        # Copy what the kernel did not take: the caller may reuse its arrays once offer returns.
+        for p in parts:
+            if skip >= len(p):
+                skip -= len(p)
+                continue
+            chunk = memoryview(bytes(memoryview(p)[skip:]))
+            skip = 0
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
+
+    def _drain(self) -> bool:
+        """Push buffered bytes to the kernel; False if the connection broke."""
+        assert self._sock is not None
+        while self._pending:
+            head = self._pending[0]
+            try:
+                n = self._sock.send(head)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return True
+            except OSError as e:
+                log.info("%s: connection lost: %s", self.uri, e)
+                self._disconnect()
+                return False
+            self._pending_bytes -= n
+            if n == len(head):
+                self._pending.popleft()
+            else:
+                self._pending[0] = head[n:]
+        return True
+
+    def _wait(self, status: OfferStatus, remaining: float) -> None:
+        if status == OfferStatus.BACK_PRESSURED and self._sock is not None:
+            sel = selectors.DefaultSelector()
+            try:
+                sel.register(self._sock, selectors.EVENT_WRITE)
+                sel.select(min(remaining, 0.05))
+            finally:
+                sel.close()
+        else:
+            time.sleep(min(remaining, max(0.0, self._next_attempt - time.monotonic()), 0.05) or 0.001)
+
+    def _alive(self, force: bool = False) -> bool:
+        """Peek for EOF/reset from the subscriber (which never sends), at most every 10 ms."""
+        now = time.monotonic()
+        if not force and now - self._last_check < _LIVENESS_CHECK_S:
+            return True
+        self._last_check = now
+        assert self._sock is not None
+        try:
+            if isinstance(self._sock, ssl.SSLSocket):
+                raw = socket.socket(fileno=self._sock.fileno())
+                try:
+                    data = raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                finally:
+                    raw.detach()
+            else:
+                data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            self._disconnect()
+            return False
+        if data == b"":
+            log.info("%s: subscriber closed the connection", self.uri)
+            self._disconnect()
+            return False
+        return True
+
+    def _connect(self, timeout: float) -> bool:
+        now = time.monotonic()
+        if now < self._next_attempt:
+            return False
+        try:
+            sock = socket.create_connection((self._ep.host, self._ep.port),
+                                            timeout=max(timeout, 0.05) if timeout else self.connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setblocking(False)
+            if self._ssl is not None:
+                # The handshake goes on in offer(), so a subscriber in the same thread can answer it.
+                sock = self._ssl.wrap_socket(sock, server_hostname=self._ep.host, do_handshake_on_connect=False)
+                self._handshaking = True
+        except (OSError, ssl.SSLError) as e:
+            self._connect_failed(f"connect failed: {e}")
+            return False
+        self._sock = sock
+        self._last_check = time.monotonic()
+        hello = framing.encode_bytes({_HELLO_KEY: {"stream_id": self.stream_id, "version": framing.VERSION}})
+        self._queue([hello], 0)
+        return True
+
+    def _connect_failed(self, why: str) -> None:
+        self._next_attempt = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, _RECONNECT_BACKOFF_S[1])
+        log.debug("%s: %s", self.uri, why)
+
+    def _handshake(self) -> bool:
+        """Advance the TLS handshake; True once it is complete."""
+        assert isinstance(self._sock, ssl.SSLSocket)
+        try:
+            self._sock.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+        except (ssl.SSLError, OSError) as e:
+            log.warning("%s: TLS handshake failed: %s", self.uri, e)
+            self._disconnect()
+            self._connect_failed(f"TLS handshake failed: {e}")
+            return False
+        self._handshaking = False
+        self._backoff = _RECONNECT_BACKOFF_S[0]
+        return True
+
+    def _disconnect(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._handshaking = False
