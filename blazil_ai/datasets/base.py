@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -55,11 +56,16 @@ class Dataset:
         return {"type": self.kind, "path": str(self.path), "samples": len(self),
                 "fields": {k: {"dtype": str(v.dtype), "shape": list(v.shape[1:])} for k, v in first.items()}}
 
-    def check_all(self) -> None:
+    def check_all(self, progress: bool = False) -> None:
         """Decode every sample once (open only checks what is cheap), raising DataError on the first bad one."""
+        from tqdm import tqdm
+
         step = 256
-        for s in range(0, len(self), step):
-            self.get_batch(np.arange(s, min(s + step, len(self)), dtype=np.int64))
+        with tqdm(total=len(self), unit="sample", desc=f"checking {self.kind}", disable=not progress,
+                  file=sys.stderr) as bar:
+            for s in range(0, len(self), step):
+                batch = self.get_batch(np.arange(s, min(s + step, len(self)), dtype=np.int64))
+                bar.update(len(next(iter(batch.values()))) if batch else 0)
 
 
 def dataset_class(kind: str) -> type[Dataset]:
