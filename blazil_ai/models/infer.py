@@ -1,0 +1,274 @@
+"""``blazil infer``: dataset loader -> ONNX session -> one JSON line per item, with a progress bar and a summary.
+
+Each type reads its data with ``blazil_ai.datasets`` (the same loader training uses) and writes:
+
+- ``fraud`` (alias ``features``): ``{"row", "line", "score", "label"}``, summary with held-in quality if labelled;
+- ``text``: ``{"index", "label", "embedding"}`` (384 floats);
+- ``timeseries``: ``{"start", "forecast", "actual", "naive"}`` in original units, summary MAE vs naive;
+- ``audio``: ``{"index", "file", "predicted", "score", "label"}``, summary accuracy;
+- ``detection``: ``{"index", "file", "detections": [{"box", "score", "class", "name"}]}`` in original pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from blazil_ai.errors import ConfigError
+from blazil_ai.models.store import model_file, sidecar
+
+ALIASES = {"features": "fraud"}
+
+
+@contextmanager
+def _output(out: str | Path | None) -> Iterator[IO[str]]:
+    if out is None:
+        yield sys.stdout
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        yield f
+
+
+def _r(a: np.ndarray, nd: int = 6) -> list:
+    return np.round(a.astype(np.float64), nd).tolist()
+
+
+def run_inference(model_type: str, data: str | Path, *, model: str | Path | None = None,
+                  backend: str = "onnxruntime", out: str | Path | None = None, batch_size: int = 64,
+                  limit: int | None = None, threads: int | None = None, progress: bool = True,
+                  conf: float = 0.25, iou: float = 0.45) -> dict[str, Any]:
+    """Run ``model_type``'s model over ``data``; write JSONL to ``out`` (stdout if None); return a summary."""
+    from tqdm import tqdm
+
+    from blazil_ai.datasets.loader import Loader
+    from blazil_ai.models.session import Session
+
+    kind = ALIASES.get(model_type, model_type)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    path = model_file(kind, model)
+    session = Session(path, backend, threads=threads)
+    declared = session.info.get("type")
+    if declared and declared != kind:
+        raise ConfigError(f"{path} is a {declared} model, not {kind}")
+    runner = _RUNNERS[kind](session, Path(data), conf=conf, iou=iou)
+    ds = runner.dataset
+    total = len(ds) if limit is None else min(limit, len(ds))
+    done = 0
+    t0 = time.perf_counter()
+    infer_s = 0.0
+    with _output(out) as f, Loader(ds, batch_size=batch_size, shuffle=False, rank=0, world_size=1) as loader, \
+            tqdm(total=total, unit="item", desc=f"infer {kind} ({backend})", file=sys.stderr,
+                 disable=not progress) as bar:
+        for batch in loader:
+            n = len(next(iter(batch.values())))
+            if done + n > total:
+                batch = runner.head(batch, total - done)
+                n = total - done
+            t1 = time.perf_counter()
+            records = runner.run(batch, done)
+            infer_s += time.perf_counter() - t1
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+            done += n
+            bar.update(n)
+            if done >= total:
+                break
+    wall = time.perf_counter() - t0
+    summary = {"type": kind, "model": str(path), "backend": backend, "data": str(data), "items": done,
+               "out": str(out) if out else "-", "seconds": round(wall, 3),
+               "items_per_second": round(done / wall, 1) if wall > 0 else None,
+               "model_seconds": round(infer_s, 3)}
+    summary.update(runner.summary())
+    return summary
+
+
+class _Runner:
+    dataset: Any
+
+    def __init__(self, session: Any, data: Path, **kw: Any) -> None:
+        self.session = session
+
+    def head(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        return {k: v[:n] for k, v in batch.items()}
+
+    def run(self, batch: dict[str, np.ndarray], offset: int) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+
+class _Fraud(_Runner):
+    def __init__(self, session: Any, data: Path, **kw: Any) -> None:
+        from blazil_ai.datasets.features import FeaturesDataset, FeatureTransform
+        from blazil_ai.models.fraud import FraudScorer
+
+        super().__init__(session, data)
+        transform = FeatureTransform.load(sidecar(session.path, "norm"))
+        self.dataset = FeaturesDataset(data, split="all", transform=transform, val_fraction=0.0)
+        self.scorer = FraudScorer(session, transform)
+        self.scores: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def run(self, batch: dict[str, np.ndarray], offset: int) -> list[dict[str, Any]]:
+        p = self.scorer.score(batch["x"])
+        self.scores.append(p)
+        self.labels.append(batch["y"])
+        lines = self.dataset.lines[batch["index"]]
+        return [{"row": int(i), "line": int(ln), "score": round(float(s), 6), "label": int(y)}
+                for i, ln, s, y in zip(batch["index"], lines, p, batch["y"])]
+
+    def summary(self) -> dict[str, Any]:
+        from blazil_ai.models.fraud import quality
+
+        if not self.scores:
+            return {}
+        p, y = np.concatenate(self.scores), np.concatenate(self.labels)
+        s: dict[str, Any] = {"flagged": int((p >= 0.5).sum())}
+        if len(np.unique(y)) == 2:
+            s["quality"] = {k: round(v, 4) for k, v in quality(y, p).items()}
+        return s
+
+
+class _Text(_Runner):
+    def __init__(self, session: Any, data: Path, **kw: Any) -> None:
+        from blazil_ai.datasets.text import TextDataset
+        from blazil_ai.models.text import MAX_SEQ_LENGTH
+
+        super().__init__(session, data)
+        tok = sidecar(session.path, "tokenizer")
+        if not tok.is_file():
+            raise ConfigError(f"missing tokenizer {tok} next to the model; "
+                              "rebuild with 'blazil models build --type text'")
+        self.dataset = TextDataset(data, tokenizer=tok, max_length=MAX_SEQ_LENGTH)
+
+    def run(self, batch: dict[str, np.ndarray], offset: int) -> list[dict[str, Any]]:
+        # The dataset pads every text to max_length; cut to this batch's longest text (pooling is mask-aware).
+        width = max(1, int(batch["attention_mask"].sum(1).max()))
+        ids = np.ascontiguousarray(batch["input_ids"][:, :width])
+        mask = np.ascontiguousarray(batch["attention_mask"][:, :width])
+        (emb,) = self.session.run({"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)})
+        classes = self.dataset.classes
+        return [{"index": offset + k, "label": classes[int(y)], "embedding": _r(e, 6)}
+                for k, (e, y) in enumerate(zip(emb, batch["label"]))]
+
+
+class _TimeSeries(_Runner):
+    def __init__(self, session: Any, data: Path, **kw: Any) -> None:
+        from blazil_ai.datasets.timeseries import TimeSeriesDataset
+
+        super().__init__(session, data)
+        info = session.info
+        self.dataset = TimeSeriesDataset(data, target=info.get("targets", ["target"]),
+                                         input_length=int(info.get("input_length", 24)),
+                                         horizon=int(info.get("horizon", 1)), split="all",
+                                         normalization=sidecar(session.path, "norm"))
+        if info.get("inputs") and self.dataset.inputs != info["inputs"]:
+            raise ConfigError(f"the model was trained on columns {info['inputs']}, data has {self.dataset.inputs}")
+        self.err: list[np.ndarray] = []
+        self.naive_err: list[np.ndarray] = []
+
+    def run(self, batch: dict[str, np.ndarray], offset: int) -> list[dict[str, Any]]:
+        ds = self.dataset
+        (pred,) = self.session.run({"x": batch["x"]})
+        naive = np.repeat(batch["x"][:, -1:, ds._target_cols], ds.horizon, axis=1)
+        f, a, nv = ds.denormalize(pred), ds.denormalize(batch["y"]), ds.denormalize(naive)
+        self.err.append(np.abs(f - a))
+        self.naive_err.append(np.abs(nv - a))
+        return [{"start": int(s), "forecast": _r(fk, 4), "actual": _r(ak, 4), "naive": _r(nk, 4)}
+                for s, fk, ak, nk in zip(batch["start"], f, a, nv)]
+
+    def summary(self) -> dict[str, Any]:
+        if not self.err:
+            return {}
+        return {"mae": round(float(np.concatenate(self.err).mean()), 4),
+                "naive_mae": round(float(np.concatenate(self.naive_err).mean()), 4)}
+
+
+class _Audio(_Runner):
+    def __init__(self, session: Any, data: Path, **kw: Any) -> None:
+        from blazil_ai.datasets.audio import AudioDataset
+
+        super().__init__(session, data)
+        info = session.info
+        self.classes = list(info.get("classes", []))
+        self.dataset = AudioDataset(data, sample_rate=int(info.get("sample_rate", 16000)),
+                                    duration=float(info.get("duration", 1.0)))
+        self.correct = 0
+        self.labelled = 0
+
+    def run(self, batch: dict[str, np.ndarray], offset: int) -> list[dict[str, Any]]:
+        (probs,) = self.session.run({"audio": batch["audio"]})
+        pred = probs.argmax(1)
+        recs = []
+        for k, (p, row, y) in enumerate(zip(pred, probs, batch["label"])):
+            i = offset + k
+            truth = self.dataset.classes[int(y)] if y >= 0 else None
+            name = self.classes[int(p)] if int(p) < len(self.classes) else str(int(p))
+            if truth is not None:
+                self.labelled += 1
+                self.correct += int(truth == name)
+            recs.append({"index": i, "file": str(self.dataset.files[i]), "predicted": name,
+                         "score": round(float(row[p]), 5), "label": truth})
+        return recs
+
+    def summary(self) -> dict[str, Any]:
+        return {"accuracy": round(self.correct / self.labelled, 4)} if self.labelled else {}
+
+
+class _Detection(_Runner):
+    def __init__(self, session: Any, data: Path, *, conf: float = 0.25, iou: float = 0.45, **kw: Any) -> None:
+        from blazil_ai.datasets.detection import DetectionDataset
+
+        super().__init__(session, data)
+        shape = session.inputs[0].shape
+        size = shape[2] if len(shape) == 4 and isinstance(shape[2], int) else int(session.info.get("imgsz", 640))
+        split = "val" if (data / "images" / "val").is_dir() or data.suffix == ".yaml" else "train"
+        self.dataset = DetectionDataset(data, split=split, image_size=size)
+        self.names = session.info.get("names") or self.dataset.classes
+        self.conf, self.iou, self.size = conf, iou, size
+        self.found = 0
+
+    def head(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        return {"image": batch["image"][:n]}
+
+    def run(self, batch: dict[str, np.ndarray], offset: int) -> list[dict[str, Any]]:
+        from PIL import Image
+
+        from blazil_ai.models.detection import Letterbox, decode
+
+        images = batch["image"]
+        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+        (raw,) = self.session.run({self.session.input_names[0]: x})
+        boxes = []
+        for k in range(len(images)):
+            path = self.dataset.images[offset + k]
+            with Image.open(path) as im:  # header only: the size undoes the dataset's letterbox
+                w, h = im.size
+            r = self.size / max(w, h)
+            nw, nh = max(1, round(w * r)), max(1, round(h * r))
+            boxes.append(Letterbox(x[k], r, float((self.size - nw) // 2), float((self.size - nh) // 2), w, h))
+        dets = decode(raw, conf=self.conf, iou=self.iou, letterboxes=boxes)
+        recs = []
+        for k, d in enumerate(dets):
+            self.found += len(d)
+            recs.append({"index": offset + k, "file": str(self.dataset.images[offset + k]),
+                         "detections": d.to_records(self.names)})
+        return recs
+
+    def summary(self) -> dict[str, Any]:
+        return {"detections": self.found, "split": self.dataset.split}
+
+
+_RUNNERS: dict[str, type[_Runner]] = {"fraud": _Fraud, "text": _Text, "timeseries": _TimeSeries, "audio": _Audio,
+                                      "detection": _Detection}
