@@ -1,0 +1,809 @@
+"""The in-memory state machine: TigerBeetle's create/lookup/query semantics over numpy columns.
+
+Two ways through ``create_transfers``:
+
+* the vectorised path, taken when a batch holds only plain transfers (no flags, no pending id, no
+  timeout) between existing, open accounts without balance limits or history, with fresh unique ids and
+  amounts below 2^40; balances are then applied with one ``bincount`` per side;
+* the sequential path, event by event with Python integers, in TigerBeetle's precedence, with linked
+  chains rolled back through an undo log. It is the reference: the vectorised path must give the same
+  state and results, which the property tests check.
+
+Timestamps come from the engine's clock (nanoseconds, strictly increasing); a batch of n events takes n
+consecutive timestamps. Replaying the same batches with the same timestamps rebuilds the same state,
+which is what the write-ahead log relies on.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from blazil_ai.errors import DataError
+from blazil_ai.ledger.types import (
+    ACCOUNT_DTYPE,
+    AMOUNT_MAX,
+    BATCH_MAX,
+    TRANSFER_DTYPE,
+    TRANSIENT_TRANSFER_STATUSES,
+    AccountFilter,
+    AccountFilterFlags,
+    AccountFlags,
+    QueryFilter,
+    QueryFilterFlags,
+    TransferFlags,
+    u128_from_words,
+)
+from blazil_ai.ledger.types import CreateAccountStatus as CA
+from blazil_ai.ledger.types import CreateTransferStatus as CT
+
+U128_MAX = AMOUNT_MAX
+M64 = (1 << 64) - 1
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+CREATED = 0xFFFFFFFF
+
+# Pending-transfer state per stored transfer row.
+NOT_PENDING, PENDING, POSTED, VOIDED, EXPIRED = 0, 1, 2, 3, 4
+
+_TF = TransferFlags
+_KNOWN_TRANSFER_FLAGS = int(sum(int(f) for f in TransferFlags))
+_KNOWN_ACCOUNT_FLAGS = int(sum(int(f) for f in AccountFlags))
+_FAST_AMOUNT_LIMIT = 1 << 40  # per-batch float64 sums stay exact below 2^53
+_LIMIT_FLAGS = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS | AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS)
+_SLOW_ACCOUNT_FLAGS = _LIMIT_FLAGS | int(AccountFlags.HISTORY | AccountFlags.CLOSED)
+
+
+def key64(words: np.ndarray) -> np.ndarray:
+    """A 64-bit hash key of each u128 in an ``(n, 2)`` word array (used only to find candidates)."""
+    return words[:, 0] ^ (words[:, 1] * _MIX)
+
+
+def key64_int(value: int) -> int:
+    """``key64`` of one Python int."""
+    return (value & M64) ^ (((value >> 64) * 0x9E3779B97F4A7C15) & M64)
+
+
+def _u(row: np.ndarray) -> int:
+    return int(row[0]) | (int(row[1]) << 64)
+
+
+def _set(arr: np.ndarray, field: str, row: int, value: int) -> None:
+    arr[field][row, 0] = value & M64
+    arr[field][row, 1] = value >> 64
+
+
+class Engine:
+    """One ledger's state and its create/lookup/query operations (not thread-safe: one caller at a time)."""
+
+    def __init__(self, clock: Callable[[], int] = time.time_ns, capacity: int = 1 << 16) -> None:
+        self.clock = clock
+        self.last_timestamp = 0
+        self.accounts = np.zeros(1024, dtype=ACCOUNT_DTYPE)
+        self.n_accounts = 0
+        self.account_rows: dict[int, int] = {}
+        self._index_dirty = True
+        self._acc_keys = np.zeros(0, dtype=np.uint64)
+        self._acc_key_rows = np.zeros(0, dtype=np.int64)
+        self._acc_keys_unique = True
+        self._dense: np.ndarray | None = None
+        self.transfers = np.zeros(capacity, dtype=TRANSFER_DTYPE)
+        self.pending_state = np.zeros(capacity, dtype=np.uint8)
+        self.n_transfers = 0
+        self.transfer_keys: dict[int, int] = {}  # key64 -> row of the first transfer with that key
+        self.transfer_collisions: dict[int, int] = {}  # full id -> row, for ids whose key64 was taken
+        self.failed_ids: set[int] = set()  # ids burned by transient failures (ID_ALREADY_FAILED)
+        self.failed_keys: set[int] = set()
+        self.expiry: list[tuple[int, int]] = []  # (expires_at, row) heap of pending transfers with timeouts
+        self.history: dict[int, list[tuple[int, int, int, int, int]]] = {}  # account row -> balances
+        self._undo: list[tuple[Any, ...]] | None = None
+        self.fast_batches = 0
+        self.slow_batches = 0
+
+    # ---------------------------------------------------------------- timestamps and storage
+
+    def next_timestamps(self, n: int) -> int:
+        """Reserve ``n`` consecutive timestamps and return the first."""
+        base = max(int(self.clock()), self.last_timestamp + 1)
+        self.last_timestamp = base + n - 1
+        return base
+
+    def _grow_transfers(self, extra: int) -> None:
+        need = self.n_transfers + extra
+        if need <= len(self.transfers):
+            return
+        cap = max(need, 2 * len(self.transfers))
+        t = np.zeros(cap, dtype=TRANSFER_DTYPE)
+        t[: self.n_transfers] = self.transfers[: self.n_transfers]
+        p = np.zeros(cap, dtype=np.uint8)
+        p[: self.n_transfers] = self.pending_state[: self.n_transfers]
+        self.transfers, self.pending_state = t, p
+
+    def _grow_accounts(self, extra: int) -> None:
+        need = self.n_accounts + extra
+        if need <= len(self.accounts):
+            return
+        a = np.zeros(max(need, 2 * len(self.accounts)), dtype=ACCOUNT_DTYPE)
+        a[: self.n_accounts] = self.accounts[: self.n_accounts]
+        self.accounts = a
+
+    def transfer_row(self, tid: int) -> int | None:
+        """The row of transfer ``tid``, or None."""
+        row = self.transfer_keys.get(key64_int(tid))
+        if row is None:
+            return None
+        if _u(self.transfers["id"][row]) == tid:
+            return row
+        return self.transfer_collisions.get(tid)
+
+    def _insert_transfer(self, rec: dict[str, int]) -> int:
+        self._grow_transfers(1)
+        row = self.n_transfers
+        t = self.transfers
+        for name in ("id", "debit_account_id", "credit_account_id", "amount", "pending_id", "user_data_128"):
+            _set(t, name, row, rec[name])
+        for name in ("user_data_64", "user_data_32", "timeout", "ledger", "code", "flags", "timestamp"):
+            t[name][row] = rec[name]
+        self.pending_state[row] = PENDING if rec["flags"] & _TF.PENDING else NOT_PENDING
+        self.n_transfers += 1
+        k = key64_int(rec["id"])
+        if k in self.transfer_keys:
+            self.transfer_collisions[rec["id"]] = row
+        else:
+            self.transfer_keys[k] = row
+        if self._undo is not None:
+            self._undo.append(("transfer", row, k, rec["id"]))
+        return row
+
+    def _rebuild_account_index(self) -> None:
+        n = self.n_accounts
+        keys = key64(self.accounts["id"][:n])
+        order = np.argsort(keys, kind="stable")
+        self._acc_keys = keys[order]
+        self._acc_key_rows = order.astype(np.int64)
+        self._acc_keys_unique = bool(n < 2 or np.all(self._acc_keys[1:] != self._acc_keys[:-1]))
+        ids = self.accounts["id"][:n]
+        self._dense = None
+        if n and not ids[:, 1].any():
+            top = int(ids[:, 0].max())
+            if top < 4 * n + (1 << 20):
+                table = np.full(top + 1, -1, dtype=np.int64)
+                table[ids[:, 0].astype(np.int64)] = np.arange(n, dtype=np.int64)
+                self._dense = table
+        self._index_dirty = False
+
+    def _account_rows_np(self, words: np.ndarray) -> np.ndarray:
+        """Rows of the accounts named by an ``(n, 2)`` id array; -1 where not found."""
+        if self._index_dirty:
+            self._rebuild_account_index()
+        table = self._dense
+        if table is not None:  # small integer ids: one gather instead of a binary search
+            lo = words[:, 0]
+            inside = (words[:, 1] == 0) & (lo < len(table))
+            return np.where(inside, table[np.where(inside, lo, 0)], -1)
+        if len(self._acc_keys) == 0:
+            return np.full(len(words), -1, dtype=np.int64)
+        q = key64(words)
+        pos = np.searchsorted(self._acc_keys, q)
+        pos[pos >= len(self._acc_keys)] = 0
+        rows = self._acc_key_rows[pos]
+        ids = self.accounts["id"][rows]
+        ok = (self._acc_keys[pos] == q) & (ids[:, 0] == words[:, 0]) & (ids[:, 1] == words[:, 1])
+        return np.where(ok, rows, -1)
+
+    # ---------------------------------------------------------------- accounts
+
+    def create_accounts(self, batch: np.ndarray, timestamp: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Create accounts; returns (status u32 per event, engine codes, and timestamp u64 per event)."""
+        n = len(batch)
+        if n > BATCH_MAX:
+            raise DataError(f"batch of {n} accounts exceeds the limit of {BATCH_MAX} events")
+        base = self.next_timestamps(n) if timestamp is None else timestamp
+        self.last_timestamp = max(self.last_timestamp, base + n - 1)
+        status = np.full(n, CREATED, dtype=np.uint32)
+        stamps = np.zeros(n, dtype=np.uint64)
+        ev = _columns(batch)
+        self._run_chains(n, ev, base, status, stamps, self._create_account, CA)
+        return status, stamps
+
+    def _create_account(self, e: dict[str, int], ts: int) -> tuple[int, int]:
+        if e["timestamp"] != 0:
+            return CA.TIMESTAMP_MUST_BE_ZERO, 0
+        if e["reserved"] != 0:
+            return CA.RESERVED_FIELD, 0
+        flags = e["flags"]
+        if flags & ~_KNOWN_ACCOUNT_FLAGS or flags & AccountFlags.IMPORTED:
+            # Importing (user-supplied timestamps) is not offered by this engine; TigerBeetle answers
+            # IMPORTED_EVENT_* for it, this engine treats the bit as reserved.
+            return CA.RESERVED_FLAG, 0
+        aid = e["id"]
+        if aid == 0:
+            return CA.ID_MUST_NOT_BE_ZERO, 0
+        if aid == U128_MAX:
+            return CA.ID_MUST_NOT_BE_INT_MAX, 0
+        row = self.account_rows.get(aid)
+        if row is not None:
+            x = self.accounts[row]
+            if int(x["flags"]) != flags:
+                return CA.EXISTS_WITH_DIFFERENT_FLAGS, 0
+            if _u(x["user_data_128"]) != e["user_data_128"]:
+                return CA.EXISTS_WITH_DIFFERENT_USER_DATA_128, 0
+            if int(x["user_data_64"]) != e["user_data_64"]:
+                return CA.EXISTS_WITH_DIFFERENT_USER_DATA_64, 0
+            if int(x["user_data_32"]) != e["user_data_32"]:
+                return CA.EXISTS_WITH_DIFFERENT_USER_DATA_32, 0
+            if int(x["ledger"]) != e["ledger"]:
+                return CA.EXISTS_WITH_DIFFERENT_LEDGER, 0
+            if int(x["code"]) != e["code"]:
+                return CA.EXISTS_WITH_DIFFERENT_CODE, 0
+            return CA.EXISTS, int(x["timestamp"])
+        if flags & _LIMIT_FLAGS == _LIMIT_FLAGS:
+            return CA.FLAGS_ARE_MUTUALLY_EXCLUSIVE, 0
+        if e["debits_pending"]:
+            return CA.DEBITS_PENDING_MUST_BE_ZERO, 0
+        if e["debits_posted"]:
+            return CA.DEBITS_POSTED_MUST_BE_ZERO, 0
+        if e["credits_pending"]:
+            return CA.CREDITS_PENDING_MUST_BE_ZERO, 0
+        if e["credits_posted"]:
+            return CA.CREDITS_POSTED_MUST_BE_ZERO, 0
+        if e["ledger"] == 0:
+            return CA.LEDGER_MUST_NOT_BE_ZERO, 0
+        if e["code"] == 0:
+            return CA.CODE_MUST_NOT_BE_ZERO, 0
+        self._grow_accounts(1)
+        row = self.n_accounts
+        a = self.accounts
+        a[row] = np.zeros((), dtype=ACCOUNT_DTYPE)
+        _set(a, "id", row, aid)
+        _set(a, "user_data_128", row, e["user_data_128"])
+        for name in ("user_data_64", "user_data_32", "ledger", "code", "flags"):
+            a[name][row] = e[name]
+        a["timestamp"][row] = ts
+        self.n_accounts += 1
+        self.account_rows[aid] = row
+        self._index_dirty = True
+        if self._undo is not None:
+            self._undo.append(("account", row, aid))
+        return CREATED, ts
+
+    # ---------------------------------------------------------------- transfers
+
+    def create_transfers(self, batch: np.ndarray, timestamp: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Create transfers; returns (status u32 per event, engine codes, and timestamp u64 per event)."""
+        n = len(batch)
+        if n > BATCH_MAX:
+            raise DataError(f"batch of {n} transfers exceeds the limit of {BATCH_MAX} events")
+        base = self.next_timestamps(n) if timestamp is None else timestamp
+        self.last_timestamp = max(self.last_timestamp, base + n - 1)
+        self.expire_pending(base)
+        if n and self._try_fast(batch, base):
+            self.fast_batches += 1
+            return (np.full(n, CREATED, dtype=np.uint32),
+                    np.arange(base, base + n, dtype=np.uint64))
+        self.slow_batches += 1
+        status = np.full(n, CREATED, dtype=np.uint32)
+        stamps = np.zeros(n, dtype=np.uint64)
+        ev = _columns(batch)
+        self._run_chains(n, ev, base, status, stamps, self._create_transfer, CT)
+        return status, stamps
+
+    def _try_fast(self, batch: np.ndarray, base: int) -> bool:
+        n = len(batch)
+        ids = batch["id"]
+        dr_w = batch["debit_account_id"]
+        cr_w = batch["credit_account_id"]
+        amt = batch["amount"]
+        if (batch["flags"].any() or batch["timeout"].any() or batch["timestamp"].any()
+                or batch["pending_id"].any() or amt[:, 1].any() or not (batch["ledger"].all() and batch["code"].all())):
+            return False
+        if int(amt[:, 0].max()) >= _FAST_AMOUNT_LIMIT:
+            return False
+        # Zero and all-ones ids / account ids, equal accounts: a reject each; leave them to the exact path.
+        for w in (ids, dr_w, cr_w):
+            if not ((w[:, 0] | w[:, 1]).all() and ((w[:, 0] & w[:, 1]) != M64).all()):
+                return False
+        if ((dr_w[:, 0] == cr_w[:, 0]) & (dr_w[:, 1] == cr_w[:, 1])).any():
+            return False
+        key_list = key64(ids).tolist()
+        if not self.transfer_keys.keys().isdisjoint(key_list) or not self.failed_keys.isdisjoint(key_list):
+            return False
+        new_keys = dict(zip(key_list, range(self.n_transfers, self.n_transfers + n)))
+        if len(new_keys) != n:  # an id (or its hash key) repeats within the batch
+            return False
+        if not self._acc_keys_unique and not self._index_dirty:
+            return False
+        dr = self._account_rows_np(dr_w)
+        cr = self._account_rows_np(cr_w)
+        if not self._acc_keys_unique or (dr < 0).any() or (cr < 0).any():
+            return False
+        a = self.accounts
+        led = batch["ledger"]
+        if (a["ledger"][dr] != led).any() or (a["ledger"][cr] != led).any():
+            return False
+        if ((a["flags"][dr] | a["flags"][cr]) & _SLOW_ACCOUNT_FLAGS).any():
+            return False
+        # High words below 2^62 leave room for this batch's (< 2^53) sums without any u128 overflow.
+        touched = np.concatenate([dr, cr])
+        for f in ("debits_pending", "debits_posted", "credits_pending", "credits_posted"):
+            if (a[f][touched, 1] >= (1 << 62)).any():
+                return False
+        amount = amt[:, 0].astype(np.float64)
+        self._add_posted("debits_posted", dr, amount)
+        self._add_posted("credits_posted", cr, amount)
+        self._grow_transfers(n)
+        start = self.n_transfers
+        stored = self.transfers[start: start + n]
+        stored[:] = batch
+        stored["timestamp"] = np.arange(base, base + n, dtype=np.uint64)
+        self.pending_state[start: start + n] = NOT_PENDING
+        self.n_transfers += n
+        self.transfer_keys.update(new_keys)
+        return True
+
+    def _add_posted(self, field: str, rows: np.ndarray, amount: np.ndarray) -> None:
+        if self.n_accounts <= 1 << 18:  # a dense bincount is cheaper than sorting the rows
+            dense = np.bincount(rows, weights=amount, minlength=self.n_accounts)
+            uniq = np.nonzero(dense)[0]
+            sums = dense[uniq].astype(np.uint64)
+        else:
+            uniq, inv = np.unique(rows, return_inverse=True)
+            sums = np.bincount(inv, weights=amount, minlength=len(uniq)).astype(np.uint64)
+        col = self.accounts[field]
+        lo = col[uniq, 0]
+        new = lo + sums
+        col[uniq, 0] = new
+        col[uniq, 1] += (new < lo).astype(np.uint64)
+
+    def _run_chains(self, n: int, ev: list[dict[str, int]], base: int, status: np.ndarray, stamps: np.ndarray,
+                    create: Callable[[dict[str, int], int], tuple[int, int]], enum: Any) -> None:
+        chain_start: int | None = None
+        broken = False
+        undo: list[tuple[Any, ...]] = []
+        for i in range(n):
+            e = ev[i]
+            linked = bool(e["flags"] & 1)
+            if linked and chain_start is None:
+                chain_start = i
+                undo = []
+            self._undo = undo if chain_start is not None else None
+            ts = base + i
+            if broken:
+                code, when = enum.LINKED_EVENT_FAILED, 0
+            elif linked and i == n - 1:
+                code, when = enum.LINKED_EVENT_CHAIN_OPEN, 0
+            else:
+                code, when = create(e, ts)
+            self._undo = None
+            if code != CREATED and chain_start is not None and not broken:
+                broken = True
+                self._rollback(undo)
+                for j in range(chain_start, i):
+                    status[j] = enum.LINKED_EVENT_FAILED
+                    stamps[j] = 0
+            status[i] = code
+            stamps[i] = when
+            if not linked and chain_start is not None:
+                chain_start = None
+                broken = False
+
+    def _rollback(self, undo: list[tuple[Any, ...]]) -> None:
+        for entry in reversed(undo):
+            kind = entry[0]
+            if kind == "balance":
+                _, row, field, old = entry
+                _set(self.accounts, field, row, old)
+            elif kind == "aflags":
+                self.accounts["flags"][entry[1]] = entry[2]
+            elif kind == "state":
+                self.pending_state[entry[1]] = entry[2]
+            elif kind == "history":
+                self.history[entry[1]].pop()
+            elif kind == "transfer":
+                _, row, k, tid = entry
+                self.n_transfers -= 1
+                assert row == self.n_transfers
+                self.transfers[row] = np.zeros((), dtype=TRANSFER_DTYPE)
+                self.pending_state[row] = NOT_PENDING
+                if self.transfer_collisions.get(tid) == row:
+                    del self.transfer_collisions[tid]
+                elif self.transfer_keys.get(k) == row:
+                    del self.transfer_keys[k]
+            elif kind == "account":
+                _, row, aid = entry
+                self.n_accounts -= 1
+                del self.account_rows[aid]
+                self.accounts[row] = np.zeros((), dtype=ACCOUNT_DTYPE)
+                self._index_dirty = True
+
+    def _balance(self, row: int, field: str) -> int:
+        return _u(self.accounts[field][row])
+
+    def _set_balance(self, row: int, field: str, value: int) -> None:
+        if self._undo is not None:
+            self._undo.append(("balance", row, field, self._balance(row, field)))
+        _set(self.accounts, field, row, value)
+
+    def _set_account_flags(self, row: int, flags: int) -> None:
+        if self._undo is not None:
+            self._undo.append(("aflags", row, int(self.accounts["flags"][row])))
+        self.accounts["flags"][row] = flags
+
+    def _set_state(self, row: int, state: int) -> None:
+        if self._undo is not None:
+            self._undo.append(("state", row, int(self.pending_state[row])))
+        self.pending_state[row] = state
+
+    def _record_history(self, arow: int, trow: int) -> None:
+        if not int(self.accounts["flags"][arow]) & AccountFlags.HISTORY:
+            return
+        b = tuple(self._balance(arow, f) for f in ("debits_pending", "debits_posted", "credits_pending",
+                                                   "credits_posted"))
+        self.history.setdefault(arow, []).append((trow, *b))  # type: ignore[arg-type]
+        if self._undo is not None:
+            self._undo.append(("history", arow))
+
+    def _create_transfer(self, t: dict[str, int], ts: int) -> tuple[int, int]:
+        code, when = self._create_transfer_inner(t, ts)
+        if code in TRANSIENT_TRANSFER_STATUSES:
+            self.failed_ids.add(t["id"])
+            self.failed_keys.add(key64_int(t["id"]))
+        return code, when
+
+    def _create_transfer_inner(self, t: dict[str, int], ts: int) -> tuple[int, int]:
+        flags = t["flags"]
+        if t["timestamp"] != 0:
+            return CT.TIMESTAMP_MUST_BE_ZERO, 0
+        if flags & ~_KNOWN_TRANSFER_FLAGS or flags & _TF.IMPORTED:
+            return CT.RESERVED_FLAG, 0  # importing is not offered (see _create_account)
+        tid = t["id"]
+        if tid == 0:
+            return CT.ID_MUST_NOT_BE_ZERO, 0
+        if tid == U128_MAX:
+            return CT.ID_MUST_NOT_BE_INT_MAX, 0
+        row = self.transfer_row(tid)
+        if row is not None:
+            return self._transfer_exists(t, row)
+        if tid in self.failed_ids:
+            return CT.ID_ALREADY_FAILED, 0
+        post_void = flags & (_TF.POST_PENDING_TRANSFER | _TF.VOID_PENDING_TRANSFER)
+        if post_void:
+            return self._post_or_void(t, ts)
+        dr_id, cr_id = t["debit_account_id"], t["credit_account_id"]
+        if dr_id == 0:
+            return CT.DEBIT_ACCOUNT_ID_MUST_NOT_BE_ZERO, 0
+        if dr_id == U128_MAX:
+            return CT.DEBIT_ACCOUNT_ID_MUST_NOT_BE_INT_MAX, 0
+        if cr_id == 0:
+            return CT.CREDIT_ACCOUNT_ID_MUST_NOT_BE_ZERO, 0
+        if cr_id == U128_MAX:
+            return CT.CREDIT_ACCOUNT_ID_MUST_NOT_BE_INT_MAX, 0
+        if dr_id == cr_id:
+            return CT.ACCOUNTS_MUST_BE_DIFFERENT, 0
+        if t["pending_id"] != 0:
+            return CT.PENDING_ID_MUST_BE_ZERO, 0
+        pending = bool(flags & _TF.PENDING)
+        if not pending:
+            if t["timeout"] != 0:
+                return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER, 0
+            if flags & (_TF.CLOSING_DEBIT | _TF.CLOSING_CREDIT):
+                return CT.CLOSING_TRANSFER_MUST_BE_PENDING, 0
+        if t["ledger"] == 0:
+            return CT.LEDGER_MUST_NOT_BE_ZERO, 0
+        if t["code"] == 0:
+            return CT.CODE_MUST_NOT_BE_ZERO, 0
+        dr = self.account_rows.get(dr_id)
+        if dr is None:
+            return CT.DEBIT_ACCOUNT_NOT_FOUND, 0
+        cr = self.account_rows.get(cr_id)
+        if cr is None:
+            return CT.CREDIT_ACCOUNT_NOT_FOUND, 0
+        a = self.accounts
+        if a["ledger"][dr] != a["ledger"][cr]:
+            return CT.ACCOUNTS_MUST_HAVE_THE_SAME_LEDGER, 0
+        if t["ledger"] != a["ledger"][dr]:
+            return CT.TRANSFER_MUST_HAVE_THE_SAME_LEDGER_AS_ACCOUNTS, 0
+        dr_flags, cr_flags = int(a["flags"][dr]), int(a["flags"][cr])
+        if dr_flags & AccountFlags.CLOSED:
+            return CT.DEBIT_ACCOUNT_ALREADY_CLOSED, 0
+        if cr_flags & AccountFlags.CLOSED:
+            return CT.CREDIT_ACCOUNT_ALREADY_CLOSED, 0
+        b = self._balance
+        dr_dp, dr_dpo, dr_cpo = b(dr, "debits_pending"), b(dr, "debits_posted"), b(dr, "credits_posted")
+        cr_cp, cr_cpo, cr_dpo = b(cr, "credits_pending"), b(cr, "credits_posted"), b(cr, "debits_posted")
+        amount = t["amount"]
+        if flags & _TF.BALANCING_DEBIT:
+            amount = min(amount, max(0, dr_cpo - (dr_dpo + dr_dp)))
+        if flags & _TF.BALANCING_CREDIT:
+            amount = min(amount, max(0, cr_dpo - (cr_cpo + cr_cp)))
+        if pending:
+            if amount + dr_dp > U128_MAX:
+                return CT.OVERFLOWS_DEBITS_PENDING, 0
+            if amount + cr_cp > U128_MAX:
+                return CT.OVERFLOWS_CREDITS_PENDING, 0
+        if amount + dr_dpo > U128_MAX:
+            return CT.OVERFLOWS_DEBITS_POSTED, 0
+        if amount + cr_cpo > U128_MAX:
+            return CT.OVERFLOWS_CREDITS_POSTED, 0
+        if amount + dr_dp + dr_dpo > U128_MAX:
+            return CT.OVERFLOWS_DEBITS, 0
+        if amount + cr_cp + cr_cpo > U128_MAX:
+            return CT.OVERFLOWS_CREDITS, 0
+        if pending and ts + t["timeout"] * 1_000_000_000 >= (1 << 63):
+            return CT.OVERFLOWS_TIMEOUT, 0
+        if dr_flags & AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS and dr_dp + dr_dpo + amount > dr_cpo:
+            return CT.EXCEEDS_CREDITS, 0
+        if cr_flags & AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS and cr_cp + cr_cpo + amount > cr_dpo:
+            return CT.EXCEEDS_DEBITS, 0
+        rec = dict(t)
+        rec["amount"] = amount
+        rec["timestamp"] = ts
+        trow = self._insert_transfer(rec)
+        if pending:
+            self._set_balance(dr, "debits_pending", dr_dp + amount)
+            self._set_balance(cr, "credits_pending", cr_cp + amount)
+            if t["timeout"]:
+                heapq.heappush(self.expiry, (ts + t["timeout"] * 1_000_000_000, trow))
+        else:
+            self._set_balance(dr, "debits_posted", dr_dpo + amount)
+            self._set_balance(cr, "credits_posted", cr_cpo + amount)
+        if flags & _TF.CLOSING_DEBIT:
+            self._set_account_flags(dr, dr_flags | AccountFlags.CLOSED)
+        if flags & _TF.CLOSING_CREDIT:
+            self._set_account_flags(cr, int(a["flags"][cr]) | AccountFlags.CLOSED)
+        self._record_history(dr, trow)
+        self._record_history(cr, trow)
+        return CREATED, ts
+
+    def _post_or_void(self, t: dict[str, int], ts: int) -> tuple[int, int]:
+        flags = t["flags"]
+        post = bool(flags & _TF.POST_PENDING_TRANSFER)
+        void = bool(flags & _TF.VOID_PENDING_TRANSFER)
+        if (post and void) or flags & (_TF.PENDING | _TF.BALANCING_DEBIT | _TF.BALANCING_CREDIT
+                                       | _TF.CLOSING_DEBIT | _TF.CLOSING_CREDIT):
+            return CT.FLAGS_ARE_MUTUALLY_EXCLUSIVE, 0
+        pid = t["pending_id"]
+        if pid == 0:
+            return CT.PENDING_ID_MUST_NOT_BE_ZERO, 0
+        if pid == U128_MAX:
+            return CT.PENDING_ID_MUST_NOT_BE_INT_MAX, 0
+        if pid == t["id"]:
+            return CT.PENDING_ID_MUST_BE_DIFFERENT, 0
+        if t["timeout"] != 0:
+            return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER, 0
+        prow = self.transfer_row(pid)
+        if prow is None:
+            return CT.PENDING_TRANSFER_NOT_FOUND, 0
+        p = self.transfers[prow]
+        p_flags = int(p["flags"])
+        if not p_flags & _TF.PENDING:
+            return CT.PENDING_TRANSFER_NOT_PENDING, 0
+        p_dr, p_cr, p_amount = _u(p["debit_account_id"]), _u(p["credit_account_id"]), _u(p["amount"])
+        if t["debit_account_id"] and t["debit_account_id"] != p_dr:
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID, 0
+        if t["credit_account_id"] and t["credit_account_id"] != p_cr:
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID, 0
+        if t["ledger"] and t["ledger"] != int(p["ledger"]):
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_LEDGER, 0
+        if t["code"] and t["code"] != int(p["code"]):
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CODE, 0
+        amount = t["amount"]
+        if amount > p_amount and amount != AMOUNT_MAX:
+            return CT.EXCEEDS_PENDING_TRANSFER_AMOUNT, 0
+        if void and 0 < amount < p_amount:
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT, 0
+        state = int(self.pending_state[prow])
+        if state == POSTED:
+            return CT.PENDING_TRANSFER_ALREADY_POSTED, 0
+        if state == VOIDED:
+            return CT.PENDING_TRANSFER_ALREADY_VOIDED, 0
+        timeout = int(p["timeout"])
+        if state == EXPIRED or (timeout and int(p["timestamp"]) + timeout * 1_000_000_000 <= ts):
+            return CT.PENDING_TRANSFER_EXPIRED, 0
+        dr = self.account_rows[p_dr]
+        cr = self.account_rows[p_cr]
+        if post:
+            if int(self.accounts["flags"][dr]) & AccountFlags.CLOSED and not p_flags & _TF.CLOSING_DEBIT:
+                return CT.DEBIT_ACCOUNT_ALREADY_CLOSED, 0
+            if int(self.accounts["flags"][cr]) & AccountFlags.CLOSED and not p_flags & _TF.CLOSING_CREDIT:
+                return CT.CREDIT_ACCOUNT_ALREADY_CLOSED, 0
+        actual = (p_amount if amount == AMOUNT_MAX else amount) if post else p_amount
+        rec = dict(t)
+        rec.update(debit_account_id=p_dr, credit_account_id=p_cr, amount=actual, ledger=int(p["ledger"]),
+                   code=int(p["code"]), timestamp=ts)
+        for name in ("user_data_128", "user_data_64", "user_data_32"):
+            if not rec[name]:  # zero user data inherits the pending transfer's
+                v = p[name]
+                rec[name] = _u(v) if name == "user_data_128" else int(v)
+        trow = self._insert_transfer(rec)
+        self._release_pending(prow, dr, cr, p_amount)
+        if post:
+            self._set_balance(dr, "debits_posted", self._balance(dr, "debits_posted") + actual)
+            self._set_balance(cr, "credits_posted", self._balance(cr, "credits_posted") + actual)
+            self._set_state(prow, POSTED)
+        else:
+            self._reopen_closed(p_flags, dr, cr)
+            self._set_state(prow, VOIDED)
+        self._record_history(dr, trow)
+        self._record_history(cr, trow)
+        return CREATED, ts
+
+    def _release_pending(self, prow: int, dr: int, cr: int, amount: int) -> None:
+        self._set_balance(dr, "debits_pending", self._balance(dr, "debits_pending") - amount)
+        self._set_balance(cr, "credits_pending", self._balance(cr, "credits_pending") - amount)
+
+    def _reopen_closed(self, p_flags: int, dr: int, cr: int) -> None:
+        if p_flags & _TF.CLOSING_DEBIT:
+            self._set_account_flags(dr, int(self.accounts["flags"][dr]) & ~AccountFlags.CLOSED)
+        if p_flags & _TF.CLOSING_CREDIT:
+            self._set_account_flags(cr, int(self.accounts["flags"][cr]) & ~AccountFlags.CLOSED)
+
+    def _transfer_exists(self, t: dict[str, int], row: int) -> tuple[int, int]:
+        e = self.transfers[row]
+        flags = t["flags"]
+        if flags != int(e["flags"]):
+            return CT.EXISTS_WITH_DIFFERENT_FLAGS, 0
+        if t["pending_id"] != _u(e["pending_id"]):
+            return CT.EXISTS_WITH_DIFFERENT_PENDING_ID, 0
+        if t["timeout"] != int(e["timeout"]):
+            return CT.EXISTS_WITH_DIFFERENT_TIMEOUT, 0
+        post_void = flags & (_TF.POST_PENDING_TRANSFER | _TF.VOID_PENDING_TRANSFER)
+        for name, code in (("debit_account_id", CT.EXISTS_WITH_DIFFERENT_DEBIT_ACCOUNT_ID),
+                           ("credit_account_id", CT.EXISTS_WITH_DIFFERENT_CREDIT_ACCOUNT_ID)):
+            if t[name] != _u(e[name]) and not (post_void and t[name] == 0):
+                return code, 0
+        amount, e_amount = t["amount"], _u(e["amount"])
+        if flags & (_TF.BALANCING_DEBIT | _TF.BALANCING_CREDIT):
+            if amount < e_amount:
+                return CT.EXISTS_WITH_DIFFERENT_AMOUNT, 0
+        elif post_void:
+            # Post/void store the amount actually moved; AMOUNT_MAX (and 0 for a void) asked for "all".
+            if amount != e_amount and amount != AMOUNT_MAX and not (flags & _TF.VOID_PENDING_TRANSFER and amount == 0):
+                return CT.EXISTS_WITH_DIFFERENT_AMOUNT, 0
+        elif amount != e_amount:
+            return CT.EXISTS_WITH_DIFFERENT_AMOUNT, 0
+        for name, code in (("user_data_128", CT.EXISTS_WITH_DIFFERENT_USER_DATA_128),
+                           ("user_data_64", CT.EXISTS_WITH_DIFFERENT_USER_DATA_64),
+                           ("user_data_32", CT.EXISTS_WITH_DIFFERENT_USER_DATA_32)):
+            ev = _u(e[name]) if name == "user_data_128" else int(e[name])
+            if t[name] != ev and not (post_void and t[name] == 0):
+                return code, 0
+        if t["ledger"] != int(e["ledger"]) and not (post_void and t["ledger"] == 0):
+            return CT.EXISTS_WITH_DIFFERENT_LEDGER, 0
+        if t["code"] != int(e["code"]) and not (post_void and t["code"] == 0):
+            return CT.EXISTS_WITH_DIFFERENT_CODE, 0
+        return CT.EXISTS, int(e["timestamp"])
+
+    def expire_pending(self, now: int) -> int:
+        """Void pending transfers whose timeout passed by ``now`` (engine clock); returns how many."""
+        done = 0
+        while self.expiry and self.expiry[0][0] <= now:
+            _, row = heapq.heappop(self.expiry)
+            if row >= self.n_transfers or self.pending_state[row] != PENDING:
+                continue
+            p = self.transfers[row]
+            dr = self.account_rows[_u(p["debit_account_id"])]
+            cr = self.account_rows[_u(p["credit_account_id"])]
+            self._release_pending(row, dr, cr, _u(p["amount"]))
+            self._reopen_closed(int(p["flags"]), dr, cr)
+            self.pending_state[row] = EXPIRED
+            done += 1
+        return done
+
+    def rebuild_expiry(self) -> None:
+        """Recreate the timeout heap from stored pending transfers (after loading a checkpoint)."""
+        n = self.n_transfers
+        rows = np.nonzero((self.pending_state[:n] == PENDING) & (self.transfers["timeout"][:n] > 0))[0]
+        t = self.transfers
+        self.expiry = [(int(t["timestamp"][r]) + int(t["timeout"][r]) * 1_000_000_000, int(r)) for r in rows]
+        heapq.heapify(self.expiry)
+
+    # ---------------------------------------------------------------- reads
+
+    def lookup_accounts(self, ids: list[int]) -> np.ndarray:
+        """The accounts that exist among ``ids``, in request order (ACCOUNT_DTYPE)."""
+        rows = [r for r in (self.account_rows.get(i) for i in ids) if r is not None]
+        return self.accounts[np.array(rows, dtype=np.int64)].copy()
+
+    def lookup_transfers(self, ids: list[int]) -> np.ndarray:
+        """The transfers that exist among ``ids``, in request order (TRANSFER_DTYPE)."""
+        rows = [r for r in (self.transfer_row(i) for i in ids) if r is not None]
+        return self.transfers[np.array(rows, dtype=np.int64)].copy()
+
+    def _account_transfer_rows(self, f: AccountFilter) -> np.ndarray:
+        flags = int(f.flags)
+        if f.account_id in (0, U128_MAX) or not flags & (AccountFilterFlags.DEBITS | AccountFilterFlags.CREDITS):
+            return np.zeros(0, dtype=np.int64)
+        if f.limit == 0 or (f.timestamp_max and f.timestamp_min > f.timestamp_max):
+            return np.zeros(0, dtype=np.int64)
+        t = self.transfers[: self.n_transfers]
+        lo, hi = f.account_id & M64, f.account_id >> 64
+        mask = np.zeros(len(t), dtype=bool)
+        if flags & AccountFilterFlags.DEBITS:
+            mask |= (t["debit_account_id"][:, 0] == lo) & (t["debit_account_id"][:, 1] == hi)
+        if flags & AccountFilterFlags.CREDITS:
+            mask |= (t["credit_account_id"][:, 0] == lo) & (t["credit_account_id"][:, 1] == hi)
+        mask &= _common_mask(t, f.user_data_128, f.user_data_64, f.user_data_32, 0, f.code,
+                             f.timestamp_min, f.timestamp_max)
+        rows = np.nonzero(mask)[0]
+        if flags & AccountFilterFlags.REVERSED:
+            rows = rows[::-1]
+        return rows[: min(f.limit, BATCH_MAX)]
+
+    def get_account_transfers(self, f: AccountFilter) -> np.ndarray:
+        """Transfers of one account matching the filter, by timestamp (TRANSFER_DTYPE)."""
+        return self.transfers[self._account_transfer_rows(f)].copy()
+
+    def get_account_balances(self, f: AccountFilter) -> list[tuple[int, int, int, int, int]]:
+        """(debits_pending, debits_posted, credits_pending, credits_posted, timestamp) after each matching
+        transfer of an account with ``flags.history``."""
+        row = self.account_rows.get(f.account_id)
+        if row is None or not int(self.accounts["flags"][row]) & AccountFlags.HISTORY:
+            return []
+        wanted = set(self._account_transfer_rows(AccountFilter(
+            f.account_id, f.user_data_128, f.user_data_64, f.user_data_32, f.code, f.timestamp_min,
+            f.timestamp_max, BATCH_MAX, f.flags & ~AccountFilterFlags.REVERSED)).tolist())
+        out = [(dp, dpo, cp, cpo, int(self.transfers["timestamp"][tr]))
+               for tr, dp, dpo, cp, cpo in self.history.get(row, []) if tr in wanted]
+        if int(f.flags) & AccountFilterFlags.REVERSED:
+            out.reverse()
+        return out[: f.limit]
+
+    def query_accounts(self, f: QueryFilter) -> np.ndarray:
+        """Accounts matching the filter, by timestamp (ACCOUNT_DTYPE)."""
+        a = self.accounts[: self.n_accounts]
+        return _query(a, f)
+
+    def query_transfers(self, f: QueryFilter) -> np.ndarray:
+        """Transfers matching the filter, by timestamp (TRANSFER_DTYPE)."""
+        return _query(self.transfers[: self.n_transfers], f)
+
+    def totals(self) -> dict[str, int]:
+        """Sums of the four balance columns over all accounts (posted debits equal posted credits)."""
+        a = self.accounts[: self.n_accounts]
+        return {f: sum(u128_from_words(a[f])) for f in ("debits_pending", "debits_posted", "credits_pending",
+                                                         "credits_posted")}
+
+
+def _common_mask(t: np.ndarray, ud128: int, ud64: int, ud32: int, ledger: int, code: int, tmin: int,
+                 tmax: int) -> np.ndarray:
+    mask = np.ones(len(t), dtype=bool)
+    if ud128:
+        mask &= (t["user_data_128"][:, 0] == ud128 & M64) & (t["user_data_128"][:, 1] == ud128 >> 64)
+    if ud64:
+        mask &= t["user_data_64"] == ud64
+    if ud32:
+        mask &= t["user_data_32"] == ud32
+    if ledger:
+        mask &= t["ledger"] == ledger
+    if code:
+        mask &= t["code"] == code
+    if tmin:
+        mask &= t["timestamp"] >= tmin
+    if tmax:
+        mask &= t["timestamp"] <= tmax
+    return mask
+
+
+def _query(records: np.ndarray, f: QueryFilter) -> np.ndarray:
+    if f.limit == 0 or (f.timestamp_max and f.timestamp_min > f.timestamp_max):
+        return records[:0].copy()
+    order = np.argsort(records["timestamp"], kind="stable")
+    recs = records[order]
+    rows = np.nonzero(_common_mask(recs, f.user_data_128, f.user_data_64, f.user_data_32, f.ledger, f.code,
+                                   f.timestamp_min, f.timestamp_max))[0]
+    if int(f.flags) & QueryFilterFlags.REVERSED:
+        rows = rows[::-1]
+    return recs[rows[: min(f.limit, BATCH_MAX)]].copy()
+
+
+def _columns(batch: np.ndarray) -> list[dict[str, int]]:
+    names = batch.dtype.names or ()
+    cols: dict[str, list[int]] = {}
+    for name in names:
+        col = batch[name]
+        cols[name] = u128_from_words(col) if col.ndim == 2 else col.tolist()
+    return [dict(zip(names, row)) for row in zip(*(cols[n] for n in names))]

@@ -1,0 +1,617 @@
+"""Shards: accounts partitioned over N durable ledgers, each with its own engine, log and threads.
+
+An account lives on shard ``key64(id) % N``. A transfer runs on its debit account's shard (a post or
+void on its pending transfer's shard; an id that already exists or was burned anywhere, where it is).
+Events keep their order on each shard, so a shard-local batch behaves exactly as on one engine.
+
+A plain transfer whose accounts live on two shards is made atomic with two-phase commit through a
+clearing account per (shard, ledger):
+
+1. the coordinator logs the intent (fsync);
+2. leg A (debit account -> clearing A) and leg B (clearing B -> credit account) are created as pending
+   transfers on their shards, in parallel;
+3. the decision is logged (fsync): commit if both legs were created, abort otherwise;
+4. both legs are posted, or the created ones voided; the coordinator records the transfer itself, so
+   lookups and account history show one transfer, not legs.
+
+Recovery replays the coordinator log: an intent without a decision is aborted (its legs voided), a
+decision is carried out again (posting or voiding is idempotent), so both sides end posted or both voided.
+Validation happens before any leg, in TigerBeetle's precedence; balance-dependent failures come from the
+legs, with the first in precedence reported. Cross-shard transfers must be plain (no linked, pending,
+balancing or closing flags); such a batch is refused with a DataError naming the event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blazil_ai.errors import ConfigError, DataError
+from blazil_ai.ledger.engine import CREATED, PENDING, Engine, _columns, key64, key64_int
+from blazil_ai.ledger.store import LocalLedger
+from blazil_ai.ledger.types import (
+    ACCOUNT_DTYPE,
+    AMOUNT_MAX,
+    BATCH_MAX,
+    TRANSFER_DTYPE,
+    TRANSFER_PRECEDENCE,
+    TRANSIENT_TRANSFER_STATUSES,
+    AccountFilter,
+    AccountFilterFlags,
+    AccountFlags,
+    QueryFilter,
+    QueryFilterFlags,
+    TransferFlags,
+    as_account_array,
+    as_transfer_array,
+    transfers_to_array,
+)
+from blazil_ai.ledger.types import CreateTransferStatus as CT
+from blazil_ai.ledger.wal import WriteAheadLog, encode
+
+LAYOUT = "shards.json"
+CLEARING_HI = 0xFFFF_FFFF_FFFF_FFFE  # high word of clearing-account ids (reserved in a sharded ledger)
+KIND_INTENT, KIND_DECISION, KIND_DONE = 3, 4, 5
+ABORTED = 0  # decision code of an attempt that was rolled back and retried event by event
+DECISION_DTYPE = np.dtype([("id", "<u8", (2,)), ("status", "<u4"), ("attempt", "<u4"), ("pad", "V104")])
+M64 = (1 << 64) - 1
+U128_MAX = AMOUNT_MAX
+_POST_VOID = int(TransferFlags.POST_PENDING_TRANSFER | TransferFlags.VOID_PENDING_TRANSFER)
+
+
+def read_layout(directory: Path) -> int | None:
+    """The shard count recorded in a ledger directory, or None for a single-shard ledger."""
+    f = Path(directory) / LAYOUT
+    if not f.exists():
+        return None
+    try:
+        n = int(json.loads(f.read_text())["shards"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"cannot read the shard layout: {e}", path=str(f)) from e
+    if n < 1:
+        raise DataError(f"shard count {n} must be at least 1", path=str(f), field="shards")
+    return n
+
+
+def shard_of(account_id: int, n: int) -> int:
+    """The shard that owns an account id."""
+    return key64_int(account_id) % n
+
+
+def clearing_id(shard: int, ledger: int) -> int:
+    """The clearing account of one shard and ledger."""
+    return (CLEARING_HI << 64) | (ledger << 16) | shard
+
+
+def leg_id(tid: int, leg: str, attempt: int) -> int:
+    """Deterministic id of one leg transfer, so recovery can find and finish it."""
+    d = hashlib.blake2b(tid.to_bytes(16, "little") + leg.encode() + attempt.to_bytes(4, "little"), digest_size=16)
+    v = int.from_bytes(d.digest(), "little")
+    return v if 0 < v < U128_MAX else 1
+
+
+def _is_clearing(words: np.ndarray) -> np.ndarray:
+    return words[:, 1] == CLEARING_HI
+
+
+class ShardedLedger:
+    """N LocalLedgers behind one coordinator (same request interface as LocalLedger)."""
+
+    def __init__(self, directory: str | Path, shards: int | None = None, *, clock: Callable[[], int] = time.time_ns,
+                 fsync: bool = True, **options: Any) -> None:
+        self.directory = Path(directory)
+        existing = read_layout(self.directory)
+        if existing is None:
+            if shards is None or shards < 1:
+                raise ConfigError("a new sharded ledger needs shards >= 1")
+            if self.directory.exists() and any(self.directory.glob("wal-*.log")):
+                raise ConfigError(f"{self.directory} holds a single-shard ledger; it cannot be opened sharded")
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / LAYOUT).write_text(json.dumps({"shards": shards}))
+            existing = shards
+        elif shards is not None and shards != existing:
+            raise ConfigError(f"ledger {self.directory} has {existing} shards, not {shards}")
+        self.n = existing
+        self.shards = [LocalLedger(self.directory / f"shard-{i:03d}", clock=clock, fsync=fsync, **options)
+                       for i in range(self.n)]
+        self.cross = Engine(clock=clock)  # the coordinator's record of cross-shard transfers and burned ids
+        self.clearing: set[tuple[int, int]] = set()
+        self._lock = threading.RLock()
+        self.coord = WriteAheadLog(self.directory / "coordinator", fsync=fsync)
+        self.coord_seq = 0
+        self._recover()
+        self.coord.open_segment(self.coord_seq + 1)
+
+    # ---------------------------------------------------------------- interface of LocalLedger
+
+    def submit(self, op: str, arg: Any) -> Future[Any]:
+        """Run one request (the coordinator is synchronous) and return a completed future."""
+        fut: Future[Any] = Future()
+        try:
+            fut.set_result(self.call(op, arg))
+        except Exception as e:
+            fut.set_exception(e)
+        return fut
+
+    def call(self, op: str, arg: Any = None) -> Any:
+        """Run one request."""
+        with self._lock:
+            if op == "create_accounts":
+                return self._create_accounts(as_account_array(arg))
+            if op == "create_transfers":
+                return self._create_transfers(as_transfer_array(arg))
+            if op == "checkpoint":
+                return [s.checkpoint() for s in self.shards]
+            handler = getattr(self, "_" + op, None)
+            if handler is None:
+                raise ValueError(f"unknown ledger operation {op!r}")
+            return handler(arg)
+
+    def checkpoint(self) -> list[int]:
+        """Checkpoint every shard."""
+        return self.call("checkpoint")  # type: ignore[no-any-return]
+
+    def close(self, checkpoint: bool = False) -> None:
+        """Close every shard and the coordinator log."""
+        for s in self.shards:
+            s.close(checkpoint=checkpoint)
+        self.coord.close()
+
+    def __enter__(self) -> ShardedLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- accounts
+
+    def _create_accounts(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(batch)
+        if n > BATCH_MAX:
+            raise DataError(f"batch of {n} accounts exceeds the limit of {BATCH_MAX} events")
+        if _is_clearing(batch["id"]).any():
+            i = int(np.nonzero(_is_clearing(batch["id"]))[0][0])
+            raise DataError(f"event {i}: account ids with high word {CLEARING_HI:#x} are reserved for "
+                            "clearing accounts in a sharded ledger", field="account.id")
+        home = (key64(batch["id"]) % np.uint64(self.n)).astype(np.int64)
+        self._check_chains(batch["flags"], home, "account")
+        status = np.full(n, CREATED, dtype=np.uint32)
+        stamps = np.zeros(n, dtype=np.uint64)
+        futs = {}
+        for s in range(self.n):
+            idx = np.nonzero(home == s)[0]
+            if len(idx):
+                futs[s] = (idx, self.shards[s].submit("create_accounts", batch[idx]))
+        for idx, fut in futs.values():
+            st, ts = fut.result()
+            status[idx], stamps[idx] = st, ts
+        return status, stamps
+
+    @staticmethod
+    def _check_chains(flags: np.ndarray, home: np.ndarray, kind: str, cross: np.ndarray | None = None) -> None:
+        linked = (flags & 1).astype(bool)
+        if not linked.any():
+            return
+        start = None
+        for i in range(len(flags)):
+            if linked[i] and start is None:
+                start = i
+            if start is not None:
+                if home[i] != home[start] or (cross is not None and cross[i]):
+                    raise DataError(f"event {i}: a linked chain starting at event {start} spans shards; "
+                                    f"linked {kind}s must all live on one shard")
+                if not linked[i]:
+                    start = None
+
+    # ---------------------------------------------------------------- transfers
+
+    def _route(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(home shard per event, cross-shard mask); home -1 means "the coordinator's own record"."""
+        n = len(batch)
+        nn = np.uint64(self.n)
+        dr, cr = batch["debit_account_id"], batch["credit_account_id"]
+        home = (key64(dr) % nn).astype(np.int64)
+        cr_home = (key64(cr) % nn).astype(np.int64)
+
+        def valid(w: np.ndarray) -> np.ndarray:
+            return ((w[:, 0] | w[:, 1]) != 0) & ~((w[:, 0] == M64) & (w[:, 1] == M64))
+        flags = batch["flags"].astype(np.int64)
+        post_void = (flags & _POST_VOID) != 0
+        cross = valid(dr) & valid(cr) & (home != cr_home) & ~post_void
+        keys = key64(batch["id"]).tolist()
+        ids = None
+        # Post/void go where their pending transfer is (or would be).
+        if post_void.any():
+            ids = ids or _ids(batch)
+            pids = _ids(batch, "pending_id")
+            for i in np.nonzero(post_void)[0].tolist():
+                home[i] = self._where(pids[i], fallback=shard_of(pids[i], self.n))
+        # An id that exists (or was burned) anywhere is answered where it is.
+        stores = [(-1, self.cross)] + [(s, sh.engine) for s, sh in enumerate(self.shards)]
+        for s, eng in stores:
+            if eng.transfer_keys.keys().isdisjoint(keys) and eng.failed_keys.isdisjoint(keys):
+                continue
+            ids = ids or _ids(batch)
+            for i, k in enumerate(keys):
+                if (k in eng.transfer_keys and eng.transfer_row(ids[i]) is not None) or \
+                        (k in eng.failed_keys and ids[i] in eng.failed_ids):
+                    home[i] = s
+                    cross[i] = s == -1
+        # A repeated id within the batch follows its first occurrence.
+        if len(set(keys)) < n:
+            ids = ids or _ids(batch)
+            first: dict[int, int] = {}
+            for i, tid in enumerate(ids):
+                j = first.setdefault(tid, i)
+                if j != i:
+                    home[i] = int(home[j]) if not cross[j] else -1
+                    cross[i] = bool(cross[j]) or home[i] == -1
+            # A post/void of a pending transfer created earlier in this batch goes to the same shard.
+        if post_void.any():
+            ids = ids or _ids(batch)
+            pids = _ids(batch, "pending_id")
+            pos = {tid: i for i, tid in reversed(list(enumerate(ids)))}
+            for i in np.nonzero(post_void)[0].tolist():
+                first_at = pos.get(pids[i])
+                if first_at is not None and first_at < i and not cross[first_at]:
+                    home[i] = home[first_at]
+        return home, cross
+
+    def _where(self, tid: int, fallback: int) -> int:
+        for s, sh in enumerate(self.shards):
+            if sh.engine.transfer_row(tid) is not None:
+                return s
+        return fallback
+
+    def _create_transfers(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n = len(batch)
+        if n > BATCH_MAX:
+            raise DataError(f"batch of {n} transfers exceeds the limit of {BATCH_MAX} events")
+        status = np.full(n, CREATED, dtype=np.uint32)
+        stamps = np.zeros(n, dtype=np.uint64)
+        if n == 0:
+            return status, stamps
+        self._settle()
+        home, cross = self._route(batch)
+        self._check_chains(batch["flags"], np.where(cross, -1, home), "transfer", cross)
+        i = 0
+        while i < n:
+            j = i
+            if cross[i]:
+                while j < n and cross[j]:
+                    j += 1
+                self._cross_run(batch, i, j, status, stamps)
+            else:
+                while j < n and not cross[j]:
+                    j += 1
+                self._local_run(batch, home, i, j, status, stamps)
+            i = j
+        return status, stamps
+
+    def _settle(self) -> None:
+        # Reads of shard engine state below happen between requests; wait for queued ones to finish.
+        for s in self.shards:
+            s.call("totals")
+
+    def _local_run(self, batch: np.ndarray, home: np.ndarray, i: int, j: int, status: np.ndarray,
+                   stamps: np.ndarray) -> None:
+        futs = []
+        for s in range(self.n):
+            idx = i + np.nonzero(home[i:j] == s)[0]
+            if len(idx):
+                futs.append((idx, self.shards[s].submit("create_transfers", batch[idx])))
+        for idx, fut in futs:
+            st, ts = fut.result()
+            status[idx], stamps[idx] = st, ts
+
+    # ---------------------------------------------------------------- cross-shard two-phase commit
+
+    def _precheck(self, t: dict[str, int]) -> int:
+        """TigerBeetle's checks up to the balance-dependent ones, for an event whose accounts are on two shards."""
+        flags = t["flags"]
+        if t["timestamp"] != 0:
+            return CT.TIMESTAMP_MUST_BE_ZERO
+        if flags & ~int(sum(int(f) for f in TransferFlags)) or flags & TransferFlags.IMPORTED:
+            return CT.RESERVED_FLAG
+        tid = t["id"]
+        if tid == 0:
+            return CT.ID_MUST_NOT_BE_ZERO
+        if tid == U128_MAX:
+            return CT.ID_MUST_NOT_BE_INT_MAX
+        row = self.cross.transfer_row(tid)
+        if row is not None:
+            return self.cross._transfer_exists(t, row)[0]
+        if tid in self.cross.failed_ids:
+            return CT.ID_ALREADY_FAILED
+        if t["pending_id"] != 0:
+            return CT.PENDING_ID_MUST_BE_ZERO
+        if not flags & TransferFlags.PENDING:
+            if t["timeout"] != 0:
+                return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER
+            if flags & (TransferFlags.CLOSING_DEBIT | TransferFlags.CLOSING_CREDIT):
+                return CT.CLOSING_TRANSFER_MUST_BE_PENDING
+        if t["ledger"] == 0:
+            return CT.LEDGER_MUST_NOT_BE_ZERO
+        if t["code"] == 0:
+            return CT.CODE_MUST_NOT_BE_ZERO
+        dr_eng = self.shards[shard_of(t["debit_account_id"], self.n)].engine
+        cr_eng = self.shards[shard_of(t["credit_account_id"], self.n)].engine
+        dr = dr_eng.account_rows.get(t["debit_account_id"])
+        if dr is None:
+            return CT.DEBIT_ACCOUNT_NOT_FOUND
+        cr = cr_eng.account_rows.get(t["credit_account_id"])
+        if cr is None:
+            return CT.CREDIT_ACCOUNT_NOT_FOUND
+        dr_ledger, cr_ledger = int(dr_eng.accounts["ledger"][dr]), int(cr_eng.accounts["ledger"][cr])
+        if dr_ledger != cr_ledger:
+            return CT.ACCOUNTS_MUST_HAVE_THE_SAME_LEDGER
+        if t["ledger"] != dr_ledger:
+            return CT.TRANSFER_MUST_HAVE_THE_SAME_LEDGER_AS_ACCOUNTS
+        if int(dr_eng.accounts["flags"][dr]) & AccountFlags.CLOSED:
+            return CT.DEBIT_ACCOUNT_ALREADY_CLOSED
+        if int(cr_eng.accounts["flags"][cr]) & AccountFlags.CLOSED:
+            return CT.CREDIT_ACCOUNT_ALREADY_CLOSED
+        return CREATED
+
+    def _fail(self, tid: int, code: int) -> None:
+        if code in TRANSIENT_TRANSFER_STATUSES:
+            self.cross.failed_ids.add(tid)
+            self.cross.failed_keys.add(key64_int(tid))
+
+    def _cross_run(self, batch: np.ndarray, i: int, j: int, status: np.ndarray, stamps: np.ndarray) -> None:
+        events = _columns(batch[i:j])
+        go: list[int] = []
+        for k, t in enumerate(events):
+            # An id repeated inside this run is judged after the earlier one is done.
+            if any(events[g]["id"] == t["id"] for g in go):
+                self._run_group(events, batch, i, go, status, stamps, attempt=0)
+                go = []
+            code = self._precheck(t)
+            if code != CREATED:
+                self._fail(t["id"], code)
+                status[i + k] = code
+                if code == CT.EXISTS:
+                    stamps[i + k] = self.cross.transfers["timestamp"][self.cross.transfer_row(t["id"])]
+                continue
+            if t["flags"] != 0:
+                raise DataError(f"event {i + k}: transfer {t['id']} moves money between shards with flags "
+                                f"{TransferFlags(t['flags'])!r}; cross-shard transfers must be plain")
+            go.append(k)
+        self._run_group(events, batch, i, go, status, stamps, attempt=0)
+
+    def _ensure_clearing(self, shard: int, ledger: int) -> None:
+        if (shard, ledger) in self.clearing:
+            return
+        a = np.zeros(1, dtype=ACCOUNT_DTYPE)
+        cid = clearing_id(shard, ledger)
+        a["id"][0] = (cid & M64, cid >> 64)
+        a["ledger"], a["code"] = ledger, 1
+        st, _ = self.shards[shard].create_accounts(a)
+        self.clearing.add((shard, ledger))
+
+    def _legs(self, events: list[dict[str, int]], group: list[int], attempt: int, kind: str) -> dict[int, np.ndarray]:
+        """Leg transfers of a group per shard: kind "prepare", "post" or "void"."""
+        per: dict[int, list[dict[str, int]]] = {}
+        for k in group:
+            t = events[k]
+            a, b = shard_of(t["debit_account_id"], self.n), shard_of(t["credit_account_id"], self.n)
+            for leg, s in (("a", a), ("b", b)):
+                if kind == "prepare":
+                    self._ensure_clearing(s, t["ledger"])
+                    rec = dict(t, id=leg_id(t["id"], leg, attempt), flags=int(TransferFlags.PENDING), timestamp=0)
+                    if leg == "a":
+                        rec["credit_account_id"] = clearing_id(s, t["ledger"])
+                    else:
+                        rec["debit_account_id"] = clearing_id(s, t["ledger"])
+                else:
+                    flag = (TransferFlags.POST_PENDING_TRANSFER if kind == "post"
+                            else TransferFlags.VOID_PENDING_TRANSFER)
+                    rec = dict(id=leg_id(t["id"], kind[0] + leg, attempt), debit_account_id=0, credit_account_id=0,
+                               amount=AMOUNT_MAX, pending_id=leg_id(t["id"], leg, attempt), user_data_128=0,
+                               user_data_64=0, user_data_32=0, timeout=0, ledger=0, code=0, flags=int(flag),
+                               timestamp=0)
+                per.setdefault(s, []).append(rec)
+        out = {}
+        for s, recs in per.items():
+            out[s] = transfers_to_array([_Rec(r) for r in recs])  # type: ignore[misc]
+        return out
+
+    def _log(self, kind: int, header_ts: int, records: np.ndarray) -> None:
+        self.coord_seq += 1
+        self.coord.append(list(encode(kind, self.coord_seq, header_ts, records)))
+        self.coord.sync()
+
+    def _run_group(self, events: list[dict[str, int]], batch: np.ndarray, offset: int, group: list[int],
+                   status: np.ndarray, stamps: np.ndarray, attempt: int) -> None:
+        if not group:
+            return
+        base = self.cross.next_timestamps(len(group))
+        intent = batch[[offset + k for k in group]].copy()
+        intent["timestamp"] = np.arange(base, base + len(group), dtype=np.uint64)
+        self._log(KIND_INTENT, attempt, intent)
+        legs = self._legs(events, group, attempt, "prepare")
+        results = {s: self.shards[s].submit("create_transfers", arr) for s, arr in legs.items()}
+        per_event: dict[int, list[int]] = {k: [] for k in group}
+        order = {s: [k for k in group for leg_s in (shard_of(events[k]["debit_account_id"], self.n),
+                                                    shard_of(events[k]["credit_account_id"], self.n))
+                     if leg_s == s] for s in legs}
+        for s, fut in results.items():
+            st, _ = fut.result()
+            for k, code in zip(order[s], st.tolist()):
+                per_event[k].append(code)
+        ok = all(all(c == CREATED for c in codes) for codes in per_event.values())
+        decision = np.zeros(len(group), dtype=DECISION_DTYPE)
+        decision["id"] = intent["id"]
+        decision["attempt"] = attempt
+        if ok:
+            decision["status"] = CREATED
+            self._log(KIND_DECISION, attempt, decision)
+            self._finish(events, group, attempt, "post")
+            for n_, k in enumerate(group):
+                rec = dict(events[k], timestamp=int(intent["timestamp"][n_]))
+                self.cross._insert_transfer(rec)
+                status[offset + k] = CREATED
+                stamps[offset + k] = rec["timestamp"]
+            self._log(KIND_DONE, attempt, decision)
+            return
+        if len(group) > 1:
+            decision["status"] = ABORTED
+            self._log(KIND_DECISION, attempt, decision)
+            self._finish(events, group, attempt, "void")
+            self._log(KIND_DONE, attempt, decision)
+            for k in group:  # redo one by one, so only the events that really fail do
+                self._run_group(events, batch, offset, [k], status, stamps, attempt + 1)
+            return
+        k = group[0]
+        failures = [c for c in per_event[k] if c != CREATED]
+        code = min(failures, key=lambda c: TRANSFER_PRECEDENCE[c])
+        decision["status"] = code
+        self._log(KIND_DECISION, attempt, decision)
+        self._finish(events, group, attempt, "void")
+        self._fail(events[k]["id"], code)
+        status[offset + k] = code
+        self._log(KIND_DONE, attempt, decision)
+
+    def _finish(self, events: list[dict[str, int]], group: list[int], attempt: int, kind: str) -> None:
+        legs = self._legs(events, group, attempt, kind)
+        futs = [self.shards[s].submit("create_transfers", arr) for s, arr in legs.items()]
+        for f in futs:
+            f.result()  # EXISTS / NOT_FOUND / ALREADY_* are all fine: the leg is settled either way
+
+    def _recover(self) -> None:
+        intents: dict[tuple[int, int], dict[str, int]] = {}  # (attempt, id) -> event with its timestamp
+        decided: dict[tuple[int, int], int] = {}
+        last_ts = 0
+        for entry in self.coord.recover(0):
+            self.coord_seq = entry.seq
+            recs = np.frombuffer(entry.payload, dtype=np.uint8).reshape(-1, 128).view("V128").ravel()
+            if entry.kind == KIND_INTENT:
+                for ev in _columns(recs.view(TRANSFER_DTYPE)):
+                    intents[(entry.timestamp, ev["id"])] = ev
+                    last_ts = max(last_ts, ev["timestamp"])
+            elif entry.kind == KIND_DECISION:
+                d = recs.view(DECISION_DTYPE)
+                for tid, code in zip(_ids(d), d["status"].tolist()):
+                    decided[(entry.timestamp, tid)] = code
+                    ev = intents[(entry.timestamp, tid)]
+                    if code == CREATED:
+                        self.cross._insert_transfer(dict(ev))
+                    elif code != ABORTED:
+                        self._fail(tid, code)
+            elif entry.kind == KIND_DONE:
+                d = recs.view(DECISION_DTYPE)
+                for tid in _ids(d):
+                    intents.pop((entry.timestamp, tid), None)
+                    decided.pop((entry.timestamp, tid), None)
+        self.cross.last_timestamp = max(self.cross.last_timestamp, last_ts)
+        # Unfinished attempts: carry out the decision, or abort when none was logged.
+        for (attempt, tid), ev in sorted(intents.items(), key=lambda kv: kv[1]["timestamp"]):
+            code = decided.get((attempt, tid))
+            kind = "post" if code == CREATED else "void"
+            self._finish([ev], [0], attempt, kind)
+
+    # ---------------------------------------------------------------- reads
+
+    def _lookup_accounts(self, ids: list[int]) -> np.ndarray:
+        found: dict[int, np.ndarray] = {}
+        for s in range(self.n):
+            mine = [i for i in ids if shard_of(i, self.n) == s]
+            if mine:
+                for rec in self.shards[s].call("lookup_accounts", mine):
+                    found[_u(rec["id"])] = rec
+        rows = [found[i] for i in ids if i in found]
+        return np.array(rows, dtype=ACCOUNT_DTYPE) if rows else np.zeros(0, dtype=ACCOUNT_DTYPE)
+
+    def _user_transfers(self, arr: np.ndarray) -> np.ndarray:
+        keep = ~(_is_clearing(arr["debit_account_id"]) | _is_clearing(arr["credit_account_id"]))
+        return arr[keep]
+
+    def _lookup_transfers(self, ids: list[int]) -> np.ndarray:
+        found: dict[int, np.ndarray] = {}
+        parts = [self.cross.lookup_transfers(ids)] + [self._user_transfers(s.call("lookup_transfers", ids))
+                                                      for s in self.shards]
+        for part in parts:
+            for rec in part:
+                found.setdefault(_u(rec["id"]), rec)
+        rows = [found[i] for i in ids if i in found]
+        return np.array(rows, dtype=TRANSFER_DTYPE) if rows else np.zeros(0, dtype=TRANSFER_DTYPE)
+
+    def _merge(self, parts: list[np.ndarray], reversed_: bool, limit: int) -> np.ndarray:
+        arr = np.concatenate(parts) if parts else np.zeros(0, dtype=TRANSFER_DTYPE)
+        order = np.argsort(arr["timestamp"], kind="stable")
+        if reversed_:
+            order = order[::-1]
+        return arr[order[: min(limit, BATCH_MAX)]].copy()
+
+    def _get_account_transfers(self, f: AccountFilter) -> np.ndarray:
+        wide = AccountFilter(f.account_id, f.user_data_128, f.user_data_64, f.user_data_32, f.code, f.timestamp_min,
+                             f.timestamp_max, BATCH_MAX if f.limit else 0, f.flags)
+        shard = self.shards[shard_of(f.account_id, self.n)]
+        parts = [self._user_transfers(shard.call("get_account_transfers", wide)),
+                 self.cross.get_account_transfers(wide)]
+        return self._merge(parts, bool(int(f.flags) & AccountFilterFlags.REVERSED), f.limit)
+
+    def _get_account_balances(self, f: AccountFilter) -> list[tuple[int, ...]]:
+        return self.shards[shard_of(f.account_id, self.n)].call("get_account_balances", f)  # type: ignore[no-any-return]
+
+    def _query_accounts(self, f: QueryFilter) -> np.ndarray:
+        wide = QueryFilter(f.user_data_128, f.user_data_64, f.user_data_32, f.ledger, f.code, f.timestamp_min,
+                           f.timestamp_max, BATCH_MAX if f.limit else 0, f.flags)
+        parts = [s.call("query_accounts", wide) for s in self.shards]
+        arr = np.concatenate(parts)
+        arr = arr[~_is_clearing(arr["id"])]
+        order = np.argsort(arr["timestamp"], kind="stable")
+        if int(f.flags) & QueryFilterFlags.REVERSED:
+            order = order[::-1]
+        return arr[order[: min(f.limit, BATCH_MAX)]].copy()
+
+    def _query_transfers(self, f: QueryFilter) -> np.ndarray:
+        wide = QueryFilter(f.user_data_128, f.user_data_64, f.user_data_32, f.ledger, f.code, f.timestamp_min,
+                           f.timestamp_max, BATCH_MAX if f.limit else 0, f.flags)
+        parts = [self._user_transfers(s.call("query_transfers", wide)) for s in self.shards]
+        parts.append(self.cross.query_transfers(wide))
+        return self._merge(parts, bool(int(f.flags) & QueryFilterFlags.REVERSED), f.limit)
+
+    def _totals(self, _arg: Any = None) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.shards:
+            for k, v in s.call("totals").items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def _expire(self, arg: Any = None) -> int:
+        return sum(s.call("expire", arg) for s in self.shards)
+
+    def pending_legs(self) -> int:
+        """Leg transfers still pending on any shard (0 once every cross-shard transfer is settled)."""
+        n = 0
+        for s in self.shards:
+            e = s.engine
+            rows = np.nonzero(e.pending_state[: e.n_transfers] == PENDING)[0]
+            t = e.transfers[rows]
+            n += int((_is_clearing(t["debit_account_id"]) | _is_clearing(t["credit_account_id"])).sum())
+        return n
+
+
+class _Rec:
+    """Attribute access over an event dict, for transfers_to_array."""
+
+    def __init__(self, d: dict[str, int]) -> None:
+        self.__dict__.update(d)
+
+
+def _u(words: np.ndarray) -> int:
+    return int(words[0]) | (int(words[1]) << 64)
+
+
+def _ids(batch: np.ndarray, field: str = "id") -> list[int]:
+    w = batch[field]
+    return [int(lo) | (int(hi) << 64) for lo, hi in w.tolist()]

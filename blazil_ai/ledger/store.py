@@ -1,0 +1,244 @@
+"""One durable ledger (one shard): engine + write-ahead log + checkpoints, driven through a ring buffer.
+
+Requests from any thread are published into a :class:`~blazil_ai.ledger.ring.RingBuffer`. The engine
+thread takes everything published as one batch, applies it, and hands the encoded log entries to the
+log thread through a second ring. The log thread writes all entries it has, fsyncs once (group commit)
+and only then completes the requests' futures, reads included, so nothing is answered before it is
+durable. While the log thread waits for the disk, the engine thread already works on the next batch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blazil_ai import metrics
+from blazil_ai.errors import BlazilError, ConfigError
+from blazil_ai.ledger import checkpoint as ckpt
+from blazil_ai.ledger.engine import Engine
+from blazil_ai.ledger.ring import RingBuffer, RingClosed
+from blazil_ai.ledger.types import as_account_array, as_transfer_array
+from blazil_ai.ledger.wal import KIND_ACCOUNTS, KIND_TRANSFERS, WriteAheadLog, encode
+
+log = logging.getLogger(__name__)
+
+_BATCH_SECONDS = metrics.histogram("ledger", "batch_latency", "seconds", "Request latency, submit to durable ack",
+                                   labels=("op",))
+_EVENTS = metrics.counter("ledger", "events", "total", "Events applied", labels=("op",))
+_FSYNCS = metrics.counter("ledger", "fsyncs", "total", "Log fsyncs (group commits)")
+_REPLAYED = metrics.counter("ledger", "replayed_entries", "total", "Log entries replayed at open")
+
+WRITE_OPS = {"create_accounts": KIND_ACCOUNTS, "create_transfers": KIND_TRANSFERS}
+READ_OPS = ("lookup_accounts", "lookup_transfers", "get_account_transfers", "get_account_balances",
+            "query_accounts", "query_transfers", "totals", "expire")
+
+
+class LedgerClosed(BlazilError):
+    """The ledger was closed or failed; no more requests are taken."""
+
+
+class LocalLedger:
+    """A durable single-shard ledger in ``directory`` (created if missing)."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, clock: Callable[[], int] = time.time_ns,
+                 fsync: bool = True, checkpoint_bytes: int = 256 << 20, ring_size: int = 1024,
+                 capacity: int = 1 << 16) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            os.close(self._lock_fd)
+            raise ConfigError(f"ledger directory {self.directory} is already open in another process") from e
+        try:
+            self.engine = Engine(clock=clock, capacity=capacity)
+            self.seq = ckpt.load(self.engine, self.directory)
+            self.checkpoint_seq = self.seq
+            self.wal = WriteAheadLog(self.directory, fsync=fsync)
+            replayed = 0
+            for entry in self.wal.recover(self.seq):
+                records = np.frombuffer(entry.payload, dtype=np.uint8).reshape(-1, 128)
+                if entry.kind == KIND_ACCOUNTS:
+                    self.engine.create_accounts(as_account_array(records.view("V128").ravel()), entry.timestamp)
+                else:
+                    self.engine.create_transfers(as_transfer_array(records.view("V128").ravel()), entry.timestamp)
+                self.seq = entry.seq
+                replayed += 1
+            _REPLAYED.inc(replayed)
+            self.replayed = replayed
+            self.wal.open_segment(self.seq + 1)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        self.checkpoint_bytes = checkpoint_bytes
+        self._failed: BaseException | None = None
+        self._closed = False
+        self._ring: RingBuffer[tuple[str, Any, Future[Any], float]] = RingBuffer(ring_size)
+        self._log_ring: RingBuffer[tuple[list[Any], list[tuple[Future[Any], Any, str, float, int]]]] = \
+            RingBuffer(ring_size)
+        self._wal_lock = threading.Lock()
+        self._engine_thread = threading.Thread(target=self._engine_loop, name="ledger-engine", daemon=True)
+        self._log_thread = threading.Thread(target=self._log_loop, name="ledger-log", daemon=True)
+        self._engine_thread.start()
+        self._log_thread.start()
+
+    # ---------------------------------------------------------------- requests
+
+    def submit(self, op: str, arg: Any) -> Future[Any]:
+        """Queue one request; the future completes once it (and everything before it) is durable."""
+        if self._failed is not None:
+            raise LedgerClosed(f"ledger failed: {self._failed}")
+        if self._closed:
+            raise LedgerClosed("ledger is closed")
+        if op in WRITE_OPS:
+            # Own the records: the caller may reuse its array while the batch waits in the ring.
+            arg = np.array(as_transfer_array(arg) if op == "create_transfers" else as_account_array(arg))
+        elif op not in READ_OPS and op != "checkpoint":
+            raise ValueError(f"unknown ledger operation {op!r}")
+        fut: Future[Any] = Future()
+        try:
+            self._ring.publish((op, arg, fut, time.perf_counter()))
+        except RingClosed as e:
+            raise LedgerClosed("ledger is closed") from e
+        return fut
+
+    def call(self, op: str, arg: Any = None) -> Any:
+        """Submit and wait for the result."""
+        return self.submit(op, arg).result()
+
+    def create_accounts(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(engine status codes, timestamps) once the batch is durable."""
+        return self.call("create_accounts", batch)  # type: ignore[no-any-return]
+
+    def create_transfers(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(engine status codes, timestamps) once the batch is durable."""
+        return self.call("create_transfers", batch)  # type: ignore[no-any-return]
+
+    def checkpoint(self) -> int:
+        """Write a checkpoint now; returns its log sequence."""
+        return self.call("checkpoint", None)  # type: ignore[no-any-return]
+
+    # ---------------------------------------------------------------- threads
+
+    def _engine_loop(self) -> None:
+        eng = self.engine
+        while True:
+            try:
+                reqs = self._ring.take(timeout=0.2)
+            except RingClosed:
+                break
+            if not reqs:
+                continue
+            parts: list[Any] = []
+            done: list[tuple[Future[Any], Any, str, float, int]] = []
+            for op, arg, fut, t0 in reqs:
+                try:
+                    if op in WRITE_OPS:
+                        base = eng.next_timestamps(len(arg))
+                        if op == "create_transfers":
+                            result = eng.create_transfers(arg, base)
+                        else:
+                            result = eng.create_accounts(arg, base)
+                        self.seq += 1
+                        parts.extend(encode(WRITE_OPS[op], self.seq, base, arg))
+                        done.append((fut, result, op, t0, len(arg)))
+                    elif op == "checkpoint":
+                        self._flush_log(parts, done)
+                        parts, done = [], []
+                        done.append((fut, self._checkpoint(), op, t0, 0))
+                    else:
+                        eng.expire_pending(eng.clock())
+                        done.append((fut, self._read(op, arg), op, t0, 0))
+                except Exception as e:  # a bad request fails alone; the engine state is unchanged by it
+                    done.append((fut, e, op, t0, 0))
+            self._log_ring.publish((parts, done))
+            if self.wal.bytes_written >= self.checkpoint_bytes:
+                self._flush_log([], [])
+                try:
+                    self._checkpoint()
+                except Exception as e:  # the log still holds everything; keep serving
+                    log.error("checkpoint failed: %s", e)
+
+    def _flush_log(self, parts: list[Any], done: list[Any]) -> None:
+        barrier: Future[Any] = Future()
+        self._log_ring.publish((parts, [*done, (barrier, None, "barrier", 0.0, 0)]))
+        barrier.result()
+
+    def _checkpoint(self) -> int:
+        with self._wal_lock:
+            ckpt.save(self.engine, self.directory, self.seq)
+            self.wal.rotate(self.seq + 1)
+            self.wal.drop_before(self.seq + 1)
+            self.checkpoint_seq = self.seq
+        return self.seq
+
+    def _read(self, op: str, arg: Any) -> Any:
+        eng = self.engine
+        if op == "totals":
+            return eng.totals()
+        if op == "expire":
+            return eng.expire_pending(eng.clock() if arg is None else arg)
+        return getattr(eng, op)(arg)
+
+    def _log_loop(self) -> None:
+        while True:
+            try:
+                items = self._log_ring.take(timeout=0.2)
+            except RingClosed:
+                break
+            if not items:
+                continue
+            parts = [p for item in items for p in item[0]]
+            done = [d for item in items for d in item[1]]
+            error: BaseException | None = None
+            if parts:
+                try:
+                    with self._wal_lock:
+                        self.wal.append(parts)
+                        self.wal.sync()
+                    _FSYNCS.inc()
+                except OSError as e:
+                    # Applied in memory but not durable: nothing more may be acked from this process.
+                    error = self._failed = e
+                    log.critical("write-ahead log failed, ledger stops: %s", e)
+            now = time.perf_counter()
+            for fut, result, op, t0, n in done:
+                if error is not None:
+                    fut.set_exception(LedgerClosed(f"write-ahead log failed: {error}"))
+                elif isinstance(result, BaseException):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+                    if n:
+                        _EVENTS.labels(op).inc(n)
+                        _BATCH_SECONDS.labels(op).observe(now - t0)
+
+    def close(self, checkpoint: bool = False) -> None:
+        """Finish queued requests, optionally checkpoint, stop the threads and release the directory."""
+        if self._closed:
+            return
+        if checkpoint and self._failed is None:
+            self.checkpoint()
+        self._closed = True
+        self._ring.close()
+        self._engine_thread.join()
+        self._log_ring.close()
+        self._log_thread.join()
+        self.wal.close()
+        os.close(self._lock_fd)
+
+    def __enter__(self) -> LocalLedger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
