@@ -103,7 +103,7 @@ class PipelineClient:
             nonce = next(self._nonce)
             self.pubs[0].offer({"op": "hello", "nonce": nonce, "reply_to": list(self.reply_to), "stages": []},
                                timeout=0.5)
-            m = self._wait_for(lambda m: m.meta.get("nonce") == nonce, min(1.0, max(0.05, deadline - time.monotonic())))
+            m = self._wait_for(_nonce_is(nonce), min(1.0, max(0.05, deadline - time.monotonic())))
             if m is None:
                 continue
             if m.meta["op"] == "ready":
@@ -298,6 +298,10 @@ class PipelineClient:
         self.close()
 
 
+def _nonce_is(nonce: int) -> Callable[[Message], bool]:
+    return lambda m: m.meta.get("nonce") == nonce
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
@@ -422,8 +426,9 @@ class LocalPipeline:
             raise
 
     def _start_media_driver(self) -> None:
-        from blazil_ai.transport import aeron
+        import importlib
 
+        aeron = importlib.import_module("blazil_ai.transport.aeron")
         self.media_driver = aeron.MediaDriver()
         self.media_driver.start()
 

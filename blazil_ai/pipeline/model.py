@@ -70,8 +70,7 @@ class StageModel(nn.Module):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if spec.is_first else None
             self.norm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps) if spec.is_last else None
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if spec.is_last else None
-        self.rotary_emb = Qwen2RotaryEmbedding(cfg, device=self.device_) if _rotary_takes_device() else \
-            Qwen2RotaryEmbedding(cfg).to(self.device_)
+        self.rotary_emb = Qwen2RotaryEmbedding(cfg).to(self.device_)
         self.caches: dict[str, SequenceCache] = {}
         self.eval()
 
@@ -170,14 +169,7 @@ class StageModel(nn.Module):
         return x
 
 
-def _rotary_takes_device() -> bool:
-    import inspect
-
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
-    return "device" in inspect.signature(Qwen2RotaryEmbedding.__init__).parameters
-
-
-def _decoder_layer(layer: nn.Module, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def _decoder_layer(layer: Any, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    caches: list[SequenceCache]) -> torch.Tensor:
     """``Qwen2DecoderLayer.forward`` with one KV cache per batch row (same operations, same order)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

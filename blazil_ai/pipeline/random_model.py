@@ -63,7 +63,7 @@ def save_tiny_checkpoint(out_dir: str | os.PathLike[str], seed: int = 0, **overr
     out.mkdir(parents=True, exist_ok=True)
     cfg = {k: v for k, v in {**TINY, **overrides}.items() if k not in ("architectures", "model_type", "torch_dtype")}
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**cfg)).to(torch.float32)
+    model = Qwen2ForCausalLM(Qwen2Config(**cfg))
     model.generation_config.eos_token_id = GENERATION_CONFIG["eos_token_id"]
     model.save_pretrained(out, max_shard_size=overrides.pop("max_shard_size", "5GB"))
     copy_tokenizer(out)

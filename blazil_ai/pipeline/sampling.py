@@ -126,7 +126,7 @@ class Sampler:
         """Pick the next id from float32 logits ``[V]`` (or ``[1, V]``) and remember it."""
         scores = logits.reshape(1, -1).to(torch.float32)
         if len(self.processors):
-            scores = self.processors(self.ids, scores)
+            scores = self.processors(self.ids, scores)  # type: ignore[arg-type]
         if self.do_sample:
             probs = torch.nn.functional.softmax(scores, dim=-1)
             token = int(torch.multinomial(probs, num_samples=1, generator=self.generator)[0, 0])

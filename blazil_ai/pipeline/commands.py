@@ -1,0 +1,149 @@
+"""``blazil generate`` (a local three-stage pipeline) and ``blazil stage`` (one stage, for multi-host runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+GENERATE_EPILOG = """\
+examples:
+  blazil generate --model ./Qwen2.5-7B-Instruct --chat "Write a haiku about ledgers"
+  blazil generate --model ./qwen --temperature 0.7 --top-p 0.8 --seed 1 "Once upon a time"
+  blazil generate --model ./qwen --split 8,18 --transport aeron --json "2+2="
+
+--temperature 0 is greedy (token-identical to Hugging Face generate). Without sampling flags the
+checkpoint's generation_config.json decides (greedy when it has none).
+"""
+
+STAGE_EPILOG = """\
+three hosts (stage 3 sends sampled tokens back to stage 1):
+  host-a$ blazil stage --stage 1 --model ./qwen --layers 0:10  --listen tcp://0.0.0.0:7001 --next tcp://host-b:7002
+  host-b$ blazil stage --stage 2 --model ./qwen --layers 10:20 --listen tcp://0.0.0.0:7002 --next tcp://host-c:7003
+  host-c$ blazil stage --stage 3 --model ./qwen --layers 20:28 --listen tcp://0.0.0.0:7003 --next tcp://host-a:7001
+  client$ blazil generate --model ./qwen --connect tcp://host-a:7001,tcp://host-b:7002,tcp://host-c:7003 \\
+              --listen tcp://0.0.0.0:7000 "Hello"
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``generate`` and ``stage`` to the ``blazil`` command."""
+    g = sub.add_parser("generate", help="generate text with a Qwen2 model split over three stage processes",
+                       description="Start a local three-stage pipeline for a Qwen2 checkpoint (or connect to "
+                                   "running stages), generate from PROMPT and stream the text as it comes.",
+                       epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("prompt", nargs="?", help="prompt text (default: read standard input)")
+    g.add_argument("--model", required=True, help="Hugging Face Qwen2 checkpoint directory")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--system", default=None, help="system message for --chat")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy; > 0 samples")
+    g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="Hugging Face repetition penalty (1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="seed that makes sampling reproducible")
+    g.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
+    g.add_argument("--transport", choices=("tcp", "aeron"), default="tcp",
+                   help="channels between stages: tcp (default) or aeron (IPC through a media driver it starts)")
+    g.add_argument("--split", default=None, help="first layer of stages 2 and 3, e.g. 10,20 (default: thirds)")
+    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    g.add_argument("--device", default="cpu", help="torch device for the stages (cpu, cuda)")
+    g.add_argument("--threads", type=int, default=0, help="torch threads per stage (0 = torch's default)")
+    g.add_argument("--timeout", type=float, default=120.0,
+                   help="fail a request when no token arrives for this many seconds (default 120)")
+    g.add_argument("--connect", default=None,
+                   help="use running stages instead of starting them: comma-separated URIs of stages 1,2,3")
+    g.add_argument("--listen", default="tcp://127.0.0.1:0", help="where this client receives tokens (with --connect)")
+    g.add_argument("--json", action="store_true", help="print one JSON object (token_ids, text, timings) at the end")
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("stage", help="run one pipeline stage (for multi-host pipelines)",
+                       description="Load layers START:STOP of a Qwen2 checkpoint and serve them as one stage "
+                                   "of a pipeline ring.", epilog=STAGE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    from blazil_ai.pipeline.stage import build_parser
+    build_parser(s)
+    s.set_defaults(func=cmd_stage)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Handler of ``blazil stage``."""
+    from blazil_ai.pipeline.stage import run_stage
+    return run_stage(args)
+
+
+def _params(args: argparse.Namespace) -> Any:
+    from blazil_ai.pipeline.sampling import SamplingParams, eos_ids_of, generation_defaults
+
+    d: dict[str, Any] = generation_defaults(args.model)
+    for key in ("temperature", "top_k", "top_p", "repetition_penalty"):
+        v = getattr(args, key)
+        if v is not None:
+            d[key] = v
+    if args.temperature is not None and args.temperature == 0:
+        d = {"temperature": 0.0, "repetition_penalty": d.get("repetition_penalty", 1.0)
+             if args.repetition_penalty is not None else 1.0}
+    return SamplingParams(max_new_tokens=args.max_new_tokens, seed=args.seed, stop=list(args.stop),
+                          eos_token_ids=eos_ids_of(args.model), **d).validate()
+
+
+class _Streamer:
+    """Prints the text of new tokens as they arrive (holding back half a UTF-8 character)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def __call__(self, rid: str, token: int) -> None:
+        self.ids.append(token)
+        text = self.client.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return
+        sys.stdout.write(text[self.shown:])
+        sys.stdout.flush()
+        self.shown = len(text)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Handler of ``blazil generate``."""
+    from blazil_ai.errors import ConfigError
+    from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient
+    from blazil_ai.pipeline.weights import parse_split
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise ConfigError("no prompt: give PROMPT or pipe text on standard input")
+    params = _params(args)
+    pipe = None
+    if args.connect:
+        uris = args.connect.split(",")
+        client = PipelineClient([(u, 1) for u in uris], args.model, (args.listen, 1), timeout=args.timeout)
+        client.connect(args.timeout)
+    else:
+        print(f"blazil generate: starting 3 stages ({args.transport}, {args.device}) for {args.model} ...",
+              file=sys.stderr, flush=True)
+        pipe = LocalPipeline(args.model, transport=args.transport, split=parse_split(args.split), dtype=args.dtype,
+                             device=args.device, threads=args.threads, timeout=args.timeout)
+        client = pipe.start()
+        print("blazil generate: stages " + ", ".join(f"{s['stage']}={s['start']}:{s['stop']}"
+                                                     for s in client.stages_info) + " ready", file=sys.stderr)
+    try:
+        ids = client.encode(prompt, chat=args.chat, system=args.system)
+        streamer = None if args.json else _Streamer(client)
+        result = client.generate(ids, params, on_token=streamer)
+    finally:
+        if pipe is not None:
+            pipe.stop()
+        else:
+            client.close()
+    if args.json:
+        out = result.to_dict()
+        out.update({"transport": args.transport, "stages": client.stages_info, "sampling": params.to_dict()})
+        print(json.dumps(out))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{len(result.token_ids)} tokens, finish={result.finish}, prefill {result.prefill_s:.3f}s, "
+              f"{result.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
