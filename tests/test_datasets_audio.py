@@ -79,3 +79,24 @@ def test_corrupt_format_chunk_is_named(clips):
     p.write_bytes(bytes(raw))
     with pytest.raises(DataError, match=r"c\.wav: cannot decode WAV"):
         open_dataset("audio", clips).check_all()
+
+
+@pytest.mark.parametrize("subtype, channels", [("PCM_16", 1), ("PCM_16", 2), ("PCM_U8", 1), ("PCM_32", 2),
+                                               ("FLOAT", 1), ("DOUBLE", 2), ("PCM_24", 1)])
+def test_numpy_decode_matches_soundfile(tmp_path, subtype, channels):
+    from blazil_ai.datasets.audio import decode_wav
+
+    rng = np.random.default_rng(0)
+    data = rng.uniform(-0.9, 0.9, (1000, channels)).astype(np.float32)
+    p = tmp_path / "x.wav"
+    sf.write(p, data, 11025, subtype=subtype)
+    ref, sr = sf.read(p, dtype="float32", always_2d=True)
+    wav, rate = decode_wav(np.frombuffer(p.read_bytes(), dtype=np.uint8), str(p))
+    assert rate == sr == 11025 and wav.dtype == np.float32
+    assert np.array_equal(wav, ref)
+
+
+def test_soundfile_decoder_option_gives_the_same_batch(clips):
+    fast = open_dataset("audio", clips).get_batch(np.arange(3))
+    slow = open_dataset("audio", clips, decoder="soundfile").get_batch(np.arange(3))
+    assert np.array_equal(fast["audio"], slow["audio"])
