@@ -169,8 +169,11 @@ class TextEmbedder:
         """Embeddings [len(texts), 384] float32; batches are sorted by length so padding stays short."""
         if isinstance(texts, str):
             texts = [texts]
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise DataError(f"text {i} is {type(t).__name__}, not str", field="text")
         out = np.zeros((len(texts), EMBEDDING_DIM), dtype=np.float32)
-        order = np.argsort([len(t) if isinstance(t, str) else 0 for t in texts], kind="stable")
+        order = np.argsort([len(t) for t in texts], kind="stable")
         for start in range(0, len(texts), batch_size):
             idx = order[start:start + batch_size]
             (emb,) = self.session.run(self.tokenize([texts[i] for i in idx]))
