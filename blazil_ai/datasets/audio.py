@@ -48,8 +48,20 @@ class WavLayout:
     data_bytes: int
 
 
+_CANONICAL = struct.Struct("<4sI4s4sIHHIIHH4sI")  # RIFF, WAVE, a 16-byte fmt chunk, then data at byte 44
+
+
 def parse_wav(data: np.ndarray | bytes, path: str) -> WavLayout:
     """Walk the RIFF chunks; DataError naming ``path`` when the structure is broken or the data chunk cut short."""
+    if len(data) >= 44:
+        # Most WAVs are the canonical 44-byte layout: one unpack instead of a chunk walk.
+        riff, _, wave, fmt_id, fmt_size, tag, ch, rate, _, _, bits, data_id, size = _CANONICAL.unpack_from(
+            data if isinstance(data, bytes) else data.data, 0)
+        if riff == b"RIFF" and wave == b"WAVE" and fmt_id == b"fmt " and fmt_size == 16 and data_id == b"data":
+            if len(data) - 44 < size:
+                raise DataError(f"truncated WAV: data chunk declares {size} bytes, file has {len(data) - 44}",
+                                path=path)
+            return WavLayout(tag, ch, rate, bits, 44, size)
     raw = memoryview(data) if isinstance(data, bytes) else data.data.cast("B")
     if len(raw) < 12 or bytes(raw[0:4]) not in (b"RIFF", b"RF64") or bytes(raw[8:12]) != b"WAVE":
         raise DataError("not a WAV file (no RIFF/WAVE header)", path=path)
@@ -212,9 +224,23 @@ class AudioDataset(Dataset):
         files = self.reader.read_files([self.files[i] for i in idx], self.sizes[idx])
         out = np.zeros((len(idx), self.frames), dtype=np.float32)
         lengths = np.empty(len(idx), dtype=np.int64)
+        frames = self.frames
         for k in range(len(idx)):
-            mono = self.decode(files[k], files.paths[k])
-            if len(mono) > self.frames:
+            data = files[k]
+            if self.decoder == "auto":
+                layout = parse_wav(data, files.paths[k])
+                if layout.format_tag == 1 and layout.bits == 16 and layout.channels == 1 and \
+                        layout.sample_rate == self.sample_rate:
+                    # The common case in one numpy op: int16 straight from the read buffer into the batch row.
+                    n = layout.data_bytes // 2
+                    start = (n - frames) // 2 if n > frames else 0
+                    m = min(n, frames)
+                    pcm = np.frombuffer(data, dtype="<i2", count=m, offset=layout.data_offset + 2 * start)
+                    np.multiply(pcm, np.float32(1 / 32768), out=out[k, :m])
+                    lengths[k] = m
+                    continue
+            mono = self.decode(data, files.paths[k])
+            if len(mono) > frames:
                 start = (len(mono) - self.frames) // 2
                 mono = mono[start:start + self.frames]
             out[k, :len(mono)] = mono

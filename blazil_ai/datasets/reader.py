@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("uring", "threads")
 _CLOSE = 1 << 40  # user_data tag of the close that follows a read
-_BLOCK = 1 << 20  # chunk size for reading one large file with many reads in flight
+# One large file: 8 MiB reads, 4 in flight. Measured on virtio disks with an 8 MiB read-ahead: more,
+# smaller concurrent reads break the kernel's sequential read-ahead and lose to a plain `dd` when cold.
+_BLOCK = 8 << 20
+_FILE_DEPTH = 4
 
 
 class FileBatch:
@@ -86,7 +89,7 @@ class Reader:
         raise NotImplementedError
 
     def read_file(self, path: str | Path, out: np.ndarray | None = None) -> np.ndarray:
-        """One file into ``out`` (or a new uint8 array), read in 1 MiB blocks with up to ``depth`` in flight."""
+        """One file into ``out`` (or a new uint8 array), read in 8 MiB blocks, several in flight."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -139,7 +142,7 @@ class ThreadReader(Reader):
         return FileBatch(names, buf, offsets)
 
     def read_file(self, path: str | Path, out: np.ndarray | None = None) -> np.ndarray:
-        """One file read in 1 MiB blocks by the pool."""
+        """One file read in 8 MiB blocks by the pool."""
         name = os.fspath(path)
         try:
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
@@ -288,7 +291,7 @@ class UringReader(Reader):
         del keep
 
     def read_file(self, path: str | Path, out: np.ndarray | None = None) -> np.ndarray:
-        """One file read in 1 MiB blocks with up to ``depth`` reads in flight."""
+        """One file read in 8 MiB blocks with up to 4 reads in flight."""
         L, ring = self._L, self._ring
         name = os.fspath(path)
         try:
@@ -320,7 +323,7 @@ class UringReader(Reader):
             with self._lock:
                 while nxt < len(blocks) or in_flight:
                     queued = 0
-                    while nxt < len(blocks) and in_flight + queued < self.depth:
+                    while nxt < len(blocks) and in_flight + queued < min(self.depth, _FILE_DEPTH):
                         o = blocks[nxt]
                         iov = L.Iovec([mv[o:min(o + _BLOCK, size)]])
                         iovs[nxt] = iov
