@@ -1,0 +1,112 @@
+"""Faults: a stage that dies or hangs fails the request in bounded time, the others drop its cache, a
+restarted stage serves again; a missing or mismatched checkpoint file is named at start-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from blazil_ai.pipeline import stage as stage_main
+from blazil_ai.pipeline.driver import LocalPipeline, PipelineError
+from blazil_ai.pipeline.random_model import save_tiny_checkpoint
+from blazil_ai.pipeline.sampling import SamplingParams
+
+PROMPT = [151643, 9707, 11, 1879, 0]
+TIMEOUT = 3.0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Path) -> list[int]:
+    from transformers import Qwen2ForCausalLM
+    hf = Qwen2ForCausalLM.from_pretrained(tiny, attn_implementation="sdpa").eval()
+    return hf.generate(torch.tensor([PROMPT]), do_sample=False, max_new_tokens=8, eos_token_id=None)[0, 5:].tolist()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny: Path):
+    with LocalPipeline(tiny, transport="tcp", threads=1, timeout=TIMEOUT, start_timeout=120) as p:
+        yield p
+
+
+def caches_when_settled(pipe: LocalPipeline, stages: list[int], wait: float = 5.0) -> list[list[str]]:
+    """What the given stages cache, once they have processed the cancellation (or after ``wait`` s)."""
+    deadline = time.monotonic() + wait
+    while True:
+        answers = pipe.client.ping(1.0)
+        caches = [answers[s - 1]["caches"] if answers[s - 1] else ["<no answer>"] for s in stages]
+        if all(c == [] for c in caches) or time.monotonic() > deadline:
+            return caches
+        time.sleep(0.1)
+
+
+def test_killed_stage_fails_fast_others_drop_cache_restart_serves(pipe, reference):
+    params = SamplingParams(max_new_tokens=400, eos_token_ids=[-1])
+    victim = pipe.procs[1].proc
+    seen = []
+
+    def kill_after_three(rid: str, token: int) -> None:
+        seen.append(token)
+        if len(seen) == 3:
+            os.kill(victim.pid, signal.SIGKILL)
+
+    t0 = time.monotonic()
+    with pytest.raises(PipelineError, match="stage 2"):
+        pipe.client.generate(PROMPT, params, on_token=kill_after_three)
+    assert time.monotonic() - t0 < TIMEOUT + 10
+    assert seen[:3] == reference[:3]
+    assert caches_when_settled(pipe, [1, 3]) == [[], []]
+    pipe.restart_stage(2)
+    res = pipe.client.generate(PROMPT, SamplingParams(max_new_tokens=8, eos_token_ids=[-1]))
+    assert res.token_ids == reference
+
+
+def test_hung_stage_is_named_and_serves_again_when_resumed(pipe, reference):
+    victim = pipe.procs[2].proc
+    seen = []
+
+    def stop_after_two(rid: str, token: int) -> None:
+        seen.append(token)
+        if len(seen) == 2:
+            os.kill(victim.pid, signal.SIGSTOP)
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(PipelineError, match=r"stage 3 \(tcp://127.0.0.1:\d+ stream 1\) did not answer a ping"):
+            pipe.client.generate(PROMPT, SamplingParams(max_new_tokens=400, eos_token_ids=[-1]),
+                                 on_token=stop_after_two)
+        assert time.monotonic() - t0 < TIMEOUT + 5
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+    assert caches_when_settled(pipe, [1, 2, 3]) == [[], [], []]
+    res = pipe.client.generate(PROMPT, SamplingParams(max_new_tokens=8, eos_token_ids=[-1]))
+    assert res.token_ids == reference
+
+
+def test_missing_shard_is_named_at_startup(tiny, tmp_path, capsys):
+    d = tmp_path / "sharded"
+    shutil.copytree(tiny, d)
+    from safetensors import safe_open
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+    wm = {n: ("model-00002-of-00002.safetensors" if ".layers.3." in n else "model.safetensors") for n in names}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    argv = ["--stage", "2", "--model", str(d), "--layers", "1:5", "--listen", "tcp://127.0.0.1:0",
+            "--next", "tcp://127.0.0.1:9"]
+    assert stage_main.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "model-00002-of-00002.safetensors: checkpoint shard named by model.safetensors.index.json is missing" in err
+    # Through the launcher: every stage checks that all files of the index exist, and its words reach the user.
+    with pytest.raises(PipelineError, match="stage 1 exited with status 1: .*model-00002-of-00002.safetensors"):
+        LocalPipeline(d, split=(1, 5), threads=1, start_timeout=60).start()
