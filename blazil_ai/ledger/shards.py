@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +67,12 @@ DECISION_DTYPE = np.dtype([("id", "<u8", (2,)), ("status", "<u4"), ("attempt", "
 M64 = (1 << 64) - 1
 U128_MAX = AMOUNT_MAX
 _POST_VOID = int(TransferFlags.POST_PENDING_TRANSFER | TransferFlags.VOID_PENDING_TRANSFER)
+
+
+def _crash_point(name: str) -> None:
+    # Crash tests kill the process at a named step of the two-phase commit (a real SIGKILL, not an exception).
+    if os.environ.get("BLAZIL_LEDGER_CRASH_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def read_layout(directory: Path) -> int | None:
@@ -437,6 +445,7 @@ class ShardedLedger:
         intent = batch[[offset + k for k in group]].copy()
         intent["timestamp"] = np.arange(base, base + len(group), dtype=np.uint64)
         self._log(KIND_INTENT, attempt, intent)
+        _crash_point("after_intent")
         legs = self._legs(events, group, attempt, "prepare")
         results = {s: self.shards[s].submit("create_transfers", arr) for s, arr in legs.items()}
         per_event: dict[int, list[int]] = {k: [] for k in group}
@@ -447,6 +456,7 @@ class ShardedLedger:
             st, _ = fut.result()
             for k, code in zip(order[s], st.tolist()):
                 per_event[k].append(code)
+        _crash_point("after_prepare")
         ok = all(all(c == CREATED for c in codes) for codes in per_event.values())
         decision = np.zeros(len(group), dtype=DECISION_DTYPE)
         decision["id"] = intent["id"]
@@ -454,7 +464,9 @@ class ShardedLedger:
         if ok:
             decision["status"] = CREATED
             self._log(KIND_DECISION, attempt, decision)
+            _crash_point("after_decision")
             self._finish(events, group, attempt, "post")
+            _crash_point("after_post")
             for n_, k in enumerate(group):
                 rec = dict(events[k], timestamp=int(intent["timestamp"][n_]))
                 self.cross._insert_transfer(rec)
