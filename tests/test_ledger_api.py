@@ -1,0 +1,206 @@
+"""Types mirror the official client; the ring buffer; the server, /metrics and the CLI; the TigerBeetle backend."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tigerbeetle as tb
+
+from blazil_ai import ledger as L
+from blazil_ai.errors import DataError
+from blazil_ai.ledger.ring import RingBuffer, RingClosed
+from blazil_ai.ledger.server import LedgerServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ types
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (L.AccountFlags, tb.AccountFlags), (L.TransferFlags, tb.TransferFlags),
+    (L.AccountFilterFlags, tb.AccountFilterFlags), (L.QueryFilterFlags, tb.QueryFilterFlags),
+    (L.CreateAccountStatus, tb.CreateAccountStatus), (L.CreateTransferStatus, tb.CreateTransferStatus),
+])
+def test_enums_match_the_official_client(ours, theirs):
+    # Same names, same values, same declaration order (the precedence).
+    assert [(m.name, m.value) for m in ours] == [(m.name, m.value) for m in theirs]
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (L.Account, tb.Account), (L.Transfer, tb.Transfer), (L.CreateAccountResult, tb.CreateAccountResult),
+    (L.CreateTransferResult, tb.CreateTransferResult), (L.AccountFilter, tb.AccountFilter),
+    (L.AccountBalance, tb.AccountBalance), (L.QueryFilter, tb.QueryFilter),
+])
+def test_records_match_the_official_client(ours, theirs):
+    def shape(cls):
+        return [(f.name, f.default if f.default is not dataclasses.MISSING else None) for f in dataclasses.fields(cls)]
+    assert shape(ours) == shape(theirs)
+    assert hasattr(ours, "__slots__")
+
+
+@pytest.mark.parametrize("dtype,ctype", [(L.TRANSFER_DTYPE, tb.bindings.CTransfer),
+                                          (L.ACCOUNT_DTYPE, tb.bindings.CAccount)])
+def test_numpy_layout_is_tigerbeetles(dtype, ctype):
+    assert dtype.itemsize == ctypes.sizeof(ctype) == 128
+    for name, _t in ctype._fields_:
+        assert dtype.fields[name][1] == getattr(ctype, name).offset, name
+        assert dtype[name].itemsize == getattr(ctype, name).size, name
+
+
+def test_bytes_equal_the_official_encoding():
+    t = L.Transfer(id=(1 << 127) | 3, debit_account_id=5, credit_account_id=6, amount=(1 << 70) + 9, pending_id=0,
+                   user_data_128=11, user_data_64=12, user_data_32=13, timeout=14, ledger=15, code=16,
+                   flags=L.TransferFlags.PENDING)
+    theirs = tb.bindings.CTransfer.from_param(tb.Transfer(**{k: getattr(t, k) for k in t.__slots__ if k != "flags"},
+                                                          flags=tb.TransferFlags.PENDING))
+    assert L.transfers_to_array([t]).tobytes() == bytes(theirs)
+    assert L.array_to_transfers(L.transfers_to_array([t])) == [t]
+
+
+def test_constants_and_ids():
+    assert L.AMOUNT_MAX == tb.AMOUNT_MAX
+    ids = [L.id() for _ in range(1000)]
+    assert ids == sorted(ids) and len(set(ids)) == 1000 and all(0 < i < 1 << 128 for i in ids)
+
+
+def test_field_widths_are_checked():
+    with pytest.raises(DataError, match="account.code"):
+        L.accounts_to_array([L.Account(id=1, code=1 << 16)])
+    with pytest.raises(DataError, match="transfer.id"):
+        L.transfers_to_array([L.Transfer(id=1 << 128)])
+
+
+# ------------------------------------------------------------------ ring buffer
+
+
+def test_ring_takes_everything_published_as_one_batch():
+    ring: RingBuffer[int] = RingBuffer(8)
+    assert [ring.publish(i) for i in range(5)] == [0, 1, 2, 3, 4]
+    assert ring.take(timeout=0) == [0, 1, 2, 3, 4]
+    assert ring.take(timeout=0) == []
+    assert ring.cursor == ring.consumed == 4
+
+
+def test_ring_size_must_be_a_power_of_two():
+    with pytest.raises(ValueError, match="power of two"):
+        RingBuffer(12)
+
+
+def test_ring_back_pressure_and_many_producers():
+    ring: RingBuffer[tuple[int, int]] = RingBuffer(4)
+    with pytest.raises(TimeoutError):
+        for i in range(5):
+            ring.publish((0, i), timeout=0.05)
+    ring.take(timeout=0)
+    got: list[tuple[int, int]] = []
+
+    def produce(p: int) -> None:
+        for i in range(500):
+            ring.publish((p, i))
+    threads = [threading.Thread(target=produce, args=(p,)) for p in range(4)]
+    for t in threads:
+        t.start()
+    while len(got) < 2000:
+        batch = ring.take(timeout=1)
+        assert len(batch) <= 4
+        got.extend(batch)
+    for t in threads:
+        t.join()
+    for p in range(4):  # each producer's items arrive in its order, none lost or repeated
+        assert [i for q, i in got if q == p] == list(range(500))
+    ring.close()
+    with pytest.raises(RingClosed):
+        ring.publish((9, 9))
+
+
+# ------------------------------------------------------------------ server
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = LedgerServer(tmp_path / "served", "tcp://127.0.0.1:0", metrics_port=0)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.stop()
+    t.join(timeout=10)
+    srv.close()
+
+
+def test_server_round_trip_and_metrics(server):
+    with L.connect(server.uri) as c:
+        made = c.create_accounts([L.Account(id=1, ledger=1, code=1),
+                                  L.Account(id=2, ledger=1, code=1, flags=L.AccountFlags.HISTORY)])
+        assert [r.status for r in made] == [L.CreateAccountStatus.CREATED] * 2
+        res = c.create_transfers([L.Transfer(id=10, debit_account_id=1, credit_account_id=2, amount=3, ledger=1,
+                                             code=1, flags=L.TransferFlags.PENDING, timeout=30),
+                                  L.Transfer(id=11, pending_id=10, amount=L.AMOUNT_MAX,
+                                             flags=L.TransferFlags.POST_PENDING_TRANSFER)])
+        assert [r.status for r in res] == [L.CreateTransferStatus.CREATED] * 2
+        futures = [c.create_transfers_async(L.transfers_to_array([L.Transfer(id=100 + i, debit_account_id=1,
+                                                                              credit_account_id=2, amount=1,
+                                                                              ledger=1, code=1)]))
+                   for i in range(20)]
+        assert all((f.result(timeout=10) == 0).all() for f in futures)
+        assert c.lookup_accounts([2])[0].credits_posted == 23
+        f = L.AccountFilter(2, 0, 0, 0, 0, 0, 0, 5, L.AccountFilterFlags.CREDITS | L.AccountFilterFlags.REVERSED)
+        assert [t.id for t in c.get_account_transfers(f)] == [119, 118, 117, 116, 115]
+        bal = c.get_account_balances(L.AccountFilter(2, 0, 0, 0, 0, 0, 0, 3, L.AccountFilterFlags.CREDITS))
+        assert [(b.credits_pending, b.credits_posted) for b in bal] == [(3, 0), (0, 3), (0, 4)]
+        q = c.query_transfers(L.QueryFilter(0, 0, 0, 1, 0, 0, 0, 100, L.QueryFilterFlags.NONE))
+        assert len(q) == 22
+        with pytest.raises(DataError, match="exceeds the limit"):
+            c.create_transfers(np.zeros(9000, dtype=L.TRANSFER_DTYPE))
+    assert server.metrics is not None
+    text = urllib.request.urlopen(server.metrics.url, timeout=5).read().decode()
+    assert 'blazil_ledger_events_total{op="create_transfers"}' in text
+    assert "blazil_ledger_batch_latency_seconds_bucket" in text
+
+
+def test_cli_serve_help_and_inspect(tmp_path):
+    run = [sys.executable, "-m", "blazil_ai.ledger.commands"]
+    out = subprocess.run([*run, "serve", "--help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "--listen" in out and "--shards" in out and "fsync" in out
+    with L.connect(tmp_path / "l", shards=2) as c:
+        c.create_accounts([L.Account(id=i, ledger=1, code=1) for i in range(1, 5)])
+        c.create_transfers([L.Transfer(id=i, debit_account_id=i, credit_account_id=i % 4 + 1, amount=2, ledger=1,
+                                       code=1) for i in range(1, 5)])
+    info = json.loads(subprocess.run([*run, "inspect", str(tmp_path / "l"), "--json"], cwd=REPO, capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["shards"] == 2 and info["balanced"] and info["unsettled_legs"] == 0
+    assert sum(s["accounts"] for s in info["shard_details"]) >= 4
+    bad = subprocess.run([*run, "inspect", str(tmp_path / "missing")], cwd=REPO, capture_output=True, text=True)
+    assert bad.returncode == 1 and "not a ledger directory" in bad.stderr
+
+
+# ------------------------------------------------------------------ TigerBeetle cluster
+
+
+TB_ADDRESS = os.environ.get("BLAZIL_TIGERBEETLE_ADDRESS")
+
+
+@pytest.mark.skipif(not TB_ADDRESS, reason="BLAZIL_TIGERBEETLE_ADDRESS is not set: no TigerBeetle cluster to test "
+                                           "against (set it to host:port of a running cluster)")
+def test_tigerbeetle_cluster_backend():
+    with L.connect(f"tigerbeetle://{TB_ADDRESS}") as c:
+        a, b, t = L.id(), L.id(), L.id()
+        res = c.create_accounts([L.Account(id=a, ledger=1, code=1), L.Account(id=b, ledger=1, code=1)])
+        assert [r.status for r in res] == [L.CreateAccountStatus.CREATED] * 2
+        res = c.create_transfers([L.Transfer(id=t, debit_account_id=a, credit_account_id=b, amount=5, ledger=1,
+                                             code=1), L.Transfer(id=L.id(), debit_account_id=a, credit_account_id=a,
+                                                                 amount=1, ledger=1, code=1)])
+        assert [r.status for r in res] == [L.CreateTransferStatus.CREATED,
+                                           L.CreateTransferStatus.ACCOUNTS_MUST_BE_DIFFERENT]
+        assert c.lookup_accounts([b])[0].credits_posted == 5
+        assert c.lookup_transfers([t])[0].amount == 5
