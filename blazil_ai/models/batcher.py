@@ -15,7 +15,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -31,6 +30,50 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 
 class BatcherClosed(BlazilError):
     """The batcher was closed before this item ran."""
+
+
+class Pending:
+    """The future result of one submitted item (``result(timeout)`` blocks until it is set).
+
+    A bare lock is CPython's cheapest wake-up: with 64 callers per batch, the lighter hand-off than
+    ``concurrent.futures.Future`` (a Condition per item) is what lets small models gain from batching.
+    """
+
+    __slots__ = ("_lock", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self._value: list[np.ndarray] | None = None
+        self._error: BaseException | None = None
+
+    def _set(self, value: list[np.ndarray] | None, error: BaseException | None = None) -> None:
+        self._value, self._error = value, error
+        self._lock.release()
+
+    def done(self) -> bool:
+        """Whether the result (or error) is set."""
+        return not self._lock.locked()
+
+    def result(self, timeout: float | None = None) -> list[np.ndarray]:
+        """The item's outputs; raises the item's own error, or TimeoutError after ``timeout`` seconds."""
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"no result within {timeout} s")
+        self._lock.release()  # later result() calls return at once
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The item's error, or None when it succeeded."""
+        try:
+            self.result(timeout)
+        except TimeoutError:
+            raise
+        except BaseException as e:
+            return e
+        return None
 
 
 class DynamicBatcher:
@@ -51,15 +94,16 @@ class DynamicBatcher:
         self.max_delay = max_delay
         self.max_queue = max_queue
         self.name = name
-        self._pending: deque[tuple[Item, Future, float]] = deque()
+        self._pending: deque[tuple[Item, Pending, float]] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._m_queue = metrics.gauge("models", "batcher_queue", "items", "Items waiting in a dynamic batcher",
+        self._m_queue = metrics.gauge("models", "batcher_queue", "items",
+                                      "Items left waiting in a dynamic batcher when it last took a batch",
                                       ["model"]).labels(name)
         self._m_batch = metrics.histogram("models", "batch_size", "items", "Items per batch run by a dynamic batcher",
                                           ["model"], buckets=_BATCH_BUCKETS).labels(name)
-        self._m_wait = metrics.histogram("models", "batcher_wait", "seconds",
-                                         "Time an item waits in a dynamic batcher before its batch runs",
+        self._m_wait = metrics.histogram("models", "batch_wait", "seconds",
+                                         "Time the oldest item of a batch waited before the batch ran",
                                          ["model"]).labels(name)
         self._m_run = metrics.histogram("models", "batch_run", "seconds", "Time to run one merged batch",
                                         ["model"]).labels(name)
@@ -70,16 +114,15 @@ class DynamicBatcher:
         self._worker = threading.Thread(target=self._loop, name=f"blazil-batcher-{name}", daemon=True)
         self._worker.start()
 
-    def submit(self, item: Item) -> Future:
-        """Queue one item (input name -> array without the batch axis); returns a Future of its outputs."""
-        fut: Future = Future()
+    def submit(self, item: Item) -> Pending:
+        """Queue one item (input name -> array without the batch axis); returns a Pending of its outputs."""
+        fut = Pending()
         with self._cond:
             if self._closed:
                 raise BatcherClosed(f"batcher {self.name!r} is closed")
             if len(self._pending) >= self.max_queue:
                 raise BlazilError(f"batcher {self.name!r} queue is full ({self.max_queue} items)")
             self._pending.append((item, fut, time.perf_counter()))
-            self._m_queue.inc()
             if len(self._pending) == 1 or len(self._pending) >= self.max_batch:
                 self._cond.notify()
         return fut
@@ -88,7 +131,7 @@ class DynamicBatcher:
         """Submit one item and wait for its outputs (one array per model output, batch axis removed)."""
         return self.submit(item).result(timeout)
 
-    def _take(self) -> list[tuple[Item, Future, float]] | None:
+    def _take(self) -> list[tuple[Item, Pending, float]] | None:
         with self._cond:
             while not self._pending:
                 if self._closed:
@@ -102,7 +145,7 @@ class DynamicBatcher:
                 self._cond.wait(left)
             n = min(self.max_batch, len(self._pending))
             batch = [self._pending.popleft() for _ in range(n)]
-            self._m_queue.dec(n)
+            self._m_queue.set(len(self._pending))
             return batch
 
     def _loop(self) -> None:
@@ -110,15 +153,17 @@ class DynamicBatcher:
             batch = self._take()
             if batch is None:
                 return
-            now = time.perf_counter()
-            for _, _, t in batch:
-                self._m_wait.observe(now - t)
-            live = [(item, fut) for item, fut, _ in batch if fut.set_running_or_notify_cancel()]
+            # One observation per batch (its oldest item): per-item observations would cost more than a
+            # small model's run.
+            self._m_wait.observe(time.perf_counter() - batch[0][2])
+            live = [(item, fut) for item, fut, _ in batch]
             # Items whose arrays differ in shape (e.g. texts of other lengths) cannot stack: run per shape.
-            groups: dict[tuple, list[tuple[Item, Future]]] = {}
+            groups: dict[tuple, list[tuple[Item, Pending]]] = {}
             for item, fut in live:
                 try:
-                    key = tuple((k, v.shape, v.dtype.str) for k, v in item.items())
+                    # Shape only: a wrong dtype or name makes the merged run fail, and the fallback in
+                    # _run_group then gives that item its own error.
+                    key = tuple([v.shape for v in item.values()])
                 except AttributeError as e:
                     self._fail(fut, BlazilError(f"an item must map input names to numpy arrays ({e})"))
                     continue
@@ -126,7 +171,7 @@ class DynamicBatcher:
             for group in groups.values():
                 self._run_group(group)
 
-    def _run_group(self, group: list[tuple[Item, Future]]) -> None:
+    def _run_group(self, group: list[tuple[Item, Pending]]) -> None:
         t0 = time.perf_counter()
         try:
             feeds = {k: np.stack([item[k] for item, _ in group]) for k in group[0][0]}
@@ -143,11 +188,11 @@ class DynamicBatcher:
         self._m_batch.observe(len(group))
         self._m_items.inc(len(group))
         for i, (_, fut) in enumerate(group):
-            fut.set_result([o[i] for o in outs])
+            fut._set([o[i] for o in outs])
 
-    def _fail(self, fut: Future, e: BaseException) -> None:
+    def _fail(self, fut: Pending, e: BaseException) -> None:
         self._m_errors.inc()
-        fut.set_exception(e)
+        fut._set(None, e)
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Run what is queued, then stop the worker; later submits raise :class:`BatcherClosed`."""

@@ -107,6 +107,7 @@ class _OrtEngine:
     def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
 
+        self.path = path
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -118,10 +119,19 @@ class _OrtEngine:
             self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise DataError(f"onnxruntime cannot load the model: {e}", path=str(path)) from e
-        self._run = self.sess.run
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        # InferenceSession.run re-validates names and rebuilds the output list on every call; the
+        # Session has already checked the feeds, so call the native session directly when it is there.
+        native = getattr(self.sess, "_sess", None)
+        self._native = native.run if native is not None and hasattr(native, "run") else None
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self._run(None, feeds)
+        if self._native is not None:
+            try:
+                return self._native(self.output_names, feeds, None)
+            except Exception as e:
+                raise DataError(f"onnxruntime run failed: {e}", path=str(self.path)) from e
+        return self.sess.run(None, feeds)
 
 
 class _TractEngine:
@@ -196,6 +206,16 @@ class Session:
         self.input_names = [s.name for s in self.inputs]
         self.output_names = [s.name for s in self.outputs]
         self._by_name = {s.name: s for s in self.inputs}
+        self._n_inputs = len(self.inputs)
+        self._plan = [(spec.name, spec.dtype, len(spec.shape),
+                       tuple((i, d) for i, d in enumerate(spec.shape) if isinstance(d, int)),
+                       tuple((i, d) for i, d in enumerate(spec.shape) if isinstance(d, str)))
+                      for spec in self.inputs]
+        counts: dict[str, int] = {}
+        for *_, syms in self._plan:
+            for _, sym in syms:
+                counts[sym] = counts.get(sym, 0) + 1
+        self._shared_symbols = any(c > 1 for c in counts.values())
         self.threads = threads if threads is not None else default_threads()
         self._engine: _OrtEngine | _TractEngine
         if backend == "onnxruntime":
@@ -209,6 +229,26 @@ class Session:
         """The project's metadata stored in the model (``blazil`` JSON property), or {}."""
         raw = self.metadata.get("blazil")
         return json.loads(raw) if raw else {}
+
+    def _fast_ok(self, feeds: dict[str, np.ndarray]) -> bool:
+        # The per-call path: a few attribute compares per input, no allocation. Anything unusual falls
+        # through to check(), which finds the fault and words the error.
+        if len(feeds) != self._n_inputs:
+            return False
+        sizes: dict[str, int] | None = {} if self._shared_symbols else None
+        for name, dtype, rank, fixed, syms in self._plan:
+            a = feeds.get(name)
+            if type(a) is not np.ndarray or a.dtype != dtype or a.ndim != rank:
+                return False
+            shape = a.shape
+            for axis, size in fixed:
+                if shape[axis] != size:
+                    return False
+            if sizes is not None:
+                for axis, sym in syms:
+                    if sizes.setdefault(sym, shape[axis]) != shape[axis]:
+                        return False
+        return True
 
     def check(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Validate ``feeds`` against the model's inputs; raise DataError naming the model and input."""
@@ -249,6 +289,8 @@ class Session:
 
     def run(self, feeds: Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray) -> list[np.ndarray]:
         """Run the model; ``feeds`` is a name->array mapping, a list in input order, or one array."""
+        if type(feeds) is dict and self._fast_ok(feeds):
+            return self._engine.run(self.input_names, feeds)
         if isinstance(feeds, np.ndarray):
             if len(self.inputs) != 1:
                 raise DataError(f"got one array but the model takes {len(self.inputs)} inputs "
