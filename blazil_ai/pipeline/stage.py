@@ -146,7 +146,7 @@ class StageServer:
                 elif op == "ping":
                     self._send(addr(m.meta["reply_to"]), {
                         "op": "pong", "nonce": m.meta.get("nonce"), "stage": self.spec.stage,
-                        "caches": sorted(self.model.caches), "pid": os.getpid()})
+                        "caches": sorted(self.model.caches), "pid": os.getpid(), **memory_peaks(self.device)})
                 elif op == "cancel":
                     for rid in m.meta["rids"]:
                         self._forget(rid)
@@ -307,6 +307,22 @@ class StageServer:
                     done.append(rid)
         if done:
             self._send(self.next_addr, {"op": "drop", "rids": done})
+
+
+def memory_peaks(device: str) -> dict[str, float]:
+    """This process's peak resident memory (MiB), and peak CUDA memory allocated on ``device`` if it is a GPU."""
+    out: dict[str, float] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    out["peak_rss_mb"] = int(line.split()[1]) / 1024
+    except OSError:
+        import resource
+        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.startswith("cuda") and torch.cuda.is_available():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
+    return out
 
 
 def check_stages(stages: list[dict[str, Any]]) -> str | None:
