@@ -108,5 +108,5 @@ def test_missing_shard_is_named_at_startup(tiny, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model-00002-of-00002.safetensors: checkpoint shard named by model.safetensors.index.json is missing" in err
     # Through the launcher: every stage checks that all files of the index exist, and its words reach the user.
-    with pytest.raises(PipelineError, match="stage 1 exited with status 1: .*model-00002-of-00002.safetensors"):
+    with pytest.raises(PipelineError, match=r"stage \d exited with status 1: .*model-00002-of-00002.safetensors"):
         LocalPipeline(d, split=(1, 5), threads=1, start_timeout=60).start()
