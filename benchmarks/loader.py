@@ -17,7 +17,7 @@ Each case runs hot (page cache warm) and cold (``echo 3 > /proc/sys/vm/drop_cach
 when that is not permitted the cold rows say so and are skipped). Data sets are generated once into
 ``--cache`` and reused. Every run reads the same ``--samples`` items in the same seeded order.
 
-Run: python benchmarks/loader.py [--samples 4000] [--repeats 3] [--cases wav_small,yolo,raw]
+Run: python benchmarks/loader.py [--samples 4000] [--yolo-samples 1000] [--repeats 3] [--cases wav_small,yolo,raw]
 """
 
 from __future__ import annotations
@@ -247,7 +247,8 @@ def main() -> None:
                     help="where the generated data sets are kept between runs")
     ap.add_argument("--files", type=int, default=20000, help="WAV files in the small-file set")
     ap.add_argument("--images", type=int, default=2000, help="images in the YOLO set")
-    ap.add_argument("--samples", type=int, default=4000, help="items read per timed run")
+    ap.add_argument("--samples", type=int, default=4000, help="WAV clips read per timed run")
+    ap.add_argument("--yolo-samples", type=int, default=1000, help="images read per timed run")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--big-mb", type=int, default=256, help="size of the large file for the dd comparison")
@@ -302,7 +303,7 @@ def case_wav(args: argparse.Namespace, cache: Path, mode: str) -> dict:
 def case_yolo(args: argparse.Namespace, cache: Path, mode: str) -> dict:
     """A YOLO image set: our loader vs DataLoader with Pillow + the same letterbox per item."""
     ds = open_dataset("detection", make_yolo(cache / "yolo", args.images), image_size=256)
-    order = np.random.default_rng(2).permutation(len(ds))[: args.samples]
+    order = np.random.default_rng(2).permutation(len(ds))[: args.yolo_samples]
     anchor = TorchYolo(ds)
     runners = {
         "blazil": lambda: run_blazil(ds, order, args.batch_size),

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,7 @@ class DetectionDataset(Dataset):
     kind = "detection"
 
     def __init__(self, path: str | Path, *, split: str = "train", image_size: int = 256,
-                 reader: Reader | None = None) -> None:
+                 reader: Reader | None = None, decode_threads: int | None = None) -> None:
         import yaml
 
         self.path = Path(path)
@@ -144,6 +145,9 @@ class DetectionDataset(Dataset):
         self.image_size = image_size
         self.split = split
         self._reader = reader
+        # Pillow decodes and resizes with the GIL released, so a few threads use the other cores.
+        self.decode_threads = decode_threads if decode_threads is not None else min(4, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def reader(self) -> Reader:
@@ -183,8 +187,17 @@ class DetectionDataset(Dataset):
         images = np.empty((len(idx), s, s, 3), dtype=np.uint8)
         all_boxes, all_cls, all_bi = [], [], []
         counts = np.empty(len(idx), dtype=np.int64)
+        def one(k: int) -> tuple[np.ndarray, np.ndarray]:
+            return self.decode(files[k], files.paths[k], self.labels[idx[k]])
+
+        if self.decode_threads > 1 and len(idx) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="blazil-decode")
+            decoded = list(self._pool.map(one, range(len(idx))))  # re-raises a decode error in the caller
+        else:
+            decoded = [one(k) for k in range(len(idx))]
         for k, i in enumerate(idx.tolist()):
-            images[k], boxes = self.decode(files[k], files.paths[k], self.labels[i])
+            images[k], boxes = decoded[k]
             all_boxes.append(boxes)
             all_cls.append(self.labels[i][:, 0].astype(np.int64))
             all_bi.append(np.full(len(boxes), k, dtype=np.int64))
