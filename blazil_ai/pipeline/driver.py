@@ -404,8 +404,8 @@ class LocalPipeline:
         # Idle stages must not spin OpenMP threads while another stage of the ring computes.
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        if self.media_driver is not None and getattr(self.media_driver, "aeron_dir", None):
-            env["AERON_DIR"] = str(self.media_driver.aeron_dir)
+        if self.media_driver is not None:
+            env["AERON_DIR"] = str(self.media_driver.dir)
         return env
 
     def start(self) -> PipelineClient:
@@ -462,7 +462,7 @@ class LocalPipeline:
             self.client.close()
             self.client = None
         if self.media_driver is not None:
-            self.media_driver.close()
+            self.media_driver.stop()
             self.media_driver = None
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -1,0 +1,46 @@
+"""The same pipeline over Aeron IPC (a real media driver started by the launcher)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blazil_ai.pipeline.driver import LocalPipeline
+from blazil_ai.pipeline.random_model import save_tiny_checkpoint
+from blazil_ai.pipeline.sampling import SamplingParams
+
+aeron = pytest.importorskip("blazil_ai.transport.aeron", reason="the Aeron transport module is not there")
+_ok, _why = aeron.available()
+pytestmark = pytest.mark.skipif(not _ok, reason=f"Aeron is not built here: {_why}")
+
+PROMPTS = [[151643, 9707, 11, 1879, 0], [5, 6, 7, 8, 9, 10, 11, 12, 13], [100, 200]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), seed=0)
+
+
+def test_greedy_and_concurrent_over_aeron_ipc_equal_hf(tiny):
+    from transformers import Qwen2ForCausalLM
+
+    hf = Qwen2ForCausalLM.from_pretrained(tiny, attn_implementation="sdpa").eval()
+    refs = []
+    for p in PROMPTS:
+        out = hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=8, eos_token_id=None,
+                          output_logits=True, return_dict_in_generate=True)
+        refs.append((out.sequences[0, len(p):].tolist(), out.logits[-1][0].numpy()))
+    params = SamplingParams(max_new_tokens=8, eos_token_ids=[-1])
+    with LocalPipeline(tiny, transport="aeron", split=(2, 3), threads=1, timeout=20, start_timeout=120) as pipe:
+        assert pipe.media_driver is not None and pipe.media_driver.is_running()
+        for p, (ids, logits) in zip(PROMPTS[:2], refs):
+            res = pipe.client.generate(p, params, want_logits=True)
+            assert res.token_ids == ids
+            assert np.array_equal(res.logits[-1], logits)
+        results = pipe.client.generate_many(PROMPTS, params)
+        assert [r.token_ids for r in results] == [ids for ids, _ in refs]
+        driver = pipe.media_driver
+    assert not driver.is_running()  # the launcher stops the media driver it started
