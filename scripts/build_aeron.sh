@@ -46,7 +46,8 @@ else
     echo "build_aeron: building Aeron $(head -1 "$AERON_SRC/version.txt") (C client + C media driver, -j$JOBS)"
     log="$HOME_DIR/build.log"
     # RPATH relative to the binary so bin/aeronmd finds lib/*.so after the copy below.
-    if ! { "$CMAKE" -S "$AERON_SRC" -B "$HOME_DIR/build" -DCMAKE_BUILD_TYPE=Release \
+    # GIT_DIR: Aeron's CMakeLists asks git for a commit id; it must not pick up the enclosing repository's.
+    if ! { GIT_DIR=/nonexistent "$CMAKE" -S "$AERON_SRC" -B "$HOME_DIR/build" -DCMAKE_BUILD_TYPE=Release \
             -DBUILD_AERON_DRIVER=ON -DBUILD_AERON_ARCHIVE_API=OFF -DAERON_TESTS=OFF -DAERON_UNIT_TESTS=OFF \
             -DAERON_SYSTEM_TESTS=OFF -DAERON_BUILD_SAMPLES=OFF -DAERON_BUILD_DOCUMENTATION=OFF \
             -DAERON_INSTALL_TARGETS=OFF -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON \

@@ -24,7 +24,7 @@
 #define BLZ_CHUNK_HEADER 16
 #define BLZ_MAX_PARTIALS 64
 #define BLZ_PID_CHECK_NS (100LL * 1000 * 1000)
-#define BLZ_CHUNK_FINISH_NS (30LL * 1000 * 1000 * 1000)
+#define BLZ_CHUNK_FINISH_NS (10LL * 1000 * 1000 * 1000)
 
 struct blz_client_stct
 {
@@ -411,8 +411,8 @@ static int64_t blz_offer_wait(blz_pub_t *p, aeron_iovec_t *iov, size_t n, int64_
 }
 
 /* A frame longer than one Aeron message goes as chunks: "BLZC", index u32, total u64, then a slice of the frame.
- * Once the first chunk is in, the rest follow (waiting out back pressure up to 30 s): a partial sequence is only
- * left behind if the subscriber or the driver goes away, and the subscriber drops it when the next frame starts. */
+ * Once the first chunk is in, the rest follow (waiting out back pressure up to 10 s more): a partial sequence is only
+ * left behind if the subscriber stalls (10 s) or goes away, or the driver does, and the subscriber drops it when the next frame starts. */
 static int64_t blz_offer_chunked(blz_pub_t *p, aeron_iovec_t *iov, size_t n, size_t total, int64_t deadline_ns,
     int wait_connect)
 {
