@@ -117,3 +117,16 @@ def test_torch_adapter_yields_tensors():
     batches = list(loader.torch())
     assert len(batches) == 3 and isinstance(batches[0]["i"], torch.Tensor)
     assert batches[0]["sq"].dtype == torch.float32 and batches[2]["i"].tolist() == [8, 9]
+
+
+def test_abandoned_loader_stops_its_thread():
+    import gc
+
+    loader = Loader(Numbers(1000), 2, prefetch=2)
+    loader.next()
+    worker = loader._worker
+    assert worker is not None and worker.is_alive()
+    del loader
+    gc.collect()
+    worker.join(timeout=5)
+    assert not worker.is_alive()

@@ -46,6 +46,33 @@ def _env_int(name: str) -> int | None:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _load_batch(dataset: Dataset, indices: np.ndarray, kind: str) -> Batch:
+    start = time.perf_counter()
+    batch = dataset.get_batch(indices)
+    _BATCH_SECONDS.labels(kind).observe(time.perf_counter() - start)
+    return batch
+
+
+def _prefetch(dataset: Dataset, order: np.ndarray, batch_size: int, epoch: int, first: int, end: int, kind: str,
+              stop: threading.Event, out: queue.Queue) -> None:
+    """Build batches first..end-1 of one epoch into ``out``; an exception is handed over as the item."""
+    for b in range(first, end):
+        if stop.is_set():
+            return
+        try:
+            item: Any = _load_batch(dataset, order[b * batch_size:(b + 1) * batch_size], kind)
+        except BaseException as e:  # handed to the caller; the worker never dies silently
+            item = e
+        while not stop.is_set():
+            try:
+                out.put((epoch, b, item), timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if isinstance(item, BaseException):
+            return
+
+
 class Loader:
     """Iterate a dataset in batches of numpy arrays; resumable mid-epoch, shardable, prefetching."""
 
@@ -104,34 +131,17 @@ class Loader:
         return order[b * self.batch_size:(b + 1) * self.batch_size]
 
     def _load(self, epoch: int, b: int) -> Batch:
-        start = time.perf_counter()
-        batch = self.dataset.get_batch(self._batch_indices(epoch, b))
-        _BATCH_SECONDS.labels(self._kind).observe(time.perf_counter() - start)
-        return batch
-
-    # -- prefetch worker -----------------------------------------------------------------------------
-    def _work(self, epoch: int, first: int, end: int, stop: threading.Event, out: queue.Queue) -> None:
-        for b in range(first, end):
-            if stop.is_set():
-                return
-            try:
-                item: Any = self._load(epoch, b)
-            except BaseException as e:  # handed to the caller; the worker never dies silently
-                item = e
-            while not stop.is_set():
-                try:
-                    out.put((epoch, b, item), timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, BaseException):
-                return
+        return _load_batch(self.dataset, self._batch_indices(epoch, b), self._kind)
 
     def _start(self) -> None:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
-        self._worker = threading.Thread(target=self._work, name="blazil-loader", daemon=True,
-                                        args=(self.epoch, self.batch, len(self), self._stop, self._queue))
+        # The worker holds the dataset and this epoch's order, not the loader, so an abandoned loader
+        # is collected and its __del__ stops the thread.
+        self._worker = threading.Thread(
+            target=_prefetch, name="blazil-loader", daemon=True,
+            args=(self.dataset, self.indices(), self.batch_size, self.epoch, self.batch, len(self), self._kind,
+                  self._stop, self._queue))
         self._worker.start()
 
     def _halt(self) -> None:
@@ -213,6 +223,11 @@ class Loader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
 
     def torch(self) -> TorchLoader:
         """An adapter yielding dicts of torch tensors (needs torch installed)."""
