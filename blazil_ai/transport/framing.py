@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ HEADER = struct.Struct("<4sBBHIQ")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 _ALLOWED_KINDS = frozenset("biufcV")
+_PLAIN_KINDS = frozenset("biufc")
 
 
 class FrameError(BlazilError):
@@ -51,6 +53,8 @@ class Message:
 
 
 def _wire_array(a: np.ndarray) -> np.ndarray:
+    if type(a) is np.ndarray and a.dtype.kind in _PLAIN_KINDS and a.flags.c_contiguous:
+        return a  # the common case, checked first because every message pays for it
     a = np.asarray(a)
     if a.dtype.fields is not None or (a.dtype.kind == "V"):
         a = a.view(np.dtype((np.void, a.dtype.itemsize)))
@@ -60,27 +64,52 @@ def _wire_array(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else a.copy(order="C")
 
 
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    packer = getattr(_local, "packer", None)
+    if packer is None:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer
+
+
 def encode(meta: Mapping[str, Any] | None, arrays: Sequence[np.ndarray] = (),
            max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> list[bytes | memoryview]:
     """Encode a message into buffers (header, metadata, one per array) ready for ``sendmsg``.
 
     Array buffers are views of the caller's memory, not copies, when the arrays are C-contiguous.
     """
-    wire = [_wire_array(a) for a in arrays]
-    if len(wire) > 0xFFFF:
-        raise FrameError(f"{len(wire)} arrays in one message; at most 65535")
-    descr = [[a.dtype.str, list(a.shape)] for a in wire]
+    if arrays:
+        wire = [_wire_array(a) for a in arrays]
+        if len(wire) > 0xFFFF:
+            raise FrameError(f"{len(wire)} arrays in one message; at most 65535")
+        descr: list[tuple[str, tuple[int, ...]]] = [(a.dtype.str, a.shape) for a in wire]
+    else:
+        wire, descr = [], []
     try:
-        meta_bytes = msgpack.packb([dict(meta or {}), descr], use_bin_type=True)
+        meta_bytes = _packer().pack([meta if type(meta) is dict else dict(meta or {}), descr])
     except (TypeError, ValueError, OverflowError) as e:
+        _local.packer = None  # a failed pack can leave the packer's buffer dirty
         raise FrameError(f"metadata cannot be encoded as MessagePack: {e}") from e
-    body_len = len(meta_bytes) + sum(a.nbytes for a in wire)
+    body_len = len(meta_bytes)
+    parts: list[bytes | memoryview] = [b"", meta_bytes]
+    for a in wire:
+        if a.nbytes:
+            body_len += a.nbytes
+            parts.append(memoryview(a).cast("B"))  # type: ignore[arg-type]
     if HEADER_SIZE + body_len > max_size:
         raise FrameError(f"message of {HEADER_SIZE + body_len} bytes exceeds the maximum of {max_size}")
-    parts: list[bytes | memoryview] = [HEADER.pack(MAGIC, VERSION, 0, len(wire), len(meta_bytes), body_len),
-                                       meta_bytes]
-    parts.extend(memoryview(a).cast("B") for a in wire if a.nbytes)  # type: ignore[arg-type]
+    parts[0] = HEADER.pack(MAGIC, VERSION, 0, len(wire), len(meta_bytes), body_len)
     return parts
+
+
+_BODY_LEN = struct.Struct("<Q")
+
+
+def frame_size(parts: Sequence[bytes | memoryview]) -> int:
+    """Total bytes of a frame returned by :func:`encode` (read from its header)."""
+    return HEADER_SIZE + _BODY_LEN.unpack_from(parts[0], 12)[0]
 
 
 def encode_bytes(meta: Mapping[str, Any] | None, arrays: Sequence[np.ndarray] = (),
@@ -124,24 +153,36 @@ def decode_body(n_arrays: int, meta_len: int, body: bytes | bytearray | memoryvi
     for i, d in enumerate(descr):
         try:
             dtype_str, shape = d
-            dtype = np.dtype(dtype_str)
-            shape = tuple(int(s) for s in shape)
+            dtype = _DTYPES.get(dtype_str) or _wire_dtype(dtype_str)
+            count = math.prod(shape)
         except Exception as e:
             raise FrameError(f"array {i}: bad descriptor {d!r}: {e}") from e
-        if dtype.kind not in _ALLOWED_KINDS or dtype.hasobject or dtype.fields is not None:
-            raise FrameError(f"array {i}: dtype {dtype_str!r} is not allowed on the wire")
-        if any(s < 0 for s in shape):
-            raise FrameError(f"array {i}: negative dimension in shape {shape}")
-        nbytes = math.prod(shape) * dtype.itemsize
+        if type(count) is not int or count < 0 or (shape and min(shape) < 0):
+            raise FrameError(f"array {i}: bad shape {shape!r}")
+        nbytes = count * dtype.itemsize
         if offset + nbytes > len(view):
-            raise FrameError(f"array {i}: {dtype_str} x {shape} needs {nbytes} bytes, "
+            raise FrameError(f"array {i}: {dtype_str} x {tuple(shape)} needs {nbytes} bytes, "
                              f"only {len(view) - offset} remain in the frame")
-        arrays.append(np.frombuffer(view, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape))
+        a = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
+        arrays.append(a if len(shape) == 1 else a.reshape(shape))
         offset += nbytes
     if offset != len(view):
         raise FrameError(f"array byte counts ({offset - meta_len}) do not match the body "
                          f"({len(view) - meta_len} bytes after metadata)")
     return Message(meta=meta, arrays=arrays)
+
+
+_DTYPES: dict[str, np.dtype] = {}
+
+
+def _wire_dtype(dtype_str: str) -> np.dtype:
+    """Parse and check a dtype string from the wire (cached: a stream repeats a handful of them)."""
+    dtype = np.dtype(dtype_str)
+    if dtype.kind not in _ALLOWED_KINDS or dtype.hasobject or dtype.fields is not None:
+        raise FrameError(f"dtype {dtype_str!r} is not allowed on the wire")
+    if len(_DTYPES) < 256:
+        _DTYPES[dtype_str] = dtype
+    return dtype
 
 
 def decode(frame: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Message:

@@ -20,9 +20,11 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import os
 import selectors
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -363,6 +365,56 @@ class TcpSubscription(Subscription):
         return True
 
 
+class _Flusher:
+    """One daemon thread per process that drains publications whose socket buffer was full.
+
+    Without it, bytes left in a publication's own buffer would wait for the next ``offer``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: set[TcpPublication] = set()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._thread: threading.Thread | None = None
+
+    def add(self, pub: TcpPublication) -> None:
+        with self._lock:
+            self._waiting.add(pub)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="blazil-tcp-flusher", daemon=True)
+                self._thread.start()
+        os.write(self._wake_w, b"x")
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                pubs = list(self._waiting)
+            with selectors.DefaultSelector() as sel:
+                sel.register(self._wake_r, selectors.EVENT_READ, None)
+                for p in pubs:
+                    sock = p._sock
+                    if sock is not None:
+                        sel.register(sock, selectors.EVENT_WRITE, p)
+                events = sel.select(0.05 if pubs else None)
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
+            ready = {key.data for key, _ in events if key.data is not None}
+            for p in pubs:
+                with p._lock:
+                    if p in ready and p._sock is not None:
+                        p._drain()
+                    done = p._sock is None or not p._pending
+                if done:
+                    with self._lock:
+                        self._waiting.discard(p)
+
+
+_FLUSHER = _Flusher()
+
+
 class TcpPublication(Publication):
     """The connecting end of a TCP channel. Not thread-safe: one sender per publication."""
 
@@ -389,6 +441,7 @@ class TcpPublication(Publication):
         self._closed = False
         self._sent_unreported = 0
         self._handshaking = False
+        self._lock = threading.Lock()  # offer() vs the background flusher
         self._connect(self.connect_timeout)
 
     @property
@@ -404,7 +457,8 @@ class TcpPublication(Publication):
         parts = framing.encode(meta, arrays, self.max_message_size)
         deadline = time.monotonic() + timeout
         while True:
-            status = self._try_offer(parts)
+            with self._lock:
+                status = self._try_offer(parts)
             if status == OfferStatus.OK:
                 self._sent_unreported += 1
                 if self._sent_unreported >= 1024:
@@ -419,8 +473,9 @@ class TcpPublication(Publication):
         """Wait until everything offered has been handed to the kernel; False on time-out or disconnect."""
         deadline = time.monotonic() + timeout
         while self._pending:
-            if self._sock is None or (self._handshaking and not self._handshake()) or not self._drain():
-                return False
+            with self._lock:
+                if self._sock is None or (self._handshaking and not self._handshake()) or not self._drain():
+                    return False
             remaining = deadline - time.monotonic()
             if not self._pending:
                 break
@@ -436,8 +491,9 @@ class TcpPublication(Publication):
         if self._sock is not None and self._pending:
             self.flush(timeout=1.0)
         self._report()
-        self._closed = True
-        self._disconnect()
+        with self._lock:
+            self._closed = True
+            self._disconnect()
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -454,7 +510,7 @@ class TcpPublication(Publication):
             return OfferStatus.NOT_CONNECTED
         if self._pending and not self._drain():
             return OfferStatus.NOT_CONNECTED
-        size = sum(len(p) for p in parts)
+        size = framing.frame_size(parts)
         if self._pending_bytes + size > self.buffer_limit and self._pending:
             return OfferStatus.BACK_PRESSURED
         if self._pending:
@@ -481,6 +537,8 @@ class TcpPublication(Publication):
 
     def _queue(self, parts: list[bytes | memoryview], skip: int) -> None:
         # Copy what the kernel did not take: the caller may reuse its arrays once offer returns.
+        if not self._pending and not self._closed:
+            _FLUSHER.add(self)
         for p in parts:
             if skip >= len(p):
                 skip -= len(p)
