@@ -20,7 +20,7 @@ import fnmatch
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +262,8 @@ class FeaturesDataset(Dataset):
                 self.transform = FeatureTransform.fit(train_cols, numeric=num, categorical=cat, method=method,
                                                       nan_policy=fit_policy, label=label)
                 self.transform.save(self.transform_path)
-        self.transform.nan_policy = "impute" if nan_policy == "impute" else "error"
+        # This data set's policy applies to its own rows; a copy leaves the caller's (or saved) transform as it was.
+        self.transform = replace(self.transform, nan_policy="impute" if nan_policy == "impute" else "error")
         self.label = label
         used = self.transform.numeric + self.transform.categorical
         self.x = self.transform.transform({k: cols[k][rows] for k in used}, path=str(self.path), lines=lines[rows])
