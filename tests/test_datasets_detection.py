@@ -71,3 +71,10 @@ def test_corrupt_image_and_missing_yaml(tmp_path):
         ds.get_batch(np.arange(1))
     with pytest.raises(DataError, match="no data.yaml"):
         open_dataset("detection", tmp_path)
+
+
+def test_single_item_has_all_its_boxes(tmp_path):
+    root = _yolo(tmp_path, {"a": ((80, 80), [(0, 0.3, 0.3, 0.2, 0.2), (1, 0.7, 0.7, 0.2, 0.2)])})
+    item = open_dataset("detection", root, image_size=64)[0]
+    assert item["image"].shape == (64, 64, 3) and item["boxes"].shape == (2, 4)
+    assert item["classes"].tolist() == [0, 1]

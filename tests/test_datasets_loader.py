@@ -130,3 +130,21 @@ def test_abandoned_loader_stops_its_thread():
     gc.collect()
     worker.join(timeout=5)
     assert not worker.is_alive()
+
+
+def test_dataset_works_inside_torch_dataloader_workers(tmp_path):
+    """Forked DataLoader workers get their own io_uring ring, not the parent's."""
+    tud = pytest.importorskip("torch.utils.data")
+    paths = make_samples(tmp_path, small=True)
+    ds = open_dataset("audio", paths["audio"], duration=0.5)
+    expected = ds.get_batch(np.arange(len(ds)))["audio"]  # the parent has used its ring already
+
+    class Items(tud.Dataset):
+        def __len__(self):
+            return len(ds)
+
+        def __getitem__(self, i):
+            return ds[i]["audio"]
+
+    got = np.concatenate([b.numpy() for b in tud.DataLoader(Items(), batch_size=8, num_workers=2)])
+    assert np.array_equal(got, expected)

@@ -157,9 +157,7 @@ class AudioDataset(Dataset):
     @property
     def reader(self) -> Reader:
         """The reader batches are read with (the process-wide one unless given)."""
-        if self._reader is None:
-            self._reader = default_reader()
-        return self._reader
+        return self._reader if self._reader is not None else default_reader()  # not cached: fork-safe
 
     def _scan_dirs(self) -> tuple[list[str], list[str], list[int]]:
         files, labels, sizes = [], [], []

@@ -152,9 +152,7 @@ class DetectionDataset(Dataset):
     @property
     def reader(self) -> Reader:
         """The reader batches are read with (the process-wide one unless given)."""
-        if self._reader is None:
-            self._reader = default_reader()
-        return self._reader
+        return self._reader if self._reader is not None else default_reader()  # not cached: fork-safe
 
     def __len__(self) -> int:
         return len(self.images)
@@ -207,6 +205,13 @@ class DetectionDataset(Dataset):
                 "classes": np.concatenate(all_cls) if all_cls else np.zeros(0, np.int64),
                 "batch_index": np.concatenate(all_bi) if all_bi else np.zeros(0, np.int64),
                 "num_boxes": counts}
+
+    def __getitem__(self, i: int) -> Batch:
+        """One image with all its boxes (``boxes`` [K, 4], ``classes`` [K])."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        b = self.get_batch(np.array([i % len(self)], dtype=np.int64))
+        return {"image": b["image"][0], "boxes": b["boxes"], "classes": b["classes"]}
 
     def summary(self) -> dict[str, Any]:
         """Images, boxes per class, images without labels."""

@@ -390,10 +390,21 @@ def _log_fallback(e: BaseException) -> None:
 
 
 def default_reader() -> Reader:
-    """The process-wide reader the dataset types share (created on first use, choice logged once)."""
+    """The process-wide reader the dataset types share (created on first use in each process, logged once)."""
     global _default
     with _default_lock:
         if _default is None:
             _default = open_reader()
             log.info("file reader: %s (queue depth %d)", _default.backend, _default.depth)
         return _default
+
+
+def _after_fork_in_child() -> None:
+    # A ring shared with the parent would mix both processes' completions (e.g. torch DataLoader
+    # workers forked from a process that already read): the child starts its own on first use.
+    global _default, _default_lock
+    _default = None
+    _default_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
