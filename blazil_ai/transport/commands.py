@@ -110,7 +110,8 @@ def _ping(args: argparse.Namespace) -> int:
                     return 1
                 lat.append(time.perf_counter() - t0)
         us = np.array(lat) * 1e6
-        out = {"uri": args.uri, "count": args.count, "size": args.size, "p50_us": round(float(np.percentile(us, 50)), 1),
+        out = {"uri": args.uri, "count": args.count, "size": args.size,
+               "p50_us": round(float(np.percentile(us, 50)), 1),
                "p99_us": round(float(np.percentile(us, 99)), 1), "private_driver": driver is not None}
         if args.json:
             print(json.dumps(out))
