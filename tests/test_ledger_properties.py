@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 
 import numpy as np
@@ -225,3 +226,70 @@ def test_sharded_answers_like_one_engine(seq, limits):
 def test_shard_of_spreads_accounts():
     counts = np.bincount([shard_of(i, 4) for i in range(1, 4001)], minlength=4)
     assert counts.min() > 800
+
+
+create_ev = st.tuples(st.integers(1, N_ACCOUNTS), st.integers(1, N_ACCOUNTS), st.integers(0, 300), st.booleans(),
+                      st.sampled_from([0, 0, 1, 5]))
+resolve_ev = st.tuples(st.integers(0, 30), st.booleans(), st.sampled_from(["all", "max", "zero", "less", "more"]),
+                       st.sampled_from(["none", "none", "none", "dr", "ledger", "code", "ud"]))
+
+
+@SETTINGS
+@given(creates=st.lists(create_ev, min_size=1, max_size=30), resolves=st.lists(resolve_ev, min_size=1, max_size=30),
+       wait_s=st.sampled_from([0, 0, 2, 10]), unique=st.booleans(), clean=st.booleans())
+def test_vectorised_two_phase_equals_sequential(creates, resolves, wait_s, unique, clean):
+    clocks = (StepClock(), StepClock())
+    fast, slow = Engine(clock=clocks[0]), SlowEngine(clock=clocks[1])
+    for e in (fast, slow):
+        e.create_accounts(accounts([0] * N_ACCOUNTS))
+    first = [L.Transfer(id=1000 + i, debit_account_id=d, credit_account_id=c, amount=a, ledger=1, code=3,
+                        user_data_64=i, flags=TF.PENDING if p else TF.NONE, timeout=to if p else 0)
+             for i, (d, c, a, p, to) in enumerate(creates)]
+    if unique or clean:
+        resolves = list({r[0] % len(first): r for r in resolves}.values())
+    if clean:  # only resolves that succeed, so the vectorised path is taken
+        resolves = [(k, post, how if post and how != "more" else "all", "none") for k, post, how, _w in resolves]
+        first = [dataclasses.replace(t, flags=TF.PENDING, timeout=0, debit_account_id=(t.debit_account_id - 1) % 7 + 1,
+                                     credit_account_id=(t.debit_account_id - 1) % 7 + 1 + 7 * 0) for t in first]
+        first = [dataclasses.replace(t, credit_account_id=t.debit_account_id % 7 + 1) for t in first]
+    second = []
+    for j, (k, post, how, wrong) in enumerate(resolves):
+        pend = first[k % len(first)]
+        amount = {"all": pend.amount, "max": L.AMOUNT_MAX, "zero": 0, "less": pend.amount // 2,
+                  "more": pend.amount + 1}[how]
+        t = L.Transfer(id=5000 + j, pending_id=pend.id, amount=amount,
+                       flags=TF.POST_PENDING_TRANSFER if post else TF.VOID_PENDING_TRANSFER)
+        if wrong == "dr":
+            t.debit_account_id = pend.debit_account_id % N_ACCOUNTS + 1
+        elif wrong == "ledger":
+            t.ledger = 2
+        elif wrong == "code":
+            t.code = 3
+        elif wrong == "ud":
+            t.user_data_32 = 9
+        second.append(t)
+    for batch in (first, second):
+        arr = L.transfers_to_array(batch)
+        s1, t1 = fast.create_transfers(arr)
+        s2, t2 = slow.create_transfers(arr)
+        assert s1.tolist() == s2.tolist() and t1.tolist() == t2.tolist()
+        for c in clocks:
+            c.now += wait_s * 1_000_000_000
+    _same(fast, slow)
+    if clean:
+        assert fast.fast_batches == 2
+
+
+def test_vectorised_two_phase_is_taken():
+    fast, slow = Engine(clock=StepClock()), SlowEngine(clock=StepClock())
+    for e in (fast, slow):
+        e.create_accounts(accounts([0] * N_ACCOUNTS))
+    pend = [L.Transfer(id=10 + i, debit_account_id=i % 7 + 1, credit_account_id=(i + 1) % 7 + 1, amount=100 + i,
+                       ledger=1, code=1, flags=TF.PENDING, timeout=60 * (i % 2)) for i in range(40)]
+    resolve = [L.Transfer(id=100 + i, pending_id=10 + i, amount=[L.AMOUNT_MAX, 0, 50][i % 3] if i % 4 else 0,
+                          flags=TF.POST_PENDING_TRANSFER if i % 4 else TF.VOID_PENDING_TRANSFER) for i in range(40)]
+    for batch in (pend, resolve):
+        arr = L.transfers_to_array(batch)
+        assert fast.create_transfers(arr)[0].tolist() == slow.create_transfers(arr)[0].tolist()
+    assert fast.fast_batches == 2
+    _same(fast, slow)

@@ -67,6 +67,11 @@ def key64_int(value: int) -> int:
     return (value & M64) ^ (((value >> 64) * 0x9E3779B97F4A7C15) & M64)
 
 
+def _valid_ids(w: np.ndarray) -> bool:
+    """No id in an ``(n, 2)`` word array is 0 or 2^128 - 1."""
+    return bool((w[:, 0] | w[:, 1]).all() and ((w[:, 0] & w[:, 1]) != M64).all())
+
+
 def _u(row: np.ndarray) -> int:
     return int(row[0]) | (int(row[1]) << 64)
 
@@ -292,21 +297,18 @@ class Engine:
         return status, stamps
 
     def _try_fast(self, batch: np.ndarray, base: int) -> bool:
+        """Apply a whole batch with array operations when every event is sure to succeed; False otherwise.
+
+        Two shapes qualify: events that create (plain or pending, no other flag) and events that post or
+        void existing pending transfers. Anything that could fail, or that needs an order-dependent rule
+        (limits, history, closing, balancing, linked chains, ids repeated or already used), returns False
+        and the batch takes the sequential path.
+        """
         n = len(batch)
         ids = batch["id"]
-        dr_w = batch["debit_account_id"]
-        cr_w = batch["credit_account_id"]
-        amt = batch["amount"]
-        if (batch["flags"].any() or batch["timeout"].any() or batch["timestamp"].any()
-                or batch["pending_id"].any() or amt[:, 1].any() or not (batch["ledger"].all() and batch["code"].all())):
+        if batch["timestamp"].any():
             return False
-        if int(amt[:, 0].max()) >= _FAST_AMOUNT_LIMIT:
-            return False
-        # Zero and all-ones ids / account ids, equal accounts: a reject each; leave them to the exact path.
-        for w in (ids, dr_w, cr_w):
-            if not ((w[:, 0] | w[:, 1]).all() and ((w[:, 0] & w[:, 1]) != M64).all()):
-                return False
-        if ((dr_w[:, 0] == cr_w[:, 0]) & (dr_w[:, 1] == cr_w[:, 1])).any():
+        if not (_valid_ids(ids)):
             return False
         key_list = key64(ids).tolist()
         if not self.transfer_keys.keys().isdisjoint(key_list) or not self.failed_keys.isdisjoint(key_list):
@@ -314,37 +316,152 @@ class Engine:
         new_keys = dict(zip(key_list, range(self.n_transfers, self.n_transfers + n)))
         if len(new_keys) != n:  # an id (or its hash key) repeats within the batch
             return False
-        if not self._acc_keys_unique and not self._index_dirty:
+        flags = batch["flags"]
+        resolve = (flags == int(_TF.POST_PENDING_TRANSFER)) | (flags == int(_TF.VOID_PENDING_TRANSFER))
+        if resolve.all():
+            stored = self._fast_resolve(batch, base)
+        elif not (flags & np.uint16(0xFFFF ^ int(_TF.PENDING))).any():
+            stored = self._fast_create(batch, base)
+        else:
             return False
+        if stored is None:
+            return False
+        self._grow_transfers(n)
+        start = self.n_transfers
+        self.transfers[start: start + n] = stored
+        pend = stored["flags"] == int(_TF.PENDING)
+        self.pending_state[start: start + n] = np.where(pend, PENDING, NOT_PENDING)
+        self.n_transfers += n
+        self.transfer_keys.update(new_keys)
+        timed = np.nonzero(pend & (stored["timeout"] > 0))[0]
+        for i in timed.tolist():
+            heapq.heappush(self.expiry, (base + i + int(stored["timeout"][i]) * 1_000_000_000, start + i))
+        return True
+
+    def _fast_accounts(self, dr_w: np.ndarray, cr_w: np.ndarray, ledger: np.ndarray | None
+                       ) -> tuple[np.ndarray, np.ndarray] | None:
+        if not (_valid_ids(dr_w) and _valid_ids(cr_w)):
+            return None
+        if ((dr_w[:, 0] == cr_w[:, 0]) & (dr_w[:, 1] == cr_w[:, 1])).any():
+            return None
         dr = self._account_rows_np(dr_w)
         cr = self._account_rows_np(cr_w)
         if not self._acc_keys_unique or (dr < 0).any() or (cr < 0).any():
-            return False
+            return None
         a = self.accounts
-        led = batch["ledger"]
-        if (a["ledger"][dr] != led).any() or (a["ledger"][cr] != led).any():
-            return False
+        if ledger is not None and ((a["ledger"][dr] != ledger).any() or (a["ledger"][cr] != ledger).any()):
+            return None
         if ((a["flags"][dr] | a["flags"][cr]) & _SLOW_ACCOUNT_FLAGS).any():
-            return False
+            return None
         # High words below 2^62 leave room for this batch's (< 2^53) sums without any u128 overflow.
         touched = np.concatenate([dr, cr])
         for f in ("debits_pending", "debits_posted", "credits_pending", "credits_posted"):
             if (a[f][touched, 1] >= (1 << 62)).any():
-                return False
-        amount = amt[:, 0].astype(np.float64)
-        self._add_posted("debits_posted", dr, amount)
-        self._add_posted("credits_posted", cr, amount)
-        self._grow_transfers(n)
-        start = self.n_transfers
-        stored = self.transfers[start: start + n]
-        stored[:] = batch
-        stored["timestamp"] = np.arange(base, base + n, dtype=np.uint64)
-        self.pending_state[start: start + n] = NOT_PENDING
-        self.n_transfers += n
-        self.transfer_keys.update(new_keys)
-        return True
+                return None
+        return dr, cr
 
-    def _add_posted(self, field: str, rows: np.ndarray, amount: np.ndarray) -> None:
+    def _fast_create(self, batch: np.ndarray, base: int) -> np.ndarray | None:
+        n = len(batch)
+        amt = batch["amount"][:, 0]
+        pend = batch["flags"] == int(_TF.PENDING)
+        timeout = batch["timeout"]
+        if batch["pending_id"].any() or not (batch["ledger"].all() and batch["code"].all()):
+            return None
+        if batch["amount"][:, 1].any() or (timeout[~pend] != 0).any() or int(amt.max()) >= _FAST_AMOUNT_LIMIT:
+            return None
+        if pend.any() and base + n + int(timeout.max()) * 1_000_000_000 >= 1 << 63:
+            return None
+        rows = self._fast_accounts(batch["debit_account_id"], batch["credit_account_id"], batch["ledger"])
+        if rows is None:
+            return None
+        dr, cr = rows
+        amount = amt.astype(np.float64)
+        posted = ~pend
+        self._add_words("debits_posted", dr[posted], amount[posted])
+        self._add_words("credits_posted", cr[posted], amount[posted])
+        if pend.any():
+            self._add_words("debits_pending", dr[pend], amount[pend])
+            self._add_words("credits_pending", cr[pend], amount[pend])
+        stored = batch.copy()
+        stored["timestamp"] = np.arange(base, base + n, dtype=np.uint64)
+        return stored
+
+    def _fast_resolve(self, batch: np.ndarray, base: int) -> np.ndarray | None:
+        n = len(batch)
+        pid = batch["pending_id"]
+        ids = batch["id"]
+        if batch["timeout"].any() or not _valid_ids(pid):
+            return None
+        if ((pid[:, 0] == ids[:, 0]) & (pid[:, 1] == ids[:, 1])).any():
+            return None
+        prow = np.fromiter((self.transfer_keys.get(k, -1) for k in key64(pid).tolist()), dtype=np.int64, count=n)
+        if (prow < 0).any() or len(np.unique(prow)) != n:
+            return None
+        p = self.transfers[prow]
+        if ((p["id"][:, 0] != pid[:, 0]) | (p["id"][:, 1] != pid[:, 1])).any():
+            return None
+        if ((p["flags"] & np.uint16(0xFFFF ^ int(_TF.PENDING | _TF.LINKED))) != 0).any() or \
+                ((p["flags"] & np.uint16(int(_TF.PENDING))) == 0).any():
+            return None
+        if (self.pending_state[prow] != PENDING).any():
+            return None
+        ts = np.arange(base, base + n, dtype=np.uint64)
+        timed = p["timeout"] > 0
+        if timed.any():
+            expires = p["timestamp"][timed] + p["timeout"][timed].astype(np.uint64) * np.uint64(1_000_000_000)
+            if (expires <= ts[timed]).any():
+                return None
+        for f in ("debit_account_id", "credit_account_id"):
+            t, q = batch[f], p[f]
+            given = (t[:, 0] | t[:, 1]) != 0
+            if (given & ((t[:, 0] != q[:, 0]) | (t[:, 1] != q[:, 1]))).any():
+                return None
+        for f in ("ledger", "code"):
+            if ((batch[f] != 0) & (batch[f] != p[f])).any():
+                return None
+        p_amt = p["amount"]
+        if p_amt[:, 1].any() or int(p_amt[:, 0].max()) >= _FAST_AMOUNT_LIMIT:
+            return None
+        t_amt = batch["amount"]
+        everything = (t_amt[:, 0] == M64) & (t_amt[:, 1] == M64)  # AMOUNT_MAX: the full pending amount
+        if (~everything & (t_amt[:, 1] != 0)).any():
+            return None
+        post = batch["flags"] == int(_TF.POST_PENDING_TRANSFER)
+        asked = np.where(everything, p_amt[:, 0], t_amt[:, 0])
+        if (post & (asked > p_amt[:, 0])).any():
+            return None
+        if (~post & (asked != 0) & (asked != p_amt[:, 0])).any():
+            return None
+        rows = self._fast_accounts(p["debit_account_id"], p["credit_account_id"], None)
+        if rows is None:
+            return None
+        dr, cr = rows
+        held = p_amt[:, 0].astype(np.float64)
+        actual = np.where(post, asked, p_amt[:, 0])
+        self._add_words("debits_pending", dr, held, sign=-1)
+        self._add_words("credits_pending", cr, held, sign=-1)
+        moved = actual.astype(np.float64)
+        self._add_words("debits_posted", dr[post], moved[post])
+        self._add_words("credits_posted", cr[post], moved[post])
+        self.pending_state[prow] = np.where(post, POSTED, VOIDED)
+        stored = batch.copy()
+        for f in ("debit_account_id", "credit_account_id", "ledger", "code"):
+            stored[f] = p[f]
+        stored["amount"][:, 0] = actual
+        stored["amount"][:, 1] = 0
+        ud = stored["user_data_128"]
+        zero = (ud[:, 0] | ud[:, 1]) == 0
+        ud[zero] = p["user_data_128"][zero]
+        stored["user_data_128"] = ud
+        for f in ("user_data_64", "user_data_32"):
+            stored[f] = np.where(stored[f] == 0, p[f], stored[f])
+        stored["timestamp"] = ts
+        return stored
+
+    def _add_words(self, field: str, rows: np.ndarray, amount: np.ndarray, sign: int = 1) -> None:
+        """Add (or subtract) per-event amounts (< 2^40 each) to a u128 balance column, with carry/borrow."""
+        if len(rows) == 0:
+            return
         if self.n_accounts <= 1 << 18:  # a dense bincount is cheaper than sorting the rows
             dense = np.bincount(rows, weights=amount, minlength=self.n_accounts)
             uniq = np.nonzero(dense)[0]
@@ -354,9 +471,14 @@ class Engine:
             sums = np.bincount(inv, weights=amount, minlength=len(uniq)).astype(np.uint64)
         col = self.accounts[field]
         lo = col[uniq, 0]
-        new = lo + sums
-        col[uniq, 0] = new
-        col[uniq, 1] += (new < lo).astype(np.uint64)
+        if sign > 0:
+            new = lo + sums
+            col[uniq, 0] = new
+            col[uniq, 1] += (new < lo).astype(np.uint64)
+        else:
+            new = lo - sums
+            col[uniq, 0] = new
+            col[uniq, 1] -= (new > lo).astype(np.uint64)
 
     def _run_chains(self, n: int, ev: list[dict[str, int]], base: int, status: np.ndarray, stamps: np.ndarray,
                     create: Callable[[dict[str, int], int], tuple[int, int]], enum: Any) -> None:

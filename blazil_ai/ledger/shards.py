@@ -223,7 +223,6 @@ class ShardedLedger:
 
     def _route(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(home shard per event, cross-shard mask); home -1 means "the coordinator's own record"."""
-        n = len(batch)
         nn = np.uint64(self.n)
         dr, cr = batch["debit_account_id"], batch["credit_account_id"]
         home = (key64(dr) % nn).astype(np.int64)
@@ -253,16 +252,7 @@ class ShardedLedger:
                         (k in eng.failed_keys and ids[i] in eng.failed_ids):
                     home[i] = s
                     cross[i] = s == -1
-        # A repeated id within the batch follows its first occurrence.
-        if len(set(keys)) < n:
-            ids = ids or _ids(batch)
-            first: dict[int, int] = {}
-            for i, tid in enumerate(ids):
-                j = first.setdefault(tid, i)
-                if j != i:
-                    home[i] = int(home[j]) if not cross[j] else -1
-                    cross[i] = bool(cross[j]) or home[i] == -1
-            # A post/void of a pending transfer created earlier in this batch goes to the same shard.
+        # A post/void of a pending transfer created earlier in this segment goes to the same shard.
         if post_void.any():
             ids = ids or _ids(batch)
             pids = _ids(batch, "pending_id")
@@ -287,21 +277,31 @@ class ShardedLedger:
         stamps = np.zeros(n, dtype=np.uint64)
         if n == 0:
             return status, stamps
-        self._settle()
-        home, cross = self._route(batch)
-        self._check_chains(batch["flags"], np.where(cross, -1, home), "transfer", cross)
-        i = 0
-        while i < n:
-            j = i
-            if cross[i]:
-                while j < n and cross[j]:
-                    j += 1
-                self._cross_run(batch, i, j, status, stamps)
-            else:
-                while j < n and not cross[j]:
-                    j += 1
-                self._local_run(batch, home, i, j, status, stamps)
-            i = j
+        start = 0
+        while start < n:
+            # An id seen earlier in the batch may now exist, be burned, or still be free: only the earlier
+            # event's outcome says, so the batch is cut there and the rest routed once that is known.
+            cut = start + _segment_end(batch[start:])
+            seg = batch[start:cut]
+            self._settle()
+            home, cross = self._route(seg)
+            self._check_chains(seg["flags"], np.where(cross, -1, home), "transfer", cross)
+            m = len(seg)
+            seg_status = status[start:cut]
+            seg_stamps = stamps[start:cut]
+            i = 0
+            while i < m:
+                j = i
+                if cross[i]:
+                    while j < m and cross[j]:
+                        j += 1
+                    self._cross_run(seg, i, j, seg_status, seg_stamps)
+                else:
+                    while j < m and not cross[j]:
+                        j += 1
+                    self._local_run(seg, home, i, j, seg_status, seg_stamps)
+                i = j
+            start = cut
         return status, stamps
 
     def _settle(self) -> None:
@@ -377,11 +377,12 @@ class ShardedLedger:
     def _cross_run(self, batch: np.ndarray, i: int, j: int, status: np.ndarray, stamps: np.ndarray) -> None:
         events = _columns(batch[i:j])
         go: list[int] = []
+        go_ids: set[int] = set()
         for k, t in enumerate(events):
             # An id repeated inside this run is judged after the earlier one is done.
-            if any(events[g]["id"] == t["id"] for g in go):
+            if t["id"] in go_ids:
                 self._run_group(events, batch, i, go, status, stamps, attempt=0)
-                go = []
+                go, go_ids = [], set()
             code = self._precheck(t)
             if code != CREATED:
                 self._fail(t["id"], code)
@@ -393,6 +394,7 @@ class ShardedLedger:
                 raise DataError(f"event {i + k}: transfer {t['id']} moves money between shards with flags "
                                 f"{TransferFlags(t['flags'])!r}; cross-shard transfers must be plain")
             go.append(k)
+            go_ids.add(t["id"])
         self._run_group(events, batch, i, go, status, stamps, attempt=0)
 
     def _ensure_clearing(self, shard: int, ledger: int) -> None:
@@ -622,6 +624,31 @@ class _Rec:
 
 def _u(words: np.ndarray) -> int:
     return int(words[0]) | (int(words[1]) << 64)
+
+
+def _segment_end(batch: np.ndarray) -> int:
+    """Length of the longest prefix without a repeated id (a linked chain is never split)."""
+    n = len(batch)
+    if len(np.unique(key64(batch["id"]))) == n:
+        return n
+    seen: set[int] = set()
+    linked = (batch["flags"] & 1).astype(bool).tolist()
+    chain_start = None
+    for k, tid in enumerate(_ids(batch)):
+        if chain_start is None and linked[k]:
+            chain_start = k
+        if tid in seen and k > 0:
+            if chain_start is None or chain_start == k:
+                return k
+            if chain_start > 0:
+                return chain_start
+            while k < n and linked[k]:  # the chain holds the repeat: it goes whole, on one shard
+                k += 1
+            return min(k + 1, n)
+        seen.add(tid)
+        if chain_start is not None and not linked[k]:
+            chain_start = None
+    return n
 
 
 def _ids(batch: np.ndarray, field: str = "id") -> list[int]:

@@ -1,0 +1,253 @@
+"""Ledger throughput: durable transfers/s and batch latency, with its anchors measured in the same run.
+
+Cases (1,000,000 transfers over 10,000 accounts, batches of 8189, fsync before every ack):
+  numpy path, 1 shard      create_transfers_async(TRANSFER_DTYPE batch), --depth batches in flight
+  numpy path, 2 shards     accounts partitioned by shard, each transfer within one shard
+  cross-shard, 2 shards    every transfer crosses shards (two-phase commit through clearing accounts)
+  dataclass path, 1 shard  create_transfers(list[Transfer]) as with the official client, one batch at a time
+Anchors:
+  fsync                    the bare write(1 MiB) + fdatasync rate of the data directory (the disk's ceiling
+                           for one fsync per batch: rate x 8189 transfers/s)
+  python loop              a straightforward per-transfer Python loop (dict of balances, duplicate-id set,
+                           one write + fdatasync per batch)
+
+Runs are interleaved (case order rotates each round) and medians are reported. One JSON line per case.
+
+    python benchmarks/ledger.py                 # the full run
+    python benchmarks/ledger.py --quick         # 200k transfers, 1 round
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blazil_ai import ledger as L  # noqa: E402
+from blazil_ai.ledger.shards import shard_of  # noqa: E402
+
+BATCH = 8189
+
+
+def fs_type(path: Path) -> str:
+    best, kind = "", "?"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and str(path.resolve()).startswith(parts[1]) and len(parts[1]) > len(best):
+            best, kind = parts[1], parts[2]
+    return kind
+
+
+def make_batches(n: int, n_accounts: int, seed: int, id_base: int, groups: list[np.ndarray] | None = None,
+                 cross: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in range(0, n, BATCH):
+        m = min(BATCH, n - start)
+        b = np.zeros(m, dtype=L.TRANSFER_DTYPE)
+        b["id"][:, 0] = np.arange(start, start + m, dtype=np.uint64) + 1
+        b["id"][:, 1] = id_base
+        if cross is not None:
+            a, c = cross
+            dr, cr = rng.choice(a, m), rng.choice(c, m)
+        elif groups is not None:
+            g = groups[start // BATCH % len(groups)] if False else groups[rng.integers(len(groups))]
+            dr = rng.choice(g, m)
+            cr = rng.choice(g, m)
+            same = dr == cr
+            cr[same] = g[(np.searchsorted(g, cr[same]) + 1) % len(g)]
+        else:
+            dr = rng.integers(1, n_accounts + 1, m)
+            cr = (dr + rng.integers(1, n_accounts, m) - 1) % n_accounts + 1
+        b["debit_account_id"][:, 0] = dr
+        b["credit_account_id"][:, 0] = cr
+        b["amount"][:, 0] = rng.integers(1, 1000, m)
+        b["ledger"], b["code"] = 1, 1
+        out.append(b)
+    return out
+
+
+def open_ledger(root: Path, shards: int, n_accounts: int, capacity: int) -> L.LedgerClient:
+    if root.exists():
+        shutil.rmtree(root)
+    c = L.connect(root, **({"shards": shards} if shards > 1 else {"capacity": capacity}))
+    accs = np.zeros(n_accounts, dtype=L.ACCOUNT_DTYPE)
+    accs["id"][:, 0] = np.arange(1, n_accounts + 1)
+    accs["ledger"], accs["code"] = 1, 1
+    for k in range(0, n_accounts, BATCH):
+        assert (c.create_accounts(accs[k: k + BATCH]) == 0).all()
+    return c
+
+
+def run_numpy(root: Path, batches: list[np.ndarray], shards: int, n_accounts: int, depth: int) -> dict[str, float]:
+    c = open_ledger(root, shards, n_accounts, capacity=sum(len(b) for b in batches) + BATCH)
+    lat: list[float] = []
+    inflight: list[tuple[float, object]] = []
+    t0 = time.perf_counter()
+    try:
+        for b in batches:
+            inflight.append((time.perf_counter(), c.create_transfers_async(b)))
+            if len(inflight) >= depth:
+                ts, f = inflight.pop(0)
+                st = f.result()  # type: ignore[attr-defined]
+                lat.append(time.perf_counter() - ts)
+                assert (st == 0).all(), np.unique(st)
+        for ts, f in inflight:
+            st = f.result()  # type: ignore[attr-defined]
+            lat.append(time.perf_counter() - ts)
+            assert (st == 0).all(), np.unique(st)
+        dt = time.perf_counter() - t0
+    finally:
+        c.close()
+    return {"seconds": dt, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
+
+
+def run_dataclass(root: Path, batches: list[np.ndarray], n_accounts: int) -> dict[str, float]:
+    lists = [L.array_to_transfers(b) for b in batches]  # the caller's objects exist before timing starts
+    c = open_ledger(root, 1, n_accounts, capacity=sum(len(b) for b in batches) + BATCH)
+    lat = []
+    t0 = time.perf_counter()
+    try:
+        for items in lists:
+            ts = time.perf_counter()
+            res = c.create_transfers(items)
+            lat.append(time.perf_counter() - ts)
+            assert res[-1].status == L.CreateTransferStatus.CREATED
+        dt = time.perf_counter() - t0
+    finally:
+        c.close()
+    return {"seconds": dt, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
+
+
+def anchor_fsync(root: Path, rounds: int = 60) -> float:
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "fsync-probe"
+    buf = os.urandom(BATCH * 128)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            os.write(fd, buf)
+            os.fdatasync(fd)
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        path.unlink()
+    return rounds / dt
+
+
+def anchor_loop(root: Path, batches: list[np.ndarray], n_accounts: int) -> float:
+    """A plain Python ledger: per transfer, check and update dict balances; per batch, one write + fsync."""
+    root.mkdir(parents=True, exist_ok=True)
+    debits = {i: 0 for i in range(1, n_accounts + 1)}
+    credits = dict(debits)
+    seen: set[int] = set()
+    rows = [(b["id"][:, 0].tolist(), b["debit_account_id"][:, 0].tolist(), b["credit_account_id"][:, 0].tolist(),
+             b["amount"][:, 0].tolist(), b.tobytes()) for b in batches]
+    fd = os.open(root / "loop.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    n = 0
+    t0 = time.perf_counter()
+    try:
+        for ids, drs, crs, amts, raw in rows:
+            for tid, dr, cr, amt in zip(ids, drs, crs, amts):
+                if tid in seen or dr not in debits or cr not in credits or dr == cr:
+                    continue
+                seen.add(tid)
+                debits[dr] += amt
+                credits[cr] += amt
+                n += 1
+            os.write(fd, raw)
+            os.fdatasync(fd)
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return n / dt
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--transfers", type=int, default=1_000_000)
+    ap.add_argument("--accounts", type=int, default=10_000)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    ap.add_argument("--depth", type=int, default=4, help="numpy-path batches in flight (1 = strictly one at a time)")
+    ap.add_argument("--loop-transfers", type=int, default=200_000, help="transfers for the Python-loop anchor")
+    ap.add_argument("--cross-transfers", type=int, default=3 * BATCH, help="transfers for the cross-shard case")
+    ap.add_argument("--dataclass-transfers", type=int, default=None, help="default: --transfers")
+    ap.add_argument("--data-dir", default=None, help="where the ledgers are written (default: a temp dir)")
+    ap.add_argument("--cases", default="numpy1,numpy2,cross2,dataclass1")
+    ap.add_argument("--quick", action="store_true", help="200k transfers, one round")
+    args = ap.parse_args()
+    if args.quick:
+        args.transfers, args.rounds, args.loop_transfers = 200_000, 1, 50_000
+    base = Path(args.data_dir or tempfile.mkdtemp(prefix="blazil-ledger-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
+    cases = args.cases.split(",")
+    n_acc = args.accounts
+    main_batches = make_batches(args.transfers, n_acc, 1, 0)
+    n_dc = args.dataclass_transfers or args.transfers
+    dc_batches = main_batches[: (n_dc + BATCH - 1) // BATCH]
+    acc_ids = np.arange(1, n_acc + 1)
+    owner = np.array([shard_of(int(i), 2) for i in acc_ids])
+    groups = [acc_ids[owner == s] for s in range(2)]
+    part_batches = make_batches(args.transfers, n_acc, 2, 0, groups=groups)
+    cross_batches = make_batches(args.cross_transfers, n_acc, 3, 0, cross=(groups[0], groups[1]))
+    loop_batches = main_batches[: max(1, args.loop_transfers // BATCH)]
+
+    results: dict[str, list[dict[str, float]]] = {c: [] for c in cases}
+    fsync_rates: list[float] = []
+    loop_rates: list[float] = []
+    for r in range(args.rounds):
+        order = cases[r % len(cases):] + cases[: r % len(cases)]
+        fsync_rates.append(anchor_fsync(base / "anchor"))
+        loop_rates.append(anchor_loop(base / "anchor", loop_batches, n_acc))
+        for case in order:
+            root = base / case
+            if case == "numpy1":
+                results[case].append(run_numpy(root, main_batches, 1, n_acc, args.depth))
+            elif case == "numpy2":
+                results[case].append(run_numpy(root, part_batches, 2, n_acc, args.depth))
+            elif case == "cross2":
+                results[case].append(run_numpy(root, cross_batches, 2, n_acc, 1))
+            elif case == "dataclass1":
+                results[case].append(run_dataclass(root, dc_batches, n_acc))
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+    fsync = statistics.median(fsync_rates)
+    loop = statistics.median(loop_rates)
+    sizes = {"numpy1": args.transfers, "numpy2": args.transfers, "cross2": args.cross_transfers,
+             "dataclass1": sum(len(b) for b in dc_batches)}
+    labels = {"numpy1": ("numpy", 1, args.depth), "numpy2": ("numpy", 2, args.depth),
+              "cross2": ("numpy, every transfer cross-shard", 2, 1), "dataclass1": ("dataclass", 1, 1)}
+    for case in cases:
+        runs = results[case]
+        tps = statistics.median(sizes[case] / x["seconds"] for x in runs)
+        path, shards, depth = labels[case]
+        print(json.dumps({
+            "bench": "ledger", "case": case, "path": path, "shards": shards, "batches_in_flight": depth,
+            "transfers": sizes[case], "accounts": n_acc, "batch": BATCH, "fsync_per_batch": True,
+            "transfers_per_s": round(tps), "p50_batch_ms": round(statistics.median(x["p50"] for x in runs) * 1e3, 2),
+            "p99_batch_ms": round(statistics.median(x["p99"] for x in runs) * 1e3, 2),
+            "anchor_fsync_per_s": round(fsync, 1), "anchor_fsync_ceiling_transfers_per_s": round(fsync * BATCH),
+            "anchor_python_loop_transfers_per_s": round(loop), "ratio_vs_python_loop": round(tps / loop, 2),
+            "ratio_vs_fsync_ceiling": round(tps / (fsync * BATCH), 3),
+            "goal_transfers_per_s": 1_000_000, "goal_met": bool(tps >= 1_000_000 and case == "numpy1"),
+            "rounds": args.rounds, "filesystem": fs_type(base), "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        }), flush=True)
+    if args.data_dir is None:
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
