@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
+from blazil_ai.cli import main as blazil
 from blazil_ai.datasets import commands
-from blazil_ai.errors import BlazilError
-
-
-def blazil(argv: list[str]) -> int:
-    """Run a ``blazil data`` command the way ``blazil_ai.cli.main`` does (errors -> message and exit 1)."""
-    parser = argparse.ArgumentParser(prog="blazil")
-    commands.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except BlazilError as e:
-        print(f"blazil {args.command}: error: {e}")
-        return 1
 
 
 def test_make_samples_and_inspect_each_type(tmp_path, capsys):
@@ -42,7 +29,7 @@ def test_inspect_bad_input_exits_nonzero_with_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bad.csv"
     bad.write_text("amount,channel,is_fraud\n1,pos,0\n2,pos\n")
     assert blazil(["data", "inspect", "-t", "features", str(bad)]) == 1
-    assert "bad.csv, line 3: expected 3 fields, found 2" in capsys.readouterr().out
+    assert "bad.csv, line 3: expected 3 fields, found 2" in capsys.readouterr().err
     assert blazil(["data", "inspect", "-t", "features", str(bad), "--on-error", "skip", "--json",
                    "-o", "val_fraction=0"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"]["count"] == 1
