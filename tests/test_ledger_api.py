@@ -204,3 +204,13 @@ def test_tigerbeetle_cluster_backend():
                                            L.CreateTransferStatus.ACCOUNTS_MUST_BE_DIFFERENT]
         assert c.lookup_accounts([b])[0].credits_posted == 5
         assert c.lookup_transfers([t])[0].amount == 5
+
+
+@pytest.mark.parametrize("script", ["ledger_quickstart.py", "ledger_server.py"])
+def test_examples_run(script, tmp_path):
+    args = [sys.executable, str(REPO / "examples" / script)]
+    if script == "ledger_quickstart.py":
+        args.append(str(tmp_path / "ledger"))
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "8189 of 8189 created" in out.stdout or "blazil_ledger_fsyncs_total" in out.stdout
