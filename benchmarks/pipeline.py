@@ -124,6 +124,8 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
     p.add_argument("--concurrency", default="1,4,8", help="numbers of requests in flight")
+    p.add_argument("--modes", default="auto",
+                   help="pipelines to compare, comma-separated: auto, graphs (CUDA graphs for decode), eager")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--anchor-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -157,59 +159,77 @@ def main() -> int:
     t0 = time.perf_counter()
     anchor = Anchor(ckpt, args)
     anchor_load_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    pipe = LocalPipeline(ckpt, transport=args.transport, dtype=args.dtype, device=args.device, threads=args.threads,
-                         timeout=600, start_timeout=1200)
+    modes = args.modes.split(",")
+    pipes: dict[str, LocalPipeline] = {}
     try:
-        client = pipe.start()
-        pipe_load_s = time.perf_counter() - t0
-        print(f"checkpoint {write_s:.0f}s, anchor load {anchor_load_s:.0f}s, stages load {pipe_load_s:.0f}s",
-              file=sys.stderr, flush=True)
-        anchor.generate(prompts[0], 4)  # warm-up both (allocator, kernels)
-        client.generate(prompts[0], SamplingParams(max_new_tokens=4, eos_token_ids=[-1]))
-        a_runs, p_runs = [], []
+        for mode in modes:
+            t0 = time.perf_counter()
+            pipes[mode] = LocalPipeline(ckpt, transport=args.transport, dtype=args.dtype, device=args.device,
+                                        threads=args.threads, timeout=600, start_timeout=1200,
+                                        decode_graphs={"graphs": "on", "eager": "off"}.get(mode, "auto"))
+            pipes[mode].start()
+            print(f"checkpoint {write_s:.0f}s, anchor load {anchor_load_s:.0f}s, {mode} stages load "
+                  f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+        anchor.generate(prompts[0], 4)  # warm-up (allocator, kernels, graph captures)
+        for pipe in pipes.values():
+            assert pipe.client is not None
+            pipe.client.generate(prompts[0], SamplingParams(max_new_tokens=4, eos_token_ids=[-1]))
+            pipe.client.generate_many(prompts[:8], SamplingParams(max_new_tokens=2, eos_token_ids=[-1]))
+        a_runs: list[dict[str, Any]] = []
+        p_runs: dict[str, list[Any]] = {m: [] for m in modes}
         for _ in range(args.reps):
             a_runs.append(anchor.generate(prompts[0], args.new_tokens))
-            p_runs.append(client.generate(prompts[0], greedy))
+            for mode, pipe in pipes.items():
+                assert pipe.client is not None
+                p_runs[mode].append(pipe.client.generate(prompts[0], greedy))
         a_dec = statistics.median(r["decode_ms"] for r in a_runs)
         a_pre = statistics.median(r["prefill_s"] for r in a_runs)
-        p_dec = statistics.median(1000 / r.decode_tokens_per_s for r in p_runs)
-        p_pre = statistics.median(r.prefill_s for r in p_runs)
-        identical = all(a["ids"] == r.token_ids for a, r in zip(a_runs, p_runs))
-        emit({"case": "decode", **common, "anchor_prefill_s": round(a_pre, 4), "pipeline_prefill_s": round(p_pre, 4),
-              "prefill_ratio": round(p_pre / a_pre, 3), "anchor_decode_ms_per_token": round(a_dec, 3),
-              "pipeline_decode_ms_per_token": round(p_dec, 3), "decode_ratio": round(p_dec / a_dec, 3),
-              "anchor_tokens_per_s": round(1000 / a_dec, 2), "pipeline_tokens_per_s": round(1000 / p_dec, 2),
-              "tokens_identical": identical, "goal": "decode_ratio <= 1.1", "reps": args.reps}, out)
-
         concurrency = [int(c) for c in args.concurrency.split(",")]
-        rates: dict[int, list[float]] = {n: [] for n in concurrency}
+        rates: dict[str, dict[int, list[float]]] = {m: {n: [] for n in concurrency} for m in modes}
         for _ in range(args.reps):
             for n in concurrency:
-                t = time.perf_counter()
-                results = client.generate_many(prompts[:n], greedy)
-                rates[n].append(sum(len(r.token_ids) for r in results) / (time.perf_counter() - t))
-        single = statistics.median(rates[concurrency[0]])
-        for n in concurrency:
-            med = statistics.median(rates[n])
-            emit({"case": "concurrency", **common, "requests": n, "pipeline_tokens_per_s": round(med, 2),
-                  "single_request_tokens_per_s": round(single, 2), "ratio_to_single": round(med / single, 3),
-                  "anchor_tokens_per_s": round(1000 / a_dec, 2), "ratio_to_anchor": round(med / (1000 / a_dec), 3),
-                  "goal": "8 requests >= 4x single", "reps": args.reps}, out)
-
-        stages = client.ping(10.0)
-        a_mem = a_runs[-1]
-        rec = {"case": "memory", **common, "anchor_peak_rss_mb": round(a_mem["peak_rss_mb"], 1),
-               "stage_peak_rss_mb": [round(s["peak_rss_mb"], 1) if s else None for s in stages]}
-        rec["max_stage_rss_ratio"] = round(max(rec["stage_peak_rss_mb"]) / rec["anchor_peak_rss_mb"], 3)
-        if "cuda_peak_mb" in a_mem:
-            rec["anchor_cuda_peak_mb"] = round(a_mem["cuda_peak_mb"], 1)
-            rec["stage_cuda_peak_mb"] = [round(s.get("cuda_peak_mb", 0), 1) if s else None for s in stages]
-            rec["max_stage_cuda_ratio"] = round(max(rec["stage_cuda_peak_mb"]) / rec["anchor_cuda_peak_mb"], 3)
-        rec["goal"] = "each stage <= 0.4 x anchor"
-        emit(rec, out)
+                for mode, pipe in pipes.items():
+                    assert pipe.client is not None
+                    t = time.perf_counter()
+                    results = pipe.client.generate_many(prompts[:n], greedy)
+                    rates[mode][n].append(sum(len(r.token_ids) for r in results) / (time.perf_counter() - t))
+        for mode, pipe in pipes.items():
+            assert pipe.client is not None
+            stages = pipe.client.ping(10.0)
+            graphs = [bool(s and s.get("decode_graphs")) for s in stages]
+            runs = p_runs[mode]
+            p_dec = statistics.median(1000 / r.decode_tokens_per_s for r in runs)
+            p_pre = statistics.median(r.prefill_s for r in runs)
+            identical = all(a["ids"] == r.token_ids for a, r in zip(a_runs, runs))
+            base = {**common, "mode": mode, "decode_graphs": graphs}
+            emit({"case": "decode", **base, "anchor_prefill_s": round(a_pre, 4), "pipeline_prefill_s": round(p_pre, 4),
+                  "prefill_ratio": round(p_pre / a_pre, 3), "anchor_decode_ms_per_token": round(a_dec, 3),
+                  "pipeline_decode_ms_per_token": round(p_dec, 3), "decode_ratio": round(p_dec / a_dec, 3),
+                  "anchor_tokens_per_s": round(1000 / a_dec, 2), "pipeline_tokens_per_s": round(1000 / p_dec, 2),
+                  "tokens_identical": identical, "goal": "decode_ratio <= 1.1", "reps": args.reps}, out)
+            single = statistics.median(rates[mode][concurrency[0]])
+            for n in concurrency:
+                med = statistics.median(rates[mode][n])
+                emit({"case": "concurrency", **base, "requests": n, "pipeline_tokens_per_s": round(med, 2),
+                      "single_request_tokens_per_s": round(single, 2), "ratio_to_single": round(med / single, 3),
+                      "anchor_tokens_per_s": round(1000 / a_dec, 2),
+                      "ratio_to_anchor": round(med / (1000 / a_dec), 3),
+                      "goal": "8 requests >= 4x single", "reps": args.reps}, out)
+            a_mem = a_runs[-1]
+            rec = {"case": "memory", **base, "anchor_peak_rss_mb": round(a_mem["peak_rss_mb"], 1),
+                   "stage_peak_rss_mb": [round(s["peak_rss_mb"], 1) if s else None for s in stages]}
+            rec["max_stage_rss_ratio"] = round(max(r or 0 for r in rec["stage_peak_rss_mb"])
+                                               / rec["anchor_peak_rss_mb"], 3)
+            if "cuda_peak_mb" in a_mem:
+                rec["anchor_cuda_peak_mb"] = round(a_mem["cuda_peak_mb"], 1)
+                rec["stage_cuda_peak_mb"] = [round(s.get("cuda_peak_mb", 0), 1) if s else None for s in stages]
+                rec["max_stage_cuda_ratio"] = round(max(r or 0 for r in rec["stage_cuda_peak_mb"])
+                                                    / rec["anchor_cuda_peak_mb"], 3)
+            rec["goal"] = "each stage <= 0.4 x anchor"
+            emit(rec, out)
     finally:
-        pipe.stop()
+        for pipe in pipes.values():
+            pipe.stop()
         anchor.close()
         if out is not None:
             out.close()

@@ -58,6 +58,8 @@ def run_chain(stages: list[StageModel], prompts: list[list[int]], samplers: list
 @pytest.mark.parametrize("split", [None, (3, 4)])
 def test_greedy_ids_and_final_logits_equal_hf_generate(tiny, hf, split):
     stages = stages_for(tiny, split)
+    for s in stages[1:]:
+        s.enable_decode_graphs(use_graphs=False)  # stage 1 the plain forward, stages 2-3 the graph pieces
     for prompt in PROMPTS[:2]:
         out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8, repetition_penalty=1.0,
                           eos_token_id=None, output_logits=True, return_dict_in_generate=True)
@@ -68,8 +70,12 @@ def test_greedy_ids_and_final_logits_equal_hf_generate(tiny, hf, split):
             s.caches.clear()
 
 
-def test_batched_decode_of_several_sequences_matches_each_alone(tiny, hf):
+@pytest.mark.parametrize("pieces", [False, True], ids=["forward", "decode-graph-pieces"])
+def test_batched_decode_of_several_sequences_matches_each_alone(tiny, hf, pieces):
     stages = stages_for(tiny)
+    if pieces:  # the decomposition CUDA graphs replay on a GPU, run eagerly here
+        for s in stages:
+            s.enable_decode_graphs(use_graphs=False)
     refs = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=6, eos_token_id=None)[0, len(p):].tolist()
             for p in PROMPTS]
     ids, _ = run_chain(stages, PROMPTS, [Sampler(SamplingParams(max_new_tokens=6), p) for p in PROMPTS], 6)

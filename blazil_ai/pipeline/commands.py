@@ -50,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     g.add_argument("--device", default="cpu", help="torch device for the stages (cpu, cuda)")
     g.add_argument("--threads", type=int, default=0, help="torch threads per stage (0 = torch's default)")
+    g.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="CUDA graphs for decode steps (auto = on when --device is a GPU)")
     g.add_argument("--timeout", type=float, default=120.0,
                    help="fail a request when no token arrives for this many seconds (default 120)")
     g.add_argument("--connect", default=None,
@@ -125,7 +127,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"blazil generate: starting 3 stages ({args.transport}, {args.device}) for {args.model} ...",
               file=sys.stderr, flush=True)
         pipe = LocalPipeline(args.model, transport=args.transport, split=parse_split(args.split), dtype=args.dtype,
-                             device=args.device, threads=args.threads, timeout=args.timeout)
+                             device=args.device, threads=args.threads, timeout=args.timeout,
+                             decode_graphs=args.decode_graphs)
         client = pipe.start()
         print("blazil generate: stages " + ", ".join(f"{s['stage']}={s['start']}:{s['stop']}"
                                                      for s in client.stages_info) + " ready", file=sys.stderr)

@@ -355,8 +355,9 @@ class LocalPipeline:
     def __init__(self, model_dir: str | os.PathLike[str], transport: str = "tcp", split: tuple[int, ...] | None = None,
                  dtype: str = "auto", device: str = "cpu", stages: int = 3, threads: int = 0,
                  timeout: float = 60.0, start_timeout: float = 300.0, log_dir: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, decode_graphs: str = "auto") -> None:
         self.model_dir = str(model_dir)
+        self.decode_graphs = decode_graphs
         config = load_config(model_dir)
         self.ranges = split_layers(config.num_hidden_layers, split, stages)
         if transport not in ("tcp", "aeron"):
@@ -393,7 +394,8 @@ class LocalPipeline:
         nxt = self.addrs[(i + 1) % len(self.addrs)]
         args = ["--stage", str(i + 1), "--model", self.model_dir, "--layers", f"{a}:{b}",
                 "--listen", self.addrs[i][0], "--listen-stream", str(self.addrs[i][1]),
-                "--next", nxt[0], "--next-stream", str(nxt[1]), "--dtype", self.dtype, "--device", self.device]
+                "--next", nxt[0], "--next-stream", str(nxt[1]), "--dtype", self.dtype, "--device", self.device,
+                "--decode-graphs", self.decode_graphs]
         if self.threads:
             args += ["--threads", str(self.threads)]
         return args

@@ -10,6 +10,7 @@ each sequence's own cache, runs per sequence.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from torch import nn
 
 from blazil_ai.errors import BlazilError, ConfigError
 from blazil_ai.pipeline.weights import StageSpec, load_config, load_stage_tensors
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,7 +75,14 @@ class StageModel(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if spec.is_last else None
         self.rotary_emb = Qwen2RotaryEmbedding(cfg).to(self.device_)
         self.caches: dict[str, SequenceCache] = {}
+        self.graphs: DecodeGraphs | None = None
         self.eval()
+
+    def enable_decode_graphs(self, use_graphs: bool | None = None) -> None:
+        """Run decode steps through :class:`DecodeGraphs` (CUDA graphs on a GPU; the same pieces eagerly on CPU)."""
+        if use_graphs is None:
+            use_graphs = self.device_.type == "cuda"
+        self.graphs = DecodeGraphs(self, use_graphs)
 
     @classmethod
     def from_checkpoint(cls, model_dir: str | os.PathLike[str], spec: StageSpec, dtype: str | None = "auto",
@@ -140,7 +150,10 @@ class StageModel(nn.Module):
                                     "several tokens are accepted only as the prompt (position 0)")
         hidden = hidden.to(self.device_, self.dtype_)
         if all(n == 1 for n in lengths):
-            out = self._run(hidden.unsqueeze(1), caches, positions).squeeze(1)
+            if self.graphs is not None:
+                out = self.graphs.run(hidden.unsqueeze(1), caches, positions).squeeze(1)
+            else:
+                out = self._run(hidden.unsqueeze(1), caches, positions).squeeze(1)
         else:
             offsets = [0]
             for n in lengths:
@@ -149,7 +162,8 @@ class StageModel(nn.Module):
             one = [i for i, n in enumerate(lengths) if n == 1]
             if one:
                 rows = torch.tensor([offsets[i] for i in one], device=self.device_)
-                out[rows] = self._run(hidden[rows].unsqueeze(1), [caches[i] for i in one],
+                step = self.graphs.run if self.graphs is not None else self._run
+                out[rows] = step(hidden[rows].unsqueeze(1), [caches[i] for i in one],
                                       [positions[i] for i in one]).squeeze(1)
             for i, n in enumerate(lengths):
                 if n > 1:
@@ -172,18 +186,31 @@ class StageModel(nn.Module):
 def _decoder_layer(layer: Any, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    caches: list[SequenceCache]) -> torch.Tensor:
     """``Qwen2DecoderLayer.forward`` with one KV cache per batch row (same operations, same order)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    q, k, v = _qkv(layer, x, cos, sin)
+    return _out(layer, x, _attend(layer, index, q, k, v, caches))
+
+
+def _qkv(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Input norm, q/k/v projections and rotary embedding: the part before attention."""
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
     attn = layer.self_attn
-    residual = x
     h = layer.input_layernorm(x)
-    bsz, seq = h.shape[:2]
-    shape = (bsz, seq, -1, attn.head_dim)
+    shape = (h.shape[0], h.shape[1], -1, attn.head_dim)
     q = attn.q_proj(h).view(shape).transpose(1, 2)
     k = attn.k_proj(h).view(shape).transpose(1, 2)
     v = attn.v_proj(h).view(shape).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
+def _attend(layer: Any, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            caches: list[SequenceCache]) -> torch.Tensor:
+    """Append k/v to each sequence's cache and attend over it; returns ``[B, T, heads * head_dim]``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    attn = layer.self_attn
+    bsz, seq = q.shape[0], q.shape[2]
     outs = []
     for b, cache in enumerate(caches):
         kb, vb = (k, v) if bsz == 1 else (k[b:b + 1], v[b:b + 1])
@@ -191,12 +218,100 @@ def _decoder_layer(layer: Any, index: int, x: torch.Tensor, cos: torch.Tensor, s
         if past_k is not None and past_v is not None:
             kb = torch.cat([past_k, kb], dim=-2)
             vb = torch.cat([past_v, vb], dim=-2)
+        else:
+            # The cache must own its memory: k/v may be a CUDA graph's output buffer, rewritten next step.
+            kb, vb = kb.clone(), vb.clone()
         cache.keys[index], cache.values[index] = kb, vb
         qb = q if bsz == 1 else q[b:b + 1]
         o, _ = sdpa_attention_forward(attn, qb, kb, vb, None, dropout=0.0, scaling=attn.scaling, sliding_window=None)
         outs.append(o)
     o = outs[0] if bsz == 1 else torch.cat(outs)
-    o = attn.o_proj(o.reshape(bsz, seq, -1).contiguous())
-    x = residual + o
-    residual = x
-    return residual + layer.mlp(layer.post_attention_layernorm(x))
+    return o.reshape(bsz, seq, -1).contiguous()
+
+
+def _out(layer: Any, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    """Output projection, residual, post-attention norm, MLP, residual: the part after attention."""
+    x = x + layer.self_attn.o_proj(o)
+    return x + layer.mlp(layer.post_attention_layernorm(x))
+
+
+class DecodeGraphs:
+    """Decode steps with the dense parts of each layer replayed as CUDA graphs.
+
+    Per batch size, each layer's part before attention and part after it are captured once (the
+    output of one is the input of the next, so no copies); attention, which reads each sequence's own
+    growing cache, runs between the replays as usual. The same kernels run as in the eager forward,
+    so the numbers are the same; only the launch and Python overhead goes. With ``use_graphs=False``
+    (CPU) the same pieces run eagerly, which is how the decomposition is tested without a GPU.
+    """
+
+    def __init__(self, model: StageModel, use_graphs: bool) -> None:
+        self.model = model
+        self.use_graphs = use_graphs
+        self._sets: dict[int, dict[str, Any]] = {}
+        self._pool: Any = torch.cuda.graph_pool_handle() if use_graphs else None
+
+    def _build(self, bsz: int) -> dict[str, Any]:
+        m = self.model
+        cfg = m.config
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dev, dt = m.device_, m.dtype_
+        x0 = torch.zeros(bsz, 1, cfg.hidden_size, device=dev, dtype=dt)
+        cos = torch.zeros(bsz, 1, hd, device=dev, dtype=dt)
+        sin = torch.zeros(bsz, 1, hd, device=dev, dtype=dt)
+        attn_in = [torch.zeros(bsz, 1, cfg.num_attention_heads * hd, device=dev, dtype=dt) for _ in m.layers]
+        entry: dict[str, Any] = {"x": x0, "cos": cos, "sin": sin, "attn": attn_in, "a": [], "b": [], "qkv": [],
+                                 "outs": []}
+        x = x0
+        for i, layer in enumerate(m.layers):
+            if self.use_graphs:
+                qkv = self._capture(lambda layer=layer, x=x: _qkv(layer, x, cos, sin), entry["a"])
+                x_next = self._capture(lambda layer=layer, x=x, i=i: _out(layer, x, attn_in[i]), entry["b"])
+            else:
+                qkv, x_next = None, None
+            entry["qkv"].append(qkv)
+            entry["outs"].append(x_next)
+            x = x_next if x_next is not None else x
+        return entry
+
+    def _capture(self, fn: Any, graphs: list[Any]) -> Any:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            out = fn()
+        graphs.append(g)
+        return out
+
+    def run(self, x: torch.Tensor, caches: list[SequenceCache], positions: list[int]) -> torch.Tensor:
+        """One decode step for ``x`` ``[B, 1, H]``; returns ``[B, 1, H]``."""
+        m = self.model
+        bsz = x.shape[0]
+        entry = self._sets.get(bsz)
+        if entry is None:
+            try:
+                entry = self._sets[bsz] = self._build(bsz)
+            except RuntimeError as e:  # a capture the GPU or this torch cannot do: stay correct, run eagerly
+                log.warning("stage %d: CUDA graph capture failed (%s); decoding eagerly", m.spec.stage, e)
+                self.use_graphs = False
+                entry = self._sets[bsz] = {}
+        position_ids = torch.tensor(positions, device=m.device_)[:, None]
+        cos, sin = m.rotary_emb(x, position_ids)
+        if not self.use_graphs:
+            for i, layer in enumerate(m.layers):
+                q, k, v = _qkv(layer, x, cos, sin)
+                x = _out(layer, x, _attend(layer, i, q, k, v, caches))
+            return x
+        entry["x"].copy_(x)
+        entry["cos"].copy_(cos)
+        entry["sin"].copy_(sin)
+        for i, layer in enumerate(m.layers):
+            entry["a"][i].replay()
+            q, k, v = entry["qkv"][i]
+            entry["attn"][i].copy_(_attend(layer, i, q, k, v, caches))
+            entry["b"][i].replay()
+        return entry["outs"][-1].clone()

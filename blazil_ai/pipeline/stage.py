@@ -65,10 +65,13 @@ class StageServer:
     """One pipeline stage bound to its channels."""
 
     def __init__(self, model_dir: str, spec: StageSpec, listen: Address, next_addr: Address,
-                 dtype: str = "auto", device: str = "cpu", send_timeout: float = 5.0) -> None:
+                 dtype: str = "auto", device: str = "cpu", send_timeout: float = 5.0,
+                 decode_graphs: str = "auto") -> None:
         self.model_dir = model_dir
         self.spec = spec
         self.model = StageModel.from_checkpoint(model_dir, spec, dtype=dtype, device=device)
+        if decode_graphs == "on" or (decode_graphs == "auto" and self.model.device_.type == "cuda"):
+            self.model.enable_decode_graphs()
         self.fingerprint = model_fingerprint(model_dir)
         self.dtype_name = str(self.model.dtype_).replace("torch.", "")
         self.device = device
@@ -146,7 +149,8 @@ class StageServer:
                 elif op == "ping":
                     self._send(addr(m.meta["reply_to"]), {
                         "op": "pong", "nonce": m.meta.get("nonce"), "stage": self.spec.stage,
-                        "caches": sorted(self.model.caches), "pid": os.getpid(), **memory_peaks(self.device)})
+                        "caches": sorted(self.model.caches), "pid": os.getpid(), **memory_peaks(self.device),
+                        "decode_graphs": bool(self.model.graphs is not None and self.model.graphs.use_graphs)})
                 elif op == "cancel":
                     for rid in m.meta["rids"]:
                         self._forget(rid)
@@ -181,6 +185,7 @@ class StageServer:
         info = {"stage": self.spec.stage, "start": self.spec.start, "stop": self.spec.stop,
                 "num_layers": self.spec.num_layers, "model": self.fingerprint, "dtype": self.dtype_name,
                 "device": self.device, "listen": list(self.listen), "pid": os.getpid(),
+                "decode_graphs": bool(self.model.graphs is not None and self.model.graphs.use_graphs),
                 "protocol": PROTOCOL_VERSION}
         stages = [*meta.get("stages", []), info]
         reply = addr(meta["reply_to"])
@@ -364,6 +369,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="replay each layer's dense parts as CUDA graphs in decode steps (auto = on a GPU)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     return p
 
@@ -381,7 +388,7 @@ def run_stage(args: argparse.Namespace) -> int:
         raise BlazilError(f"--layers {args.layers}: the model has {config.num_hidden_layers} layers")
     t0 = time.perf_counter()
     server = StageServer(args.model, spec, (args.listen, args.listen_stream), (args.next, args.next_stream),
-                         dtype=args.dtype, device=args.device)
+                         dtype=args.dtype, device=args.device, decode_graphs=args.decode_graphs)
     if args.metrics_port is not None:
         ms = metrics.serve(args.metrics_port)
         print(f"stage {args.stage}: metrics at {ms.url}", file=sys.stderr, flush=True)
