@@ -17,6 +17,8 @@ Each case runs hot (page cache warm) and cold (``echo 3 > /proc/sys/vm/drop_cach
 when that is not permitted the cold rows say so and are skipped). Data sets are generated once into
 ``--cache`` and reused. Every run reads the same ``--samples`` items in the same seeded order.
 
+``BLAZIL_IO=threads`` runs the same with the thread-pool reader instead of io_uring.
+
 Run: python benchmarks/loader.py [--samples 4000] [--yolo-samples 1000] [--repeats 3] [--cases wav_small,yolo,raw]
 """
 
