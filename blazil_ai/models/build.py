@@ -68,6 +68,6 @@ def build_model(model_type: str, data: str | Path | None = None, out: str | Path
         from blazil_ai.models.audio import train_audio_model
 
         return train_audio_model(src, out_dir, seed=seed, **opts)
-    raise ConfigError("no detection model is trained here: detection runs Ultralytics-exported YOLO ONNX models "
-                      "(e.g. 'yolo export model=yolov8n.pt format=onnx' on a machine with ultralytics); "
-                      f"pass one with 'blazil infer --type detection --model FILE {src}'")
+    from blazil_ai.models.detector import train_detector
+
+    return train_detector(src, out_dir, seed=seed, **opts)

