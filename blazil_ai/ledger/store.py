@@ -150,7 +150,7 @@ class LocalLedger:
                         else:
                             result = eng.create_accounts(arg, base)
                         self.seq += 1
-                        parts.extend(encode(WRITE_OPS[op], self.seq, base, arg))
+                        parts.append((WRITE_OPS[op], self.seq, base, arg))  # encoded (crc32) by the log thread
                         done.append((fut, result, op, t0, len(arg)))
                     elif op == "checkpoint":
                         self._flush_log(parts, done)
@@ -198,7 +198,8 @@ class LocalLedger:
                 break
             if not items:
                 continue
-            parts = [p for item in items for p in item[0]]
+            # crc32 releases the GIL on large buffers, so checksumming here overlaps the engine's next batch.
+            parts = [p for item in items for entry in item[0] for p in encode(*entry)]
             done = [d for item in items for d in item[1]]
             error: BaseException | None = None
             if parts:
