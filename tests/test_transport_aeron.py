@@ -19,8 +19,8 @@ from blazil_ai import transport
 from blazil_ai.transport import OfferStatus, TransportError, aeron, framing
 from blazil_ai.transport.framing import Message
 
-_ok, _why = aeron.available()
-pytestmark = [pytest.mark.skipif(not _ok, reason=f"Aeron is not built here: {_why}"), pytest.mark.timeout(120)]
+_why = aeron.unavailable_reason()
+pytestmark = [pytest.mark.skipif(_why is not None, reason=f"Aeron is not built here: {_why}"), pytest.mark.timeout(120)]
 
 _streams = itertools.count(2000)
 

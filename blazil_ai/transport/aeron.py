@@ -52,6 +52,7 @@ DEFAULT_TERM_LENGTH = 4 * 1024 * 1024  # UDP: small terms for small hosts; longe
 # before the subscriber polls (as a TCP socket's buffers would); still 8x below Aeron's 64 MiB default.
 DEFAULT_IPC_TERM_LENGTH = 8 * 1024 * 1024
 _FRAGMENT_LIMIT = 256
+_JOIN_BELOW = 16 * 1024  # frames up to this size are joined into one buffer; larger ones go as an iovec list
 _WAIT_SLICE_MS = 100  # blocking waits return to Python this often, so Ctrl-C and close() get through
 
 
@@ -92,15 +93,20 @@ def _load() -> ModuleType:
     return _native
 
 
-def available() -> tuple[bool, str]:
-    """Whether Aeron can be used here, and if not, why."""
+def unavailable_reason() -> str | None:
+    """Why Aeron cannot be used here (build missing or unloadable), or None when it can."""
     if not aeronmd_path().is_file():
-        return False, f"no Aeron media driver at {aeronmd_path()} (run scripts/build_aeron.sh)"
+        return f"no Aeron media driver at {aeronmd_path()} (run scripts/build_aeron.sh)"
     try:
         _load()
     except TransportError as e:
-        return False, str(e)
-    return True, ""
+        return str(e)
+    return None
+
+
+def available() -> bool:
+    """Whether the Aeron build (driver and binding) is there and loads."""
+    return unavailable_reason() is None
 
 
 def aeron_version() -> str:
@@ -357,6 +363,7 @@ class _AeronChannel:
         if self.uri.startswith("aeron:udp") and "endpoint=" not in self.uri and "control=" not in self.uri:
             raise TransportError(f"{self.uri!r}: an aeron:udp channel needs endpoint=host:port")
         self._lock = threading.RLock()
+        self._pid = os.getpid()
         client = _Client.acquire(str(aeron_dir or default_dir()), driver_timeout)
         _channels.add(self)
         return client
@@ -414,6 +421,15 @@ class AeronPublication(_AeronChannel, Publication):
               timeout: float = 0.0) -> OfferStatus:
         """Offer one message; with ``timeout`` > 0 wait (GIL released) for room or a subscriber."""
         parts = framing.encode(meta, arrays, self.max_message_size)
+        wait_ms, wait_connect = int(timeout * 1000), 1 if timeout > 0 else 0
+        if sum(len(p) for p in parts) <= _JOIN_BELOW:
+            # small: one join is cheaper than building an iovec list through cffi
+            frame = b"".join(parts)
+            with self._lock:
+                if self._ptr is None:
+                    return OfferStatus.CLOSED
+                r = self._lib.blz_pub_offer_bytes(self._ptr, frame, len(frame), wait_ms, wait_connect)
+            return self._status(r)
         ffi = self._ffi
         iov = ffi.new("aeron_iovec_t[]", len(parts))
         keep = []
@@ -425,7 +441,7 @@ class AeronPublication(_AeronChannel, Publication):
         with self._lock:
             if self._ptr is None:
                 return OfferStatus.CLOSED
-            r = self._lib.blz_pub_offerv(self._ptr, iov, len(parts), int(timeout * 1000), 1 if timeout > 0 else 0)
+            r = self._lib.blz_pub_offerv(self._ptr, iov, len(parts), wait_ms, wait_connect)
         return self._status(r)
 
     def offer_batch(self, messages: Sequence[Message | bytes | bytearray], *, timeout: float = 0.0) -> int:
@@ -474,6 +490,8 @@ class AeronPublication(_AeronChannel, Publication):
         with lock:
             ptr, self._ptr = self._ptr, None
             client, self._client = self._client, None
+        if getattr(self, "_pid", None) != os.getpid():
+            return  # inherited through fork: the native objects belong to the parent's client
         if ptr is not None:
             self._lib.blz_pub_close(ptr)
         if client is not None:
@@ -575,16 +593,20 @@ class AeronSubscription(_AeronChannel, Subscription):
             if deadline is not None and time.monotonic() >= deadline:
                 return None
 
-    def poll_frames(self, fragment_limit: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    def poll_frames(self, fragment_limit: int = 4096, timeout: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Raw path for high rates: the whole frames of one native poll, end to end, and their lengths.
 
+        With ``timeout`` > 0, wait (in native code, GIL released) up to that long for at least one frame.
         Frames are checked for the magic and a sane size, not decoded (``framing.decode`` does that).
         Do not mix with ``poll``/``receive`` on the same subscription.
         """
         with self._lock:
             if self._ptr is None:
                 raise TransportError(f"{self.uri} stream {self.stream_id}: subscription is closed")
-            r = self._lib.blz_sub_poll(self._ptr, fragment_limit)
+            if timeout > 0:
+                r = self._lib.blz_sub_wait(self._ptr, fragment_limit, max(1, int(timeout * 1000)))
+            else:
+                r = self._lib.blz_sub_poll(self._ptr, fragment_limit)
             self._check(r)
             total = int(self._lib.blz_sub_batch_bytes(self._ptr)) if r else 0
             data = np.empty(total, dtype=np.uint8)
@@ -615,6 +637,8 @@ class AeronSubscription(_AeronChannel, Subscription):
         with lock:
             ptr, self._ptr = self._ptr, None
             client, self._client = self._client, None
+        if getattr(self, "_pid", None) != os.getpid():
+            return  # inherited through fork: the native objects belong to the parent's client
         if ptr is not None:
             self._lib.blz_sub_close(ptr)
         if client is not None:
@@ -624,6 +648,17 @@ class AeronSubscription(_AeronChannel, Subscription):
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _forget_after_fork() -> None:
+    # A forked child inherits the parent's client structs but not their conductor threads: it must open its own.
+    _Client._by_dir.clear()
+    _Client._lock = threading.Lock()
+    _channels.clear()
+    _drivers.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 @atexit.register

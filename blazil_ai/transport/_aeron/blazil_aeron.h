@@ -41,6 +41,7 @@ int blz_pub_is_connected(blz_pub_t *p);
 int64_t blz_pub_max_message(blz_pub_t *p);
 int32_t blz_pub_session_id(blz_pub_t *p);
 int64_t blz_pub_offerv(blz_pub_t *p, aeron_iovec_t *iov, size_t n, int64_t timeout_ms, int wait_connect);
+int64_t blz_pub_offer_bytes(blz_pub_t *p, const char *buf, size_t len, int64_t timeout_ms, int wait_connect);
 int64_t blz_pub_offer_many(blz_pub_t *p, const uint8_t *buf, const uint64_t *lens, size_t n, int64_t timeout_ms,
     int wait_connect, size_t *accepted);
 
