@@ -135,6 +135,33 @@ def raw_pingpong(uri: str, reply_uri: str, n: int, stream_id: int) -> list[float
     return rtts
 
 
+def _idle_sub(uri: str, stream_id: int, ready_q: Any, seconds: float) -> None:
+    from blazil_ai import transport
+
+    sub = transport.subscription(uri, stream_id)
+    ready_q.put(True)
+    sub.receive(timeout=seconds)  # nothing is ever sent: this is the idle wait being measured
+    sub.close()
+
+
+def idle_cpu(uri: str, stream_id: int, seconds: float, driver_pid: int | None) -> tuple[float, float]:
+    """CPU used (% of one core) over ``seconds`` by an idle subscriber process and by the media driver."""
+    import psutil
+
+    ctx = mp.get_context("fork")
+    ready_q = ctx.Queue()
+    p = ctx.Process(target=_idle_sub, args=(uri, stream_id, ready_q, seconds + 1.0))
+    p.start()
+    ready_q.get(timeout=30)
+    procs = [psutil.Process(p.pid)] + ([psutil.Process(driver_pid)] if driver_pid else [])
+    before = [pr.cpu_times() for pr in procs]
+    time.sleep(seconds)
+    after = [pr.cpu_times() for pr in procs]
+    p.join()
+    used = [100 * ((a.user + a.system) - (b.user + b.system)) / seconds for a, b in zip(after, before)]
+    return used[0], used[1] if len(used) > 1 else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the cases and print one JSON line each."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a tenth of the messages")
     ap.add_argument("--pings", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=1024, help="frames per offer_frames call")
+    ap.add_argument("--idle-seconds", type=float, default=5.0,
+                    help="measure idle driver + idle subscriber CPU over this long first (0 = skip)")
+    ap.add_argument("--only-idle", action="store_true", help="measure idle CPU only")
     args = ap.parse_args(argv)
     why = aeron.unavailable_reason()
     if why:
@@ -155,6 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     with aeron.MediaDriver() as driver:
         os.environ["AERON_DIR"] = driver.dir  # for the forked receivers
         stream = 500
+        if args.idle_seconds > 0:
+            sub_pct, drv_pct = idle_cpu("aeron:ipc", 499, args.idle_seconds, driver.pid)
+            tcp_pct, _ = idle_cpu("tcp://127.0.0.1:0", 499, args.idle_seconds, None)
+            print(json.dumps({
+                "case": "idle_cpu", "transport": "aeron:ipc", "seconds": args.idle_seconds,
+                "driver_pct_of_core": round(drv_pct, 2), "subscriber_pct_of_core": round(sub_pct, 2),
+                "total_pct_of_core": round(drv_pct + sub_pct, 2), "target_pct": 10,
+                "anchor": "tcp channel subscriber blocked in receive()", "anchor_pct_of_core": round(tcp_pct, 2),
+                "host": host}), flush=True)
+        if args.only_idle:
+            return 0
         for label, size in SIZES.items():
             n = max(20, int(COUNTS[label] * scale))
             n_tcp = max(20, int(TCP_COUNTS[label] * scale))

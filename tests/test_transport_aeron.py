@@ -342,3 +342,28 @@ def test_idle_driver_and_subscriber_use_little_cpu(driver):
         used = drv_proc.cpu_percent(None) + me.cpu_percent(None)
     # not a timing assertion: an idle loop that spun would show ~100 (% of one core); backing off shows a few
     assert used < 60, f"idle driver + idle subscriber used {used:.0f}% of a core"
+
+
+def test_cli_driver_runs_in_the_foreground_and_stops_on_sigint(tmp_path):
+    aeron_dir = str(tmp_path / "drv")
+    proc = subprocess.Popen([sys.executable, "-m", "blazil_ai", "transport", "driver", "--dir", aeron_dir, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    try:
+        info = __import__("json").loads(proc.stdout.readline())
+        assert info["dir"] == aeron_dir and info["pid"] > 0 and info["version"].startswith("1.")
+        stream = _stream()
+        with aeron.AeronSubscription("aeron:ipc", stream, aeron_dir=aeron_dir) as sub, \
+                aeron.AeronPublication("aeron:ipc", stream, aeron_dir=aeron_dir) as pub:
+            pub.send({"via": "cli driver"}, timeout=5.0)
+            assert sub.receive(timeout=5.0).meta == {"via": "cli driver"}
+        out = subprocess.run([sys.executable, "-m", "blazil_ai", "transport", "ping", "--dir", aeron_dir,
+                              "--count", "50", "--json"], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        assert out.returncode == 0, out.stderr
+        row = __import__("json").loads(out.stdout)
+        assert row["count"] == 50 and row["p50_us"] > 0 and row["private_driver"] is False
+    finally:
+        proc.send_signal(2)  # SIGINT, as Ctrl-C
+        assert proc.wait(timeout=20) == 0, proc.stderr.read()
+    assert not os.path.exists(os.path.join(aeron_dir, "cnc.dat"))
