@@ -91,6 +91,18 @@ def test_structured_records_travel_as_void_and_view_back(channel):
     np.testing.assert_array_equal(m.arrays[0].view(rec.dtype)["id"], [1, 2, 3])
 
 
+def test_offer_batch_delivers_every_message_in_order(channel):
+    sub, pub = channel
+    msgs = [Message({"seq": i}, [np.full(3, i, np.int32)]) for i in range(2500)]  # > IOV_MAX buffers
+    pre_encoded = framing.encode_bytes({"seq": 2500})
+    assert pub.offer_batch([*msgs, pre_encoded], timeout=5) == 2501
+    got = wait_for(sub, 2501)
+    assert [m.meta["seq"] for m in got] == list(range(2501))
+    np.testing.assert_array_equal(got[7].arrays[0], [7, 7, 7])
+    with pytest.raises(FrameError, match="bad magic"):
+        pub.offer_batch([b"not a frame at all, twenty-plus bytes"])
+
+
 def test_several_publishers_each_in_order():
     with transport.subscription("tcp://127.0.0.1:0") as sub:
         pubs = [transport.publication(sub.uri) for _ in range(3)]
@@ -305,7 +317,8 @@ def test_tls_accepts_a_valid_client_and_rejects_others(pki, caplog):
                 sub.poll(delivered.append)
                 time.sleep(0.005)
             assert delivered == []
-            assert not bad.is_connected
+            # (is_connected is not asserted: under TLS 1.3 the client finishes its side of the handshake
+            # before the server checks the client's certificate, so it may look connected for a moment.)
 
         # A client with no certificate at all, in a thread: its handshake blocks until the subscriber polls.
         import ssl
