@@ -232,3 +232,77 @@ def test_crash_inside_a_cross_shard_transfer(tmp_path, point, committed):
         assert len(c.lookup_transfers([777])) == int(committed)
         tot = led.call("totals")
         assert tot["debits_posted"] == tot["credits_posted"]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000 * 10**9
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def test_cross_shard_pending_post_void_expire_and_reopen(tmp_path):
+    a, b = _cross_pair(2)
+    clock = _Clock()
+    TF, CT = L.TransferFlags, L.CreateTransferStatus
+    data = tmp_path / "sharded"
+
+    def bal(c):
+        x, y = c.lookup_accounts([a, b])
+        return (x.debits_pending, x.debits_posted, y.credits_pending, y.credits_posted)
+
+    with L.connect(data, shards=2, clock=clock) as c:
+        c.create_accounts(accounts())
+        res = c.create_transfers([
+            L.Transfer(id=1, debit_account_id=a, credit_account_id=b, amount=50, ledger=1, code=1, flags=TF.PENDING),
+            L.Transfer(id=2, pending_id=1, amount=20, flags=TF.POST_PENDING_TRANSFER),
+            L.Transfer(id=3, pending_id=1, amount=0, flags=TF.VOID_PENDING_TRANSFER),
+            L.Transfer(id=4, debit_account_id=a, credit_account_id=b, amount=30, ledger=1, code=1, flags=TF.PENDING),
+            L.Transfer(id=5, debit_account_id=a, credit_account_id=b, amount=40, ledger=1, code=1, flags=TF.PENDING,
+                       timeout=2),
+        ])
+        assert [r.status for r in res] == [CT.CREATED, CT.CREATED, CT.PENDING_TRANSFER_ALREADY_POSTED, CT.CREATED,
+                                           CT.CREATED]
+        assert bal(c) == (70, 20, 70, 20)
+        assert [r.status for r in c.create_transfers([L.Transfer(id=6, pending_id=4, amount=0,
+                                                                 flags=TF.VOID_PENDING_TRANSFER)])] == [CT.CREATED]
+        assert bal(c) == (40, 20, 40, 20)
+        clock.now += 3 * 10**9
+        assert bal(c) == (0, 20, 0, 20)  # transfer 5 expired: both legs voided by the coordinator
+        assert [r.status for r in c.create_transfers([L.Transfer(id=7, pending_id=5, amount=L.AMOUNT_MAX,
+                                                                 flags=TF.POST_PENDING_TRANSFER)])] == \
+            [CT.PENDING_TRANSFER_EXPIRED]
+        post = c.lookup_transfers([2])[0]
+        assert (post.debit_account_id, post.credit_account_id, post.amount, post.ledger) == (a, b, 20, 1)
+        f = L.AccountFilter(a, 0, 0, 0, 0, 0, 0, 10, L.AccountFilterFlags.DEBITS)
+        assert [t.id for t in c.get_account_transfers(f)] == [1, 2, 4, 5, 6]
+        assert c.backend.pending_legs() == 0
+    with L.connect(data, clock=clock) as c:
+        assert bal(c) == (0, 20, 0, 20)
+        assert c.backend.pending_legs() == 0
+        assert [r.status for r in c.create_transfers([L.Transfer(id=2, pending_id=1, amount=20,
+                                                                 flags=TF.POST_PENDING_TRANSFER)])] == [CT.EXISTS]
+
+
+def test_crash_after_a_cross_shard_pending_is_decided(tmp_path):
+    data = tmp_path / "sharded"
+    a, b = _cross_pair(2)
+    with L.connect(data, shards=2) as c:
+        c.create_accounts(accounts())
+    script = (f"from blazil_ai import ledger as L\n"
+              f"c = L.connect({str(data)!r})\n"
+              f"c.create_transfers([L.Transfer(id=9, debit_account_id={a}, credit_account_id={b}, amount=5, "
+              f"ledger=1, code=1, flags=L.TransferFlags.PENDING)])\n")
+    env = dict(os.environ, BLAZIL_LEDGER_CRASH_AT="after_decision")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    with L.connect(data) as c:
+        assert c.backend.pending_legs() == 2  # decided: the hold stands on both shards
+        assert c.lookup_accounts([a])[0].debits_pending == 5
+        res = c.create_transfers([L.Transfer(id=10, pending_id=9, amount=L.AMOUNT_MAX,
+                                             flags=L.TransferFlags.POST_PENDING_TRANSFER)])
+        assert res[0].status == L.CreateTransferStatus.CREATED
+        x, y = c.lookup_accounts([a, b])
+        assert (x.debits_pending, x.debits_posted, y.credits_posted) == (0, 5, 5)
+        assert c.backend.pending_legs() == 0

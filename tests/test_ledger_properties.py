@@ -293,3 +293,30 @@ def test_vectorised_two_phase_is_taken():
         assert fast.create_transfers(arr)[0].tolist() == slow.create_transfers(arr)[0].tolist()
     assert fast.fast_batches == 2
     _same(fast, slow)
+
+
+two_phase = st.tuples(st.sampled_from(["plain", "pending", "pending", "post", "void"]), st.integers(1, 40),
+                      st.integers(1, N_ACCOUNTS), st.integers(1, N_ACCOUNTS), st.integers(0, 500), st.integers(1, 40),
+                      st.just(False))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seq=st.lists(st.lists(two_phase, min_size=1, max_size=10), min_size=1, max_size=5),
+       limits=st.lists(st.integers(0, 2), min_size=N_ACCOUNTS, max_size=N_ACCOUNTS))
+def test_sharded_two_phase_answers_like_one_engine(seq, limits):
+    with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
+        with L.connect(d1, fsync=False) as one, L.connect(d2, shards=2, fsync=False) as many:
+            for c in (one, many):
+                c.create_accounts(accounts(limits))
+            for batch in seq:
+                events = [dataclasses.replace(_event(e), timeout=0) for e in batch]
+                assert [r.status for r in one.create_transfers(events)] == \
+                    [r.status for r in many.create_transfers(events)]
+            ids = list(range(1, N_ACCOUNTS + 1))
+            for a, b in zip(one.lookup_accounts(ids), many.lookup_accounts(ids)):
+                assert (a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted) == \
+                    (b.debits_pending, b.debits_posted, b.credits_pending, b.credits_posted)
+            pending = sum(1 for t in many.query_transfers(L.QueryFilter(0, 0, 0, 0, 0, 0, 0, 8189,
+                                                                        L.QueryFilterFlags.NONE))
+                          if t.flags & TF.PENDING)
+            assert many.backend.pending_legs() <= 2 * pending

@@ -17,13 +17,16 @@ clearing account per (shard, ledger):
 Recovery replays the coordinator log: an intent without a decision is aborted (its legs voided), a
 decision is carried out again (posting or voiding is idempotent), so both sides end posted or both voided.
 Validation happens before any leg, in TigerBeetle's precedence; balance-dependent failures come from the
-legs, with the first in precedence reported. Cross-shard transfers must be plain (no linked, pending,
-balancing or closing flags); such a batch is refused with a DataError naming the event.
+legs, with the first in precedence reported. A cross-shard transfer may be pending: its legs then stay
+pending until the transfer is posted (both legs posted, with the amount asked), voided, or expires (the
+coordinator voids both legs at the timeout). Linked, balancing or closing flags across shards are refused
+with a DataError naming the event.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
 import signal
@@ -37,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from blazil_ai.errors import ConfigError, DataError
-from blazil_ai.ledger.engine import CREATED, PENDING, Engine, _columns, key64, key64_int
+from blazil_ai.ledger.engine import CREATED, EXPIRED, PENDING, POSTED, VOIDED, Engine, _columns, key64, key64_int
 from blazil_ai.ledger.store import LocalLedger
 from blazil_ai.ledger.types import (
     ACCOUNT_DTYPE,
@@ -61,7 +64,7 @@ from blazil_ai.ledger.wal import WriteAheadLog, encode
 
 LAYOUT = "shards.json"
 CLEARING_HI = 0xFFFF_FFFF_FFFF_FFFE  # high word of clearing-account ids (reserved in a sharded ledger)
-KIND_INTENT, KIND_DECISION, KIND_DONE = 3, 4, 5
+KIND_INTENT, KIND_DECISION, KIND_DONE, KIND_EXPIRE = 3, 4, 5, 6
 ABORTED = 0  # decision code of an attempt that was rolled back and retried event by event
 DECISION_DTYPE = np.dtype([("id", "<u8", (2,)), ("status", "<u4"), ("attempt", "<u4"), ("pad", "V104")])
 M64 = (1 << 64) - 1
@@ -132,6 +135,7 @@ class ShardedLedger:
                        for i in range(self.n)]
         self.cross = Engine(clock=clock)  # the coordinator's record of cross-shard transfers and burned ids
         self.clearing: set[tuple[int, int]] = set()
+        self.attempts: dict[int, int] = {}  # cross-shard pending transfer id -> attempt whose legs hold it
         self._lock = threading.RLock()
         self.coord = WriteAheadLog(self.directory / "coordinator", fsync=fsync)
         self.coord_seq = 0
@@ -152,6 +156,7 @@ class ShardedLedger:
     def call(self, op: str, arg: Any = None) -> Any:
         """Run one request."""
         with self._lock:
+            self._expire_cross()
             if op == "create_accounts":
                 return self._create_accounts(as_account_array(arg))
             if op == "create_transfers":
@@ -240,7 +245,10 @@ class ShardedLedger:
             ids = ids or _ids(batch)
             pids = _ids(batch, "pending_id")
             for i in np.nonzero(post_void)[0].tolist():
-                home[i] = self._where(pids[i], fallback=shard_of(pids[i], self.n))
+                if self.cross.transfer_row(pids[i]) is not None:  # a cross-shard pending transfer
+                    home[i], cross[i] = -1, True
+                else:
+                    home[i] = self._where(pids[i], fallback=shard_of(pids[i], self.n))
         # An id that exists (or was burned) anywhere is answered where it is.
         stores = [(-1, self.cross)] + [(s, sh.engine) for s, sh in enumerate(self.shards)]
         for s, eng in stores:
@@ -259,8 +267,11 @@ class ShardedLedger:
             pos = {tid: i for i, tid in reversed(list(enumerate(ids)))}
             for i in np.nonzero(post_void)[0].tolist():
                 first_at = pos.get(pids[i])
-                if first_at is not None and first_at < i and not cross[first_at]:
-                    home[i] = home[first_at]
+                if first_at is not None and first_at < i:
+                    if cross[first_at]:
+                        home[i], cross[i] = -1, True
+                    else:
+                        home[i] = home[first_at]
         return home, cross
 
     def _where(self, tid: int, fallback: int) -> int:
@@ -379,10 +390,14 @@ class ShardedLedger:
         go: list[int] = []
         go_ids: set[int] = set()
         for k, t in enumerate(events):
-            # An id repeated inside this run is judged after the earlier one is done.
-            if t["id"] in go_ids:
+            resolving = bool(t["flags"] & _POST_VOID)
+            # An id repeated inside this run, or a post/void, is judged after what came before is done.
+            if t["id"] in go_ids or resolving:
                 self._run_group(events, batch, i, go, status, stamps, attempt=0)
                 go, go_ids = [], set()
+            if resolving:
+                self._resolve_cross(t, i + k, status, stamps)
+                continue
             code = self._precheck(t)
             if code != CREATED:
                 self._fail(t["id"], code)
@@ -390,12 +405,168 @@ class ShardedLedger:
                 if code == CT.EXISTS:
                     stamps[i + k] = self.cross.transfers["timestamp"][self.cross.transfer_row(t["id"])]
                 continue
-            if t["flags"] != 0:
+            if t["flags"] not in (0, int(TransferFlags.PENDING)):
                 raise DataError(f"event {i + k}: transfer {t['id']} moves money between shards with flags "
-                                f"{TransferFlags(t['flags'])!r}; cross-shard transfers must be plain")
+                                f"{TransferFlags(t['flags'])!r}; cross-shard transfers may only be plain or pending "
+                                "(no linked, balancing or closing flags)")
             go.append(k)
             go_ids.add(t["id"])
         self._run_group(events, batch, i, go, status, stamps, attempt=0)
+
+    def _record_cross(self, rec: dict[str, int], attempt: int) -> None:
+        row = self.cross._insert_transfer(rec)
+        if rec["flags"] & TransferFlags.PENDING:
+            self.attempts[rec["id"]] = attempt
+            if rec["timeout"]:
+                heapq.heappush(self.cross.expiry, (rec["timestamp"] + rec["timeout"] * 1_000_000_000, row))
+
+    def _precheck_resolve(self, t: dict[str, int]) -> tuple[int, int]:
+        """TigerBeetle's checks for a post/void of a cross-shard pending transfer: (status, amount to post)."""
+        flags = t["flags"]
+        tid, pid = t["id"], t["pending_id"]
+        if t["timestamp"] != 0:
+            return CT.TIMESTAMP_MUST_BE_ZERO, 0
+        if flags & ~int(sum(int(f) for f in TransferFlags)) or flags & TransferFlags.IMPORTED:
+            return CT.RESERVED_FLAG, 0
+        if tid == 0:
+            return CT.ID_MUST_NOT_BE_ZERO, 0
+        if tid == U128_MAX:
+            return CT.ID_MUST_NOT_BE_INT_MAX, 0
+        row = self.cross.transfer_row(tid)
+        if row is not None:
+            return self.cross._transfer_exists(t, row)
+        if tid in self.cross.failed_ids:
+            return CT.ID_ALREADY_FAILED, 0
+        post = bool(flags & TransferFlags.POST_PENDING_TRANSFER)
+        void = bool(flags & TransferFlags.VOID_PENDING_TRANSFER)
+        if (post and void) or flags & (TransferFlags.PENDING | TransferFlags.BALANCING_DEBIT
+                                       | TransferFlags.BALANCING_CREDIT | TransferFlags.CLOSING_DEBIT
+                                       | TransferFlags.CLOSING_CREDIT):
+            return CT.FLAGS_ARE_MUTUALLY_EXCLUSIVE, 0
+        if pid == U128_MAX:
+            return CT.PENDING_ID_MUST_NOT_BE_INT_MAX, 0
+        if pid == tid:
+            return CT.PENDING_ID_MUST_BE_DIFFERENT, 0
+        if t["timeout"] != 0:
+            return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER, 0
+        prow = self.cross.transfer_row(pid)
+        if prow is None:
+            return CT.PENDING_TRANSFER_NOT_FOUND, 0
+        p = self.cross.transfers[prow]
+        if not int(p["flags"]) & TransferFlags.PENDING:
+            return CT.PENDING_TRANSFER_NOT_PENDING, 0
+        p_dr, p_cr, p_amount = _u(p["debit_account_id"]), _u(p["credit_account_id"]), _u(p["amount"])
+        if t["debit_account_id"] and t["debit_account_id"] != p_dr:
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID, 0
+        if t["credit_account_id"] and t["credit_account_id"] != p_cr:
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID, 0
+        if t["ledger"] and t["ledger"] != int(p["ledger"]):
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_LEDGER, 0
+        if t["code"] and t["code"] != int(p["code"]):
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CODE, 0
+        amount = t["amount"]
+        if amount > p_amount and amount != AMOUNT_MAX:
+            return CT.EXCEEDS_PENDING_TRANSFER_AMOUNT, 0
+        if void and 0 < amount < p_amount:
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT, 0
+        state = int(self.cross.pending_state[prow])
+        if state == POSTED:
+            return CT.PENDING_TRANSFER_ALREADY_POSTED, 0
+        if state == VOIDED:
+            return CT.PENDING_TRANSFER_ALREADY_VOIDED, 0
+        timeout = int(p["timeout"])
+        if state == EXPIRED or (timeout and int(p["timestamp"]) + timeout * 1_000_000_000 <= self.cross.clock()):
+            return CT.PENDING_TRANSFER_EXPIRED, 0
+        if post:
+            for aid, code in ((p_dr, CT.DEBIT_ACCOUNT_ALREADY_CLOSED), (p_cr, CT.CREDIT_ACCOUNT_ALREADY_CLOSED)):
+                eng = self.shards[shard_of(aid, self.n)].engine
+                if int(eng.accounts["flags"][eng.account_rows[aid]]) & AccountFlags.CLOSED:
+                    return code, 0
+        return CREATED, (p_amount if amount == AMOUNT_MAX else amount) if post else p_amount
+
+    def _resolve_cross(self, t: dict[str, int], index: int, status: np.ndarray, stamps: np.ndarray) -> None:
+        """Post or void a cross-shard pending transfer: both legs, logged so a crash finishes the job."""
+        code, actual = self._precheck_resolve(t)
+        if code != CREATED:
+            self._fail(t["id"], code)
+            status[index] = code
+            if code == CT.EXISTS:
+                stamps[index] = self.cross.transfers["timestamp"][self.cross.transfer_row(t["id"])]
+            return
+        p = self.cross.transfers[self.cross.transfer_row(t["pending_id"])]
+        rec = dict(t, debit_account_id=_u(p["debit_account_id"]), credit_account_id=_u(p["credit_account_id"]),
+                   amount=actual, ledger=int(p["ledger"]), code=int(p["code"]),
+                   timestamp=self.cross.next_timestamps(1))
+        for name in ("user_data_128", "user_data_64", "user_data_32"):
+            if not rec[name]:  # zero user data inherits the pending transfer's
+                rec[name] = _u(p[name]) if name == "user_data_128" else int(p[name])
+        attempt = self.attempts[t["pending_id"]]
+        intent = transfers_to_array([_Rec(rec)])  # type: ignore[list-item]
+        decision = np.zeros(1, dtype=DECISION_DTYPE)
+        decision["id"], decision["status"], decision["attempt"] = intent["id"], CREATED, attempt
+        self._log(KIND_INTENT, attempt, intent)
+        self._log(KIND_DECISION, attempt, decision)  # nothing can fail from here on: the legs are held
+        self._settle_resolve(rec, attempt)
+        self._record_resolve(rec)
+        self._log(KIND_DONE, attempt, decision)
+        status[index] = CREATED
+        stamps[index] = rec["timestamp"]
+
+    def _record_resolve(self, rec: dict[str, int]) -> None:
+        self.cross._insert_transfer(dict(rec))
+        prow = self.cross.transfer_row(rec["pending_id"])
+        assert prow is not None
+        post = rec["flags"] & TransferFlags.POST_PENDING_TRANSFER
+        self.cross.pending_state[prow] = POSTED if post else VOIDED
+
+    def _settle_resolve(self, rec: dict[str, int], attempt: int) -> None:
+        """Post (the resolved amount) or void both legs of the pending transfer ``rec`` resolves."""
+        post = bool(rec["flags"] & TransferFlags.POST_PENDING_TRANSFER)
+        kind = "p" if post else "v"
+        pid = rec["pending_id"]
+        futs = []
+        for leg, aid in (("a", rec["debit_account_id"]), ("b", rec["credit_account_id"])):
+            arr = np.zeros(1, dtype=TRANSFER_DTYPE)
+            lid, lpid = leg_id(rec["id"], kind + leg, 0), leg_id(pid, leg, attempt)
+            arr["id"][0] = (lid & M64, lid >> 64)
+            arr["pending_id"][0] = (lpid & M64, lpid >> 64)
+            arr["amount"][0] = (rec["amount"] & M64, rec["amount"] >> 64) if post else (0, 0)
+            arr["flags"] = int(TransferFlags.POST_PENDING_TRANSFER if post else TransferFlags.VOID_PENDING_TRANSFER)
+            futs.append(self.shards[shard_of(aid, self.n)].submit("create_transfers", arr))
+        for f in futs:
+            f.result()
+
+    def _void_legs(self, tid: int, kind: str) -> None:
+        row = self.cross.transfer_row(tid)
+        assert row is not None
+        p = self.cross.transfers[row]
+        attempt = self.attempts.get(tid, 0)
+        futs = []
+        for leg, field in (("a", "debit_account_id"), ("b", "credit_account_id")):
+            arr = np.zeros(1, dtype=TRANSFER_DTYPE)
+            lid, lpid = leg_id(tid, kind + leg, 0), leg_id(tid, leg, attempt)
+            arr["id"][0] = (lid & M64, lid >> 64)
+            arr["pending_id"][0] = (lpid & M64, lpid >> 64)
+            arr["flags"] = int(TransferFlags.VOID_PENDING_TRANSFER)
+            futs.append(self.shards[shard_of(_u(p[field]), self.n)].submit("create_transfers", arr))
+        for f in futs:
+            f.result()
+
+    def _expire_cross(self) -> None:
+        """Void cross-shard pending transfers whose timeout has passed (logged first, so a crash finishes it)."""
+        heap = self.cross.expiry
+        now = self.cross.clock()
+        due = []
+        while heap and heap[0][0] <= now:
+            _, row = heapq.heappop(heap)
+            if self.cross.pending_state[row] == PENDING:
+                due.append(row)
+        if not due:
+            return
+        self._log(KIND_EXPIRE, 0, self.cross.transfers[due].copy())
+        for row in due:
+            self._void_legs(_u(self.cross.transfers["id"][row]), "x")
+            self.cross.pending_state[row] = EXPIRED
 
     def _ensure_clearing(self, shard: int, ledger: int) -> None:
         if (shard, ledger) in self.clearing:
@@ -416,7 +587,9 @@ class ShardedLedger:
             for leg, s in (("a", a), ("b", b)):
                 if kind == "prepare":
                     self._ensure_clearing(s, t["ledger"])
-                    rec = dict(t, id=leg_id(t["id"], leg, attempt), flags=int(TransferFlags.PENDING), timestamp=0)
+                    # Legs never time out on their own: the coordinator expires a cross-shard pending transfer.
+                    rec = dict(t, id=leg_id(t["id"], leg, attempt), flags=int(TransferFlags.PENDING), timestamp=0,
+                               timeout=0)
                     if leg == "a":
                         rec["credit_account_id"] = clearing_id(s, t["ledger"])
                     else:
@@ -467,11 +640,11 @@ class ShardedLedger:
             decision["status"] = CREATED
             self._log(KIND_DECISION, attempt, decision)
             _crash_point("after_decision")
-            self._finish(events, group, attempt, "post")
+            self._finish(events, [k for k in group if not events[k]["flags"] & TransferFlags.PENDING], attempt, "post")
             _crash_point("after_post")
             for n_, k in enumerate(group):
                 rec = dict(events[k], timestamp=int(intent["timestamp"][n_]))
-                self.cross._insert_transfer(rec)
+                self._record_cross(rec, attempt)
                 status[offset + k] = CREATED
                 stamps[offset + k] = rec["timestamp"]
             self._log(KIND_DONE, attempt, decision)
@@ -503,6 +676,7 @@ class ShardedLedger:
     def _recover(self) -> None:
         intents: dict[tuple[int, int], dict[str, int]] = {}  # (attempt, id) -> event with its timestamp
         decided: dict[tuple[int, int], int] = {}
+        expired: list[int] = []
         last_ts = 0
         for entry in self.coord.recover(0):
             self.coord_seq = entry.seq
@@ -516,10 +690,18 @@ class ShardedLedger:
                 for tid, code in zip(_ids(d), d["status"].tolist()):
                     decided[(entry.timestamp, tid)] = code
                     ev = intents[(entry.timestamp, tid)]
-                    if code == CREATED:
-                        self.cross._insert_transfer(dict(ev))
+                    if code == CREATED and ev["flags"] & _POST_VOID:
+                        self._record_resolve(ev)
+                    elif code == CREATED:
+                        self._record_cross(dict(ev), entry.timestamp)
                     elif code != ABORTED:
                         self._fail(tid, code)
+            elif entry.kind == KIND_EXPIRE:
+                for tid in _ids(recs.view(TRANSFER_DTYPE)):
+                    row = self.cross.transfer_row(tid)
+                    if row is not None:
+                        self.cross.pending_state[row] = EXPIRED
+                        expired.append(tid)
             elif entry.kind == KIND_DONE:
                 d = recs.view(DECISION_DTYPE)
                 for tid in _ids(d):
@@ -529,8 +711,15 @@ class ShardedLedger:
         # Unfinished attempts: carry out the decision, or abort when none was logged.
         for (attempt, tid), ev in sorted(intents.items(), key=lambda kv: kv[1]["timestamp"]):
             code = decided.get((attempt, tid))
-            kind = "post" if code == CREATED else "void"
-            self._finish([ev], [0], attempt, kind)
+            if ev["flags"] & _POST_VOID:
+                if code == CREATED:
+                    self._settle_resolve(ev, attempt)
+                continue
+            if code == CREATED and ev["flags"] & TransferFlags.PENDING:
+                continue  # both legs stay pending until the transfer is posted, voided or expires
+            self._finish([ev], [0], attempt, "post" if code == CREATED else "void")
+        for tid in expired:
+            self._void_legs(tid, "x")
 
     # ---------------------------------------------------------------- reads
 
