@@ -99,3 +99,24 @@ def test_blazil_io_forces_backend(monkeypatch, caplog):
     _uring_or_skip().close()
     with caplog.at_level(logging.WARNING), open_reader() as r:
         assert r.backend == "uring"
+
+
+def test_large_file_not_in_page_cache(reader, tmp_path):
+    """The in-order path for uncached files (evicted here with POSIX_FADV_DONTNEED) gives the same bytes."""
+    from blazil_ai.datasets.reader import _is_cached
+
+    p = tmp_path / "cold.bin"
+    data = np.random.default_rng(2).integers(0, 256, (3 << 20) + 5, dtype=np.uint8)
+    with open(p, "wb") as f:
+        f.write(data.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        probe = np.zeros(len(data), dtype=np.uint8)
+        if _is_cached(fd, probe.data, len(data)):
+            pytest.skip("this filesystem kept the pages despite POSIX_FADV_DONTNEED")
+    finally:
+        os.close(fd)
+    assert np.array_equal(reader.read_file(p), data)
