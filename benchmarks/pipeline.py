@@ -126,6 +126,7 @@ def main() -> int:
     p.add_argument("--concurrency", default="1,4,8", help="numbers of requests in flight")
     p.add_argument("--modes", default="auto",
                    help="pipelines to compare, comma-separated: auto, graphs (CUDA graphs for decode), eager")
+    p.add_argument("--log-dir", default=None, help="keep each stage's log here (one folder per mode)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--anchor-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -166,6 +167,7 @@ def main() -> int:
             t0 = time.perf_counter()
             pipes[mode] = LocalPipeline(ckpt, transport=args.transport, dtype=args.dtype, device=args.device,
                                         threads=args.threads, timeout=600, start_timeout=1200,
+                                        log_dir=os.path.join(args.log_dir, mode) if args.log_dir else None,
                                         decode_graphs={"graphs": "on", "eager": "off"}.get(mode, "auto"))
             pipes[mode].start()
             print(f"checkpoint {write_s:.0f}s, anchor load {anchor_load_s:.0f}s, {mode} stages load "
@@ -184,39 +186,26 @@ def main() -> int:
                 p_runs[mode].append(pipe.client.generate(prompts[0], greedy))
         a_dec = statistics.median(r["decode_ms"] for r in a_runs)
         a_pre = statistics.median(r["prefill_s"] for r in a_runs)
-        concurrency = [int(c) for c in args.concurrency.split(",")]
-        rates: dict[str, dict[int, list[float]]] = {m: {n: [] for n in concurrency} for m in modes}
-        for _ in range(args.reps):
-            for n in concurrency:
-                for mode, pipe in pipes.items():
-                    assert pipe.client is not None
-                    t = time.perf_counter()
-                    results = pipe.client.generate_many(prompts[:n], greedy)
-                    rates[mode][n].append(sum(len(r.token_ids) for r in results) / (time.perf_counter() - t))
+        base: dict[str, dict[str, Any]] = {}
         for mode, pipe in pipes.items():
             assert pipe.client is not None
-            stages = pipe.client.ping(10.0)
-            graphs = [bool(s and s.get("decode_graphs")) for s in stages]
+            graphs = [bool(s and s.get("decode_graphs")) for s in pipe.client.ping(10.0)]
+            base[mode] = {**common, "mode": mode, "decode_graphs": graphs}
             runs = p_runs[mode]
             p_dec = statistics.median(1000 / r.decode_tokens_per_s for r in runs)
             p_pre = statistics.median(r.prefill_s for r in runs)
             identical = all(a["ids"] == r.token_ids for a, r in zip(a_runs, runs))
-            base = {**common, "mode": mode, "decode_graphs": graphs}
-            emit({"case": "decode", **base, "anchor_prefill_s": round(a_pre, 4), "pipeline_prefill_s": round(p_pre, 4),
-                  "prefill_ratio": round(p_pre / a_pre, 3), "anchor_decode_ms_per_token": round(a_dec, 3),
-                  "pipeline_decode_ms_per_token": round(p_dec, 3), "decode_ratio": round(p_dec / a_dec, 3),
-                  "anchor_tokens_per_s": round(1000 / a_dec, 2), "pipeline_tokens_per_s": round(1000 / p_dec, 2),
-                  "tokens_identical": identical, "goal": "decode_ratio <= 1.1", "reps": args.reps}, out)
-            single = statistics.median(rates[mode][concurrency[0]])
-            for n in concurrency:
-                med = statistics.median(rates[mode][n])
-                emit({"case": "concurrency", **base, "requests": n, "pipeline_tokens_per_s": round(med, 2),
-                      "single_request_tokens_per_s": round(single, 2), "ratio_to_single": round(med / single, 3),
-                      "anchor_tokens_per_s": round(1000 / a_dec, 2),
-                      "ratio_to_anchor": round(med / (1000 / a_dec), 3),
-                      "goal": "8 requests >= 4x single", "reps": args.reps}, out)
-            a_mem = a_runs[-1]
-            rec = {"case": "memory", **base, "anchor_peak_rss_mb": round(a_mem["peak_rss_mb"], 1),
+            emit({"case": "decode", **base[mode], "anchor_prefill_s": round(a_pre, 4),
+                  "pipeline_prefill_s": round(p_pre, 4), "prefill_ratio": round(p_pre / a_pre, 3),
+                  "anchor_decode_ms_per_token": round(a_dec, 3), "pipeline_decode_ms_per_token": round(p_dec, 3),
+                  "decode_ratio": round(p_dec / a_dec, 3), "anchor_tokens_per_s": round(1000 / a_dec, 2),
+                  "pipeline_tokens_per_s": round(1000 / p_dec, 2), "tokens_identical": identical,
+                  "goal": "decode_ratio <= 1.1", "reps": args.reps}, out)
+        a_mem = a_runs[-1]
+        for mode, pipe in pipes.items():
+            assert pipe.client is not None
+            stages = pipe.client.ping(10.0)
+            rec = {"case": "memory", **base[mode], "anchor_peak_rss_mb": round(a_mem["peak_rss_mb"], 1),
                    "stage_peak_rss_mb": [round(s["peak_rss_mb"], 1) if s else None for s in stages]}
             rec["max_stage_rss_ratio"] = round(max(r or 0 for r in rec["stage_peak_rss_mb"])
                                                / rec["anchor_peak_rss_mb"], 3)
@@ -227,6 +216,24 @@ def main() -> int:
                                                     / rec["anchor_cuda_peak_mb"], 3)
             rec["goal"] = "each stage <= 0.4 x anchor"
             emit(rec, out)
+        concurrency = [int(c) for c in args.concurrency.split(",")]
+        rates: dict[str, dict[int, list[float]]] = {m: {n: [] for n in concurrency} for m in modes}
+        for _ in range(args.reps):
+            for n in concurrency:
+                for mode, pipe in pipes.items():
+                    assert pipe.client is not None
+                    t = time.perf_counter()
+                    results = pipe.client.generate_many(prompts[:n], greedy)
+                    rates[mode][n].append(sum(len(r.token_ids) for r in results) / (time.perf_counter() - t))
+        for mode in modes:
+            single = statistics.median(rates[mode][concurrency[0]])
+            for n in concurrency:
+                med = statistics.median(rates[mode][n])
+                emit({"case": "concurrency", **base[mode], "requests": n, "pipeline_tokens_per_s": round(med, 2),
+                      "single_request_tokens_per_s": round(single, 2), "ratio_to_single": round(med / single, 3),
+                      "anchor_tokens_per_s": round(1000 / a_dec, 2),
+                      "ratio_to_anchor": round(med / (1000 / a_dec), 3),
+                      "goal": "8 requests >= 4x single", "reps": args.reps}, out)
     finally:
         for pipe in pipes.values():
             pipe.stop()

@@ -23,7 +23,7 @@ three hosts (stage 3 sends sampled tokens back to stage 1):
   host-b$ blazil stage --stage 2 --model ./qwen --layers 10:20 --listen tcp://0.0.0.0:7002 --next tcp://host-c:7003
   host-c$ blazil stage --stage 3 --model ./qwen --layers 20:28 --listen tcp://0.0.0.0:7003 --next tcp://host-a:7001
   client$ blazil generate --model ./qwen --connect tcp://host-a:7001,tcp://host-b:7002,tcp://host-c:7003 \\
-              --listen tcp://0.0.0.0:7000 "Hello"
+              --listen tcp://0.0.0.0:7000 --reply-to tcp://client:7000 "Hello"
 """
 
 
@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--connect", default=None,
                    help="use running stages instead of starting them: comma-separated URIs of stages 1,2,3")
     g.add_argument("--listen", default="tcp://127.0.0.1:0", help="where this client receives tokens (with --connect)")
+    g.add_argument("--reply-to", default=None,
+                   help="the address stages use to reach --listen, when it differs (e.g. tcp://client-host:7000)")
     g.add_argument("--json", action="store_true", help="print one JSON object (token_ids, text, timings) at the end")
     g.set_defaults(func=cmd_generate)
 
@@ -121,7 +123,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pipe = None
     if args.connect:
         uris = args.connect.split(",")
-        client = PipelineClient([(u, 1) for u in uris], args.model, (args.listen, 1), timeout=args.timeout)
+        client = PipelineClient([(u, 1) for u in uris], args.model, (args.listen, 1), timeout=args.timeout,
+                                reply_to=args.reply_to)
         client.connect(args.timeout)
     else:
         print(f"blazil generate: starting 3 stages ({args.transport}, {args.device}) for {args.model} ...",

@@ -74,13 +74,14 @@ class PipelineClient:
 
     def __init__(self, stages: Sequence[Address], model_dir: str | os.PathLike[str] | None = None,
                  listen: Address = ("tcp://127.0.0.1:0", 1), timeout: float = 60.0,
-                 ping_timeout: float = 1.0) -> None:
+                 ping_timeout: float = 1.0, reply_to: str | None = None) -> None:
         self.stage_addrs = list(stages)
         self.model_dir = str(model_dir) if model_dir is not None else None
         self.timeout = timeout
         self.ping_timeout = ping_timeout
         self.sub: Subscription = subscription(listen[0], listen[1])
-        self.reply_to: Address = (self.sub.uri, listen[1])
+        # Stages on other hosts need a routable address, not the wildcard this client listens on.
+        self.reply_to: Address = (reply_to or self.sub.uri, listen[1])
         self.pubs: list[Publication] = [publication(u, s) for u, s in self.stage_addrs]
         self.stages_info: list[dict[str, Any]] = []
         self._tokenizer: Any = None

@@ -258,6 +258,14 @@ class StageServer:
         batch.parts.append(hidden)
 
     def _forward(self, batch: _Batch) -> None:
+        keep = [i for i, r in enumerate(batch.rids) if r in self.requests]
+        if len(keep) < len(batch.rids):  # cancelled while this batch was being gathered
+            batch.rids = [batch.rids[i] for i in keep]
+            batch.pos = [batch.pos[i] for i in keep]
+            batch.lens = [batch.lens[i] for i in keep]
+            batch.parts = [batch.parts[i] for i in keep]
+            if not batch.rids:
+                return
         t0 = time.perf_counter()
         try:
             hidden = batch.parts[0] if len(batch.parts) == 1 else torch.cat([p.to(self.model.device_)
