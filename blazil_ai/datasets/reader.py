@@ -155,7 +155,7 @@ class ThreadReader(Reader):
         return FileBatch(names, buf, offsets)
 
     def read_file(self, path: str | Path, out: np.ndarray | None = None) -> np.ndarray:
-        """One file read in 8 MiB blocks by the pool."""
+        """One file: 8 MiB blocks on the pool when cached; otherwise in order so the kernel's read-ahead works."""
         name = os.fspath(path)
         try:
             fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
@@ -167,8 +167,11 @@ class ThreadReader(Reader):
             if out.nbytes < size:
                 raise ValueError(f"out has {out.nbytes} bytes, file has {size}")
             mv = out.reshape(-1).view(np.uint8).data
+            if not _is_cached(fd, mv, size):
+                self._read_one(name, mv[:size], 0, fd)  # in order: the kernel's read-ahead does the rest
+                return out
             futures = [self._pool.submit(self._read_one, name, mv[o:min(o + _BLOCK, size)], o, fd)
-                       for o in range(0, size, _BLOCK)]
+                       for o in range(_BLOCK, size, _BLOCK)]  # block 0 came with the probe
             for f in futures:
                 f.result()
             return out
