@@ -61,7 +61,7 @@ def make_batches(n: int, n_accounts: int, seed: int, id_base: int, groups: list[
             a, c = cross
             dr, cr = rng.choice(a, m), rng.choice(c, m)
         elif groups is not None:
-            g = groups[start // BATCH % len(groups)] if False else groups[rng.integers(len(groups))]
+            g = groups[rng.integers(len(groups))]
             dr = rng.choice(g, m)
             cr = rng.choice(g, m)
             same = dr == cr
@@ -186,7 +186,11 @@ def main() -> int:
     ap.add_argument("--data-dir", default=None, help="where the ledgers are written (default: a temp dir)")
     ap.add_argument("--cases", default="numpy1,numpy2,cross2,dataclass1")
     ap.add_argument("--quick", action="store_true", help="200k transfers, one round")
+    ap.add_argument("--switch-interval", type=float, default=0.0002,
+                    help="sys.setswitchinterval for this process, as `blazil ledger serve` sets it (Python's "
+                         "default is 0.005)")
     args = ap.parse_args()
+    sys.setswitchinterval(args.switch_interval)
     if args.quick:
         args.transfers, args.rounds, args.loop_transfers = 200_000, 1, 50_000
     base = Path(args.data_dir or tempfile.mkdtemp(prefix="blazil-ledger-bench-"))
@@ -242,7 +246,7 @@ def main() -> int:
             "ratio_vs_fsync_ceiling": round(tps / (fsync * BATCH), 3),
             "goal_transfers_per_s": 1_000_000, "goal_met": bool(tps >= 1_000_000 and case == "numpy1"),
             "rounds": args.rounds, "filesystem": fs_type(base), "cpus": os.cpu_count(),
-            "load_avg_1m": round(os.getloadavg()[0], 2),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "switch_interval_s": args.switch_interval,
         }), flush=True)
     if args.data_dir is None:
         shutil.rmtree(base, ignore_errors=True)

@@ -843,17 +843,16 @@ class Engine:
             return np.zeros(0, dtype=np.int64)
         t = self.transfers[: self.n_transfers]
         lo, hi = f.account_id & M64, f.account_id >> 64
-        mask = np.zeros(len(t), dtype=bool)
-        if flags & AccountFilterFlags.DEBITS:
-            mask |= (t["debit_account_id"][:, 0] == lo) & (t["debit_account_id"][:, 1] == hi)
-        if flags & AccountFilterFlags.CREDITS:
-            mask |= (t["credit_account_id"][:, 0] == lo) & (t["credit_account_id"][:, 1] == hi)
-        mask &= _common_mask(t, f.user_data_128, f.user_data_64, f.user_data_32, 0, f.code,
-                             f.timestamp_min, f.timestamp_max)
-        rows = np.nonzero(mask)[0]
-        if flags & AccountFilterFlags.REVERSED:
-            rows = rows[::-1]
-        return rows[: min(f.limit, BATCH_MAX)]
+
+        def match(part: np.ndarray) -> np.ndarray:
+            mask = np.zeros(len(part), dtype=bool)
+            if flags & AccountFilterFlags.DEBITS:
+                mask |= (part["debit_account_id"][:, 0] == lo) & (part["debit_account_id"][:, 1] == hi)
+            if flags & AccountFilterFlags.CREDITS:
+                mask |= (part["credit_account_id"][:, 0] == lo) & (part["credit_account_id"][:, 1] == hi)
+            return mask & _common_mask(part, f.user_data_128, f.user_data_64, f.user_data_32, 0, f.code, 0, 0)
+        return _scan(t, match, f.timestamp_min, f.timestamp_max, bool(flags & AccountFilterFlags.REVERSED),
+                     min(f.limit, BATCH_MAX))
 
     def get_account_transfers(self, f: AccountFilter) -> np.ndarray:
         """Transfers of one account matching the filter, by timestamp (TRANSFER_DTYPE)."""
@@ -908,6 +907,32 @@ def _common_mask(t: np.ndarray, ud128: int, ud64: int, ud32: int, ledger: int, c
     if tmax:
         mask &= t["timestamp"] <= tmax
     return mask
+
+
+_SCAN_BLOCK = 1 << 16
+
+
+def _scan(t: np.ndarray, match: Callable[[np.ndarray], np.ndarray], tmin: int, tmax: int, reverse: bool,
+          limit: int) -> np.ndarray:
+    """Rows of ``t`` (stored in timestamp order) that match, in blocks from the requested end, so a recent
+    history query with a small limit reads only the newest blocks."""
+    ts = t["timestamp"]
+    start = int(np.searchsorted(ts, tmin, side="left")) if tmin else 0
+    stop = int(np.searchsorted(ts, tmax, side="right")) if tmax else len(t)
+    found: list[np.ndarray] = []
+    count = 0
+    edges = range(stop, start, -_SCAN_BLOCK) if reverse else range(start, stop, _SCAN_BLOCK)
+    for edge in edges:
+        lo, hi = (max(start, edge - _SCAN_BLOCK), edge) if reverse else (edge, min(stop, edge + _SCAN_BLOCK))
+        rows = lo + np.nonzero(match(t[lo:hi]))[0]
+        if reverse:
+            rows = rows[::-1]
+        found.append(rows)
+        count += len(rows)
+        if count >= limit:
+            break
+    out = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    return out[:limit].astype(np.int64)
 
 
 def _query(records: np.ndarray, f: QueryFilter) -> np.ndarray:

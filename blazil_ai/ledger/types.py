@@ -287,17 +287,24 @@ def u128_from_words(words: np.ndarray) -> list[int]:
 
 def u128_to_words(values: Sequence[int], *, field: str = "value") -> np.ndarray:
     """An ``(n, 2)`` u64 array of (low, high) words; values outside 0..2^128-1 raise DataError."""
-    out = np.empty((len(values), 2), dtype=np.uint64)
+    out = np.zeros((len(values), 2), dtype=np.uint64)
+    if not len(values):
+        return out
+    small: Any = None
+    large: Any = None
     try:
-        out[:, 0] = [v & U64_MASK for v in values]
-        out[:, 1] = [v >> 64 for v in values]
-    except (OverflowError, TypeError) as e:
+        small, large = min(values), max(values)
+    except TypeError:
+        pass
+    if not isinstance(small, int) or not isinstance(large, int) or small < 0 or large > U128_MAX:
         for i, v in enumerate(values):
             _check_uint(v, 128, field, i)
-        raise DataError(str(e), field=field) from e
-    for i, v in enumerate(values):
-        if v < 0:
-            _check_uint(v, 128, field, i)
+    if large <= U64_MASK:  # the common case: every value fits one word
+        out[:, 0] = np.fromiter(values, dtype=np.uint64, count=len(values))
+        return out
+    obj = np.array(values, dtype=object)
+    out[:, 0] = (obj & U64_MASK).astype(np.uint64)
+    out[:, 1] = (obj >> 64).astype(np.uint64)
     return out
 
 
@@ -317,14 +324,14 @@ def _to_array(records: Sequence[Any], dtype: np.dtype, kind: str) -> np.ndarray:
             out[name] = u128_to_words(values, field=f"{kind}.{name}")
         else:
             try:
-                col = np.array([int(v) for v in values], dtype=object)
-                if len(col) and (col.min() < 0 or col.max() >= (1 << bits)):
+                col = np.fromiter(values, dtype=np.uint64, count=len(values))
+                if bits < 64 and len(col) and int(col.max()) >= (1 << bits):
                     raise OverflowError
-                out[name] = col.astype(np.uint64)
             except (OverflowError, TypeError, ValueError):
                 for i, v in enumerate(values):
                     _check_uint(v, bits, f"{kind}.{name}", i)
                 raise
+            out[name] = col
     return out
 
 
@@ -380,14 +387,20 @@ def as_account_array(batch: Any) -> np.ndarray:
     return accounts_to_array(list(batch))
 
 
+_TRANSFER_STATUS = {s.value: s for s in CreateTransferStatus}
+_ACCOUNT_STATUS = {s.value: s for s in CreateAccountStatus}
+
+
 def transfer_results(status: np.ndarray, timestamps: np.ndarray) -> list[CreateTransferResult]:
     """Dataclass results from an engine status array (engine codes: CREATED is 0xFFFFFFFF)."""
-    return [CreateTransferResult(t, CreateTransferStatus(s)) for s, t in zip(status.tolist(), timestamps.tolist())]
+    members = _TRANSFER_STATUS
+    return [CreateTransferResult(t, members[s]) for s, t in zip(status.tolist(), timestamps.tolist())]
 
 
 def account_results(status: np.ndarray, timestamps: np.ndarray) -> list[CreateAccountResult]:
     """Dataclass results from an engine status array (engine codes: CREATED is 0xFFFFFFFF)."""
-    return [CreateAccountResult(t, CreateAccountStatus(s)) for s, t in zip(status.tolist(), timestamps.tolist())]
+    members = _ACCOUNT_STATUS
+    return [CreateAccountResult(t, members[s]) for s, t in zip(status.tolist(), timestamps.tolist())]
 
 
 def numpy_status(status: np.ndarray) -> np.ndarray:
