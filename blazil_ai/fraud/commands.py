@@ -1,0 +1,244 @@
+"""CLI: ``blazil serve`` (the fraud-scored transfer service) and ``blazil transfer ...`` (its client)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+SERVE_EPILOG = """\
+example:
+  blazil models build --type fraud
+  blazil serve --data ./fraud-data --model ~/.cache/blazil/models/fraud.onnx --listen tcp://127.0.0.1:7400
+  blazil transfer accounts 1 2
+  blazil transfer submit --from 1 --to 2 --amount 2599 --channel online --country GB
+  blazil transfer decision ID ; blazil transfer review ID --approve
+
+Decisions: score < --review-at: approve (posted transfer); < --reject-at: review (pending transfer, funds
+held for --review-timeout seconds, then voided); otherwise reject (no transfer). A model error sends
+transfers to review, never to approve. /metrics is served on --metrics-port (0 = any free port).
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``serve`` and ``transfer``."""
+    from blazil_ai.fraud.server import DEFAULT_URI
+
+    s = sub.add_parser("serve", help="run the fraud-scored transfer service",
+                       description="Score every transfer with the ONNX fraud model before it reaches the ledger "
+                                   "(approve, review or reject), store each decision durably, and serve clients "
+                                   "over the transport (tcp://, tcps://, aeron:) with /metrics.",
+                       epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--data", required=True, help="directory for the decision log and the embedded ledger")
+    s.add_argument("--model", required=True, help="fraud.onnx (with fraud.norm.json next to it) or its directory")
+    s.add_argument("--listen", default=DEFAULT_URI, help=f"transport URI to serve on (default {DEFAULT_URI})")
+    s.add_argument("--ledger", help="ledger address instead of DATA/ledger: a directory, tcp://host:port "
+                                    "(blazil ledger serve) or tigerbeetle://host:port")
+    s.add_argument("--metrics-port", type=int, default=9464, help="port of /metrics (default 9464, 0 = any)")
+    s.add_argument("--review-at", type=float, default=0.5, help="score from which a transfer is held (default 0.5)")
+    s.add_argument("--reject-at", type=float, default=0.9, help="score from which it is rejected (default 0.9)")
+    s.add_argument("--review-timeout", type=int, default=3600,
+                   help="seconds a held transfer waits for a reviewer before it is voided (default 3600)")
+    s.add_argument("--backend", choices=("onnxruntime", "tract"), default="onnxruntime", help="inference engine")
+    s.add_argument("--json", action="store_true", help="print the listening address as one JSON line")
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("transfer", help="submit transfers to 'blazil serve' and read or review decisions",
+                       description="Client of the fraud-scored transfer service.")
+    t.set_defaults(func=lambda args: (t.print_help(), 2)[1])
+    tsub = t.add_subparsers(dest="transfer_command", metavar="SUBCOMMAND")
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--connect", default=DEFAULT_URI, help=f"service URI (default {DEFAULT_URI})")
+        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply (default 30)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    sm = tsub.add_parser("submit", help="submit one transfer (flags) or many (--file JSONL)",
+                         description="Submit transfer requests and print their decisions. Amounts are in minor "
+                                     "units (cents). Context fields feed the fraud model.")
+    common(sm)
+    sm.add_argument("--file", help="JSON lines, one request per line: id, debit_account_id, credit_account_id, "
+                                   "amount, time, merchant_category, channel, device, country, is_foreign, "
+                                   "is_new_device ('-' = stdin)")
+    sm.add_argument("--id", type=int, help="transfer id (default: a new time-sortable id)")
+    sm.add_argument("--from", dest="debit", type=int, help="debit account id")
+    sm.add_argument("--to", dest="credit", type=int, help="credit account id")
+    sm.add_argument("--amount", type=int, help="amount in minor units")
+    sm.add_argument("--ledger-id", type=int, default=1, help="ledger number (default 1)")
+    sm.add_argument("--code", type=int, default=1, help="transfer code (default 1)")
+    sm.add_argument("--time", type=float, help="event time, epoch seconds (default now)")
+    sm.add_argument("--merchant", help="merchant category, e.g. grocery, electronics, digital_goods")
+    sm.add_argument("--channel", help="pos, online, mobile, atm or transfer")
+    sm.add_argument("--device", help="ios, android, web or pos_terminal")
+    sm.add_argument("--country", help="two-letter country code")
+    sm.add_argument("--foreign", action="store_true", help="the country is foreign to the account holder")
+    sm.add_argument("--new-device", action="store_true", help="the device is new to the account")
+    sm.set_defaults(func=cmd_submit)
+
+    d = tsub.add_parser("decision", help="show the stored decision of a transfer")
+    common(d)
+    d.add_argument("id", type=int, help="transfer id")
+    d.set_defaults(func=cmd_decision)
+
+    ls = tsub.add_parser("list", help="list recent decisions (newest first)")
+    common(ls)
+    ls.add_argument("--outcome", choices=("approved", "review", "rejected", "failed"))
+    ls.add_argument("--state", choices=("pending", "posted", "voided", "expired"), help="review state")
+    ls.add_argument("--account", type=int, help="only transfers from or to this account")
+    ls.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    ls.set_defaults(func=cmd_list)
+
+    r = tsub.add_parser("review", help="approve (post) or decline (void) a transfer held for review")
+    common(r)
+    r.add_argument("id", type=int, help="transfer id")
+    g = r.add_mutually_exclusive_group(required=True)
+    g.add_argument("--approve", action="store_true", help="post the held transfer")
+    g.add_argument("--decline", action="store_true", help="void it (funds released)")
+    r.set_defaults(func=cmd_review)
+
+    a = tsub.add_parser("accounts", help="create ledger accounts through the service")
+    common(a)
+    a.add_argument("ids", type=int, nargs="+", help="account ids")
+    a.add_argument("--ledger-id", type=int, default=1, help="ledger number (default 1)")
+    a.add_argument("--code", type=int, default=1, help="account code (default 1)")
+    a.set_defaults(func=cmd_accounts)
+
+    st = tsub.add_parser("stats", help="decision counts and the policy in force")
+    common(st)
+    st.set_defaults(func=cmd_stats)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Handler of ``blazil serve``."""
+    import signal
+
+    from blazil_ai.fraud.server import FraudServer
+
+    server = FraudServer(args.data, args.model, args.listen, metrics_port=args.metrics_port,
+                         ledger=args.ledger, review_at=args.review_at, reject_at=args.reject_at,
+                         review_timeout_s=args.review_timeout, backend=args.backend)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    info = {"listen": server.uri, "metrics": server.metrics.url if server.metrics else None,
+            "policy": server.service.stats()["policy"], "recovered": server.service.recovered}
+    if args.json:
+        print(json.dumps(info), flush=True)
+    else:
+        print(f"blazil serve: fraud-scored transfers on {server.uri}; metrics at {info['metrics']}; "
+              f"model {info['policy']['model_version']}; recovered {info['recovered']}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from blazil_ai.fraud.server import FraudClient
+
+    return FraudClient(args.connect, timeout=args.timeout)
+
+
+def _show(args: argparse.Namespace, obj: Any, text: str) -> None:
+    print(json.dumps(obj) if args.json else text)
+
+
+def _line(d: dict[str, Any]) -> str:
+    score = "-" if d["score"] is None else f"{d['score']:.4f}"
+    state = f" review={d['review_state']}" if d["review_state"] != "none" else ""
+    return (f"{d['transfer_id']}: {d['outcome']}{state} score={score} {d['debit_account_id']}->"
+            f"{d['credit_account_id']} amount={d['amount']} ({d['reason']}; model {d['model_version']})")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Handler of ``blazil transfer submit``."""
+    from blazil_ai.errors import ConfigError, DataError
+    from blazil_ai.fraud.types import Outcome, request_records
+    from blazil_ai.ledger import id as new_id
+
+    if args.file:
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+        records = []
+        with stream:
+            for n, line in enumerate(stream, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"not JSON: {e.msg}", path=args.file, line=n) from None
+                rec.setdefault("id", new_id())
+                records.append(rec)
+    else:
+        if args.debit is None or args.credit is None or args.amount is None:
+            raise ConfigError("give --from, --to and --amount (or --file)")
+        rec = {"id": args.id or new_id(), "debit_account_id": args.debit, "credit_account_id": args.credit,
+               "amount": args.amount, "ledger": args.ledger_id, "code": args.code, "time": args.time,
+               "merchant_category": args.merchant, "channel": args.channel, "device": args.device,
+               "country": args.country, "is_foreign": args.foreign, "is_new_device": args.new_device}
+        records = [{k: v for k, v in rec.items() if v is not None}]
+    req = request_records(records)
+    with _client(args) as c:
+        res = c.decide(req)
+    from blazil_ai.ledger.types import CreateTransferStatus
+
+    out = []
+    for i, r in enumerate(records):
+        st = int(res.ledger_status[i])
+        out.append({"transfer_id": str(r["id"]), "outcome": Outcome(int(res.outcome[i])).name.lower(),
+                    "score": None if res.score[i] != res.score[i] else round(float(res.score[i]), 6),
+                    "ledger_status": "created" if st == 0 else CreateTransferStatus(st).name.lower()})
+    if args.json:
+        print(json.dumps(out if args.file else out[0]))
+    else:
+        for o in out:
+            print(f"{o['transfer_id']}: {o['outcome']} score={o['score']} ledger={o['ledger_status']}")
+    return 0
+
+
+def cmd_decision(args: argparse.Namespace) -> int:
+    """Handler of ``blazil transfer decision``."""
+    with _client(args) as c:
+        d = c.decision(args.id)
+    if d is None:
+        print(f"blazil transfer decision: no decision for transfer {args.id}", file=sys.stderr)
+        return 1
+    _show(args, d, _line(d))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Handler of ``blazil transfer list``."""
+    with _client(args) as c:
+        found = c.decisions(outcome=args.outcome, review_state=args.state, account=args.account, limit=args.limit)
+    _show(args, found, "\n".join(_line(d) for d in found) or "(no decisions)")
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    """Handler of ``blazil transfer review``."""
+    with _client(args) as c:
+        d = c.review(args.id, approve=bool(args.approve))
+    _show(args, d, _line(d))
+    return 0
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    """Handler of ``blazil transfer accounts``."""
+    from blazil_ai.ledger.types import CreateAccountStatus
+
+    with _client(args) as c:
+        st = c.create_accounts(args.ids, ledger=args.ledger_id, code=args.code)
+    res = {str(i): ("created" if s == 0 else CreateAccountStatus(int(s)).name.lower()) for i, s in zip(args.ids, st)}
+    _show(args, res, "\n".join(f"account {k}: {v}" for k, v in res.items()))
+    return 0 if all(v in ("created", "exists") for v in res.values()) else 1
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Handler of ``blazil transfer stats``."""
+    with _client(args) as c:
+        s = c.stats()
+    _show(args, s, json.dumps(s, indent=1))
+    return 0

@@ -1,0 +1,193 @@
+"""Request batch -> the fraud model's feature matrix, with velocity features from each account's history.
+
+The velocity columns are those the transaction simulator computes (``tx_count_1h``, ``tx_count_24h``,
+``amount_sum_24h``, ``amount_ratio``, ``seconds_since_last``) and come from the account's earlier
+transfers. :class:`VelocityWindow` keeps, per debit account, the last ``depth`` transfers (event time
+and amount) in a 2-D numpy ring plus all-time count and sum, so a batch's features are a handful of
+array operations: no Python loop per transfer. It is maintained alongside the ledger (every transfer
+that reaches the ledger is added) and rebuilt from the ledger at start.
+
+Earlier requests of the same account *in the same batch* count as history too (their outcome is not
+known yet when the batch is scored), exactly as the simulator counts every earlier transaction.
+Counts saturate at ``depth`` transfers within a window, far above normal traffic (the simulator's
+card-testing bursts are 6-15).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from blazil_ai.errors import ConfigError
+from blazil_ai.fraud.types import UNKNOWN_CODE, VOCAB
+
+HOUR, DAY, WEEK = 3600.0, 86400.0, 7 * 86400.0
+FIRST_TICKET = float(np.exp(3.4))  # the simulator's "previous mean" for an account's first transaction
+COMPUTED = ("amount", "hour", "is_foreign", "is_new_device", "tx_count_1h", "tx_count_24h", "amount_sum_24h",
+            "amount_ratio", "seconds_since_last")
+
+
+class VelocityWindow:
+    """Per-account recent history (ring of ``depth`` transfers) and all-time totals, as numpy arrays."""
+
+    def __init__(self, depth: int = 32, capacity: int = 1024) -> None:
+        self.depth = depth
+        self.rows: dict[int, int] = {}
+        self._alloc(capacity)
+        self.n = 0
+
+    def _alloc(self, cap: int) -> None:
+        self.times = np.full((cap, self.depth), -np.inf)
+        self.amounts = np.zeros((cap, self.depth))
+        self.head = np.zeros(cap, dtype=np.int64)
+        self.count = np.zeros(cap, dtype=np.int64)
+        self.total = np.zeros(cap)
+        self.last = np.full(cap, -np.inf)
+
+    def _grow(self, need: int) -> None:
+        cap = len(self.head)
+        if need <= cap:
+            return
+        old = (self.times, self.amounts, self.head, self.count, self.total, self.last)
+        self._alloc(max(need, 2 * cap))
+        for new, o in zip((self.times, self.amounts, self.head, self.count, self.total, self.last), old):
+            new[:cap] = o
+
+    def account_rows(self, accounts: np.ndarray) -> np.ndarray:
+        """Row of each account id (new accounts get fresh, empty rows)."""
+        get = self.rows.get
+        rows = np.fromiter((get(a, -1) for a in accounts.tolist()), dtype=np.int64, count=len(accounts))
+        new = rows < 0
+        if new.any():
+            for i in np.flatnonzero(new).tolist():
+                a = int(accounts[i])
+                r = self.rows.get(a)
+                if r is None:
+                    r = self.rows[a] = self.n
+                    self.n += 1
+                rows[i] = r
+            self._grow(self.n)
+        return rows
+
+    def features(self, rows: np.ndarray, t: np.ndarray, amount: np.ndarray) -> dict[str, np.ndarray]:
+        """Velocity columns for transfers (account row, event time s, amount) given history and earlier rows."""
+        n = len(rows)
+        if n == 0:
+            return {k: np.zeros(0) for k in COMPUTED[4:]}
+        order = np.lexsort((t, rows))
+        a, tt, am = rows[order], t[order], amount[order]
+        # Stored history: compare each transfer with its account's ring in one (n, depth) operation.
+        h_t, h_a = self.times[a], self.amounts[a]
+        before = h_t <= tt[:, None]
+        in_1h = before & (h_t >= (tt - HOUR)[:, None])
+        in_24h = before & (h_t >= (tt - DAY)[:, None])
+        c1 = in_1h.sum(1)
+        c24 = in_24h.sum(1)
+        s24 = np.where(in_24h, h_a, 0.0).sum(1)
+        # Earlier transfers of the same account in this batch: one sorted key per (account, time).
+        idx = np.arange(n)
+        new_group = np.ones(n, dtype=bool)
+        new_group[1:] = a[1:] != a[:-1]
+        group = np.cumsum(new_group) - 1
+        first = np.flatnonzero(new_group)[group]
+        t0 = float(tt.min())
+        span = float(tt.max()) - t0 + 2 * DAY
+        key = group * span + (tt - t0)
+        c1 = c1 + idx - np.searchsorted(key, key - HOUR, side="left")
+        left24 = np.searchsorted(key, key - DAY, side="left")
+        c24 = c24 + idx - left24
+        csum = np.concatenate([[0.0], np.cumsum(am)])
+        s24 = s24 + csum[idx] - csum[left24]
+        prev_in_batch = idx - first
+        prev_n = self.count[a] + prev_in_batch
+        prev_sum = self.total[a] + csum[idx] - csum[first]
+        prev_mean = np.where(prev_n > 0, prev_sum / np.maximum(prev_n, 1), FIRST_TICKET)
+        prev_t = np.where(prev_in_batch > 0, np.concatenate([[-np.inf], tt[:-1]]), self.last[a])
+        since = np.where(np.isfinite(prev_t), tt - prev_t, WEEK)
+        cols = {"tx_count_1h": c1, "tx_count_24h": c24, "amount_sum_24h": s24,
+                "amount_ratio": am / np.where(prev_mean > 0, prev_mean, FIRST_TICKET),
+                "seconds_since_last": np.clip(since, 0.0, WEEK)}
+        out: dict[str, np.ndarray] = {}
+        for k, v in cols.items():
+            full = np.empty(n)
+            full[order] = v
+            out[k] = full
+        return out
+
+    def add(self, rows: np.ndarray, t: np.ndarray, amount: np.ndarray) -> None:
+        """Record transfers (that reached the ledger) in their accounts' history."""
+        n = len(rows)
+        if n == 0:
+            return
+        order = np.lexsort((t, rows))
+        a, tt, am = rows[order], t[order], amount[order]
+        new_group = np.ones(n, dtype=bool)
+        new_group[1:] = a[1:] != a[:-1]
+        starts = np.flatnonzero(new_group)
+        k = np.arange(n) - starts[np.cumsum(new_group) - 1]
+        pos = (self.head[a] + k) % self.depth
+        self.times[a, pos] = tt
+        self.amounts[a, pos] = am
+        ua = a[starts]
+        counts = np.diff(np.append(starts, n))
+        self.head[ua] += counts
+        self.count[ua] += counts
+        self.total[ua] += np.add.reduceat(am, starts)
+        last_of = np.append(starts[1:], n) - 1
+        self.last[ua] = np.maximum(self.last[ua], tt[last_of])
+
+
+class FeatureBuilder:
+    """Builds the model's float32 matrix from a REQUEST_DTYPE batch, following the model's saved transform."""
+
+    def __init__(self, transform: Any, amount_scale: float = 100.0) -> None:
+        if transform is None:
+            raise ConfigError("the fraud model has no normalisation file (fraud.norm.json) next to it")
+        unknown = [c for c in transform.numeric if c not in COMPUTED]
+        if unknown:
+            raise ConfigError(f"the fraud model needs numeric features {unknown} that the service does not compute "
+                              f"(it computes {list(COMPUTED)})")
+        unknown = [c for c in transform.categorical if c not in VOCAB]
+        if unknown:
+            raise ConfigError(f"the fraud model needs categorical features {unknown}; requests carry {list(VOCAB)}")
+        self.transform = transform
+        self.amount_scale = amount_scale
+        self.n_features = transform.n_features
+        self.center = np.asarray(transform.center, dtype=np.float64)
+        self.scale = np.asarray(transform.scale, dtype=np.float64)
+        self.fill = np.asarray(transform.fill or transform.center, dtype=np.float64)
+        # Request code -> column of the one-hot block (the model's __other__ slot for codes it never saw).
+        self.onehot: list[tuple[str, np.ndarray]] = []
+        col = len(transform.numeric)
+        for name in transform.categorical:
+            cats = transform.categories[name]
+            lut = np.full(256, col + len(cats), dtype=np.int64)
+            index = {c: i for i, c in enumerate(cats)}
+            for code, value in enumerate(VOCAB[name]):
+                if value in index:
+                    lut[code] = col + index[value]
+            lut[UNKNOWN_CODE] = col + len(cats)
+            self.onehot.append((name, lut))
+            col += len(cats) + 1
+
+    def build(self, req: np.ndarray, velocity: dict[str, np.ndarray]) -> np.ndarray:
+        """The [n, d] float32 matrix for ``req`` with precomputed velocity columns."""
+        n = len(req)
+        t = req["time"]
+        cols = {"amount": req["amount"] / self.amount_scale, "hour": np.floor((t % DAY) / HOUR),
+                "is_foreign": req["is_foreign"], "is_new_device": req["is_new_device"], **velocity}
+        x = np.empty((len(self.transform.numeric), n))
+        for j, name in enumerate(self.transform.numeric):
+            x[j] = cols[name]
+        bad = ~np.isfinite(x)
+        if bad.any():  # cannot come from valid requests; impute rather than fail a whole batch
+            x[bad] = np.broadcast_to(self.fill[:, None], x.shape)[bad]
+        x -= self.center[:, None]
+        x /= self.scale[:, None]
+        out = np.zeros((n, self.n_features), dtype=np.float32)
+        out[:, : len(self.transform.numeric)] = x.T
+        ar = np.arange(n)
+        for name, lut in self.onehot:
+            out[ar, lut[req[name]]] = 1.0
+        return out

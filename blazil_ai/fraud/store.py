@@ -1,0 +1,301 @@
+"""The decision log: every decision (score, model version, reason, outcome) and every review change, durably.
+
+One append-only file ``decisions.log`` of frames ``[u32 length][u32 crc32][u8 kind][3 pad][payload]``:
+
+* ``POLICY``: JSON of the :class:`~blazil_ai.fraud.types.Policy` in force (model version and thresholds);
+  decisions name it by its index;
+* ``DECISIONS``: an array of :data:`DECISION_DTYPE` rows (one frame per scored batch);
+* ``CHANGES``: an array of :data:`CHANGE_DTYPE` rows (a review posted, voided or expired; a ledger
+  refusal; a decision withdrawn because its transfer never reached the ledger).
+
+A frame is written and fsynced before anything it holds is acknowledged. At open the frames are
+replayed into memory; a torn or corrupt tail (a crash mid-write) is cut off, which only ever loses
+frames nobody was told about.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blazil_ai.errors import DataError
+from blazil_ai.fraud.types import Decision, Outcome, Policy, Reason, ReviewState, finite_or_none, reason_text
+
+POLICY, DECISIONS, CHANGES = 1, 2, 3
+_HEADER = struct.Struct("<IIB3x")
+MAGIC = b"BLZFRAUD\x01\x00\x00\x00"
+
+DECISION_DTYPE = np.dtype([
+    ("id", "<u8", (2,)), ("debit_account_id", "<u8"), ("credit_account_id", "<u8"), ("amount", "<u8"),
+    ("time", "<f8"), ("decided_at", "<u8"), ("score", "<f4"), ("ledger_status", "<u4"), ("policy", "<u2"),
+    ("outcome", "u1"), ("reason", "u1"), ("state", "u1"), ("pad", "V3"),
+])
+CHANGE_DTYPE = np.dtype([
+    ("id", "<u8", (2,)), ("at", "<u8"), ("ledger_status", "<u4"), ("outcome", "u1"), ("reason", "u1"),
+    ("state", "u1"), ("withdrawn", "u1"),
+])
+
+
+def _frames(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(offset after the frame, kind, payload) for each intact frame; stops at the first bad one."""
+    pos = len(MAGIC)
+    while pos + _HEADER.size <= len(data):
+        length, crc, kind = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + length
+        if end > len(data):
+            return
+        payload = data[pos + _HEADER.size: end]
+        if zlib.crc32(payload) != crc or kind not in (POLICY, DECISIONS, CHANGES):
+            return
+        yield end, kind, payload
+        pos = end
+
+
+class DecisionStore:
+    """Decisions in memory (numpy rows + an id index) backed by the fsynced decision log."""
+
+    def __init__(self, directory: str | os.PathLike[str], fsync: bool = True) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / "decisions.log"
+        self.fsync = fsync
+        self.rows = np.zeros(1024, dtype=DECISION_DTYPE)
+        self.n = 0
+        self.index: dict[int, int] = {}  # low 64 bits of the id -> row
+        self.collisions: dict[int, int] = {}  # full id -> row, when the low word was taken
+        self.policies: list[Policy] = []
+        self.frames_written = 0
+        self.last_frame_rows: list[range] = []  # rows of the most recent DECISIONS frames (verified at start)
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._open()
+
+    # ---------------------------------------------------------------- file
+
+    def _open(self) -> None:
+        if not self.path.exists():
+            with open(self.path, "wb") as f:
+                f.write(MAGIC)
+                f.flush()
+                os.fsync(f.fileno())
+            self._fsync_dir()
+        data = self.path.read_bytes()
+        if not data.startswith(MAGIC):
+            raise DataError("not a decision log (bad magic)", path=str(self.path))
+        good = len(MAGIC)
+        for end, kind, payload in _frames(data):
+            if kind == POLICY:
+                self.policies.append(Policy(**json.loads(payload)))
+            elif kind == DECISIONS:
+                rows = np.frombuffer(payload, dtype=DECISION_DTYPE)
+                r = self._append_rows(rows)
+                self.last_frame_rows = [*self.last_frame_rows[-7:], r]
+            else:
+                self._apply_changes(np.frombuffer(payload, dtype=CHANGE_DTYPE))
+            good = end
+        self._file = open(self.path, "r+b")  # noqa: SIM115 - held open for the store's lifetime
+        if good < len(data):
+            self.truncated_bytes = len(data) - good
+            self._file.truncate(good)
+            os.fsync(self._file.fileno())
+        else:
+            self.truncated_bytes = 0
+        self._file.seek(good)
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write(self, kind: int, payload: bytes) -> None:
+        self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload), kind) + payload)
+        self._dirty = True
+        self.frames_written += 1
+
+    def sync(self) -> None:
+        """Make everything written so far durable (one fsync)."""
+        with self._lock:
+            if not self._dirty:
+                return
+            self._file.flush()
+            if self.fsync:
+                os.fdatasync(self._file.fileno())
+            self._dirty = False
+
+    def close(self) -> None:
+        """Sync and close the log."""
+        self.sync()
+        self._file.close()
+
+    # ---------------------------------------------------------------- writes
+
+    def add_policy(self, policy: Policy) -> int:
+        """Record the policy in force (reusing an identical earlier one); returns its index."""
+        for i, p in enumerate(self.policies):
+            if p == policy:
+                return i
+        with self._lock:
+            self._write(POLICY, json.dumps(asdict(policy)).encode())
+            self.policies.append(policy)
+        self.sync()
+        return len(self.policies) - 1
+
+    def add_decisions(self, rows: np.ndarray) -> range:
+        """Write one batch of decisions (not yet synced); returns their row range."""
+        with self._lock:
+            self._write(DECISIONS, rows.tobytes())
+            return self._append_rows(rows)
+
+    def add_changes(self, changes: np.ndarray) -> None:
+        """Write and apply review changes / ledger refusals / withdrawals (not yet synced)."""
+        if len(changes) == 0:
+            return
+        with self._lock:
+            self._write(CHANGES, changes.tobytes())
+            self._apply_changes(changes)
+
+    # ---------------------------------------------------------------- memory
+
+    def _append_rows(self, rows: np.ndarray) -> range:
+        n = len(rows)
+        if self.n + n > len(self.rows):
+            grown = np.zeros(max(self.n + n, 2 * len(self.rows)), dtype=DECISION_DTYPE)
+            grown[: self.n] = self.rows[: self.n]
+            self.rows = grown
+        start = self.n
+        self.rows[start: start + n] = rows
+        self.n += n
+        lo = rows["id"][:, 0].tolist()
+        if self.index.keys().isdisjoint(lo) and len(set(lo)) == n:
+            self.index.update(zip(lo, range(start, start + n)))
+        else:  # a low word seen before: the later row is found by its full id
+            for k, (v, h) in enumerate(zip(lo, rows["id"][:, 1].tolist())):
+                if v in self.index:
+                    self.collisions[(h << 64) | v] = start + k
+                else:
+                    self.index[v] = start + k
+        return range(start, start + n)
+
+    def row_of(self, tid: int) -> int | None:
+        """The row of transfer ``tid``'s decision, or None."""
+        r = self.collisions.get(tid)
+        if r is not None:
+            return r
+        r = self.index.get(tid & 0xFFFFFFFFFFFFFFFF)
+        if r is None:
+            return None
+        row = self.rows["id"][r]
+        if (int(row[1]) << 64 | int(row[0])) != tid:
+            return None
+        return r
+
+    def known_mask(self, ids: np.ndarray) -> np.ndarray:
+        """Which ids of an ``(n, 2)`` word array already have a decision."""
+        if not self.index:
+            return np.zeros(len(ids), dtype=bool)
+        lo = ids[:, 0].tolist()
+        if self.index.keys().isdisjoint(lo) and not self.collisions:
+            return np.zeros(len(ids), dtype=bool)
+        hi = ids[:, 1].tolist()
+        return np.array([self.row_of((h << 64) | v) is not None for v, h in zip(lo, hi)], dtype=bool)
+
+    def _apply_changes(self, changes: np.ndarray) -> None:
+        for c in changes:
+            tid = int(c["id"][0]) | (int(c["id"][1]) << 64)
+            r = self.row_of(tid)
+            if r is None:
+                continue
+            if c["withdrawn"]:
+                # Never reached the ledger and never acknowledged: forget it, so a retry is scored afresh.
+                if self.collisions.pop(tid, None) is None:
+                    self.index.pop(tid & 0xFFFFFFFFFFFFFFFF, None)
+                self.rows["outcome"][r] = 0
+                continue
+            self.rows["state"][r] = c["state"]
+            if c["outcome"]:
+                self.rows["outcome"][r] = c["outcome"]
+                self.rows["reason"][r] = c["reason"]
+                self.rows["ledger_status"][r] = c["ledger_status"]
+
+    # ---------------------------------------------------------------- reads
+
+    def decision(self, r: int) -> Decision:
+        """The Decision record of row ``r``."""
+        from blazil_ai.ledger.types import CreateTransferStatus
+
+        row = self.rows[r]
+        policy = self.policies[int(row["policy"])] if int(row["policy"]) < len(self.policies) else Policy("unknown")
+        status = int(row["ledger_status"])
+        status_name = "" if status == 0 else _status_name(status, CreateTransferStatus)
+        score = float(row["score"])
+        return Decision(
+            transfer_id=int(row["id"][0]) | (int(row["id"][1]) << 64),
+            debit_account_id=int(row["debit_account_id"]), credit_account_id=int(row["credit_account_id"]),
+            amount=int(row["amount"]), time=float(row["time"]), score=finite_or_none(score),
+            outcome=Outcome(int(row["outcome"])).name.lower(),
+            reason=reason_text(int(row["reason"]), score, policy, status_name),
+            model_version=policy.model_version, review_state=ReviewState(int(row["state"])).name.lower(),
+            ledger_status=(status_name or "created") if int(row["outcome"]) in (1, 2) else status_name,
+            decided_at_ns=int(row["decided_at"]))
+
+    def get(self, tid: int) -> Decision | None:
+        """The decision for transfer ``tid``, or None."""
+        r = self.row_of(tid)
+        return None if r is None else self.decision(r)
+
+    def query(self, outcome: str | None = None, review_state: str | None = None, account: int | None = None,
+              limit: int = 100) -> list[Decision]:
+        """The most recent decisions matching the filters, newest first."""
+        rows = self.rows[: self.n]
+        mask = rows["outcome"] != 0
+        if outcome is not None:
+            mask &= rows["outcome"] == Outcome[outcome.upper()].value
+        if review_state is not None:
+            mask &= rows["state"] == ReviewState[review_state.upper()].value
+        if account is not None:
+            mask &= (rows["debit_account_id"] == account) | (rows["credit_account_id"] == account)
+        hits = np.flatnonzero(mask)[::-1][:limit]
+        return [self.decision(int(r)) for r in hits]
+
+    def counts(self) -> dict[str, int]:
+        """Decisions by outcome, and reviews by state."""
+        rows = self.rows[: self.n]
+        out = {o.name.lower(): int((rows["outcome"] == o.value).sum()) for o in Outcome}
+        for s in (ReviewState.PENDING, ReviewState.POSTED, ReviewState.VOIDED, ReviewState.EXPIRED):
+            out[f"review_{s.name.lower()}"] = int(((rows["state"] == s.value) & (rows["outcome"] != 0)).sum())
+        return out
+
+
+def _status_name(status: int, enum_type: Any) -> str:
+    try:
+        return str(enum_type(status).name.lower())
+    except ValueError:
+        return f"status_{status}"
+
+
+def change_rows(ids: np.ndarray, *, at: int, state: int = 0, outcome: int = 0, reason: int = 0,
+                ledger_status: np.ndarray | int = 0, withdrawn: bool = False) -> np.ndarray:
+    """CHANGE_DTYPE rows for the ids of an ``(n, 2)`` word array."""
+    out = np.zeros(len(ids), dtype=CHANGE_DTYPE)
+    out["id"] = ids
+    out["at"] = at
+    out["state"] = state
+    out["outcome"] = outcome
+    out["reason"] = reason
+    out["ledger_status"] = ledger_status
+    out["withdrawn"] = withdrawn
+    return out
+
+
+__all__ = ["CHANGE_DTYPE", "DECISION_DTYPE", "DecisionStore", "Reason", "change_rows"]
