@@ -271,7 +271,7 @@ def test_message_over_the_size_limit_is_refused(ipc_pair):
         small.offer({}, [np.zeros(2000, dtype=np.uint8)])
 
 
-def test_driver_killed_blocked_calls_fail_fast_and_a_restart_works(tmp_path):
+def test_driver_killed_blocked_calls_fail_fast_and_a_restart_works():
     drv = aeron.MediaDriver().start()
     try:
         stream = _stream()

@@ -131,9 +131,18 @@ def default_dir() -> str:
     return os.path.join(base, f"aeron-{user}")
 
 
+def _sysctl_int(path: str, default: int, cap: int) -> int:
+    try:
+        with open(path) as f:
+            return min(int(f.read().strip()), cap)
+    except (OSError, ValueError):
+        return default
+
+
 def driver_env(aeron_dir: str, term_length: int = DEFAULT_TERM_LENGTH,
                ipc_term_length: int = DEFAULT_IPC_TERM_LENGTH) -> dict[str, str]:
     """The settings a Blazil AI media driver runs with (a small host: one shared thread that backs off)."""
+    rcvbuf = _sysctl_int("/proc/sys/net/core/rmem_max", 2 << 20, cap=2 << 20)
     return {
         "AERON_DIR": aeron_dir,
         # The default DEDICATED mode spins three agent threads; SHARED runs them on one thread that backs off.
@@ -143,6 +152,11 @@ def driver_env(aeron_dir: str, term_length: int = DEFAULT_TERM_LENGTH,
         "AERON_IPC_TERM_BUFFER_LENGTH": str(ipc_term_length),
         # IPC needs no network MTU: fewer, larger fragments make long frames cheaper.
         "AERON_IPC_MTU_LENGTH": "65504",
+        # UDP: a receiver window of term/2 (Aeron's default is 128 KiB) backed by socket buffers as large as
+        # the kernel allows, up to 2 MiB; large frames over UDP ran about twice as fast with it here.
+        "AERON_SOCKET_SO_RCVBUF": str(rcvbuf),
+        "AERON_SOCKET_SO_SNDBUF": str(_sysctl_int("/proc/sys/net/core/wmem_max", 2 << 20, cap=2 << 20)),
+        "AERON_RCV_INITIAL_WINDOW_LENGTH": str(min(term_length // 2, rcvbuf)),
         "AERON_DIR_DELETE_ON_START": "true",
         "AERON_DIR_DELETE_ON_SHUTDOWN": "true",
         "AERON_PRINT_CONFIGURATION": "false",
