@@ -367,3 +367,24 @@ def test_cli_driver_runs_in_the_foreground_and_stops_on_sigint(tmp_path):
         proc.send_signal(2)  # SIGINT, as Ctrl-C
         assert proc.wait(timeout=20) == 0, proc.stderr.read()
     assert not os.path.exists(os.path.join(aeron_dir, "cnc.dat"))
+
+
+def test_subscriber_drops_garbage_and_unfinished_chunk_sequences_and_keeps_going(driver):
+    import struct
+
+    pub, sub = _pair(driver, "aeron:ipc")
+    with pub, sub:
+        unfinished = b"BLZC" + struct.pack("<IQ", 0, 1000) + bytes(100)  # first chunk of 1000 bytes, never finished
+        garbage = b"NOPE" + bytes(40)
+        good = framing.encode_bytes({"after": "bad input"})
+        assert pub.offer_batch([unfinished, garbage, good], timeout=5.0) == 3
+        m = sub.receive(timeout=5.0)
+        assert m is not None and m.meta == {"after": "bad input"}
+        assert sub.dropped == 2
+        # a frame whose header is fine but whose body is not: decoded in Python, dropped with a logged error
+        bad_body = bytearray(framing.encode_bytes({"x": 1}))
+        bad_body[framing.HEADER_SIZE] = 0xC1  # never valid MessagePack
+        assert pub.offer_batch([bytes(bad_body), good], timeout=5.0) == 2
+        m = sub.receive(timeout=5.0)
+        assert m is not None and m.meta == {"after": "bad input"}
+        assert sub.dropped == 3 and sub.decode_errors == 1
