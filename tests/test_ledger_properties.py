@@ -320,3 +320,31 @@ def test_sharded_two_phase_answers_like_one_engine(seq, limits):
                                                                         L.QueryFilterFlags.NONE))
                           if t.flags & TF.PENDING)
             assert many.backend.pending_legs() <= 2 * pending
+
+
+def test_history_scan_blocks_match_a_full_scan():
+    import blazil_ai.ledger.engine as E
+    eng = Engine(clock=StepClock())
+    eng.create_accounts(accounts([0] * N_ACCOUNTS))
+    rng = np.random.default_rng(3)
+    for k in range(5):
+        b = np.zeros(2000, dtype=L.TRANSFER_DTYPE)
+        b["id"][:, 0] = np.arange(k * 2000, (k + 1) * 2000) + 1
+        d = rng.integers(1, N_ACCOUNTS, 2000)
+        b["debit_account_id"][:, 0] = d
+        b["credit_account_id"][:, 0] = d % (N_ACCOUNTS - 1) + 1
+        b["ledger"], b["code"] = 1, 1 + (np.arange(2000) % 3)
+        eng.create_transfers(b)
+    F = L.AccountFilterFlags
+    old = E._SCAN_BLOCK
+    try:
+        for flags in (F.DEBITS, F.CREDITS | F.REVERSED, F.DEBITS | F.CREDITS | F.REVERSED):
+            for limit, code in ((5, 0), (700, 2), (8189, 0)):
+                f = L.AccountFilter(3, 0, 0, 0, code, int(eng.transfers["timestamp"][100]),
+                                    int(eng.transfers["timestamp"][9000]), limit, flags)
+                E._SCAN_BLOCK = 1 << 16
+                whole = eng._account_transfer_rows(f).tolist()
+                E._SCAN_BLOCK = 97
+                assert eng._account_transfer_rows(f).tolist() == whole and len(whole) > 0
+    finally:
+        E._SCAN_BLOCK = old

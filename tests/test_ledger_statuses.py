@@ -394,6 +394,11 @@ def test_get_account_transfers_filters(client):
     assert ids(code=5) == [1001, 1003]
     assert ids(flags=F.NONE) == []
     assert ids(limit=0) == []
+    stamps = [t.timestamp for t in client.lookup_transfers([1001, 1002, 1003])]
+    assert ids(timestamp_min=stamps[1]) == [1002, 1003]
+    assert ids(timestamp_max=stamps[1]) == [1001, 1002]
+    assert ids(timestamp_min=stamps[1], timestamp_max=stamps[1], flags=F.DEBITS | F.CREDITS | F.REVERSED) == [1002]
+    assert ids(timestamp_min=stamps[2], timestamp_max=stamps[0]) == []
 
 
 def test_get_account_balances_history(client):

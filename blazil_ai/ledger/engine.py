@@ -917,8 +917,8 @@ def _scan(t: np.ndarray, match: Callable[[np.ndarray], np.ndarray], tmin: int, t
     """Rows of ``t`` (stored in timestamp order) that match, in blocks from the requested end, so a recent
     history query with a small limit reads only the newest blocks."""
     ts = t["timestamp"]
-    start = int(np.searchsorted(ts, tmin, side="left")) if tmin else 0
-    stop = int(np.searchsorted(ts, tmax, side="right")) if tmax else len(t)
+    start = int(np.searchsorted(ts, np.uint64(tmin), side="left")) if tmin else 0
+    stop = int(np.searchsorted(ts, np.uint64(tmax), side="right")) if tmax else len(t)
     found: list[np.ndarray] = []
     count = 0
     edges = range(stop, start, -_SCAN_BLOCK) if reverse else range(start, stop, _SCAN_BLOCK)
