@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          description="Read DATA with the dataset loader, run the model with onnxruntime or tract, and "
                                      "write one JSON line per item (to --out or stdout), with a progress bar on stderr "
                                      "and a summary at the end.")
-    inf.add_argument("--type", required=True, choices=TYPES, help="dataset and model type")
+    inf.add_argument("--type", required=True, choices=(*TYPES, "features"),
+                     help="dataset and model type (features = fraud)")
     inf.add_argument("--model", help="ONNX file or models directory (default $BLAZIL_HOME/models/TYPE.onnx)")
     inf.add_argument("data", help="the dataset: a file or directory in the type's layout")
     inf.add_argument("--backend", choices=("onnxruntime", "tract"), default="onnxruntime",

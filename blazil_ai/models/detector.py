@@ -157,7 +157,7 @@ def _load_split(data: Path, split: str, size: int) -> tuple[Any, dict[str, np.nd
 
 
 def train_detector(data_dir: str | Path, out_dir: str | Path | None = None, seed: int = 0, *, size: int = 128,
-                   epochs: int = 60, batch_size: int = 32) -> Path:
+                   epochs: int = 40, batch_size: int = 32) -> Path:
     """Train on a YOLO-layout data set (train/val splits); write detection.onnx + detection.metrics.json."""
     torch = _torch()
     from blazil_ai.models.detection import decode
