@@ -82,7 +82,9 @@ class Anchor:
     def __init__(self, ckpt: Path, args: argparse.Namespace) -> None:
         cmd = [sys.executable, __file__, "--anchor-worker", str(ckpt), "--device", args.device, "--dtype", args.dtype,
                "--threads", str(args.threads)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        # The stages run with OMP_WAIT_POLICY=PASSIVE (set by the launcher); the anchor gets the same setting.
+        env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
