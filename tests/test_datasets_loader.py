@@ -146,5 +146,5 @@ def test_dataset_works_inside_torch_dataloader_workers(tmp_path):
         def __getitem__(self, i):
             return ds[i]["audio"]
 
-    got = np.concatenate([b.numpy() for b in tud.DataLoader(Items(), batch_size=8, num_workers=2)])
+    got = np.concatenate([b.numpy() for b in tud.DataLoader(Items(), batch_size=8, num_workers=2, timeout=60)])
     assert np.array_equal(got, expected)
