@@ -246,8 +246,9 @@ def dd_rate(path: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", default=os.path.expanduser("~/.cache/blazil/bench-loader"),
-                    help="where the generated data sets are kept between runs")
+    home = Path(os.environ.get("BLAZIL_HOME") or "~/.cache/blazil").expanduser()
+    ap.add_argument("--cache", default=str(home / "bench-loader"),
+                    help="where the generated data sets are kept between runs (default $BLAZIL_HOME/bench-loader)")
     ap.add_argument("--files", type=int, default=20000, help="WAV files in the small-file set")
     ap.add_argument("--images", type=int, default=2000, help="images in the YOLO set")
     ap.add_argument("--samples", type=int, default=4000, help="WAV clips read per timed run")
