@@ -201,9 +201,10 @@ class UringReader(Reader):
         self._open = False
         try:
             liburing.io_uring_queue_init(2 * depth, self._ring, 0)  # 2 entries per file: read + close
-        except OSError:
-            raise
-        except Exception as e:  # report any set-up failure the binding raises as the OSError callers expect
+        except Exception as e:
+            if isinstance(e, OSError):
+                raise
+            # Any other set-up failure the binding raises becomes the OSError that open_reader falls back on.
             raise OSError(errno.ENOSYS, f"io_uring set-up failed: {e}") from e
         self._open = True
         # A no-op round trip: some sandboxes allow the set-up call but refuse io_uring_enter.
@@ -216,6 +217,7 @@ class UringReader(Reader):
     def _reap(self, want: int, handle) -> None:
         L, ring, cqe = self._L, self._ring, self._cqe
         got = 0
+        interrupted: BaseException | None = None
         while got < want:
             n = 0
             for _ in L.CqeIter(ring, cqe):
@@ -229,8 +231,17 @@ class UringReader(Reader):
             if n:
                 L.io_uring_cq_advance(ring, n)  # CqeIter only looks; the ring needs to be told we consumed
                 got += n
-            else:
+                continue
+            try:
                 L.io_uring_wait_cqe(ring, cqe)
+            except InterruptedError:
+                continue
+            except BaseException as e:
+                # The kernel may still be writing into buffers the caller would free on the way out
+                # (Ctrl-C here): wait for every submitted operation, then raise.
+                interrupted = interrupted or e
+        if interrupted is not None:
+            raise interrupted
 
     def read_files(self, paths: Sequence[str | Path], sizes: Sequence[int] | np.ndarray | None = None) -> FileBatch:
         """The full contents of each file, opened, read and closed inside the ring."""
@@ -355,7 +366,13 @@ class UringReader(Reader):
                         in_flight += queued
                     # Reap at least one (and whatever else is ready), then refill the queue.
                     completed[0] = 0
-                    self._reap(1, on_done)
+                    try:
+                        self._reap(1, on_done)
+                    except BaseException:
+                        left = in_flight - completed[0]
+                        if left > 0:  # reads still target `out`, which may be freed once we raise
+                            self._reap(left, on_done)
+                        raise
                     in_flight -= completed[0]
             if failed:
                 raise DataError(failed[0], path=name)
