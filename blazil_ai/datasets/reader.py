@@ -276,7 +276,12 @@ class UringReader(Reader):
             else:
                 fds[ud] = res
 
-        self._reap(len(chunk), on_open)
+        try:
+            self._reap(len(chunk), on_open)
+        except BaseException:
+            for fd in fds.values():  # interrupted before the reads: do not leak the descriptors
+                os.close(fd)
+            raise
         keep = []  # the Iovec objects must outlive the reads that point into them
         n_ops = 0
         for i, fd in fds.items():
