@@ -249,17 +249,6 @@ class ShardedLedger:
                     home[i], cross[i] = -1, True
                 else:
                     home[i] = self._where(pids[i], fallback=shard_of(pids[i], self.n))
-        # An id that exists (or was burned) anywhere is answered where it is.
-        stores = [(-1, self.cross)] + [(s, sh.engine) for s, sh in enumerate(self.shards)]
-        for s, eng in stores:
-            if eng.transfer_keys.keys().isdisjoint(keys) and eng.failed_keys.isdisjoint(keys):
-                continue
-            ids = ids or _ids(batch)
-            for i, k in enumerate(keys):
-                if (k in eng.transfer_keys and eng.transfer_row(ids[i]) is not None) or \
-                        (k in eng.failed_keys and ids[i] in eng.failed_ids):
-                    home[i] = s
-                    cross[i] = s == -1
         # A post/void of a pending transfer created earlier in this segment goes to the same shard.
         if post_void.any():
             ids = ids or _ids(batch)
@@ -272,6 +261,17 @@ class ShardedLedger:
                         home[i], cross[i] = -1, True
                     else:
                         home[i] = home[first_at]
+        # An id that exists (or was burned) anywhere is answered where it is.
+        stores = [(-1, self.cross)] + [(s, sh.engine) for s, sh in enumerate(self.shards)]
+        for s, eng in stores:
+            if eng.transfer_keys.keys().isdisjoint(keys) and eng.failed_keys.isdisjoint(keys):
+                continue
+            ids = ids or _ids(batch)
+            for i, k in enumerate(keys):
+                if (k in eng.transfer_keys and eng.transfer_row(ids[i]) is not None) or \
+                        (k in eng.failed_keys and ids[i] in eng.failed_ids):
+                    home[i] = s
+                    cross[i] = s == -1
         return home, cross
 
     def _where(self, tid: int, fallback: int) -> int:
