@@ -53,7 +53,7 @@ DEFAULT_TERM_LENGTH = 4 * 1024 * 1024  # UDP: small terms for small hosts; longe
 DEFAULT_IPC_TERM_LENGTH = 8 * 1024 * 1024
 _FRAGMENT_LIMIT = 256
 _JOIN_BELOW = 16 * 1024  # frames up to this size are joined into one buffer; larger ones go as an iovec list
-_WAIT_SLICE_MS = 100  # blocking waits return to Python this often, so Ctrl-C and close() get through
+_WAIT_SLICE_MS = 250  # blocking waits return to Python this often, so Ctrl-C and close() get through
 
 
 def aeron_home() -> Path:

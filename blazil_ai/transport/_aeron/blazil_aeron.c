@@ -92,18 +92,42 @@ static int64_t blz_deadline(int64_t timeout_ms)
     return blz_now_ns() + timeout_ms * 1000000LL;
 }
 
-/* Aeron's backoff idle strategy: spin, then yield, then park with a doubling sleep capped at 1 ms. The spin
- * phase (a few hundred polls, some tens of microseconds) catches a reply that is already on its way without
- * a trip through the scheduler; after that a waiting thread costs almost nothing. */
+/* A backoff idle strategy after Aeron's: spin (polls), yield, then park with a doubling sleep. Parks stay short
+ * (<= short_park_ns) for the first short_phase_ns of a wait, when a reply is most likely, then grow to 1 ms,
+ * so a long-idle waiter costs almost nothing. On a crowded host spinning and yielding hand the core to other
+ * work for a whole time slice, while a short sleep is woken promptly: hence few spins, many short parks.
+ * BLAZIL_AERON_IDLE="spins,yields,short_park_ns,short_phase_ns" overrides the defaults. */
 typedef struct
 {
     int spins;
     int yields;
     long park_ns;
+    int64_t started_ns;
 }
 blz_idle_t;
 
+static int blz_cfg_spins = 100;
+static int blz_cfg_yields = 0;
+static long blz_cfg_short_park_ns = 20000;
+static int64_t blz_cfg_short_phase_ns = 5000000;
+static pthread_once_t blz_cfg_once = PTHREAD_ONCE_INIT;
 static __thread int blz_slack_set = 0;
+
+static void blz_cfg_load(void)
+{
+    const char *v = getenv("BLAZIL_AERON_IDLE");
+    if (v)
+    {
+        long long a, b, c, d;
+        if (sscanf(v, "%lld,%lld,%lld,%lld", &a, &b, &c, &d) == 4 && a >= 0 && b >= 0 && c >= 1000 && d >= 0)
+        {
+            blz_cfg_spins = (int)a;
+            blz_cfg_yields = (int)b;
+            blz_cfg_short_park_ns = (long)c;
+            blz_cfg_short_phase_ns = d;
+        }
+    }
+}
 
 static void blz_idle_reset(blz_idle_t *s)
 {
@@ -112,29 +136,37 @@ static void blz_idle_reset(blz_idle_t *s)
         /* The default 50 us timer slack would turn every short park into a 50 us sleep: a waiting thread
          * would answer a message tens of microseconds late. */
         prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+        pthread_once(&blz_cfg_once, blz_cfg_load);
         blz_slack_set = 1;
     }
     s->spins = 0;
     s->yields = 0;
     s->park_ns = 1000;
+    s->started_ns = 0;
 }
 
 static void blz_idle(blz_idle_t *s)
 {
-    if (s->spins < 500)
+    if (s->spins < blz_cfg_spins)
     {
         s->spins++;
         return;
     }
-    if (s->yields < 100)
+    if (s->yields < blz_cfg_yields)
     {
         s->yields++;
         sched_yield();
         return;
     }
+    int64_t now = blz_now_ns();
+    if (s->started_ns == 0)
+    {
+        s->started_ns = now;
+    }
     struct timespec ts = { 0, s->park_ns };
     nanosleep(&ts, NULL);
-    s->park_ns = s->park_ns * 2 > 1000000 ? 1000000 : s->park_ns * 2;
+    long cap = now - s->started_ns < blz_cfg_short_phase_ns ? blz_cfg_short_park_ns : 1000000;
+    s->park_ns = s->park_ns * 2 > cap ? cap : s->park_ns * 2;
 }
 
 static void blz_copy_error(char *err, size_t errlen, const char *prefix)
@@ -186,6 +218,30 @@ static int blz_pid_alive(int64_t pid)
     }
     char state = p[2];
     return !(state == 'Z' || state == 'X' || state == 'x');
+}
+
+/* Whether pid is a media driver as seen from here: a pid from another pid namespace could name anything. */
+static int blz_pid_is_driver(int64_t pid)
+{
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%lld/cmdline", (long long)pid);
+    FILE *f = fopen(path, "r");
+    if (NULL == f)
+    {
+        return 0;
+    }
+    char buf[4096];
+    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    for (size_t i = 0; i < n; i++)
+    {
+        if (buf[i] == '\0')
+        {
+            buf[i] = ' ';
+        }
+    }
+    buf[n] = '\0';
+    return strstr(buf, "aeron") != NULL || strstr(buf, "Aeron") != NULL;
 }
 
 int blz_client_check(blz_client_t *c)
@@ -279,8 +335,8 @@ blz_client_t *blz_client_open(const char *dir, int64_t driver_timeout_ms, char *
     if (aeron_cnc_init(&cnc, aeron_context_get_dir(c->ctx), 0) == 0)
     {
         aeron_cnc_constants_t k;
-        /* watch the pid only if this process can see it (same pid namespace) */
-        if (aeron_cnc_constants(cnc, &k) == 0 && k.pid > 0 && blz_pid_alive(k.pid))
+        /* watch the pid only if this process sees that pid as a media driver (same pid namespace) */
+        if (aeron_cnc_constants(cnc, &k) == 0 && k.pid > 0 && blz_pid_alive(k.pid) && blz_pid_is_driver(k.pid))
         {
             c->driver_pid = k.pid;
         }
