@@ -238,9 +238,13 @@ class _Detection(_Runner):
         self.names = session.info.get("names") or self.dataset.classes
         self.conf, self.iou, self.size = conf, iou, size
         self.found = 0
+        self.scored: list[Any] = []  # low-threshold detections in letterbox pixels, for mAP
+        self.truths: list[tuple[np.ndarray, np.ndarray]] = []
 
     def head(self, batch: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        return {"image": batch["image"][:n]}
+        keep = batch["batch_index"] < n
+        return {"image": batch["image"][:n], "boxes": batch["boxes"][keep], "classes": batch["classes"][keep],
+                "batch_index": batch["batch_index"][keep], "num_boxes": batch["num_boxes"][:n]}
 
     def run(self, batch: dict[str, np.ndarray], offset: int) -> list[dict[str, Any]]:
         from PIL import Image
@@ -259,6 +263,11 @@ class _Detection(_Runner):
             nw, nh = max(1, round(w * r)), max(1, round(h * r))
             boxes.append(Letterbox(x[k], r, float((self.size - nw) // 2), float((self.size - nh) // 2), w, h))
         dets = decode(raw, conf=self.conf, iou=self.iou, letterboxes=boxes)
+        self.scored += decode(raw, conf=0.001, iou=self.iou)
+        for k in range(len(images)):
+            b = batch["boxes"][batch["batch_index"] == k] * self.size
+            xyxy = np.concatenate([b[:, :2] - b[:, 2:] / 2, b[:, :2] + b[:, 2:] / 2], axis=1)
+            self.truths.append((xyxy, batch["classes"][batch["batch_index"] == k]))
         recs = []
         for k, d in enumerate(dets):
             self.found += len(d)
@@ -267,7 +276,12 @@ class _Detection(_Runner):
         return recs
 
     def summary(self) -> dict[str, Any]:
-        return {"detections": self.found, "split": self.dataset.split}
+        from blazil_ai.models.detector import average_precision
+
+        s: dict[str, Any] = {"detections": self.found, "split": self.dataset.split}
+        if any(len(t[0]) for t in self.truths):
+            s["map50"] = round(average_precision(self.scored, self.truths, len(self.dataset.classes))[0], 4)
+        return s
 
 
 _RUNNERS: dict[str, type[_Runner]] = {"fraud": _Fraud, "text": _Text, "timeseries": _TimeSeries, "audio": _Audio,
