@@ -95,6 +95,8 @@ def test_infer_detection_maps_boxes_to_original_pixels(samples, tmp_path, capsys
            "--out", out, "--json")
     rows = _lines(out)
     assert len(rows) == 8  # the small samples' validation split
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["split"] == "val" and 0.0 <= summary["map50"] <= 1.0
     first = rows[0]
     with Image.open(first["file"]) as im:
         w, h = im.size
