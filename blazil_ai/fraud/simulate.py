@@ -40,3 +40,34 @@ def open_accounts(client: Any, requests: np.ndarray, ledger: int = 1, code: int 
     for s in range(0, len(a), 8000):
         client.create_accounts(a[s:s + 8000])
     return len(ids)
+
+
+def push_stream(submit: Any, requests: np.ndarray, batch: int = 8189, in_flight: int = 8,
+                on_batch: Any = None) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+    """Send ``requests`` in batches through ``submit`` (a service's or client's), ``in_flight`` at a time.
+
+    Returns (outcome, score, wall seconds, per-batch latency seconds); ``on_batch(n)`` is called per answer.
+    """
+    import time
+
+    outcome = np.zeros(len(requests), np.uint8)
+    score = np.zeros(len(requests), np.float32)
+    latency: list[float] = []
+    pending: list[tuple[int, float, Any]] = []
+
+    def finish(start: int, t0: float, fut: Any) -> None:
+        r = fut.result()
+        latency.append(time.perf_counter() - t0)
+        outcome[start:start + len(r.outcome)] = r.outcome
+        score[start:start + len(r.score)] = r.score
+        if on_batch is not None:
+            on_batch(len(r.outcome))
+
+    t_start = time.perf_counter()
+    for s in range(0, len(requests), batch):
+        pending.append((s, time.perf_counter(), submit(requests[s:s + batch])))
+        while len(pending) >= in_flight or (pending and pending[0][2].done()):
+            finish(*pending.pop(0))
+    for p in pending:
+        finish(*p)
+    return outcome, score, time.perf_counter() - t_start, np.array(latency)
