@@ -382,6 +382,13 @@ class _AeronChannel:
         _channels.add(self)
         return client
 
+    def _doorbell_path(self, client: _Client) -> bytes | None:
+        # IPC only: the publications and subscriptions of one stream on one host share a futex "doorbell"
+        # (see blazil_aeron.c); over UDP the remote sender cannot ring it and the subscriber polls.
+        if not self.uri.startswith("aeron:ipc"):
+            return None
+        return os.path.join(client.dir, f"blazil-doorbell-{self.stream_id}").encode()
+
     def _error(self, client: _Client, err: Any) -> TransportError:
         return TransportError(f"{self.uri} stream {self.stream_id}: "
                               f"{client.ffi.string(err).decode(errors='replace')}")
@@ -409,6 +416,9 @@ class AeronPublication(_AeronChannel, Publication):
             raise self._error(client, err)
         self._client, self._ptr = client, ptr
         self._ffi, self._lib = client.ffi, client.lib
+        bell = self._doorbell_path(client)
+        if bell is not None and self._lib.blz_pub_set_doorbell(ptr, bell) != 0:
+            log.warning("%s stream %d: no doorbell at %s; subscribers will poll", uri, self.stream_id, bell)
         self.max_message_length = int(self._lib.blz_pub_max_message(ptr))
         self.session_id = int(self._lib.blz_pub_session_id(ptr))
 
@@ -538,6 +548,9 @@ class AeronSubscription(_AeronChannel, Subscription):
             raise self._error(client, err)
         self._client, self._ptr = client, ptr
         self._ffi, self._lib = client.ffi, client.lib
+        bell = self._doorbell_path(client)
+        if bell is not None and self._lib.blz_sub_set_doorbell(ptr, bell) != 0:
+            log.warning("%s stream %d: no doorbell at %s; waiting by polling", uri, self.stream_id, bell)
 
     def _check(self, r: int) -> None:
         if r >= 0:

@@ -11,9 +11,15 @@
  */
 #include "blazil_aeron.h"
 
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,8 +47,60 @@ struct blz_client_stct
     int64_t next_pid_check_ns;
 };
 
+/* IPC doorbell: a futex word in a small shared file in the driver directory, one per stream. Aeron's IPC has
+ * no wake-up: a subscriber polls. Publications ring the bell after they write, and a subscriber that found
+ * nothing sleeps on it, so a message wakes it at once instead of at the end of its next park, which on a
+ * crowded host is the difference between microseconds and a scheduler time slice. */
+typedef struct
+{
+    uint32_t seq;
+    uint32_t waiters;
+}
+blz_doorbell_t;
+
+#define BLZ_DOORBELL_MAP 4096
+#define BLZ_DOORBELL_WAIT_NS (100LL * 1000 * 1000) /* a sleeper still wakes this often to check the driver */
+
+static blz_doorbell_t *blz_doorbell_map(const char *path)
+{
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0)
+    {
+        return NULL;
+    }
+    void *m = MAP_FAILED;
+    if (ftruncate(fd, BLZ_DOORBELL_MAP) == 0)
+    {
+        m = mmap(NULL, BLZ_DOORBELL_MAP, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    }
+    close(fd);
+    return m == MAP_FAILED ? NULL : (blz_doorbell_t *)m;
+}
+
+static void blz_doorbell_unmap(blz_doorbell_t *d)
+{
+    if (d)
+    {
+        munmap(d, BLZ_DOORBELL_MAP);
+    }
+}
+
+static void blz_ring(blz_doorbell_t *d)
+{
+    if (NULL == d)
+    {
+        return;
+    }
+    __atomic_add_fetch(&d->seq, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&d->waiters, __ATOMIC_SEQ_CST) > 0)
+    {
+        syscall(SYS_futex, &d->seq, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    }
+}
+
 struct blz_pub_stct
 {
+    blz_doorbell_t *doorbell;
     blz_client_t *client;
     aeron_publication_t *pub;
     size_t max_message;
@@ -61,6 +119,7 @@ blz_partial_t;
 
 struct blz_sub_stct
 {
+    blz_doorbell_t *doorbell;
     blz_client_t *client;
     aeron_subscription_t *sub;
     aeron_fragment_assembler_t *assembler;
@@ -425,7 +484,14 @@ void blz_pub_close(blz_pub_t *p)
         return;
     }
     aeron_publication_close(p->pub, NULL, NULL);
+    blz_doorbell_unmap(p->doorbell);
     free(p);
+}
+
+int blz_pub_set_doorbell(blz_pub_t *p, const char *path)
+{
+    p->doorbell = blz_doorbell_map(path);
+    return p->doorbell ? 0 : -1;
 }
 
 int blz_pub_is_connected(blz_pub_t *p)
@@ -450,11 +516,13 @@ static int64_t blz_offer_wait(blz_pub_t *p, aeron_iovec_t *iov, size_t n, int64_
 {
     blz_idle_t idle;
     blz_idle_reset(&idle);
+    int rang = 0;
     for (;;)
     {
         int64_t r = aeron_publication_offerv(p->pub, iov, n, NULL, NULL);
         if (r >= 0)
         {
+            blz_ring(p->doorbell);
             return r;
         }
         if (r == AERON_PUBLICATION_ADMIN_ACTION)
@@ -473,6 +541,11 @@ static int64_t blz_offer_wait(blz_pub_t *p, aeron_iovec_t *iov, size_t n, int64_
         if (blz_now_ns() >= deadline_ns)
         {
             return r;
+        }
+        if (!rang)
+        {
+            blz_ring(p->doorbell); /* whatever went before may be what the subscriber must drain first */
+            rang = 1;
         }
         blz_idle(&idle);
     }
@@ -605,6 +678,10 @@ int64_t blz_pub_offer_many(blz_pub_t *p, const uint8_t *buf, const uint64_t *len
         }
         q += len;
         (*accepted)++;
+    }
+    if (*accepted > 0)
+    {
+        blz_ring(p->doorbell);
     }
     pthread_mutex_unlock(&p->client->send_lock);
     return r;
@@ -853,6 +930,7 @@ void blz_sub_close(blz_sub_t *s)
     blz_sub_reset(s);
     aeron_subscription_close(s->sub, NULL, NULL);
     aeron_fragment_assembler_delete(s->assembler);
+    blz_doorbell_unmap(s->doorbell);
     for (int i = 0; i < BLZ_MAX_PARTIALS; i++)
     {
         free(s->partials[i].buf);
@@ -889,6 +967,12 @@ int blz_sub_poll(blz_sub_t *s, int fragment_limit)
     return (int)s->n_msgs;
 }
 
+int blz_sub_set_doorbell(blz_sub_t *s, const char *path)
+{
+    s->doorbell = blz_doorbell_map(path);
+    return s->doorbell ? 0 : -1;
+}
+
 int blz_sub_wait(blz_sub_t *s, int fragment_limit, int64_t timeout_ms)
 {
     int64_t deadline = blz_deadline(timeout_ms);
@@ -897,9 +981,31 @@ int blz_sub_wait(blz_sub_t *s, int fragment_limit, int64_t timeout_ms)
     for (;;)
     {
         int r = blz_sub_poll(s, fragment_limit);
-        if (r != 0 || blz_now_ns() >= deadline)
+        int64_t now = blz_now_ns();
+        if (r != 0 || now >= deadline)
         {
             return r;
+        }
+        if (s->doorbell && idle.spins >= blz_cfg_spins)
+        {
+            blz_doorbell_t *d = s->doorbell;
+            /* register, read the bell, poll once more, sleep only if the bell has not rung since: a publisher
+             * increments the bell and then looks for sleepers, so one of the two always sees the other */
+            __atomic_add_fetch(&d->waiters, 1, __ATOMIC_SEQ_CST);
+            uint32_t seq = __atomic_load_n(&d->seq, __ATOMIC_SEQ_CST);
+            r = blz_sub_poll(s, fragment_limit);
+            if (r == 0)
+            {
+                int64_t wait_ns = deadline - now < BLZ_DOORBELL_WAIT_NS ? deadline - now : BLZ_DOORBELL_WAIT_NS;
+                struct timespec ts = { wait_ns / 1000000000LL, wait_ns % 1000000000LL };
+                syscall(SYS_futex, &d->seq, FUTEX_WAIT, seq, &ts, NULL, 0);
+            }
+            __atomic_sub_fetch(&d->waiters, 1, __ATOMIC_SEQ_CST);
+            if (r != 0)
+            {
+                return r;
+            }
+            continue;
         }
         blz_idle(&idle);
     }

@@ -41,6 +41,7 @@ int blz_pub_is_connected(blz_pub_t *p);
 int64_t blz_pub_max_message(blz_pub_t *p);
 int32_t blz_pub_session_id(blz_pub_t *p);
 int64_t blz_pub_offerv(blz_pub_t *p, aeron_iovec_t *iov, size_t n, int64_t timeout_ms, int wait_connect);
+int blz_pub_set_doorbell(blz_pub_t *p, const char *path);
 int64_t blz_pub_offer_bytes(blz_pub_t *p, const char *buf, size_t len, int64_t timeout_ms, int wait_connect);
 int64_t blz_pub_offer_many(blz_pub_t *p, const uint8_t *buf, const uint64_t *lens, size_t n, int64_t timeout_ms,
     int wait_connect, size_t *accepted);
@@ -49,6 +50,7 @@ blz_sub_t *blz_sub_open(blz_client_t *c, const char *channel, int32_t stream_id,
     int64_t timeout_ms, char *err, size_t errlen);
 void blz_sub_close(blz_sub_t *s);
 int blz_sub_poll(blz_sub_t *s, int fragment_limit);
+int blz_sub_set_doorbell(blz_sub_t *s, const char *path);
 int blz_sub_wait(blz_sub_t *s, int fragment_limit, int64_t timeout_ms);
 blz_msg_t *blz_sub_messages(blz_sub_t *s);
 uint64_t blz_sub_batch_bytes(blz_sub_t *s);
