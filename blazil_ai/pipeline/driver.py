@@ -218,7 +218,7 @@ class PipelineClient:
                     self._fail(stale[0], self._diagnose(stale[0]), rids)
             idle.idle(len(got))
         out = [self._results.pop(r) for r in rids]
-        if decode_text and self.model_dir is not None:
+        if decode_text and self.model_dir is not None and (Path(self.model_dir) / "tokenizer.json").is_file():
             for res in out:
                 res.text = self.decode(res.token_ids)
         return out
