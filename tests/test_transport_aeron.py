@@ -417,3 +417,11 @@ def test_back_pressure_is_a_status_and_clears_when_the_subscriber_catches_up(dri
             sub.poll(got.append, 256)
         assert [m.meta["i"] for m in got] == list(range(sent))
         assert _wait(lambda: pub.offer({"i": "again"}) == OfferStatus.OK)
+
+
+def test_available_reads_as_a_bool_and_unpacks_with_the_reason(monkeypatch):
+    ok, why = aeron.available()
+    assert ok is True and why == "" and bool(aeron.available())
+    monkeypatch.setenv("BLAZIL_AERON_HOME", "/nonexistent/aeron")
+    ok, why = aeron.available()
+    assert not ok and not aeron.available() and "/nonexistent/aeron/bin/aeronmd" in why

@@ -42,7 +42,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -111,9 +111,20 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def available() -> bool:
-    """Whether the Aeron build (driver and binding) is there and loads."""
-    return unavailable_reason() is None
+class Availability(NamedTuple):
+    """Whether Aeron can be used here: true in a boolean context, and unpacks as ``ok, reason``."""
+
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def available() -> Availability:
+    """Whether the Aeron build (driver and binding) is there and loads: ``if available()`` or ``ok, why = ...``."""
+    why = unavailable_reason()
+    return Availability(why is None, why or "")
 
 
 def aeron_version() -> str:
