@@ -24,6 +24,7 @@ from blazil_ai.fraud.types import UNKNOWN_CODE, VOCAB
 
 HOUR, DAY, WEEK = 3600.0, 86400.0, 7 * 86400.0
 FIRST_TICKET = float(np.exp(3.4))  # the simulator's "previous mean" for an account's first transaction
+DENSE_IDS = 1 << 22
 COMPUTED = ("amount", "hour", "is_foreign", "is_new_device", "tx_count_1h", "tx_count_24h", "amount_sum_24h",
             "amount_ratio", "seconds_since_last")
 
@@ -31,15 +32,18 @@ COMPUTED = ("amount", "hour", "is_foreign", "is_new_device", "tx_count_1h", "tx_
 class VelocityWindow:
     """Per-account recent history (ring of ``depth`` transfers) and all-time totals, as numpy arrays."""
 
-    def __init__(self, depth: int = 32, capacity: int = 1024) -> None:
+    def __init__(self, depth: int = 16, capacity: int = 1024) -> None:
         self.depth = depth
         self.rows: dict[int, int] = {}
+        # Account ids below DENSE_IDS map to rows through one array gather instead of a dict lookup each.
+        self._dense = np.full(0, -1, dtype=np.int64)
         self._alloc(capacity)
         self.n = 0
+        self._plan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def _alloc(self, cap: int) -> None:
         self.times = np.full((cap, self.depth), -np.inf)
-        self.amounts = np.zeros((cap, self.depth))
+        self.amounts = np.zeros((cap, self.depth), dtype=np.float32)
         self.head = np.zeros(cap, dtype=np.int64)
         self.count = np.zeros(cap, dtype=np.int64)
         self.total = np.zeros(cap)
@@ -56,8 +60,14 @@ class VelocityWindow:
 
     def account_rows(self, accounts: np.ndarray) -> np.ndarray:
         """Row of each account id (new accounts get fresh, empty rows)."""
-        get = self.rows.get
-        rows = np.fromiter((get(a, -1) for a in accounts.tolist()), dtype=np.int64, count=len(accounts))
+        accounts = accounts.astype(np.uint64, copy=False)
+        dense = self._dense
+        small = accounts < len(dense)
+        if small.all():
+            rows = dense[accounts.astype(np.int64)]
+        else:
+            get = self.rows.get
+            rows = np.fromiter((get(a, -1) for a in accounts.tolist()), dtype=np.int64, count=len(accounts))
         new = rows < 0
         if new.any():
             for i in np.flatnonzero(new).tolist():
@@ -68,6 +78,15 @@ class VelocityWindow:
                     self.n += 1
                 rows[i] = r
             self._grow(self.n)
+            top = int(accounts.max())
+            if top < DENSE_IDS and top >= len(self._dense):
+                grown = np.full(max(top + 1, 2 * len(self._dense)), -1, dtype=np.int64)
+                grown[: len(self._dense)] = self._dense
+                self._dense = grown
+            ids = np.fromiter(self.rows.keys(), dtype=np.uint64, count=len(self.rows))
+            vals = np.fromiter(self.rows.values(), dtype=np.int64, count=len(self.rows))
+            inside = ids < len(self._dense)
+            self._dense[ids[inside].astype(np.int64)] = vals[inside]
         return rows
 
     def features(self, rows: np.ndarray, t: np.ndarray, amount: np.ndarray) -> dict[str, np.ndarray]:
@@ -76,6 +95,7 @@ class VelocityWindow:
         if n == 0:
             return {k: np.zeros(0) for k in COMPUTED[4:]}
         order = np.lexsort((t, rows))
+        self._plan = (rows, t, order)
         a, tt, am = rows[order], t[order], amount[order]
         # Stored history: compare each transfer with its account's ring in one (n, depth) operation.
         h_t, h_a = self.times[a], self.amounts[a]
@@ -84,7 +104,7 @@ class VelocityWindow:
         in_24h = before & (h_t >= (tt - DAY)[:, None])
         c1 = in_1h.sum(1)
         c24 = in_24h.sum(1)
-        s24 = np.where(in_24h, h_a, 0.0).sum(1)
+        s24 = (h_a * in_24h).sum(1, dtype=np.float64)
         # Earlier transfers of the same account in this batch: one sorted key per (account, time).
         idx = np.arange(n)
         new_group = np.ones(n, dtype=bool)
@@ -115,12 +135,20 @@ class VelocityWindow:
             out[k] = full
         return out
 
-    def add(self, rows: np.ndarray, t: np.ndarray, amount: np.ndarray) -> None:
-        """Record transfers (that reached the ledger) in their accounts' history."""
-        n = len(rows)
+    def add(self, rows: np.ndarray, t: np.ndarray, amount: np.ndarray, keep: np.ndarray | None = None) -> None:
+        """Record transfers (that reached the ledger) in their accounts' history (``keep``: only those rows)."""
+        plan = self._plan
+        if plan is not None and plan[0] is rows and plan[1] is t:
+            order = plan[2]  # the sort features() made for this very batch
+            if keep is not None:
+                order = order[keep[order]]
+        else:
+            if keep is not None:
+                rows, t, amount = rows[keep], t[keep], amount[keep]
+            order = np.lexsort((t, rows))
+        n = len(order)
         if n == 0:
             return
-        order = np.lexsort((t, rows))
         a, tt, am = rows[order], t[order], amount[order]
         new_group = np.ones(n, dtype=bool)
         new_group[1:] = a[1:] != a[:-1]

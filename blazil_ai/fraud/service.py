@@ -3,10 +3,11 @@
 Producers publish request batches (:data:`~blazil_ai.fraud.types.REQUEST_DTYPE`) into a
 :class:`~blazil_ai.ledger.ring.RingBuffer`. The worker thread takes everything published as one batch
 (up to the ledger's 8189 events per chunk), computes features (velocity from each account's history),
-scores the chunk with the ONNX model, decides by threshold, writes the decisions to the decision log and
-fsyncs it, then hands the transfers to the ledger without waiting. The completion thread waits for the
-ledger's durable answer, records refusals, and only then acknowledges the requests. So the worker
-scores chunk k+1 while the ledger commits chunk k.
+scores the chunk with the ONNX model, decides by threshold and writes the decisions to the decision log.
+The commit thread fsyncs the log and only then hands the chunk's transfers to the ledger (so the ledger
+never holds a transfer without its decision). The completion thread waits for the ledger's durable
+answer, records refusals, and only then acknowledges the requests. So the worker scores chunk k+2 while
+the log of chunk k+1 is fsynced and the ledger commits chunk k.
 
 * approve (score < review_at): a posted transfer;
 * review (review_at <= score < reject_at, or any model failure): a pending transfer with a timeout,
@@ -141,7 +142,7 @@ class FraudService:
     def __init__(self, data: str | os.PathLike[str], model: str | os.PathLike[str], *, ledger: Any = None,
                  review_at: float = 0.5, reject_at: float = 0.9, review_timeout_s: int = 3600,
                  backend: str = "onnxruntime", threads: int | None = None, batch_max: int = BATCH_MAX,
-                 ring_size: int = 4096, depth: int = 32, amount_scale: float = 100.0, fsync: bool = True,
+                 ring_size: int = 4096, depth: int = 16, amount_scale: float = 100.0, fsync: bool = True,
                  sweep_interval: float = 1.0, in_flight: int = 4, clock: Callable[[], float] = time.time) -> None:
         self.data = Path(data)
         self.clock = clock
@@ -176,12 +177,14 @@ class FraudService:
         self.recovered = self._recover()
         self._ring: RingBuffer[tuple[np.ndarray, Future[DecisionBatch], float]] = RingBuffer(ring_size)
         self._done: queue.Queue[Any] = queue.Queue(maxsize=in_flight)
+        self._commits: queue.Queue[Any] = queue.Queue()
         self._stop_sweep = threading.Event()
         self._sweep_interval = sweep_interval
         self._worker = threading.Thread(target=self._work_loop, name="fraud-worker", daemon=True)
+        self._committer = threading.Thread(target=self._commit_loop, name="fraud-commit", daemon=True)
         self._completer = threading.Thread(target=self._complete_loop, name="fraud-complete", daemon=True)
         self._sweeper = threading.Thread(target=self._sweep_loop, name="fraud-expiry", daemon=True)
-        for t in (self._worker, self._completer, self._sweeper):
+        for t in (self._worker, self._committer, self._completer, self._sweeper):
             t.start()
 
     # ---------------------------------------------------------------- start-up
@@ -286,7 +289,35 @@ class FraudService:
                 for _, fut, _ in items:
                     if not fut.done():
                         fut.set_exception(BlazilError(f"fraud service failed: {e}"))
+        self._commits.put(None)
         self._done.put(None)
+
+    def _commit_loop(self) -> None:
+        """Make each chunk's decisions durable, then hand its transfers to the ledger (in chunk order).
+
+        A thread of its own so that the worker scores the next chunk while the decision log is fsynced.
+        """
+        while True:
+            job = self._commits.get()
+            if job is None:
+                break
+            tr, out = job
+            try:
+                self.store.sync()
+                if tr is None:
+                    out.set_result(None)
+                    continue
+                inner = self.ledger.create_transfers_async(tr)
+            except Exception as e:
+                out.set_exception(e)
+                continue
+
+            def relay(f: Future[Any], out: Future[Any] = out) -> None:
+                try:
+                    out.set_result(f.result())
+                except Exception as e:
+                    out.set_exception(e)
+            inner.add_done_callback(relay)
 
     def _process(self, items: list[tuple[np.ndarray, Future[DecisionBatch], float]]) -> None:
         req = items[0][0] if len(items) == 1 else np.concatenate([it[0] for it in items])
@@ -317,7 +348,8 @@ class FraudService:
         m = len(fr)
         amount = fr["amount"] / self.amount_scale
         acc_rows = self.window.account_rows(fr["debit_account_id"])
-        vel = self.window.features(acc_rows, fr["time"], amount)
+        times = fr["time"]
+        vel = self.window.features(acc_rows, times, amount)
         x = self.features.build(fr, vel)
         t_feat = time.perf_counter()
         model_error = False
@@ -352,12 +384,11 @@ class FraudService:
         rows["state"] = np.where(outcome == Outcome.REVIEW, ReviewState.PENDING, ReviewState.NONE)
         # The decision is durable before the ledger sees the transfer: the ledger never holds a transfer
         # without its decision, and at start any decision without its transfer is withdrawn.
-        self.store.add_decisions(rows)
-        self.store.sync()
+        self.store.add_decisions(rows)  # written now (retries see it); fsynced by the commit thread
         t_store = time.perf_counter()
         send = outcome != Outcome.REJECTED
         k = int(send.sum())
-        fut = None
+        fut: Future[Any] = Future()
         tr = None
         if k:
             src = fr[send] if k != m else fr
@@ -372,8 +403,8 @@ class FraudService:
             review = outcome[send] == Outcome.REVIEW
             tr["flags"] = np.where(review, np.uint16(TransferFlags.PENDING), np.uint16(0))
             tr["timeout"] = np.where(review, np.uint32(pol.review_timeout_s), np.uint32(0))
-            fut = self.ledger.create_transfers_async(tr)
-            self.window.add(acc_rows[send], src["time"], amount[send])
+            self.window.add(acc_rows, times, amount, None if k == m else send)
+        self._commits.put((tr, fut))
         _STAGE.labels("features").observe(t_feat - t_start)
         _STAGE.labels("score").observe(t_score - t_feat)
         _STAGE.labels("decision_log").observe(t_store - t_score)
@@ -411,8 +442,8 @@ class FraudService:
         due: list[tuple[float, int]] = []
         for s, e, known, dup_of, fresh, (outcome, score, reason), send, fut, tr, t_store in chunks:
             status = np.zeros(len(outcome), np.uint32)
-            if fut is not None:
-                st = fut.result()
+            st = fut.result()  # the decision log is durable once this returns; st: the ledger's statuses
+            if tr is not None:
                 _STAGE.labels("ledger").observe(time.perf_counter() - t_store)
                 failed = ~np.isin(st, _OK_STATUSES)
                 st = np.where(failed, st, 0).astype(np.uint32)
@@ -566,6 +597,7 @@ class FraudService:
         self._closed = True
         self._ring.close()
         self._worker.join()
+        self._committer.join()
         self._completer.join()
         self._stop_sweep.set()
         self._sweeper.join()
