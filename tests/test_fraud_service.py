@@ -249,3 +249,48 @@ def test_unknown_context_values_use_the_models_other_slot(tmp_path, model):
         assert np.isfinite(res.score).all()
         hist = svc.ledger.get_account_transfers(AccountFilter(1000, 0, 0, 0, 0, 0, 0, 10, AccountFilterFlags.DEBITS))
         assert len(hist) == (0 if res.outcome[0] == REJECTED else 1)
+
+
+def test_a_decision_whose_transfer_never_reached_the_ledger_is_withdrawn_at_start(tmp_path, model):
+    """The crash point between the decision-log fsync and the ledger write, made exactly."""
+    from blazil_ai.fraud.store import DECISION_DTYPE, DecisionStore
+
+    req, _ = simulated_requests(100, seed=18)
+    with service(tmp_path, model) as svc:
+        open_accounts(svc.ledger, req)
+        svc.decide(req[:50])
+    store = DecisionStore(tmp_path / "data" / "decisions")
+    rows = np.zeros(3, dtype=DECISION_DTYPE)
+    for f in ("id", "debit_account_id", "credit_account_id", "amount", "time"):
+        rows[f] = req[50:53][f]
+    rows["outcome"], rows["reason"], rows["score"] = APPROVED, 1, 0.01
+    store.add_decisions(rows)
+    store.sync()
+    store.close()
+    with service(tmp_path, model) as svc:
+        assert svc.recovered["withdrawn"] == 3
+        assert svc.decision(int(req["id"][50, 0])) is None
+        assert svc.decision(int(req["id"][0, 0])) is not None
+        res = svc.decide(req[50:53])  # the client's retry is scored afresh and reaches the ledger
+        ids = [int(i) for i in req["id"][50:53, 0]]
+        sent = [i for i, o in zip(ids, res.outcome.tolist()) if o in (APPROVED, REVIEW)]
+        assert {t.id for t in svc.ledger.lookup_transfers(ids)} == set(sent)
+    with service(tmp_path, model) as svc:  # and the withdrawal itself is durable
+        assert svc.recovered["withdrawn"] == 0 and svc.store.counts()["approved"] >= len(sent)
+
+
+def test_a_torn_decision_log_tail_is_cut_off(tmp_path, model):
+    req, _ = simulated_requests(200, seed=19)
+    with service(tmp_path, model) as svc:
+        open_accounts(svc.ledger, req)
+        svc.decide(req[:100])
+        svc.decide(req[100:])
+    log = tmp_path / "data" / "decisions" / "decisions.log"
+    data = log.read_bytes()
+    log.write_bytes(data[:-500])  # a crash in the middle of the last frame's write
+    with service(tmp_path, model) as svc:
+        assert svc.recovered["truncated_bytes"] > 0
+        assert svc.decision(int(req["id"][0, 0])) is not None
+        assert svc.decision(int(req["id"][150, 0])) is None  # its frame was cut: never acknowledged
+        assert svc.decide(req[100:]).outcome.all()  # a retry is decided again
+        assert svc.decision(int(req["id"][150, 0])) is not None
