@@ -2,9 +2,10 @@
 
 Two ways through ``create_transfers``:
 
-* the vectorised path, taken when a batch holds only plain transfers (no flags, no pending id, no
-  timeout) between existing, open accounts without balance limits or history, with fresh unique ids and
-  amounts below 2^40; balances are then applied with one ``bincount`` per side;
+* the vectorised path, taken when every event of a batch is sure to succeed: plain or pending transfers
+  (or posts/voids of pending transfers) between existing, open accounts without balance limits or
+  history, with fresh unique ids and amounts below 2^40; balances are then applied with one
+  ``bincount`` per balance column, ids go into a hash index in one dict update;
 * the sequential path, event by event with Python integers, in TigerBeetle's precedence, with linked
   chains rolled back through an undo log. It is the reference: the vectorised path must give the same
   state and results, which the property tests check.

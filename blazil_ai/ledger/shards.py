@@ -240,28 +240,8 @@ class ShardedLedger:
         cross = valid(dr) & valid(cr) & (home != cr_home) & ~post_void
         keys = key64(batch["id"]).tolist()
         ids = None
-        # Post/void go where their pending transfer is (or would be).
-        if post_void.any():
-            ids = ids or _ids(batch)
-            pids = _ids(batch, "pending_id")
-            for i in np.nonzero(post_void)[0].tolist():
-                if self.cross.transfer_row(pids[i]) is not None:  # a cross-shard pending transfer
-                    home[i], cross[i] = -1, True
-                else:
-                    home[i] = self._where(pids[i], fallback=shard_of(pids[i], self.n))
-        # A post/void of a pending transfer created earlier in this segment goes to the same shard.
-        if post_void.any():
-            ids = ids or _ids(batch)
-            pids = _ids(batch, "pending_id")
-            pos = {tid: i for i, tid in reversed(list(enumerate(ids)))}
-            for i in np.nonzero(post_void)[0].tolist():
-                first_at = pos.get(pids[i])
-                if first_at is not None and first_at < i:
-                    if cross[first_at]:
-                        home[i], cross[i] = -1, True
-                    else:
-                        home[i] = home[first_at]
         # An id that exists (or was burned) anywhere is answered where it is.
+        pinned = np.zeros(len(keys), dtype=bool)
         stores = [(-1, self.cross)] + [(s, sh.engine) for s, sh in enumerate(self.shards)]
         for s, eng in stores:
             if eng.transfer_keys.keys().isdisjoint(keys) and eng.failed_keys.isdisjoint(keys):
@@ -272,13 +252,33 @@ class ShardedLedger:
                         (k in eng.failed_keys and ids[i] in eng.failed_ids):
                     home[i] = s
                     cross[i] = s == -1
+                    pinned[i] = True
+        # A post/void goes where its pending transfer is; one created earlier in this segment, where that
+        # event goes; one found nowhere, to the shard its id hashes to (all answer "not found" alike).
+        if post_void.any():
+            ids = ids or _ids(batch)
+            pids = _ids(batch, "pending_id")
+            pos = {tid: i for i, tid in reversed(list(enumerate(ids)))}
+            for i in np.nonzero(post_void & ~pinned)[0].tolist():
+                pid = pids[i]
+                if self.cross.transfer_row(pid) is not None:  # a cross-shard pending transfer
+                    home[i], cross[i] = -1, True
+                    continue
+                where = self._where(pid)
+                first_at = pos.get(pid)
+                if where is not None:
+                    home[i] = where
+                elif first_at is not None and first_at < i:
+                    home[i], cross[i] = (-1, True) if cross[first_at] else (int(home[first_at]), False)
+                else:
+                    home[i] = shard_of(pid, self.n)
         return home, cross
 
-    def _where(self, tid: int, fallback: int) -> int:
+    def _where(self, tid: int) -> int | None:
         for s, sh in enumerate(self.shards):
             if sh.engine.transfer_row(tid) is not None:
                 return s
-        return fallback
+        return None
 
     def _create_transfers(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = len(batch)
@@ -318,7 +318,7 @@ class ShardedLedger:
     def _settle(self) -> None:
         # Reads of shard engine state below happen between requests; wait for queued ones to finish.
         for s in self.shards:
-            s.call("totals")
+            s.call("barrier")
 
     def _local_run(self, batch: np.ndarray, home: np.ndarray, i: int, j: int, status: np.ndarray,
                    stamps: np.ndarray) -> None:

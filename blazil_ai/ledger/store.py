@@ -43,7 +43,7 @@ _REPLAYED = metrics.counter("ledger", "replayed_entries", "total", "Log entries 
 
 WRITE_OPS = {"create_accounts": KIND_ACCOUNTS, "create_transfers": KIND_TRANSFERS}
 READ_OPS = ("lookup_accounts", "lookup_transfers", "get_account_transfers", "get_account_balances",
-            "query_accounts", "query_transfers", "totals", "expire")
+            "query_accounts", "query_transfers", "totals", "expire", "barrier")
 
 
 class LedgerClosed(BlazilError):
@@ -188,6 +188,8 @@ class LocalLedger:
 
     def _read(self, op: str, arg: Any) -> Any:
         eng = self.engine
+        if op == "barrier":  # answered once everything queued before it is applied and durable
+            return None
         if op == "totals":
             return eng.totals()
         if op == "expire":
