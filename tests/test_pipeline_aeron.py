@@ -13,8 +13,8 @@ from blazil_ai.pipeline.random_model import save_tiny_checkpoint
 from blazil_ai.pipeline.sampling import SamplingParams
 
 aeron = pytest.importorskip("blazil_ai.transport.aeron", reason="the Aeron transport module is not there")
-_ok, _why = aeron.available()
-pytestmark = pytest.mark.skipif(not _ok, reason=f"Aeron is not built here: {_why}")
+_why = aeron.unavailable_reason()
+pytestmark = pytest.mark.skipif(_why is not None, reason=f"Aeron is not usable here: {_why}")
 
 PROMPTS = [[151643, 9707, 11, 1879, 0], [5, 6, 7, 8, 9, 10, 11, 12, 13], [100, 200]]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from blazil_ai.errors import ConfigError
 from blazil_ai.pipeline import stage as stage_main
 from blazil_ai.pipeline.driver import LocalPipeline, PipelineError
 from blazil_ai.pipeline.random_model import save_tiny_checkpoint
@@ -107,6 +108,6 @@ def test_missing_shard_is_named_at_startup(tiny, tmp_path, capsys):
     assert stage_main.main(argv) == 1
     err = capsys.readouterr().err
     assert "model-00002-of-00002.safetensors: checkpoint shard named by model.safetensors.index.json is missing" in err
-    # Through the launcher: every stage checks that all files of the index exist, and its words reach the user.
-    with pytest.raises(PipelineError, match=r"stage \d exited with status 1: .*model-00002-of-00002.safetensors"):
-        LocalPipeline(d, split=(1, 5), threads=1, start_timeout=60).start()
+    # The launcher checks the index's files before starting any process.
+    with pytest.raises(ConfigError, match="model-00002-of-00002.safetensors: checkpoint shard named by"):
+        LocalPipeline(d, split=(1, 5), threads=1)

@@ -26,7 +26,7 @@ import numpy as np
 from blazil_ai.errors import BlazilError, ConfigError
 from blazil_ai.pipeline.protocol import DRIVER_STREAM, STAGE_STREAM_BASE, Address
 from blazil_ai.pipeline.sampling import SamplingParams, eos_ids_of
-from blazil_ai.pipeline.weights import load_config, model_fingerprint, split_layers
+from blazil_ai.pipeline.weights import load_config, model_fingerprint, split_layers, weight_map
 from blazil_ai.transport import Publication, Subscription, publication, subscription
 from blazil_ai.transport.framing import Message
 from blazil_ai.transport.idle import BackoffIdleStrategy
@@ -360,6 +360,7 @@ class LocalPipeline:
         self.model_dir = str(model_dir)
         self.decode_graphs = decode_graphs
         config = load_config(model_dir)
+        weight_map(model_dir)  # a missing shard is named now, before any process starts
         self.ranges = split_layers(config.num_hidden_layers, split, stages)
         if transport not in ("tcp", "aeron"):
             raise ConfigError(f"--transport {transport!r}: choose tcp or aeron")
