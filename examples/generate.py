@@ -42,8 +42,8 @@ def main() -> int:
               f"{result.decode_tokens_per_s:.1f} tokens/s]")
 
         # Sampling with a seed is reproducible; several requests in flight share each stage's forward.
-        params = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=42)
         prompts = [client.encode(t) for t in ("Once upon a time", "The balance is", "Transfer approved:")]
+        params = [SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=42 + i) for i in range(3)]
         for r in client.generate_many(prompts, params):
             print(f"{r.finish:>6} {r.token_ids[:8]} ... {r.text!r}")
     if tmp is not None:
