@@ -7,7 +7,9 @@ Cases (N transfers over 10,000 accounts, batches of 8189, 8 batches in flight, f
              into a fresh embedded ledger with create_transfers_async, same batch size and depth
 
 Each round runs both on fresh directories, alternating which goes first; medians over rounds are reported.
-Decision latency is submit -> acknowledgement of each batch (every transfer in a batch waits for all of it).
+Decision latency is submit -> acknowledgement of each batch (every transfer in a batch waits for all of it);
+at full load it is mostly queueing behind the batches in flight, so a light-load case (batches of 64, one
+in flight, scored and unscored) reports the service's own latency too.
 One JSON line per case, then one with both figures and their ratio.
 
     python benchmarks/fraud.py                # 1,000,000 transfers, 3 rounds
@@ -64,13 +66,13 @@ def train_model(out: Path) -> Path:
     return train_fraud_model(_write_features(out, seed=0, n=20_000), out / "models", seed=0)
 
 
-def run_scored(model: Path, req: np.ndarray, root: Path, depth: int) -> dict:
+def run_scored(model: Path, req: np.ndarray, root: Path, depth: int, batch: int = BATCH) -> dict:
     d = Path(tempfile.mkdtemp(dir=root))
     try:
         with FraudService(d, model, review_at=0.5, reject_at=0.9) as svc:
             open_accounts(svc.ledger, req)
             svc.decide(req[:0])  # threads up
-            outcome, _, wall, lat = push_stream(svc.submit, req, batch=BATCH, in_flight=depth)
+            outcome, _, wall, lat = push_stream(svc.submit, req, batch=batch, in_flight=depth)
             stage = {}
             from blazil_ai import metrics
 
@@ -82,7 +84,7 @@ def run_scored(model: Path, req: np.ndarray, root: Path, depth: int) -> dict:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def run_unscored(req: np.ndarray, sent: np.ndarray, root: Path, depth: int) -> dict:
+def run_unscored(req: np.ndarray, sent: np.ndarray, root: Path, depth: int, batch: int = BATCH) -> dict:
     d = Path(tempfile.mkdtemp(dir=root))
     try:
         tr = np.zeros(len(req), dtype=L.TRANSFER_DTYPE)
@@ -101,8 +103,8 @@ def run_unscored(req: np.ndarray, sent: np.ndarray, root: Path, depth: int) -> d
             lat = []
             t0 = time.perf_counter()
             pending: list = []
-            for s in range(0, len(tr), BATCH):
-                pending.append((time.perf_counter(), client.create_transfers_async(tr[s:s + BATCH])))
+            for s in range(0, len(tr), batch):
+                pending.append((time.perf_counter(), client.create_transfers_async(tr[s:s + batch])))
                 while len(pending) >= depth or (pending and pending[0][1].done()):
                     t, f = pending.pop(0)
                     assert not f.result().any()
@@ -150,6 +152,10 @@ def main() -> None:
                     outcome = np.resize(outcome, len(req))
                 u = run_unscored(req, outcome, root, a.depth)
                 unscored.append(a.n / u["wall"])
+    # Light load: one small batch at a time, so latency is the service's own, not queueing behind others.
+    small = req[: 200 * 64]
+    light_s = run_scored(model, small, root, 1, batch=64)
+    light_u = run_unscored(small, light_s["outcome"], root, 1, batch=64)
     if a.dir is None:
         shutil.rmtree(root, ignore_errors=True)
     assert outcome is not None
@@ -163,6 +169,11 @@ def main() -> None:
                       "batch": BATCH, "in_flight": a.depth}))
     print(json.dumps({"case": "unscored (anchor)", "transfers": a.n, "transfers_per_s": round(um),
                       "rounds": unscored}))
+    print(json.dumps({"case": "light load, batches of 64, one in flight",
+                      "scored_p50_ms": round(float(np.percentile(light_s["lat"], 50)) * 1e3, 2),
+                      "scored_p99_ms": round(float(np.percentile(light_s["lat"], 99)) * 1e3, 2),
+                      "unscored_p50_ms": round(float(np.percentile(light_u["lat"], 50)) * 1e3, 2),
+                      "unscored_p99_ms": round(float(np.percentile(light_u["lat"], 99)) * 1e3, 2)}))
     print(json.dumps({"case": "scored_vs_unscored", "scored_per_s": round(sm), "unscored_per_s": round(um),
                       "ratio": round(sm / um, 3), "goal": {"scored_per_s": 500_000, "ratio": 0.7},
                       "p99_decision_latency_ms": round(statistics.median(p99), 2), "host": host}))

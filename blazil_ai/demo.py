@@ -62,7 +62,7 @@ class Summary:
         heads = ("step", "detail", "result", "seconds")
         cells = [[str(r[h]) for h in heads] for r in self.rows]
         widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(heads)]
-        line = "+".join("-" * (w + 2) for w in widths)
+        line = "-+-".join("-" * w for w in widths)
         out = [" | ".join(h.ljust(w) for h, w in zip(heads, widths)), line]
         out += [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
         return "\n".join(out)

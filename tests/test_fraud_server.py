@@ -128,3 +128,12 @@ def test_serve_process_answers_the_transfer_command(tmp_path, model, repo_root):
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0
+
+
+def test_cli_defaults_match_the_service_default_uri():
+    from blazil_ai.cli import build_parser
+    from blazil_ai.fraud.types import DEFAULT_URI
+
+    p = build_parser()
+    assert p.parse_args(["serve", "--data", "d", "--model", "m"]).listen == DEFAULT_URI
+    assert p.parse_args(["transfer", "stats"]).connect == DEFAULT_URI

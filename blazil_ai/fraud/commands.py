@@ -23,7 +23,7 @@ transfers to review, never to approve. /metrics is served on --metrics-port (0 =
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``serve`` and ``transfer``."""
-    from blazil_ai.fraud.server import DEFAULT_URI
+    default_uri = "tcp://127.0.0.1:7400"  # = fraud.types.DEFAULT_URI (a test checks); not imported: --help stays fast
 
     s = sub.add_parser("serve", help="run the fraud-scored transfer service",
                        description="Score every transfer with the ONNX fraud model before it reaches the ledger "
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--data", required=True, help="directory for the decision log and the embedded ledger")
     s.add_argument("--model", required=True, help="fraud.onnx (with fraud.norm.json next to it) or its directory")
-    s.add_argument("--listen", default=DEFAULT_URI, help=f"transport URI to serve on (default {DEFAULT_URI})")
+    s.add_argument("--listen", default=default_uri, help=f"transport URI to serve on (default {default_uri})")
     s.add_argument("--ledger", help="ledger address instead of DATA/ledger: a directory, tcp://host:port "
                                     "(blazil ledger serve) or tigerbeetle://host:port")
     s.add_argument("--metrics-port", type=int, default=9464, help="port of /metrics (default 9464, 0 = any)")
@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     tsub = t.add_subparsers(dest="transfer_command", metavar="SUBCOMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--connect", default=DEFAULT_URI, help=f"service URI (default {DEFAULT_URI})")
+        p.add_argument("--connect", default=default_uri, help=f"service URI (default {default_uri})")
         p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply (default 30)")
         p.add_argument("--json", action="store_true", help="print JSON")
 

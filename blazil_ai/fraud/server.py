@@ -27,13 +27,12 @@ import numpy as np
 from blazil_ai import metrics
 from blazil_ai.errors import BlazilError, ConfigError, DataError
 from blazil_ai.fraud.service import DecisionBatch, FraudService
-from blazil_ai.fraud.types import REQUEST_DTYPE
+from blazil_ai.fraud.types import DEFAULT_URI, REQUEST_DTYPE
 from blazil_ai.ledger.types import ACCOUNT_DTYPE
 from blazil_ai.transport import Message, publication, subscription
 from blazil_ai.transport.idle import BackoffIdleStrategy
 
 log = logging.getLogger(__name__)
-DEFAULT_URI = "tcp://127.0.0.1:7400"
 _REQUESTS = metrics.counter("fraud", "server_requests", "total", "Requests served", labels=("op",))
 _ERRORS = metrics.counter("fraud", "server_errors", "total", "Requests answered with an error", labels=("op",))
 

@@ -29,6 +29,7 @@ VOCAB: dict[str, list[str]] = {
     "country": COUNTRIES.tolist(),
 }
 UNKNOWN_CODE = 255
+DEFAULT_URI = "tcp://127.0.0.1:7400"  # where 'blazil serve' listens and 'blazil transfer' connects by default
 RESOLVE_BIT = 1 << 127  # ids of post/void transfers written by the service: the pending id with this bit set
 
 REQUEST_DTYPE = np.dtype([
