@@ -20,12 +20,13 @@ def session(tmp_path_factory):
     return Session(mlp_model(tmp_path_factory.mktemp("m") / "mlp.onnx", 8, [16], 3, seed=2))
 
 
-def test_concurrent_callers_get_their_own_rows(session):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_concurrent_callers_get_their_own_rows(session, workers):
     rng = np.random.default_rng(0)
     xs = rng.normal(size=(64, 8)).astype(np.float32)
     expected = session.run(xs)[0]
     results: dict[int, np.ndarray] = {}
-    with session_batcher(session, max_batch=16, max_delay=0.05) as b:
+    with session_batcher(session, max_batch=16, max_delay=0.05, workers=workers) as b:
         start = threading.Barrier(64)
 
         def call(i: int) -> None:
@@ -117,3 +118,5 @@ def test_bad_settings():
         DynamicBatcher(lambda f: [], max_batch=0)
     with pytest.raises(ConfigError, match="max_delay must be >= 0"):
         DynamicBatcher(lambda f: [], max_delay=-1)
+    with pytest.raises(ConfigError, match="workers must be >= 1"):
+        DynamicBatcher(lambda f: [], workers=0)

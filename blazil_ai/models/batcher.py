@@ -84,11 +84,13 @@ class DynamicBatcher:
     """
 
     def __init__(self, fn: BatchFn, *, max_batch: int = 64, max_delay: float = 0.002, name: str = "model",
-                 max_queue: int = 65536) -> None:
+                 max_queue: int = 65536, workers: int = 1) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if max_delay < 0:
             raise ConfigError(f"max_delay must be >= 0 seconds, got {max_delay}")
+        if workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {workers}")
         self.fn = fn
         self.max_batch = max_batch
         self.max_delay = max_delay
@@ -111,8 +113,12 @@ class DynamicBatcher:
                                         ["model"]).labels(name)
         self._m_errors = metrics.counter("models", "batcher_errors", "total",
                                          "Items that ended with an error in a dynamic batcher", ["model"]).labels(name)
-        self._worker = threading.Thread(target=self._loop, name=f"blazil-batcher-{name}", daemon=True)
-        self._worker.start()
+        # More than one worker keeps several batches in flight: with onnxruntime at one intra-op thread,
+        # that is how a batcher uses more than one core (a tract session runs one batch at a time anyway).
+        self._workers = [threading.Thread(target=self._loop, name=f"blazil-batcher-{name}-{i}", daemon=True)
+                         for i in range(workers)]
+        for w in self._workers:
+            w.start()
 
     def submit(self, item: Item) -> Pending:
         """Queue one item (input name -> array without the batch axis); returns a Pending of its outputs."""
@@ -133,20 +139,25 @@ class DynamicBatcher:
 
     def _take(self) -> list[tuple[Item, Pending, float]] | None:
         with self._cond:
-            while not self._pending:
-                if self._closed:
-                    return None
-                self._cond.wait()
-            deadline = self._pending[0][2] + self.max_delay
-            while len(self._pending) < self.max_batch and not self._closed:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            n = min(self.max_batch, len(self._pending))
-            batch = [self._pending.popleft() for _ in range(n)]
-            self._m_queue.set(len(self._pending))
-            return batch
+            while True:
+                while not self._pending:
+                    if self._closed:
+                        return None
+                    self._cond.wait()
+                deadline = self._pending[0][2] + self.max_delay
+                while self._pending and len(self._pending) < self.max_batch and not self._closed:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                if not self._pending:  # another worker took them while this one waited
+                    continue
+                n = min(self.max_batch, len(self._pending))
+                batch = [self._pending.popleft() for _ in range(n)]
+                self._m_queue.set(len(self._pending))
+                if self._pending:
+                    self._cond.notify()  # more work: wake another worker
+                return batch
 
     def _loop(self) -> None:
         while True:
@@ -199,7 +210,8 @@ class DynamicBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._worker.join(timeout)
+        for w in self._workers:
+            w.join(timeout)
 
     def __enter__(self) -> DynamicBatcher:
         return self
