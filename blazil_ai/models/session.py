@@ -176,7 +176,7 @@ class _TractEngine:
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         arrays = [feeds[n] for n in names]
         shapes = tuple(a.shape for a in arrays)
-        # A tract state is mutable: one run at a time per session (the batcher has a single worker anyway).
+        # A tract state is mutable: one run at a time per session (several batcher workers take turns).
         with self._lock:
             state = self._state_for(shapes)
             try:
