@@ -93,6 +93,7 @@ def run_numpy(root: Path, batches: list[np.ndarray], shards: int, n_accounts: in
     c = open_ledger(root, shards, n_accounts, capacity=sum(len(b) for b in batches) + BATCH)
     lat: list[float] = []
     inflight: list[tuple[float, object]] = []
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     try:
         for b in batches:
@@ -107,15 +108,17 @@ def run_numpy(root: Path, batches: list[np.ndarray], shards: int, n_accounts: in
             lat.append(time.perf_counter() - ts)
             assert (st == 0).all(), np.unique(st)
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
     finally:
         c.close()
-    return {"seconds": dt, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
+    return {"seconds": dt, "cpu": cpu, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
 
 
 def run_dataclass(root: Path, batches: list[np.ndarray], n_accounts: int) -> dict[str, float]:
     lists = [L.array_to_transfers(b) for b in batches]  # the caller's objects exist before timing starts
     c = open_ledger(root, 1, n_accounts, capacity=sum(len(b) for b in batches) + BATCH)
     lat = []
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     try:
         for items in lists:
@@ -124,9 +127,10 @@ def run_dataclass(root: Path, batches: list[np.ndarray], n_accounts: int) -> dic
             lat.append(time.perf_counter() - ts)
             assert res[-1].status == L.CreateTransferStatus.CREATED
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
     finally:
         c.close()
-    return {"seconds": dt, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
+    return {"seconds": dt, "cpu": cpu, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
 
 
 def anchor_fsync(root: Path, rounds: int = 60) -> float:
@@ -146,7 +150,7 @@ def anchor_fsync(root: Path, rounds: int = 60) -> float:
     return rounds / dt
 
 
-def anchor_loop(root: Path, batches: list[np.ndarray], n_accounts: int) -> float:
+def anchor_loop(root: Path, batches: list[np.ndarray], n_accounts: int) -> tuple[float, float]:
     """A plain Python ledger: per transfer, check and update dict balances; per batch, one write + fsync."""
     root.mkdir(parents=True, exist_ok=True)
     debits = {i: 0 for i in range(1, n_accounts + 1)}
@@ -156,6 +160,7 @@ def anchor_loop(root: Path, batches: list[np.ndarray], n_accounts: int) -> float
              b["amount"][:, 0].tolist(), b.tobytes()) for b in batches]
     fd = os.open(root / "loop.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     n = 0
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     try:
         for ids, drs, crs, amts, raw in rows:
@@ -169,9 +174,10 @@ def anchor_loop(root: Path, batches: list[np.ndarray], n_accounts: int) -> float
             os.write(fd, raw)
             os.fdatasync(fd)
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
     finally:
         os.close(fd)
-    return n / dt
+    return n / dt, n / cpu
 
 
 def main() -> int:
@@ -210,10 +216,13 @@ def main() -> int:
     results: dict[str, list[dict[str, float]]] = {c: [] for c in cases}
     fsync_rates: list[float] = []
     loop_rates: list[float] = []
+    loop_cpu_rates: list[float] = []
     for r in range(args.rounds):
         order = cases[r % len(cases):] + cases[: r % len(cases)]
         fsync_rates.append(anchor_fsync(base / "anchor"))
-        loop_rates.append(anchor_loop(base / "anchor", loop_batches, n_acc))
+        wall_rate, cpu_rate = anchor_loop(base / "anchor", loop_batches, n_acc)
+        loop_rates.append(wall_rate)
+        loop_cpu_rates.append(cpu_rate)
         for case in order:
             root = base / case
             if case == "numpy1":
@@ -228,6 +237,7 @@ def main() -> int:
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     fsync = statistics.median(fsync_rates)
     loop = statistics.median(loop_rates)
+    loop_cpu = statistics.median(loop_cpu_rates)
     sizes = {"numpy1": args.transfers, "numpy2": args.transfers, "cross2": args.cross_transfers,
              "dataclass1": sum(len(b) for b in dc_batches)}
     labels = {"numpy1": ("numpy", 1, args.depth), "numpy2": ("numpy", 2, args.depth),
@@ -235,6 +245,7 @@ def main() -> int:
     for case in cases:
         runs = results[case]
         tps = statistics.median(sizes[case] / x["seconds"] for x in runs)
+        per_cpu = statistics.median(sizes[case] / x["cpu"] for x in runs)
         path, shards, depth = labels[case]
         print(json.dumps({
             "bench": "ledger", "case": case, "path": path, "shards": shards, "batches_in_flight": depth,
@@ -243,6 +254,9 @@ def main() -> int:
             "p99_batch_ms": round(statistics.median(x["p99"] for x in runs) * 1e3, 2),
             "anchor_fsync_per_s": round(fsync, 1), "anchor_fsync_ceiling_transfers_per_s": round(fsync * BATCH),
             "anchor_python_loop_transfers_per_s": round(loop), "ratio_vs_python_loop": round(tps / loop, 2),
+            # CPU time (all threads) is less sensitive than wall time to other processes on a busy machine.
+            "transfers_per_cpu_s": round(per_cpu), "anchor_python_loop_transfers_per_cpu_s": round(loop_cpu),
+            "cpu_ratio_vs_python_loop": round(per_cpu / loop_cpu, 2),
             "ratio_vs_fsync_ceiling": round(tps / (fsync * BATCH), 3),
             "goal_transfers_per_s": 1_000_000, "goal_met": bool(tps >= 1_000_000 and case == "numpy1"),
             "rounds": args.rounds, "filesystem": fs_type(base), "cpus": os.cpu_count(),

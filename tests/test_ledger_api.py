@@ -169,7 +169,7 @@ def test_server_round_trip_and_metrics(server):
 
 
 def test_cli_serve_help_and_inspect(tmp_path):
-    run = [sys.executable, "-m", "blazil_ai.ledger.commands"]
+    run = [sys.executable, "-m", "blazil_ai.cli", "ledger"]
     out = subprocess.run([*run, "serve", "--help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "--listen" in out and "--shards" in out and "fsync" in out
     with L.connect(tmp_path / "l", shards=2) as c:

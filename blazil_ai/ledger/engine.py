@@ -319,17 +319,18 @@ class Engine:
             return False
         flags = batch["flags"]
         resolve = (flags == int(_TF.POST_PENDING_TRANSFER)) | (flags == int(_TF.VOID_PENDING_TRANSFER))
+        self._grow_transfers(n)
+        start = self.n_transfers
+        # Written in place past the last row: nothing is visible until n_transfers moves.
+        dst = self.transfers[start: start + n]
         if resolve.all():
-            stored = self._fast_resolve(batch, base)
+            stored = self._fast_resolve(batch, base, dst)
         elif not (flags & np.uint16(0xFFFF ^ int(_TF.PENDING))).any():
-            stored = self._fast_create(batch, base)
+            stored = self._fast_create(batch, base, dst)
         else:
             return False
         if stored is None:
             return False
-        self._grow_transfers(n)
-        start = self.n_transfers
-        self.transfers[start: start + n] = stored
         pend = stored["flags"] == int(_TF.PENDING)
         self.pending_state[start: start + n] = np.where(pend, PENDING, NOT_PENDING)
         self.n_transfers += n
@@ -355,13 +356,15 @@ class Engine:
         if ((a["flags"][dr] | a["flags"][cr]) & _SLOW_ACCOUNT_FLAGS).any():
             return None
         # High words below 2^62 leave room for this batch's (< 2^53) sums without any u128 overflow.
-        touched = np.concatenate([dr, cr])
+        few = self.n_accounts <= 2 * (len(dr) + len(cr))  # then scanning every account beats gathering
+        touched = None if few else np.concatenate([dr, cr])
         for f in ("debits_pending", "debits_posted", "credits_pending", "credits_posted"):
-            if (a[f][touched, 1] >= (1 << 62)).any():
+            high = a[f][: self.n_accounts, 1] if touched is None else a[f][touched, 1]
+            if (high >= (1 << 62)).any():
                 return None
         return dr, cr
 
-    def _fast_create(self, batch: np.ndarray, base: int) -> np.ndarray | None:
+    def _fast_create(self, batch: np.ndarray, base: int, dst: np.ndarray) -> np.ndarray | None:
         n = len(batch)
         amt = batch["amount"][:, 0]
         pend = batch["flags"] == int(_TF.PENDING)
@@ -383,11 +386,11 @@ class Engine:
         if pend.any():
             self._add_words("debits_pending", dr[pend], amount[pend])
             self._add_words("credits_pending", cr[pend], amount[pend])
-        stored = batch.copy()
-        stored["timestamp"] = np.arange(base, base + n, dtype=np.uint64)
-        return stored
+        dst[:] = batch
+        dst["timestamp"] = np.arange(base, base + n, dtype=np.uint64)
+        return dst
 
-    def _fast_resolve(self, batch: np.ndarray, base: int) -> np.ndarray | None:
+    def _fast_resolve(self, batch: np.ndarray, base: int, dst: np.ndarray) -> np.ndarray | None:
         n = len(batch)
         pid = batch["pending_id"]
         ids = batch["id"]
@@ -445,7 +448,8 @@ class Engine:
         self._add_words("debits_posted", dr[post], moved[post])
         self._add_words("credits_posted", cr[post], moved[post])
         self.pending_state[prow] = np.where(post, POSTED, VOIDED)
-        stored = batch.copy()
+        stored = dst
+        stored[:] = batch
         for f in ("debit_account_id", "credit_account_id", "ledger", "code"):
             stored[f] = p[f]
         stored["amount"][:, 0] = actual
