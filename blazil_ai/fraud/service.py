@@ -384,7 +384,8 @@ class FraudService:
         rows["state"] = np.where(outcome == Outcome.REVIEW, ReviewState.PENDING, ReviewState.NONE)
         # The decision is durable before the ledger sees the transfer: the ledger never holds a transfer
         # without its decision, and at start any decision without its transfer is withdrawn.
-        self.store.add_decisions(rows)  # written now (retries see it); fsynced by the commit thread
+        # Written now (a retry in the next chunk sees it); fsynced by the commit thread.
+        self.store.add_decisions(rows, fresh=self.store.last_low_hits == 0 and dup_of is None)
         t_store = time.perf_counter()
         send = outcome != Outcome.REJECTED
         k = int(send.sum())

@@ -93,15 +93,17 @@ class IdIndex:
             pos[todo] = (pos[todo] + 1) & mask
         return out
 
-    def insert(self, keys: np.ndarray, vals: np.ndarray) -> np.ndarray:
-        """Insert keys (absent ones); returns a mask of the keys that were already present (not inserted)."""
+    def insert(self, keys: np.ndarray, vals: np.ndarray, fresh: bool = False) -> np.ndarray:
+        """Insert keys (absent ones); returns a mask of the keys that were already present (not inserted).
+
+        ``fresh``: the caller knows the keys are absent and distinct (skips the checks)."""
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         if 2 * (self.used + len(keys)) > len(self.keys):
             self._rehash(2 * (self.used + len(keys)))
-        present = self.lookup(keys) >= 0
+        present = np.zeros(len(keys), dtype=bool) if fresh else self.lookup(keys) >= 0
         todo = np.flatnonzero(~present)
         # within the batch, only the first of equal keys is inserted
-        if len(todo):
+        if len(todo) and not fresh:
             _, first = np.unique(keys[todo], return_index=True)
             if len(first) != len(todo):
                 dup = np.ones(len(todo), dtype=bool)
@@ -143,7 +145,7 @@ class IdIndex:
         self.keys = np.zeros(cap, dtype=np.uint64)
         self.vals = np.full(cap, EMPTY, dtype=np.int64)
         self.used = 0
-        self.insert(keys, vals)
+        self.insert(keys, vals, fresh=True)
 
 
 class DecisionStore:
@@ -160,6 +162,7 @@ class DecisionStore:
         self.collisions: dict[int, int] = {}  # full id -> row, when the low word was taken
         self.policies: list[Policy] = []
         self.frames_written = 0
+        self.last_low_hits = 0
         self.last_frame_rows: list[range] = []  # rows of the most recent DECISIONS frames (verified at start)
         self._lock = threading.Lock()
         self._dirty = False
@@ -204,8 +207,9 @@ class DecisionStore:
         finally:
             os.close(fd)
 
-    def _write(self, kind: int, payload: bytes) -> None:
-        self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload), kind) + payload)
+    def _write(self, kind: int, payload: bytes | memoryview) -> None:
+        self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload), kind))
+        self._file.write(payload)
         self._dirty = True
         self.frames_written += 1
 
@@ -237,11 +241,12 @@ class DecisionStore:
         self.sync()
         return len(self.policies) - 1
 
-    def add_decisions(self, rows: np.ndarray) -> range:
-        """Write one batch of decisions (not yet synced); returns their row range."""
+    def add_decisions(self, rows: np.ndarray, fresh: bool = False) -> range:
+        """Write one batch of decisions (not yet synced); returns their row range (``fresh``: ids known new)."""
+        rows = np.ascontiguousarray(rows)
         with self._lock:
-            self._write(DECISIONS, rows.tobytes())
-            return self._append_rows(rows)
+            self._write(DECISIONS, memoryview(rows.view(np.uint8)))  # type: ignore[arg-type]
+            return self._append_rows(rows, fresh)
 
     def add_changes(self, changes: np.ndarray) -> None:
         """Write and apply review changes / ledger refusals / withdrawals (not yet synced)."""
@@ -253,7 +258,7 @@ class DecisionStore:
 
     # ---------------------------------------------------------------- memory
 
-    def _append_rows(self, rows: np.ndarray) -> range:
+    def _append_rows(self, rows: np.ndarray, fresh: bool = False) -> range:
         n = len(rows)
         if self.n + n > len(self.rows):
             grown = np.zeros(max(self.n + n, 2 * len(self.rows)), dtype=DECISION_DTYPE)
@@ -264,10 +269,10 @@ class DecisionStore:
         # A byte copy: assigning structured rows field by field is several times slower.
         self.rows.view(np.uint8)[start * width:(start + n) * width] = np.ascontiguousarray(rows).view(np.uint8)
         self.n += n
-        taken = self.index.insert(rows["id"][:, 0], np.arange(start, start + n, dtype=np.int64))
+        taken = self.index.insert(rows["id"][:, 0], np.arange(start, start + n, dtype=np.int64), fresh=fresh)
         for k in np.flatnonzero(taken).tolist():  # a low word seen before: found by its full id instead
-            lo, hi = (int(v) for v in rows["id"][k])
-            self.collisions[(hi << 64) | lo] = start + k
+            low, high = (int(v) for v in rows["id"][k])
+            self.collisions[(high << 64) | low] = start + k
         return range(start, start + n)
 
     def row_of(self, tid: int) -> int | None:
@@ -287,6 +292,7 @@ class DecisionStore:
         """Which ids of an ``(n, 2)`` word array already have a decision."""
         rows = self.index.lookup(ids[:, 0])
         known = rows >= 0
+        self.last_low_hits = int(known.sum())  # 0: every low word is new (add_decisions may skip its checks)
         if known.any():
             known[known] = self.rows["id"][rows[known], 1] == ids[known, 1]
         if self.collisions:
