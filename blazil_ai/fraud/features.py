@@ -99,9 +99,13 @@ class VelocityWindow:
         a, tt, am = rows[order], t[order], amount[order]
         # Stored history: compare each transfer with its account's ring in one (n, depth) operation.
         h_t, h_a = self.times[a], self.amounts[a]
-        before = h_t <= tt[:, None]
-        in_1h = before & (h_t >= (tt - HOUR)[:, None])
-        in_24h = before & (h_t >= (tt - DAY)[:, None])
+        in_1h = h_t >= (tt - HOUR)[:, None]
+        in_24h = h_t >= (tt - DAY)[:, None]
+        if float(self.last[a].max()) > float(tt[0] if n == 1 else tt.min()):
+            # Some history is later than a request (an out-of-order event time): count only what came before.
+            before = h_t <= tt[:, None]
+            in_1h &= before
+            in_24h &= before
         c1 = in_1h.sum(1)
         c24 = in_24h.sum(1)
         s24 = (h_a * in_24h).sum(1, dtype=np.float64)
