@@ -139,37 +139,44 @@ def decode_body(n_arrays: int, meta_len: int, body: bytes | bytearray | memoryvi
     """Decode a frame body whose header has been checked; arrays are views into ``body``."""
     view = memoryview(body)
     try:
-        unpacked = msgpack.unpackb(view[:meta_len], raw=False, strict_map_key=False)
+        meta, descr = msgpack.unpackb(view[:meta_len], raw=False, strict_map_key=False)
+    except ValueError as e:
+        if "unpack" in str(e):  # valid MessagePack, but not a pair
+            raise FrameError("metadata must be [map, [array descriptors]]") from e
+        raise FrameError(f"metadata is not valid MessagePack: {e}") from e
+    except TypeError as e:
+        raise FrameError("metadata must be [map, [array descriptors]]") from e
     except Exception as e:  # msgpack raises several unrelated types for bad input
         raise FrameError(f"metadata is not valid MessagePack: {e}") from e
-    if (not isinstance(unpacked, list) or len(unpacked) != 2 or not isinstance(unpacked[0], dict)
-            or not isinstance(unpacked[1], list)):
+    if type(meta) is not dict or type(descr) is not list:
         raise FrameError("metadata must be [map, [array descriptors]]")
-    meta, descr = unpacked
     if len(descr) != n_arrays:
         raise FrameError(f"header says {n_arrays} arrays, metadata describes {len(descr)}")
     arrays: list[np.ndarray] = []
     offset = meta_len
-    for i, d in enumerate(descr):
+    end = len(view)
+    for d in descr:
         try:
             dtype_str, shape = d
             dtype = _DTYPES.get(dtype_str) or _wire_dtype(dtype_str)
             count = math.prod(shape)
+            if type(count) is not int or count < 0 or (shape and min(shape) < 0):
+                raise ValueError(f"bad shape {shape!r}")
+        except FrameError:
+            raise
         except Exception as e:
-            raise FrameError(f"array {i}: bad descriptor {d!r}: {e}") from e
-        if type(count) is not int or count < 0 or (shape and min(shape) < 0):
-            raise FrameError(f"array {i}: bad shape {shape!r}")
+            raise FrameError(f"array {len(arrays)}: bad descriptor {d!r}: {e}") from e
         nbytes = count * dtype.itemsize
-        if offset + nbytes > len(view):
-            raise FrameError(f"array {i}: {dtype_str} x {tuple(shape)} needs {nbytes} bytes, "
-                             f"only {len(view) - offset} remain in the frame")
-        a = np.frombuffer(view, dtype=dtype, count=count, offset=offset)
+        if offset + nbytes > end:
+            raise FrameError(f"array {len(arrays)}: {dtype_str} x {tuple(shape)} needs {nbytes} bytes, "
+                             f"only {end - offset} remain in the frame")
+        a = np.frombuffer(view, dtype, count, offset)
         arrays.append(a if len(shape) == 1 else a.reshape(shape))
         offset += nbytes
-    if offset != len(view):
+    if offset != end:
         raise FrameError(f"array byte counts ({offset - meta_len}) do not match the body "
-                         f"({len(view) - meta_len} bytes after metadata)")
-    return Message(meta=meta, arrays=arrays)
+                         f"({end - meta_len} bytes after metadata)")
+    return Message(meta, arrays)
 
 
 _DTYPES: dict[str, np.dtype] = {}

@@ -315,23 +315,27 @@ class TcpSubscription(Subscription):
     def _parse(self, conn: _Conn) -> bool:
         """Decode the whole frames in the read buffer; False if the connection was closed."""
         buf = conn.rbuf
+        start, end = conn.rstart, conn.rend
+        unpack_header = framing.HEADER.unpack_from
+        max_size = self.max_message_size
         while True:
-            avail = conn.rend - conn.rstart
             if conn.header is None:
-                if avail < HEADER_SIZE:
+                if end - start < HEADER_SIZE:
                     break
-                try:
-                    conn.header = framing.decode_header(memoryview(buf)[conn.rstart:conn.rstart + HEADER_SIZE],
-                                                        self.max_message_size)
-                except FrameError as e:
-                    self._fault(conn, "header", str(e))
+                magic, version, _flags, n_arrays, meta_len, body_len = unpack_header(buf, start)
+                if magic != framing.MAGIC or version != framing.VERSION or meta_len > body_len \
+                        or HEADER_SIZE + body_len > max_size:
+                    try:  # the checked decoder names the fault
+                        framing.decode_header(bytes(buf[start:start + HEADER_SIZE]), max_size)
+                    except FrameError as e:
+                        self._fault(conn, "header", str(e))
                     return False
-                conn.rstart += HEADER_SIZE
-                avail -= HEADER_SIZE
+                conn.header = (n_arrays, meta_len, body_len)
+                start += HEADER_SIZE
             body_len = conn.header[2]
-            if avail >= body_len:
-                body = bytearray(memoryview(buf)[conn.rstart:conn.rstart + body_len])
-                conn.rstart += body_len
+            if end - start >= body_len:
+                body = buf[start:start + body_len]  # a bytearray copy the message's arrays can own
+                start += body_len
                 if not self._finish_frame(conn, body):
                     return False
                 conn.header = None
@@ -339,14 +343,15 @@ class TcpSubscription(Subscription):
             if body_len > len(buf) - HEADER_SIZE:
                 # Too large for the read buffer: read the rest straight into the frame's own buffer.
                 conn.body = bytearray(body_len)
-                conn.body[:avail] = buf[conn.rstart:conn.rend]
-                conn.body_filled = avail
+                conn.body[:end - start] = buf[start:end]
+                conn.body_filled = end - start
                 conn.rstart = conn.rend = 0
                 return True
             break
-        if conn.rstart == conn.rend:
+        conn.rstart, conn.rend = start, end
+        if start == end:
             conn.rstart = conn.rend = 0
-        elif conn.rstart > len(buf) // 2:
+        elif start > len(buf) // 2:
             self._compact(conn)
         return True
 
