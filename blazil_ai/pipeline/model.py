@@ -261,6 +261,8 @@ class DecodeGraphs:
         self.use_graphs = use_graphs
         self._sets: dict[int, dict[str, Any]] = {}
         self._pool: Any = torch.cuda.graph_pool_handle() if use_graphs else None
+        # One warm-up stream for every capture: each new stream would get its own cuBLAS workspace.
+        self._warmup_stream: Any = torch.cuda.Stream() if use_graphs else None
 
     def _build(self, bsz: int) -> dict[str, Any]:
         m = self.model
@@ -286,7 +288,7 @@ class DecodeGraphs:
         return entry
 
     def _capture(self, fn: Any, graphs: list[Any]) -> Any:
-        stream = torch.cuda.Stream()
+        stream = self._warmup_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
