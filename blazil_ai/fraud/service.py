@@ -228,8 +228,13 @@ class FraudService:
         cursor = 0
         while True:
             f = QueryFilter(0, 0, 0, 0, 0, cursor, 0, BATCH_MAX, QueryFilterFlags.NONE)
-            page = call("query_transfers", f) if call is not None else None
-            if page is None:
+            page = None
+            if call is not None:  # numpy pages straight from the backend (embedded engine, ledger server)
+                try:
+                    page = call("query_transfers", f)
+                except NotImplementedError:
+                    call = None
+            if page is None or not isinstance(page, np.ndarray):
                 from blazil_ai.ledger.types import transfers_to_array
                 page = transfers_to_array(self.ledger.query_transfers(f))
             if len(page) == 0:
