@@ -106,9 +106,10 @@ class VelocityWindow:
             before = h_t <= tt[:, None]
             in_1h &= before
             in_24h &= before
-        c1 = in_1h.sum(1)
-        c24 = in_24h.sum(1)
-        s24 = (h_a * in_24h).sum(1, dtype=np.float64)
+        c1 = np.count_nonzero(in_1h, axis=1)
+        c24 = np.count_nonzero(in_24h, axis=1)
+        np.multiply(h_a, in_24h, out=h_a)  # h_a is a fresh gather: safe to overwrite
+        s24 = h_a.sum(1, dtype=np.float64)
         # Earlier transfers of the same account in this batch: one sorted key per (account, time).
         idx = np.arange(n)
         new_group = np.ones(n, dtype=bool)
