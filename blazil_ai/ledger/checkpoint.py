@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from blazil_ai.errors import DataError
-from blazil_ai.ledger.engine import Engine, key64, key64_int
+from blazil_ai.ledger.engine import Engine, KeyIndex, key64, key64_int
 from blazil_ai.ledger.types import u128_from_words, u128_to_words
 
 _NAME = re.compile(r"^checkpoint-(\d{20})\.npz$")
@@ -97,9 +97,8 @@ def load(engine: Engine, directory: Path) -> int:
     engine.transfers[:m] = transfers
     engine.pending_state[:m] = pending_state
     engine.n_transfers = m
-    keys = key64(transfers["id"]).tolist()
-    # Built back to front so that, for a repeated hash key, the first row wins (as on insert).
-    engine.transfer_keys = dict(zip(reversed(keys), range(m - 1, -1, -1)))
+    # For a repeated hash key the first row wins, as on insert.
+    engine.transfer_keys = KeyIndex.first_rows(key64(transfers["id"]))
     engine.transfer_collisions = {}
     if len(engine.transfer_keys) < m:
         seen: set[int] = set()

@@ -82,6 +82,85 @@ def _set(arr: np.ndarray, field: str, row: int, value: int) -> None:
     arr[field][row, 1] = value >> 64
 
 
+class KeyIndex:
+    """key64 -> row of the first transfer with that key, spread over 16 dicts of unequal shares.
+
+    One dict of a million keys rehashes all of them when it grows (about 30 ms, a whole batch's latency
+    budget); 16 smaller dicts of staggered sizes grow one at a time, each in a fraction of that.
+    """
+
+    PARTS = 16
+    # Parts take shares of the keys spread over one octave (part p ~ 2^(p/16)), so their sizes cross
+    # CPython's power-of-two growth points at different batches instead of all in the same one.
+    _WEIGHTS = 2.0 ** (np.arange(PARTS) / PARTS)
+    _EDGES = np.round(np.concatenate([[0.0], np.cumsum(_WEIGHTS)]) / _WEIGHTS.sum() * 4096).astype(np.int64)
+    _SLOTS = np.repeat(np.arange(PARTS), np.diff(_EDGES).tolist()).astype(np.intp)
+    _SLOT_LIST = _SLOTS.tolist()
+
+    def __init__(self) -> None:
+        self.parts: list[dict[int, int]] = [{} for _ in range(self.PARTS)]
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.parts)
+
+    def _part(self, k: int) -> dict[int, int]:
+        return self.parts[self._SLOT_LIST[((k * 0x9E3779B97F4A7C15) & M64) >> 52]]
+
+    def __contains__(self, k: int) -> bool:
+        return k in self._part(k)
+
+    def get(self, k: int, default: int | None = None) -> int | None:
+        """The row stored for key ``k``."""
+        return self._part(k).get(k, default)
+
+    def __setitem__(self, k: int, row: int) -> None:
+        self._part(k)[k] = row
+
+    def __delitem__(self, k: int) -> None:
+        del self._part(k)[k]
+
+    def _groups(self, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        part = self._SLOTS[((keys * _MIX) >> np.uint64(52)).astype(np.intp)]
+        order = np.argsort(part, kind="stable")
+        bounds = np.searchsorted(part[order], np.arange(self.PARTS + 1))
+        return [(p, order[bounds[p]: bounds[p + 1]]) for p in range(self.PARTS) if bounds[p + 1] > bounds[p]]
+
+    def isdisjoint(self, keys: np.ndarray | list[int]) -> bool:
+        """True when none of ``keys`` is in the index."""
+        arr = np.asarray(keys, dtype=np.uint64)
+        for p, idx in self._groups(arr):
+            if not self.parts[p].keys().isdisjoint(arr[idx].tolist()):
+                return False
+        return True
+
+    def prepare(self, keys: np.ndarray, start_row: int) -> list[tuple[int, dict[int, int]]] | None:
+        """Per-part additions for keys taking rows start_row..; None if a key is already in the index or
+        repeats within ``keys``."""
+        out = []
+        for p, idx in self._groups(keys):
+            ks = keys[idx].tolist()
+            if not self.parts[p].keys().isdisjoint(ks):
+                return None
+            sub = dict(zip(ks, (idx + start_row).tolist()))
+            if len(sub) != len(idx):
+                return None
+            out.append((p, sub))
+        return out
+
+    def commit(self, prepared: list[tuple[int, dict[int, int]]]) -> None:
+        """Add what prepare() returned."""
+        for p, sub in prepared:
+            self.parts[p].update(sub)
+
+    @classmethod
+    def first_rows(cls, keys: np.ndarray) -> KeyIndex:
+        """An index of ``keys`` (row i for keys[i]) where a repeated key keeps its first row."""
+        ki = cls()
+        for p, idx in ki._groups(keys):
+            ki.parts[p] = dict(zip(keys[idx][::-1].tolist(), idx[::-1].tolist()))
+        return ki
+
+
 class Engine:
     """One ledger's state and its create/lookup/query operations (not thread-safe: one caller at a time)."""
 
@@ -99,7 +178,7 @@ class Engine:
         self.transfers = np.zeros(capacity, dtype=TRANSFER_DTYPE)
         self.pending_state = np.zeros(capacity, dtype=np.uint8)
         self.n_transfers = 0
-        self.transfer_keys: dict[int, int] = {}  # key64 -> row of the first transfer with that key
+        self.transfer_keys = KeyIndex()  # key64 -> row of the first transfer with that key
         self.transfer_collisions: dict[int, int] = {}  # full id -> row, for ids whose key64 was taken
         self.failed_ids: set[int] = set()  # ids burned by transient failures (ID_ALREADY_FAILED)
         self.failed_keys: set[int] = set()
@@ -311,11 +390,11 @@ class Engine:
             return False
         if not (_valid_ids(ids)):
             return False
-        key_list = key64(ids).tolist()
-        if not self.transfer_keys.keys().isdisjoint(key_list) or not self.failed_keys.isdisjoint(key_list):
+        keys = key64(ids)
+        if self.failed_keys and not self.failed_keys.isdisjoint(keys.tolist()):
             return False
-        new_keys = dict(zip(key_list, range(self.n_transfers, self.n_transfers + n)))
-        if len(new_keys) != n:  # an id (or its hash key) repeats within the batch
+        new_keys = self.transfer_keys.prepare(keys, self.n_transfers)
+        if new_keys is None:  # an id (or its hash key) exists already or repeats within the batch
             return False
         flags = batch["flags"]
         resolve = (flags == int(_TF.POST_PENDING_TRANSFER)) | (flags == int(_TF.VOID_PENDING_TRANSFER))
@@ -334,7 +413,7 @@ class Engine:
         pend = stored["flags"] == int(_TF.PENDING)
         self.pending_state[start: start + n] = np.where(pend, PENDING, NOT_PENDING)
         self.n_transfers += n
-        self.transfer_keys.update(new_keys)
+        self.transfer_keys.commit(new_keys)
         timed = np.nonzero(pend & (stored["timeout"] > 0))[0]
         for i in timed.tolist():
             heapq.heappush(self.expiry, (base + i + int(stored["timeout"][i]) * 1_000_000_000, start + i))

@@ -244,7 +244,7 @@ class ShardedLedger:
         pinned = np.zeros(len(keys), dtype=bool)
         stores = [(-1, self.cross)] + [(s, sh.engine) for s, sh in enumerate(self.shards)]
         for s, eng in stores:
-            if eng.transfer_keys.keys().isdisjoint(keys) and eng.failed_keys.isdisjoint(keys):
+            if eng.transfer_keys.isdisjoint(keys) and eng.failed_keys.isdisjoint(keys):
                 continue
             ids = ids or _ids(batch)
             for i, k in enumerate(keys):
