@@ -17,7 +17,7 @@ import pytest
 import tigerbeetle as tb
 
 from blazil_ai import ledger as L
-from blazil_ai.errors import DataError
+from blazil_ai.errors import BlazilError, DataError
 from blazil_ai.ledger.ring import RingBuffer, RingClosed
 from blazil_ai.ledger.server import LedgerServer
 
@@ -214,3 +214,46 @@ def test_examples_run(script, tmp_path):
     out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "8189 of 8189 created" in out.stdout or "blazil_ledger_fsyncs_total" in out.stdout
+
+
+def _openssl(d: Path, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+
+def _pki(d: Path) -> None:
+    for ca in ("ca", "rogue"):
+        _openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
+                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem")
+    for name, ca in (("server", "ca"), ("client", "ca"), ("intruder", "rogue")):
+        _openssl(d, "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr")
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+                 "-CAcreateserial", "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
+
+
+@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="the openssl command makes the test PKI")
+def test_server_over_tls_with_client_certificates(tmp_path):
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _pki(pki)
+    listen = (f"tcps://127.0.0.1:0?certfile={pki / 'server.pem'}&keyfile={pki / 'server.key'}"
+              f"&cafile={pki / 'ca.pem'}")
+    srv = LedgerServer(tmp_path / "tls-ledger", listen, metrics_port=None)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        address = srv.uri.split("?")[0]
+        with L.connect(address, certfile=str(pki / "client.pem"), keyfile=str(pki / "client.key"),
+                       cafile=str(pki / "ca.pem")) as c:
+            res = c.create_accounts([L.Account(id=1, ledger=1, code=1)])
+            assert res[0].status == L.CreateAccountStatus.CREATED
+            assert c.lookup_accounts([1])[0].id == 1
+        with pytest.raises((BlazilError, TimeoutError, OSError)):  # a certificate from another CA is refused
+            with L.connect(address, certfile=str(pki / "intruder.pem"), keyfile=str(pki / "intruder.key"),
+                           cafile=str(pki / "ca.pem"), timeout=2) as bad:
+                bad.lookup_accounts([1])
+    finally:
+        srv.stop()
+        t.join(timeout=10)
+        srv.close()

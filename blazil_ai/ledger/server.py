@@ -7,6 +7,11 @@ raw 128-byte records, ids as ``(n, 2)`` u64 words, filters as metadata (u128 fie
 
 Requests from every connection go into the ledger's ring buffer as they arrive, so concurrent clients
 share group commits; each reply is sent once its request is durable.
+
+TLS: ``--listen "tcps://host:port?certfile=server.pem&keyfile=server.key&cafile=ca.pem"`` requires a
+client certificate signed by ``cafile``; clients connect with
+``connect("tcps://host:port", certfile=..., keyfile=..., cafile=...)`` and receive replies over TLS on a
+reply channel that in turn requires the server's certificate.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import itertools
 import logging
 import threading
 import time
+import urllib.parse
 from concurrent.futures import Future
 from dataclasses import fields
 from pathlib import Path
@@ -126,6 +132,9 @@ class LedgerServer:
             self.backend.close()
             raise
         self.uri: str = getattr(self.sub, "uri", listen)
+        # Replies to tcps:// clients go out with this server's own certificate (clients require one).
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(listen).query)
+        self._tls = {k: v[0] for k, v in query.items() if k in ("certfile", "keyfile", "cafile")}
         self.metrics = metrics.serve(metrics_port) if metrics_port is not None else None
         self._pubs: dict[str, Any] = {}
         self._replies: collections.deque[tuple[str, dict[str, Any], list[np.ndarray]]] = collections.deque()
@@ -166,7 +175,8 @@ class LedgerServer:
             pub = self._pubs.get(uri)
             try:
                 if pub is None:
-                    pub = self._pubs[uri] = publication(uri)
+                    opts: dict[str, Any] = self._tls if uri.startswith("tcps://") else {}
+                    pub = self._pubs[uri] = publication(uri, **opts)
                 pub.send(meta, arrays, timeout=10.0)
             except Exception as e:  # a client that went away must not stop the server
                 log.warning("reply to %s failed: %s", uri, e)
@@ -210,9 +220,12 @@ class RemoteClient(LedgerClient):
 
     _counter = itertools.count(1)
 
-    def __init__(self, uri: str, *, timeout: float = 30.0, reply_uri: str = "tcp://127.0.0.1:0",
+    def __init__(self, uri: str, *, timeout: float = 30.0, reply_uri: str | None = None,
                  **transport_options: Any) -> None:
         self.timeout = timeout
+        # Over tcps:// the replies come back over TLS too; the client's certificate then serves both ways.
+        if reply_uri is None:
+            reply_uri = "tcps://127.0.0.1:0" if uri.startswith("tcps://") else "tcp://127.0.0.1:0"
         self._sub = subscription(reply_uri, **transport_options)
         self.reply_uri: str = getattr(self._sub, "uri", reply_uri)
         try:
