@@ -5,7 +5,7 @@ Cases (1,000,000 transfers over 10,000 accounts, batches of 8189, fsync before e
                            with --depth batches in flight through create_transfers_async (numpy1p)
   numpy path, 2 shards     accounts partitioned by shard, each transfer within one shard
   cross-shard, 2 shards    every transfer crosses shards (two-phase commit through clearing accounts)
-  dataclass path, 1 shard  create_transfers(list[Transfer]) as with the official client, one batch at a time
+  dataclass path, 1 and 2  create_transfers(list[Transfer]) as with the official client, one batch at a time
 Anchors:
   fsync                    the bare write(1 MiB) + fdatasync rate of the data directory (the disk's ceiling
                            for one fsync per batch: rate x 8189 transfers/s)
@@ -115,9 +115,9 @@ def run_numpy(root: Path, batches: list[np.ndarray], shards: int, n_accounts: in
     return {"seconds": dt, "cpu": cpu, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
 
 
-def run_dataclass(root: Path, batches: list[np.ndarray], n_accounts: int) -> dict[str, float]:
+def run_dataclass(root: Path, batches: list[np.ndarray], n_accounts: int, shards: int = 1) -> dict[str, float]:
     lists = [L.array_to_transfers(b) for b in batches]  # the caller's objects exist before timing starts
-    c = open_ledger(root, 1, n_accounts, capacity=sum(len(b) for b in batches) + BATCH)
+    c = open_ledger(root, shards, n_accounts, capacity=sum(len(b) for b in batches) + BATCH)
     lat = []
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -191,7 +191,7 @@ def main() -> int:
     ap.add_argument("--cross-transfers", type=int, default=3 * BATCH, help="transfers for the cross-shard case")
     ap.add_argument("--dataclass-transfers", type=int, default=None, help="default: --transfers")
     ap.add_argument("--data-dir", default=None, help="where the ledgers are written (default: a temp dir)")
-    ap.add_argument("--cases", default="numpy1,numpy1p,numpy2,cross2,dataclass1")
+    ap.add_argument("--cases", default="numpy1,numpy1p,numpy2,cross2,dataclass1,dataclass2")
     ap.add_argument("--quick", action="store_true", help="200k transfers, one round")
     ap.add_argument("--switch-interval", type=float, default=0.0002,
                     help="sys.setswitchinterval for this process, as `blazil ledger serve` sets it (Python's "
@@ -236,6 +236,8 @@ def main() -> int:
                 results[case].append(run_numpy(root, cross_batches, 2, n_acc, 1))
             elif case == "dataclass1":
                 results[case].append(run_dataclass(root, dc_batches, n_acc))
+            elif case == "dataclass2":
+                results[case].append(run_dataclass(root, part_batches[: len(dc_batches)], n_acc, shards=2))
             shutil.rmtree(root, ignore_errors=True)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     fsync = statistics.median(fsync_rates)
@@ -243,10 +245,11 @@ def main() -> int:
     loop_cpu = statistics.median(loop_cpu_rates)
     sizes = {"numpy1": args.transfers, "numpy1p": args.transfers, "numpy2": args.transfers,
              "cross2": args.cross_transfers,
-             "dataclass1": sum(len(b) for b in dc_batches)}
+             "dataclass1": sum(len(b) for b in dc_batches), "dataclass2": sum(len(b) for b in dc_batches)}
     labels = {"numpy1": ("numpy", 1, 1), "numpy1p": ("numpy, pipelined", 1, args.depth),
               "numpy2": ("numpy", 2, args.depth),
-              "cross2": ("numpy, every transfer cross-shard", 2, 1), "dataclass1": ("dataclass", 1, 1)}
+              "cross2": ("numpy, every transfer cross-shard", 2, 1), "dataclass1": ("dataclass", 1, 1),
+              "dataclass2": ("dataclass", 2, 1)}
     for case in cases:
         runs = results[case]
         tps = statistics.median(sizes[case] / x["seconds"] for x in runs)
