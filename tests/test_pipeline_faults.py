@@ -95,6 +95,20 @@ def test_hung_stage_is_named_and_serves_again_when_resumed(pipe, reference):
     assert res.token_ids == reference
 
 
+def test_handshake_names_a_stage_that_disagrees(pipe, reference):
+    sp = pipe.procs[1]
+    good = list(sp.args)
+    sp.args = [*good, "--dtype", "bfloat16"]  # the last --dtype wins: stage 2 now differs from 1 and 3
+    try:
+        with pytest.raises(PipelineError, match="handshake failed: stage 2 runs bfloat16, stage 1 runs float32"):
+            pipe.restart_stage(2)
+    finally:
+        sp.args = good
+    pipe.restart_stage(2)
+    res = pipe.client.generate(PROMPT, SamplingParams(max_new_tokens=8, eos_token_ids=[-1]))
+    assert res.token_ids == reference
+
+
 def test_missing_shard_is_named_at_startup(tiny, tmp_path, capsys):
     d = tmp_path / "sharded"
     shutil.copytree(tiny, d)
