@@ -131,7 +131,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
         pipe = LocalPipeline(args.model, transport=args.transport, split=parse_split(args.split), dtype=args.dtype,
                              device=args.device, threads=args.threads, timeout=args.timeout,
-                             decode_graphs=args.decode_graphs)
+                             decode_graphs=args.decode_graphs, progress=True)
         client = pipe.start()
         print("blazil generate: stages " + ", ".join(f"{s['stage']}={s['start']}:{s['stop']}"
                                                      for s in client.stages_info) + " ready", file=sys.stderr)

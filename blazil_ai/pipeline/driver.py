@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from blazil_ai.errors import BlazilError, ConfigError
 from blazil_ai.pipeline.protocol import DRIVER_STREAM, STAGE_STREAM_BASE, Address
@@ -356,9 +357,10 @@ class LocalPipeline:
     def __init__(self, model_dir: str | os.PathLike[str], transport: str = "tcp", split: tuple[int, ...] | None = None,
                  dtype: str = "auto", device: str = "cpu", stages: int = 3, threads: int = 0,
                  timeout: float = 60.0, start_timeout: float = 300.0, log_dir: str | None = None,
-                 env: dict[str, str] | None = None, decode_graphs: str = "auto") -> None:
+                 env: dict[str, str] | None = None, decode_graphs: str = "auto", progress: bool = False) -> None:
         self.model_dir = str(model_dir)
         self.decode_graphs = decode_graphs
+        self.progress = progress
         config = load_config(model_dir)
         weight_map(model_dir)  # a missing shard is named now, before any process starts
         self.ranges = split_layers(config.num_hidden_layers, split, stages)
@@ -422,8 +424,16 @@ class LocalPipeline:
                 sp.start(self._env())
                 self.procs.append(sp)
             self.client = PipelineClient(self.addrs, self.model_dir, self._client_listen(), timeout=self.timeout)
-            self.client.connect(self.start_timeout, alive=self.check_alive,
-                                expect={"model": model_fingerprint(self.model_dir), "split": self.ranges})
+            with tqdm(total=len(self.procs), desc="loading stages", unit="stage", file=sys.stderr,
+                      disable=not self.progress) as bar:
+                def alive() -> None:
+                    self.check_alive()
+                    loaded = sum("loaded in" in sp.log_tail(50) for sp in self.procs)
+                    bar.update(loaded - bar.n)
+
+                self.client.connect(self.start_timeout, alive=alive,
+                                    expect={"model": model_fingerprint(self.model_dir), "split": self.ranges})
+                bar.update(len(self.procs) - bar.n)
             return self.client
         except BaseException:
             self.stop()

@@ -100,7 +100,9 @@ class StageServer:
         return pub
 
     def _send(self, a: Address, meta: dict[str, Any], arrays: list[np.ndarray] | None = None) -> OfferStatus:
-        return self._pub(a).offer(meta, arrays or [], timeout=self.send_timeout)
+        # A client that went away must not stall the ring: replies wait briefly, the next stage longer.
+        timeout = self.send_timeout if a == self.next_addr else min(self.send_timeout, 0.5)
+        return self._pub(a).offer(meta, arrays or [], timeout=timeout)
 
     def _error(self, rid: str, message: str) -> None:
         req = self.requests.pop(rid, None)
