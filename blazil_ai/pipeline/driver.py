@@ -399,7 +399,7 @@ class LocalPipeline:
         args = ["--stage", str(i + 1), "--model", self.model_dir, "--layers", f"{a}:{b}",
                 "--listen", self.addrs[i][0], "--listen-stream", str(self.addrs[i][1]),
                 "--next", nxt[0], "--next-stream", str(nxt[1]), "--dtype", self.dtype, "--device", self.device,
-                "--decode-graphs", self.decode_graphs]
+                "--decode-graphs", self.decode_graphs, "--exit-with-parent"]
         if self.threads:
             args += ["--threads", str(self.threads)]
         return args

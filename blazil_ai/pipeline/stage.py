@@ -120,11 +120,17 @@ class StageServer:
 
     # -- the agent ------------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve until a ``shutdown`` message or SIGTERM."""
+    def run(self, exit_with_parent: bool = False) -> None:
+        """Serve until a ``shutdown`` message or SIGTERM (or, if asked, until the launching process is gone)."""
         idle = BackoffIdleStrategy(max_park_s=2e-4)
+        parent, next_check = os.getppid(), time.monotonic() + 1.0
         while self.running:
             idle.idle(self.do_work())
+            if exit_with_parent and time.monotonic() > next_check:
+                next_check = time.monotonic() + 1.0
+                if os.getppid() != parent:  # the launcher died without stopping us: do not linger
+                    log.warning("stage %d: launching process %d is gone; exiting", self.spec.stage, parent)
+                    self.running = False
         self.close()
 
     def close(self) -> None:
@@ -382,6 +388,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
                    help="replay each layer's dense parts as CUDA graphs in decode steps (auto = on a GPU)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="exit when the process that started this stage exits (used by blazil generate)")
     return p
 
 
@@ -411,7 +419,7 @@ def run_stage(args: argparse.Namespace) -> int:
     print(f"stage {args.stage}: layers {start}:{stop} of {config.num_hidden_layers} ({server.dtype_name}, "
           f"{args.device}) loaded in {time.perf_counter() - t0:.1f}s; listening on {server.listen[0]} "
           f"stream {server.listen[1]}, next {args.next}", file=sys.stderr, flush=True)
-    server.run()
+    server.run(exit_with_parent=args.exit_with_parent)
     return 0
 
 
