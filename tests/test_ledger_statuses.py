@@ -294,17 +294,12 @@ def test_pending_counts_against_limits(client):
     assert one(client, debit_account_id=5, amount=2) == CT.CREATED
 
 
-def test_overflows_timeout():
+def test_overflows_timeout(tmp_path):
     big = (1 << 63) - 10 * S
-    with L.connect(_tmp(), clock=lambda: big, fsync=False) as c:
+    with L.connect(tmp_path / "ledger", clock=lambda: big, fsync=False) as c:
         c.create_accounts([L.Account(id=1, ledger=1, code=1), L.Account(id=2, ledger=1, code=1)])
         assert one(c, flags=TF.PENDING, timeout=11) == CT.OVERFLOWS_TIMEOUT
         assert one(c, flags=TF.PENDING, timeout=5) == CT.CREATED
-
-
-def _tmp():
-    import tempfile
-    return tempfile.mkdtemp(prefix="ledger-")
 
 
 # ------------------------------------------------------------------ u128 overflow
