@@ -66,9 +66,31 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Load layers START:STOP of a Qwen2 checkpoint and serve them as one stage "
                                    "of a pipeline ring.", epilog=STAGE_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    from blazil_ai.pipeline.stage import build_parser
-    build_parser(s)
+    stage_arguments(s)
     s.set_defaults(func=cmd_stage)
+
+
+def stage_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of one stage process (shared by ``blazil stage`` and ``python -m blazil_ai.pipeline.stage``).
+
+    Kept here, away from torch, so that ``blazil --help`` does not import it.
+    """
+    p.add_argument("--stage", type=int, required=True, help="this stage's number (1 = embeddings, last = head)")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
+    p.add_argument("--layers", required=True, help="layers this stage holds, START:STOP (e.g. 0:10)")
+    p.add_argument("--listen", required=True, help="URI this stage receives on (tcp://0.0.0.0:7001, aeron:ipc, ...)")
+    p.add_argument("--next", required=True, help="URI of the next stage (the last stage's next is stage 1)")
+    p.add_argument("--listen-stream", type=int, default=1, help="stream id to receive on (default 1)")
+    p.add_argument("--next-stream", type=int, default=1, help="stream id of the next stage (default 1)")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="replay each layer's dense parts as CUDA graphs in decode steps (auto = on a GPU)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--exit-with-parent", action="store_true",
+                   help="exit when the process that started this stage exits (used by blazil generate)")
+    return p
 
 
 def cmd_stage(args: argparse.Namespace) -> int:

@@ -371,28 +371,6 @@ def check_stages(stages: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """Options of one stage process (shared by ``blazil stage`` and ``python -m blazil_ai.pipeline.stage``)."""
-    p = parser or argparse.ArgumentParser(prog="python -m blazil_ai.pipeline.stage", description=__doc__,
-                                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", type=int, required=True, help="this stage's number (1 = embeddings, last = head)")
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
-    p.add_argument("--layers", required=True, help="layers this stage holds, START:STOP (e.g. 0:10)")
-    p.add_argument("--listen", required=True, help="URI this stage receives on (tcp://0.0.0.0:7001, aeron:ipc, ...)")
-    p.add_argument("--next", required=True, help="URI of the next stage (the last stage's next is stage 1)")
-    p.add_argument("--listen-stream", type=int, default=1, help="stream id to receive on (default 1)")
-    p.add_argument("--next-stream", type=int, default=1, help="stream id of the next stage (default 1)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
-                   help="replay each layer's dense parts as CUDA graphs in decode steps (auto = on a GPU)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
-    p.add_argument("--exit-with-parent", action="store_true",
-                   help="exit when the process that started this stage exits (used by blazil generate)")
-    return p
-
-
 def run_stage(args: argparse.Namespace) -> int:
     """Load the stage and serve until SIGTERM/SIGINT or a shutdown message."""
     from blazil_ai.pipeline.weights import parse_layers
@@ -425,7 +403,11 @@ def run_stage(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m blazil_ai.pipeline.stage``."""
-    args = build_parser().parse_args(argv)
+    from blazil_ai.pipeline.commands import stage_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m blazil_ai.pipeline.stage", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    args = stage_arguments(parser).parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return run_stage(args)
