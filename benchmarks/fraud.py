@@ -1,5 +1,9 @@
 """Fraud-scored transfers/s end to end on the embedded ledger, against the same transfers unscored, same run.
 
+Requests come from the transaction simulator (blazil_ai.datasets.transactions: realistic amounts, contexts,
+velocity and fraud incidents, so the model sees inputs like those it was trained on); ``--requests random``
+uses independent random columns instead.
+
 Cases (N transfers over 10,000 accounts, batches of 8189, 8 batches in flight, fsync before every ack):
   scored     FraudService.submit: ring buffer -> velocity features -> ONNX fraud model (MLP, onnxruntime)
              -> thresholds -> decision log (fsync) -> embedded ledger (its WAL, fsync) -> ack
@@ -57,6 +61,13 @@ def make_requests(n: int, n_accounts: int, seed: int) -> np.ndarray:
     r["is_foreign"] = rng.random(n) < 0.03
     r["is_new_device"] = rng.random(n) < 0.02
     return r
+
+
+def simulated(n: int, n_accounts: int, seed: int) -> np.ndarray:
+    """``n`` requests from the transaction simulator (3% fraud), over ``n_accounts`` paying accounts."""
+    from blazil_ai.fraud.simulate import simulated_requests
+
+    return simulated_requests(n, seed=seed, fraud_rate=0.03, n_accounts=n_accounts)[0]
 
 
 def train_model(out: Path) -> Path:
@@ -127,13 +138,15 @@ def main() -> None:
     p.add_argument("--model", help="fraud.onnx to use (default: train one on 20,000 simulated rows)")
     p.add_argument("--dir", help="where the ledgers go (default: a temp dir)")
     p.add_argument("--quick", action="store_true", help="200,000 transfers, 1 round")
+    p.add_argument("--requests", choices=("simulated", "random"), default="simulated",
+                   help="transaction simulator (default) or independent random columns")
     a = p.parse_args()
     if a.quick:
         a.n, a.rounds = 200_000, 1
     root = Path(a.dir or tempfile.mkdtemp(prefix="blazil-fraud-bench-"))
     root.mkdir(parents=True, exist_ok=True)
     model = Path(a.model) if a.model else train_model(root / "model")
-    req = make_requests(a.n, a.accounts, seed=0)
+    req = (simulated if a.requests == "simulated" else make_requests)(a.n, a.accounts, seed=0)
     scored, unscored, p99, p50, stages = [], [], [], [], []
     outcome = None
     for r in range(a.rounds):
@@ -166,7 +179,7 @@ def main() -> None:
     print(json.dumps({"case": "scored", "transfers": a.n, "transfers_per_s": round(sm), "rounds": scored,
                       "p50_decision_latency_ms": round(statistics.median(p50), 2),
                       "p99_decision_latency_ms": round(statistics.median(p99), 2), "decisions": counts,
-                      "batch": BATCH, "in_flight": a.depth}))
+                      "batch": BATCH, "in_flight": a.depth, "requests": a.requests}))
     print(json.dumps({"case": "unscored (anchor)", "transfers": a.n, "transfers_per_s": round(um),
                       "rounds": unscored}))
     print(json.dumps({"case": "light load, batches of 64, one in flight",

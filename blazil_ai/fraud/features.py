@@ -89,12 +89,23 @@ class VelocityWindow:
             self._dense[ids[inside].astype(np.int64)] = vals[inside]
         return rows
 
+    def _order(self, rows: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Indices sorting transfers by (account row, time), stable: the batch's own order breaks ties."""
+        n = len(rows)
+        if n > 1 and not bool((t[1:] >= t[:-1]).all()):
+            return np.lexsort((t, rows))
+        # Times already in order (the usual stream): sorting by row alone is enough, and a stable sort of
+        # 16-bit keys is numpy's radix sort, 20x cheaper than lexsort; otherwise unique keys row * n + index.
+        if self.n <= 1 << 16:
+            return np.argsort(rows.astype(np.uint16), kind="stable")
+        return np.argsort(rows * n + np.arange(n))
+
     def features(self, rows: np.ndarray, t: np.ndarray, amount: np.ndarray) -> dict[str, np.ndarray]:
         """Velocity columns for transfers (account row, event time s, amount) given history and earlier rows."""
         n = len(rows)
         if n == 0:
             return {k: np.zeros(0) for k in COMPUTED[4:]}
-        order = np.lexsort((t, rows))
+        order = self._order(rows, t)
         self._plan = (rows, t, order)
         a, tt, am = rows[order], t[order], amount[order]
         # Stored history: compare each transfer with its account's ring in one (n, depth) operation.
@@ -106,8 +117,8 @@ class VelocityWindow:
             before = h_t <= tt[:, None]
             in_1h &= before
             in_24h &= before
-        c1 = np.count_nonzero(in_1h, axis=1)
-        c24 = np.count_nonzero(in_24h, axis=1)
+        c1 = _row_counts(in_1h)
+        c24 = _row_counts(in_24h)
         np.multiply(h_a, in_24h, out=h_a)  # h_a is a fresh gather: safe to overwrite
         s24 = h_a.sum(1, dtype=np.float64)
         # Earlier transfers of the same account in this batch: one sorted key per (account, time).
@@ -150,7 +161,7 @@ class VelocityWindow:
         else:
             if keep is not None:
                 rows, t, amount = rows[keep], t[keep], amount[keep]
-            order = np.lexsort((t, rows))
+            order = self._order(rows, t)
         n = len(order)
         if n == 0:
             return
@@ -169,6 +180,18 @@ class VelocityWindow:
         self.total[ua] += np.add.reduceat(am, starts)
         last_of = np.append(starts[1:], n) - 1
         self.last[ua] = np.maximum(self.last[ua], tt[last_of])
+
+
+def _row_counts(mask: np.ndarray) -> np.ndarray:
+    """True values per row of a C-contiguous (n, depth) bool array (popcount of 8 flags at a time)."""
+    n, depth = mask.shape
+    if depth % 8 or not mask.flags.c_contiguous:
+        return np.count_nonzero(mask, axis=1)
+    words = mask.view(np.uint64)
+    out = np.bitwise_count(words[:, 0]).astype(np.int64)
+    for j in range(1, depth // 8):
+        out += np.bitwise_count(words[:, j])
+    return out
 
 
 class FeatureBuilder:
