@@ -243,7 +243,8 @@ class FeatureBuilder:
         x /= self.scale[:, None]
         out = np.zeros((n, self.n_features), dtype=np.float32)
         out[:, : len(self.transform.numeric)] = x.T
-        ar = np.arange(n)
+        # One-hot through the flat matrix: row offsets + column, cheaper than 2-D fancy indexing.
+        flat, base = out.reshape(-1), np.arange(0, n * self.n_features, self.n_features)
         for name, lut in self.onehot:
-            out[ar, lut[req[name]]] = 1.0
+            flat[base + lut[req[name]]] = 1.0
         return out

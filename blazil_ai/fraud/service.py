@@ -68,6 +68,7 @@ _REVIEWS = metrics.counter("fraud", "reviews", "total", "Review resolutions", la
 _PENDING = metrics.gauge("fraud", "reviews_pending", "count", "Reviews waiting for a reviewer")
 
 _OK_STATUSES = (0, int(CT.EXISTS))
+_OUTCOME_NAMES = {int(o.value): o.name.lower() for o in Outcome}
 
 
 def observe_many(hist: Any, values: np.ndarray, count: int | None = None) -> None:
@@ -452,7 +453,7 @@ class FraudService:
             st = fut.result()  # the decision log is durable once this returns; st: the ledger's statuses
             if tr is not None:
                 _STAGE.labels("ledger").observe(time.perf_counter() - t_store)
-                failed = ~np.isin(st, _OK_STATUSES)
+                failed = (st != _OK_STATUSES[0]) & (st != _OK_STATUSES[1])
                 st = np.where(failed, st, 0).astype(np.uint32)
                 status[send] = st
                 if failed.any():
@@ -469,14 +470,15 @@ class FraudService:
                     deadline = time.time() + self.policy.review_timeout_s
                     for lo, hi in tr["id"][(tr["flags"] == TransferFlags.PENDING) & ~failed].tolist():
                         due.append((deadline, int(lo) | (int(hi) << 64)))
-            res.outcome[s + fresh] = outcome
-            res.score[s + fresh] = score
-            res.reason[s + fresh] = reason
-            res.ledger_status[s + fresh] = status
-            for o in Outcome:
-                c = int((outcome == o.value).sum())
-                if c:
-                    _DECISIONS.labels(o.name.lower()).inc(c)
+            at: Any = slice(s, e) if len(fresh) == e - s else s + fresh  # all fresh (usual): plain copies
+            res.outcome[at] = outcome
+            res.score[at] = score
+            res.reason[at] = reason
+            res.ledger_status[at] = status
+            by_outcome = np.bincount(outcome, minlength=len(_OUTCOME_NAMES) + 1)
+            for o, name in _OUTCOME_NAMES.items():
+                if by_outcome[o]:
+                    _DECISIONS.labels(name).inc(int(by_outcome[o]))
             observe_many(_SCORES, score.astype(np.float64))
             if known.any():
                 self._fill_known(req, res, s, e, known, dup_of)
