@@ -41,17 +41,6 @@ def pipe(tiny: Path):
         yield p
 
 
-def caches_when_settled(pipe: LocalPipeline, stages: list[int], wait: float = 5.0) -> list[list[str]]:
-    """What the given stages cache, once they have processed the cancellation (or after ``wait`` s)."""
-    deadline = time.monotonic() + wait
-    while True:
-        answers = pipe.client.ping(1.0)
-        caches = [answers[s - 1]["caches"] if answers[s - 1] else ["<no answer>"] for s in stages]
-        if all(c == [] for c in caches) or time.monotonic() > deadline:
-            return caches
-        time.sleep(0.1)
-
-
 def test_killed_stage_fails_fast_others_drop_cache_restart_serves(pipe, reference):
     params = SamplingParams(max_new_tokens=400, eos_token_ids=[-1])
     victim = pipe.procs[1].proc
@@ -67,7 +56,7 @@ def test_killed_stage_fails_fast_others_drop_cache_restart_serves(pipe, referenc
         pipe.client.generate(PROMPT, params, on_token=kill_after_three)
     assert time.monotonic() - t0 < TIMEOUT + 10
     assert seen[:3] == reference[:3]
-    assert caches_when_settled(pipe, [1, 3]) == [[], []]
+    assert pipe.client.cached_requests([1, 3]) == [[], []]
     pipe.restart_stage(2)
     res = pipe.client.generate(PROMPT, SamplingParams(max_new_tokens=8, eos_token_ids=[-1]))
     assert res.token_ids == reference
@@ -90,7 +79,7 @@ def test_hung_stage_is_named_and_serves_again_when_resumed(pipe, reference):
         assert time.monotonic() - t0 < TIMEOUT + 5
     finally:
         os.kill(victim.pid, signal.SIGCONT)
-    assert caches_when_settled(pipe, [1, 2, 3]) == [[], [], []]
+    assert pipe.client.cached_requests([1, 2, 3]) == [[], [], []]
     res = pipe.client.generate(PROMPT, SamplingParams(max_new_tokens=8, eos_token_ids=[-1]))
     assert res.token_ids == reference
 

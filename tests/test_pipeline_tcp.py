@@ -49,7 +49,7 @@ def test_greedy_ids_and_final_logits_equal_hf(pipe, hf):
         assert res.token_ids == ref_ids
         assert np.array_equal(res.logits[-1], ref_logits)
         assert res.finish == "length" and res.prefill_s > 0
-    assert [a["caches"] for a in pipe.client.ping()] == [[], [], []]  # finished requests leave no cache
+    assert pipe.client.cached_requests() == [[], [], []]  # finished requests leave no cache
 
 
 def test_concurrent_requests_each_equal_hf(pipe, hf):

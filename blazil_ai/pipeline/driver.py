@@ -271,6 +271,22 @@ class PipelineClient:
                 answers[int(m.meta["stage"])] = m.meta
         return [answers.get(i + 1) for i in range(len(self.pubs))]
 
+    def cached_requests(self, stages: Sequence[int] | None = None, settle: float = 5.0) -> list[list[str]]:
+        """Request ids each stage (1-based) still caches, once pending drops have gone round the ring.
+
+        A finished request's cache is dropped by a message that travels stage by stage, so an answer
+        taken at once may still list it; this asks again for up to ``settle`` seconds until all are empty.
+        A stage that does not answer is reported as ``["<no answer>"]``.
+        """
+        which = list(stages) if stages is not None else list(range(1, len(self.pubs) + 1))
+        deadline = time.monotonic() + settle
+        while True:
+            answers = self.ping(1.0)
+            caches = [list(answers[s - 1]["caches"]) if answers[s - 1] else ["<no answer>"] for s in which]
+            if all(c == [] for c in caches) or time.monotonic() > deadline:
+                return caches
+            time.sleep(0.05)
+
     def _wait_for(self, pred: Callable[[Message], bool], timeout: float) -> Message | None:
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
