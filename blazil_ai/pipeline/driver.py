@@ -282,7 +282,7 @@ class PipelineClient:
         deadline = time.monotonic() + settle
         while True:
             answers = self.ping(1.0)
-            caches = [list(answers[s - 1]["caches"]) if answers[s - 1] else ["<no answer>"] for s in which]
+            caches = [list(a["caches"]) if (a := answers[s - 1]) else ["<no answer>"] for s in which]
             if all(c == [] for c in caches) or time.monotonic() > deadline:
                 return caches
             time.sleep(0.05)
