@@ -14,7 +14,8 @@ Each round runs both on fresh directories, alternating which goes first; medians
 Decision latency is submit -> acknowledgement of each batch (every transfer in a batch waits for all of it);
 at full load it is mostly queueing behind the batches in flight, so a light-load case (batches of 64, one
 in flight, scored and unscored) reports the service's own latency too.
-One JSON line per case, then one with both figures and their ratio.
+One JSON line per case, then one with both figures and their ratio. ``cpu_us_per_transfer`` is the process's CPU
+time (all threads) per transfer: steadier than the rate on a busy machine, and what the two cases add up to.
 
     python benchmarks/fraud.py                # 1,000,000 transfers, 3 rounds
     python benchmarks/fraud.py --quick        # 200,000 transfers, 1 round
@@ -83,14 +84,16 @@ def run_scored(model: Path, req: np.ndarray, root: Path, depth: int, batch: int 
         with FraudService(d, model, review_at=0.5, reject_at=0.9) as svc:
             open_accounts(svc.ledger, req)
             svc.decide(req[:0])  # threads up
+            cpu = time.process_time()
             outcome, _, wall, lat = push_stream(svc.submit, req, batch=batch, in_flight=depth)
+            cpu = time.process_time() - cpu
             stage = {}
             from blazil_ai import metrics
 
             for line in metrics.render().decode().splitlines():
                 if line.startswith("blazil_fraud_stage_latency_seconds_sum"):
                     stage[line.split('stage="')[1].split('"')[0]] = float(line.split()[-1])
-        return {"wall": wall, "lat": lat, "outcome": outcome, "stage_sums": stage}
+        return {"wall": wall, "lat": lat, "outcome": outcome, "stage_sums": stage, "cpu": cpu}
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -112,7 +115,7 @@ def run_unscored(req: np.ndarray, sent: np.ndarray, root: Path, depth: int, batc
         with L.connect(d) as client:
             open_accounts(client, req)
             lat = []
-            t0 = time.perf_counter()
+            t0, cpu = time.perf_counter(), time.process_time()
             pending: list = []
             for s in range(0, len(tr), batch):
                 pending.append((time.perf_counter(), client.create_transfers_async(tr[s:s + batch])))
@@ -123,8 +126,8 @@ def run_unscored(req: np.ndarray, sent: np.ndarray, root: Path, depth: int, batc
             for t, f in pending:
                 assert not f.result().any()
                 lat.append(time.perf_counter() - t)
-            wall = time.perf_counter() - t0
-        return {"wall": wall, "lat": np.array(lat), "n": len(tr)}
+            wall, cpu = time.perf_counter() - t0, time.process_time() - cpu
+        return {"wall": wall, "lat": np.array(lat), "n": len(tr), "cpu": cpu}
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -147,7 +150,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     model = Path(a.model) if a.model else train_model(root / "model")
     req = (simulated if a.requests == "simulated" else make_requests)(a.n, a.accounts, seed=0)
-    scored, unscored, p99, p50, stages = [], [], [], [], []
+    scored, unscored, p99, p50, stages, cpu_s, cpu_u = [], [], [], [], [], [], []
     outcome = None
     for r in range(a.rounds):
         order = ("scored", "unscored") if r % 2 == 0 else ("unscored", "scored")
@@ -159,12 +162,14 @@ def main() -> None:
                 p99.append(float(np.percentile(res["lat"], 99)) * 1e3)
                 p50.append(float(np.percentile(res["lat"], 50)) * 1e3)
                 stages.append(res["stage_sums"])
+                cpu_s.append(res["cpu"] / a.n * 1e6)
             else:
                 if outcome is None:  # the anchor sends what the scored run sent; score once to know it
                     outcome = run_scored(model, req[: min(len(req), 2 * BATCH)], root, a.depth)["outcome"]
                     outcome = np.resize(outcome, len(req))
                 u = run_unscored(req, outcome, root, a.depth)
                 unscored.append(a.n / u["wall"])
+                cpu_u.append(u["cpu"] / a.n * 1e6)
     # Light load: one small batch at a time, so latency is the service's own, not queueing behind others.
     small = req[: 200 * 64]
     light_s = run_scored(model, small, root, 1, batch=64)
@@ -179,9 +184,10 @@ def main() -> None:
     print(json.dumps({"case": "scored", "transfers": a.n, "transfers_per_s": round(sm), "rounds": scored,
                       "p50_decision_latency_ms": round(statistics.median(p50), 2),
                       "p99_decision_latency_ms": round(statistics.median(p99), 2), "decisions": counts,
-                      "batch": BATCH, "in_flight": a.depth, "requests": a.requests}))
+                      "batch": BATCH, "in_flight": a.depth, "requests": a.requests,
+                      "cpu_us_per_transfer": round(statistics.median(cpu_s), 3)}))
     print(json.dumps({"case": "unscored (anchor)", "transfers": a.n, "transfers_per_s": round(um),
-                      "rounds": unscored}))
+                      "rounds": unscored, "cpu_us_per_transfer": round(statistics.median(cpu_u), 3)}))
     print(json.dumps({"case": "light load, batches of 64, one in flight",
                       "scored_p50_ms": round(float(np.percentile(light_s["lat"], 50)) * 1e3, 2),
                       "scored_p99_ms": round(float(np.percentile(light_s["lat"], 99)) * 1e3, 2),

@@ -130,9 +130,15 @@ class VelocityWindow:
         t0 = float(tt.min())
         span = float(tt.max()) - t0 + 2 * DAY
         key = group * span + (tt - t0)
-        c1 = c1 + idx - np.searchsorted(key, key - HOUR, side="left")
-        left24 = np.searchsorted(key, key - DAY, side="left")
-        c24 = c24 + idx - left24
+        # The first transfer of each account in the batch has no earlier one here (groups are 2 days apart
+        # in key space), so only the later ones are searched.
+        later = np.flatnonzero(~new_group)
+        left24 = idx.copy()
+        if len(later):
+            kl = key[later]
+            c1[later] += later - np.searchsorted(key, kl - HOUR, side="left")
+            left24[later] = np.searchsorted(key, kl - DAY, side="left")
+            c24 = c24 + idx - left24
         csum = np.concatenate([[0.0], np.cumsum(am)])
         s24 = s24 + csum[idx] - csum[left24]
         prev_in_batch = idx - first
