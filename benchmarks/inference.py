@@ -6,6 +6,8 @@ Cases (one JSON line each, medians of interleaved rounds):
   same model and settings, at batch 1 and at larger batches; goal: overhead <= 10 us per call at
   batch 1 and <= 5% at batch >= 64.
 - ``threads``: onnxruntime with 1 vs 2 intra-op threads (how the default thread count was chosen).
+- ``batcher_async`` (run with ``batcher``): 64 asyncio tasks through the AsyncBatcher vs the same tasks each
+  calling ``Session.run`` itself; same goal.
 - ``batcher``: 64 concurrent single-item callers through the DynamicBatcher vs the same 64 callers
   each calling ``Session.run`` unbatched; goal: >= 10x throughput.
 - ``engines``: onnxruntime vs tract rows/s on each model.
@@ -18,6 +20,7 @@ Models are built into a temporary directory from the small sample sets (or read 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -34,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from blazil_ai.models.batcher import DynamicBatcher  # noqa: E402
+from blazil_ai.models.batcher import AsyncBatcher, DynamicBatcher  # noqa: E402
 from blazil_ai.models.session import Session, default_threads  # noqa: E402
 
 
@@ -209,6 +212,47 @@ def case_batcher(models: dict[str, Path], rounds: int, per_caller: int, workers:
               "unbatched_items_per_s": round(u, 1), "batched_items_per_s": round(b, 1), "ratio": round(b / u, 2)})
 
 
+async def _async_callers(n_callers: int, per_caller: int, call: Callable[[Any], Any], rows: np.ndarray) -> float:
+    """Items per second when ``n_callers`` coroutines each make ``per_caller`` single-item calls."""
+
+    async def caller(k: int) -> None:
+        for i in range(per_caller):
+            await call(rows[(k * per_caller + i) % len(rows)])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller(k) for k in range(n_callers)))
+    return n_callers * per_caller / (time.perf_counter() - t0)
+
+
+async def _measure_async(sess: Session, name: str, rounds: int, n: int, rows: np.ndarray) -> dict[str, list[float]]:
+    async def unbatched(item: dict[str, np.ndarray]) -> Any:
+        return sess.run({k: v[None] for k, v in item.items()})
+
+    res: dict[str, list[float]] = {"unbatched": [], "batched": []}
+    async with AsyncBatcher(sess.run, max_batch=64, max_delay=0.002, name=f"bench_async_{name}", offload=False) as b:
+        for _ in range(rounds):
+            res["unbatched"].append(await _async_callers(64, n, unbatched, rows))
+            res["batched"].append(await _async_callers(64, n, b.infer, rows))
+    return res
+
+
+def case_batcher_async(models: dict[str, Path], rounds: int, per_caller: int) -> None:
+    """64 asyncio callers: through AsyncBatcher vs each caller running the session itself (no batching)."""
+    rng = np.random.default_rng(2)
+    for name in ("mlp_large", "mlp", "fraud"):
+        sess = Session(models[name])
+        spec = sess.inputs[0]
+        x = inputs_for(name, sess, 256, rng)[spec.name]
+        rows = np.array([{spec.name: r} for r in x], dtype=object)
+        n = per_caller if name in ("fraud", "mlp") else max(2, per_caller // 10)
+
+        res = asyncio.run(_measure_async(sess, name, rounds, n, rows))
+        u, b = statistics.median(res["unbatched"]), statistics.median(res["batched"])
+        emit({"case": "batcher_async", "model": name, "callers": "64 asyncio tasks", "max_batch": 64,
+              "max_delay_ms": 2, "offload": False, "anchor": "each task calls Session.run itself",
+              "unbatched_items_per_s": round(u, 1), "batched_items_per_s": round(b, 1), "ratio": round(b / u, 2)})
+
+
 def case_engines(models: dict[str, Path], rounds: int, secs: float) -> None:
     rng = np.random.default_rng(3)
     for name, b in (("fraud", 1024), ("timeseries", 256), ("audio", 16), ("text", 16), ("mlp", 64),
@@ -254,6 +298,8 @@ def main() -> int:
         if "batcher" in cases:
             for workers in sorted({1, min(2, os.cpu_count() or 1)}):
                 case_batcher(models, rounds, per_caller, workers)
+        if "batcher" in cases:
+            case_batcher_async(models, rounds, per_caller)
         if "engines" in cases:
             case_engines(models, rounds, secs)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -10,7 +11,7 @@ import pytest
 
 from blazil_ai import metrics
 from blazil_ai.errors import ConfigError, DataError
-from blazil_ai.models.batcher import BatcherClosed, DynamicBatcher, session_batcher
+from blazil_ai.models.batcher import AsyncBatcher, BatcherClosed, DynamicBatcher, session_batcher
 from blazil_ai.models.graphs import mlp_model
 from blazil_ai.models.session import Session
 
@@ -120,3 +121,40 @@ def test_bad_settings():
         DynamicBatcher(lambda f: [], max_delay=-1)
     with pytest.raises(ConfigError, match="workers must be >= 1"):
         DynamicBatcher(lambda f: [], workers=0)
+
+
+@pytest.mark.parametrize("offload", [True, False])
+def test_async_callers_get_their_own_rows_in_merged_batches(session, offload):
+    rng = np.random.default_rng(1)
+    xs = rng.normal(size=(100, 8)).astype(np.float32)
+    expected = session.run(xs)[0]
+    sizes: list[int] = []
+
+    def fn(feeds):
+        sizes.append(len(feeds["x"]))
+        return session.run(feeds)
+
+    async def main() -> list[np.ndarray]:
+        async with AsyncBatcher(fn, max_batch=32, max_delay=0.05, name="async_test", offload=offload) as b:
+            outs = await asyncio.gather(*(b.infer({"x": x}) for x in xs))
+        return [o[0] for o in outs]
+
+    results = asyncio.run(main())
+    for i in range(100):
+        np.testing.assert_allclose(results[i], expected[i], atol=1e-6)
+    assert sum(sizes) == 100 and max(sizes) <= 32 and len(sizes) < 100
+
+
+def test_async_bad_item_fails_alone_and_closed_batcher_refuses(session):
+    async def main() -> None:
+        b = AsyncBatcher(session.run, max_batch=8, max_delay=0.01, name="async_bad")
+        good = [b.infer({"x": np.ones(8, np.float32)}) for _ in range(4)]
+        bad = b.infer({"x": np.ones(8, np.float64)})
+        outs = await asyncio.gather(*good, bad, return_exceptions=True)
+        assert all(isinstance(o, list) and o[0].shape == (3,) for o in outs[:4])
+        assert isinstance(outs[4], DataError) and "expected dtype float32" in str(outs[4])
+        await b.aclose()
+        with pytest.raises(BatcherClosed):
+            await b.infer({"x": np.ones(8, np.float32)})
+
+    asyncio.run(main())

@@ -11,10 +11,12 @@ are re-run one by one so a single bad item fails alone.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -26,6 +28,77 @@ Item = Mapping[str, np.ndarray]
 BatchFn = Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
 
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+Result = tuple[list[np.ndarray] | None, BaseException | None]
+OnBatch = Callable[[int, float], None]
+
+
+def run_batch(fn: BatchFn, items: Sequence[Item], on_batch: OnBatch | None = None) -> list[Result]:
+    """Run ``items`` through ``fn`` as merged batches (one per input shape); ``(outputs, None)`` or ``(None, error)``.
+
+    Items whose arrays differ in shape (e.g. texts of other lengths) cannot stack, so each shape runs as its own
+    batch. When a merged batch fails, its items are re-run one by one so a single bad item fails alone.
+    ``on_batch(size, seconds)`` is called after each successful run.
+    """
+    results: list[Result] = [(None, None)] * len(items)
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        try:
+            # Shape only: a wrong dtype or name makes the merged run fail, and the one-by-one fallback
+            # then gives that item its own error.
+            key = tuple([v.shape for v in item.values()])
+        except AttributeError as e:
+            results[i] = (None, BlazilError(f"an item must map input names to numpy arrays ({e})"))
+            continue
+        groups.setdefault(key, []).append(i)
+    for idxs in groups.values():
+        _run_group(fn, items, idxs, results, on_batch)
+    return results
+
+
+def _run_group(fn: BatchFn, items: Sequence[Item], idxs: list[int], results: list[Result],
+               on_batch: OnBatch | None) -> None:
+    t0 = time.perf_counter()
+    try:
+        feeds = {k: np.stack([items[i][k] for i in idxs]) for k in items[idxs[0]]}
+        outs = fn(feeds)
+    except Exception as e:
+        if len(idxs) == 1:
+            results[idxs[0]] = (None, e)
+        else:
+            for i in idxs:
+                _run_group(fn, items, [i], results, on_batch)
+        return
+    if on_batch is not None:
+        on_batch(len(idxs), time.perf_counter() - t0)
+    for j, i in enumerate(idxs):
+        results[i] = ([o[j] for o in outs], None)
+
+
+class _BatchMetrics:
+    """The batcher metrics of one model name (shared by the thread and asyncio batchers)."""
+
+    def __init__(self, name: str) -> None:
+        self.queue = metrics.gauge("models", "batcher_queue", "items",
+                                   "Items left waiting in a dynamic batcher when it last took a batch",
+                                   ["model"]).labels(name)
+        self.batch = metrics.histogram("models", "batch_size", "items", "Items per batch run by a dynamic batcher",
+                                       ["model"], buckets=_BATCH_BUCKETS).labels(name)
+        self.wait = metrics.histogram("models", "batch_wait", "seconds",
+                                      "Time the oldest item of a batch waited before the batch ran",
+                                      ["model"]).labels(name)
+        self.run = metrics.histogram("models", "batch_run", "seconds", "Time to run one merged batch",
+                                     ["model"]).labels(name)
+        self.items = metrics.counter("models", "batcher_items", "total", "Items run by a dynamic batcher",
+                                     ["model"]).labels(name)
+        self.errors = metrics.counter("models", "batcher_errors", "total",
+                                      "Items that ended with an error in a dynamic batcher", ["model"]).labels(name)
+
+    def on_batch(self, size: int, seconds: float) -> None:
+        self.run.observe(seconds)
+        self.batch.observe(size)
+        self.items.inc(size)
 
 
 class BatcherClosed(BlazilError):
@@ -99,20 +172,7 @@ class DynamicBatcher:
         self._pending: deque[tuple[Item, Pending, float]] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._m_queue = metrics.gauge("models", "batcher_queue", "items",
-                                      "Items left waiting in a dynamic batcher when it last took a batch",
-                                      ["model"]).labels(name)
-        self._m_batch = metrics.histogram("models", "batch_size", "items", "Items per batch run by a dynamic batcher",
-                                          ["model"], buckets=_BATCH_BUCKETS).labels(name)
-        self._m_wait = metrics.histogram("models", "batch_wait", "seconds",
-                                         "Time the oldest item of a batch waited before the batch ran",
-                                         ["model"]).labels(name)
-        self._m_run = metrics.histogram("models", "batch_run", "seconds", "Time to run one merged batch",
-                                        ["model"]).labels(name)
-        self._m_items = metrics.counter("models", "batcher_items", "total", "Items run by a dynamic batcher",
-                                        ["model"]).labels(name)
-        self._m_errors = metrics.counter("models", "batcher_errors", "total",
-                                         "Items that ended with an error in a dynamic batcher", ["model"]).labels(name)
+        self._m = _BatchMetrics(name)
         # More than one worker keeps several batches in flight: with onnxruntime at one intra-op thread,
         # that is how a batcher uses more than one core (a tract session runs one batch at a time anyway).
         self._workers = [threading.Thread(target=self._loop, name=f"blazil-batcher-{name}-{i}", daemon=True)
@@ -154,7 +214,7 @@ class DynamicBatcher:
                     continue
                 n = min(self.max_batch, len(self._pending))
                 batch = [self._pending.popleft() for _ in range(n)]
-                self._m_queue.set(len(self._pending))
+                self._m.queue.set(len(self._pending))
                 if self._pending:
                     self._cond.notify()  # more work: wake another worker
                 return batch
@@ -166,43 +226,16 @@ class DynamicBatcher:
                 return
             # One observation per batch (its oldest item): per-item observations would cost more than a
             # small model's run.
-            self._m_wait.observe(time.perf_counter() - batch[0][2])
-            live = [(item, fut) for item, fut, _ in batch]
-            # Items whose arrays differ in shape (e.g. texts of other lengths) cannot stack: run per shape.
-            groups: dict[tuple, list[tuple[Item, Pending]]] = {}
-            for item, fut in live:
-                try:
-                    # Shape only: a wrong dtype or name makes the merged run fail, and the fallback in
-                    # _run_group then gives that item its own error.
-                    key = tuple([v.shape for v in item.values()])
-                except AttributeError as e:
-                    self._fail(fut, BlazilError(f"an item must map input names to numpy arrays ({e})"))
-                    continue
-                groups.setdefault(key, []).append((item, fut))
-            for group in groups.values():
-                self._run_group(group)
-
-    def _run_group(self, group: list[tuple[Item, Pending]]) -> None:
-        t0 = time.perf_counter()
-        try:
-            feeds = {k: np.stack([item[k] for item, _ in group]) for k in group[0][0]}
-            outs = self.fn(feeds)
-        except Exception as e:
-            if len(group) == 1:
-                self._fail(group[0][1], e)
-            else:
-                # One bad item must not fail its neighbours: find it by running each alone.
-                for one in group:
-                    self._run_group([one])
-            return
-        self._m_run.observe(time.perf_counter() - t0)
-        self._m_batch.observe(len(group))
-        self._m_items.inc(len(group))
-        for i, (_, fut) in enumerate(group):
-            fut._set([o[i] for o in outs])
+            self._m.wait.observe(time.perf_counter() - batch[0][2])
+            results = run_batch(self.fn, [item for item, _, _ in batch], self._m.on_batch)
+            for (_, fut, _), (value, error) in zip(batch, results):
+                if error is not None:
+                    self._fail(fut, error)
+                else:
+                    fut._set(value)
 
     def _fail(self, fut: Pending, e: BaseException) -> None:
-        self._m_errors.inc()
+        self._m.errors.inc()
         fut._set(None, e)
 
     def close(self, timeout: float | None = 10.0) -> None:
@@ -224,3 +257,91 @@ def session_batcher(session: Any, **kw: Any) -> DynamicBatcher:
     """A :class:`DynamicBatcher` over a :class:`~blazil_ai.models.session.Session`, named after its file."""
     kw.setdefault("name", session.path.stem)
     return DynamicBatcher(session.run, **kw)
+
+
+class AsyncBatcher:
+    """The dynamic batcher for asyncio callers: coroutines submit single items, one batch runs for many.
+
+    Items are collected on the event loop (no thread per caller, no lock per item); a batch runs in a
+    worker thread (``offload=True``, the default, keeps the loop serving while the model runs) or on the
+    loop itself (``offload=False``, for models of a few microseconds).
+
+    >>> batcher = AsyncBatcher(sess.run, max_batch=64, max_delay=0.002)      # doctest: +SKIP
+    >>> (prob,) = await batcher.infer({"features": row})                      # doctest: +SKIP
+    """
+
+    def __init__(self, fn: BatchFn, *, max_batch: int = 64, max_delay: float = 0.002, name: str = "model",
+                 offload: bool = True) -> None:
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        if max_delay < 0:
+            raise ConfigError(f"max_delay must be >= 0 seconds, got {max_delay}")
+        self.fn = fn
+        self.max_batch = max_batch
+        self.max_delay = max_delay
+        self.name = name
+        self._m = _BatchMetrics(name)
+        self._items: list[Item] = []
+        self._futures: list[asyncio.Future[list[np.ndarray]]] = []
+        self._first_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"blazil-abatcher-{name}") if offload else None
+        self._closed = False
+
+    async def infer(self, item: Item) -> list[np.ndarray]:
+        """The outputs of one item (input name -> array without the batch axis), batched with its neighbours."""
+        if self._closed:
+            raise BatcherClosed(f"batcher {self.name!r} is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[list[np.ndarray]] = loop.create_future()
+        if not self._items:
+            self._first_at = time.perf_counter()
+        self._items.append(item)
+        self._futures.append(fut)
+        if len(self._items) >= self.max_batch:
+            self._flush(loop)
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_delay, self._flush, loop)
+        return await fut
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items, futures = self._items, self._futures
+        if not items:
+            return
+        self._items, self._futures = [], []
+        self._m.wait.observe(time.perf_counter() - self._first_at)
+        if self._executor is None:
+            self._deliver(futures, run_batch(self.fn, items, self._m.on_batch))
+            return
+        done = loop.run_in_executor(self._executor, run_batch, self.fn, items, self._m.on_batch)
+        done.add_done_callback(lambda f: self._finished(futures, f))
+
+    def _finished(self, futures: list[asyncio.Future[list[np.ndarray]]], done: asyncio.Future[list[Result]]) -> None:
+        error = done.exception()
+        self._deliver(futures, [(None, error)] * len(futures) if error is not None else done.result())
+
+    def _deliver(self, futures: list[asyncio.Future[list[np.ndarray]]], results: list[Result]) -> None:
+        for fut, (value, error) in zip(futures, results):
+            if fut.done():  # the caller was cancelled
+                continue
+            if error is not None:
+                self._m.errors.inc()
+                fut.set_exception(error)
+            else:
+                fut.set_result(value)  # type: ignore[arg-type]
+
+    async def aclose(self) -> None:
+        """Run what is queued, then stop; later calls raise :class:`BatcherClosed`."""
+        self._closed = True
+        self._flush(asyncio.get_running_loop())
+        if self._executor is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+
+    async def __aenter__(self) -> AsyncBatcher:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
