@@ -117,6 +117,12 @@ def test_nan_policies(tmp_path):
     assert len(skipped) == 2 and skipped.summary()["skipped"]["count"] == 2
 
 
+def test_column_without_finite_values_names_file_and_field(tmp_path):
+    p = _bad_csv(tmp_path, "1e400,pos,0\nnan,online,1\n")
+    with pytest.raises(DataError, match=r"bad\.csv: fitting the normalisation .* field 'amount': no finite values"):
+        open_dataset("features", p, val_fraction=0)
+
+
 def test_bad_transform_file(tmp_path):
     p = tmp_path / "t.json"
     p.write_text("{not json")

@@ -259,8 +259,14 @@ class FeaturesDataset(Dataset):
                 # Fit on training rows only; "skip" was applied above, so fit sees what training sees.
                 fit_policy = "impute" if nan_policy == "impute" else "error"
                 train_cols = {k: cols[k][:n_train] for k in num + cat + [label]}
-                self.transform = FeatureTransform.fit(train_cols, numeric=num, categorical=cat, method=method,
-                                                      nan_policy=fit_policy, label=label)
+                try:
+                    self.transform = FeatureTransform.fit(train_cols, numeric=num, categorical=cat, method=method,
+                                                          nan_policy=fit_policy, label=label)
+                except DataError as e:
+                    if e.path is not None:
+                        raise
+                    raise DataError(f"fitting the normalisation on the training rows: {e}",
+                                    path=str(self.path)) from e
                 self.transform.save(self.transform_path)
         # This data set's policy applies to its own rows; a copy leaves the caller's (or saved) transform as it was.
         self.transform = replace(self.transform, nan_policy="impute" if nan_policy == "impute" else "error")
