@@ -190,7 +190,7 @@ def run_fraud(models: Path, n: int, summary: Summary) -> dict[str, Any]:
 def run_pipeline(model: str | None, tokens: int, summary: Summary) -> dict[str, Any]:
     """Generate text through the three-stage pipeline."""
     from blazil_ai.models.store import blazil_home
-    from blazil_ai.pipeline.driver import LocalPipeline
+    from blazil_ai.pipeline.driver import LocalPipeline, resolve_transport
     from blazil_ai.pipeline.sampling import SamplingParams
 
     if model is None:
@@ -206,7 +206,9 @@ def run_pipeline(model: str | None, tokens: int, summary: Summary) -> dict[str, 
     _say(f"pipeline: starting 3 stage processes for the {label}")
     t0 = time.perf_counter()
     prompt = "A payment ledger records"
-    with LocalPipeline(ckpt, transport="tcp", threads=1) as pipe:
+    transport, why = resolve_transport("auto")
+    _say(f"pipeline: stages talk over {transport} ({why})")
+    with LocalPipeline(ckpt, transport=transport, threads=1) as pipe:
         client = pipe.client if pipe.client is not None else pipe.start()
         ranges = ", ".join(f"{s['stage']}={s['start']}:{s['stop']}" for s in client.stages_info)
         ids = client.encode(prompt)
@@ -216,7 +218,7 @@ def run_pipeline(model: str | None, tokens: int, summary: Summary) -> dict[str, 
     _say(f"pipeline: stages {ranges}; prompt {prompt!r} -> {text!r}")
     out = {"checkpoint": str(ckpt), "random_weights": model is None, "stages": ranges, "prompt": prompt,
            "text": text, "tokens": len(res.token_ids), "decode_tokens_per_s": round(res.decode_tokens_per_s, 1)}
-    summary.add("pipeline", "3 stages over tcp, " + ("random tiny checkpoint" if model is None else str(ckpt)),
+    summary.add("pipeline", f"3 stages over {transport}, " + ("random tiny checkpoint" if model is None else str(ckpt)),
                 f"{len(res.token_ids)} tokens, {res.decode_tokens_per_s:.1f} tok/s", total)
     return out
 

@@ -44,8 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--repetition-penalty", type=float, default=None, help="Hugging Face repetition penalty (1 = off)")
     g.add_argument("--seed", type=int, default=None, help="seed that makes sampling reproducible")
     g.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
-    g.add_argument("--transport", choices=("tcp", "aeron"), default="tcp",
-                   help="channels between stages: tcp (default) or aeron (IPC through a media driver it starts)")
+    g.add_argument("--transport", choices=("auto", "tcp", "aeron"), default="auto",
+                   help="channels between stages: aeron (IPC through a media driver it starts), tcp, or auto "
+                        "(default: aeron when its build is there, else tcp)")
     g.add_argument("--split", default=None, help="first layer of stages 2 and 3, e.g. 10,20 (default: thirds)")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     g.add_argument("--device", default="cpu", help="torch device for the stages (cpu, cuda)")
@@ -135,7 +136,7 @@ class _Streamer:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Handler of ``blazil generate``."""
     from blazil_ai.errors import ConfigError
-    from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient
+    from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient, resolve_transport
     from blazil_ai.pipeline.weights import parse_split
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -149,7 +150,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 reply_to=args.reply_to)
         client.connect(args.timeout)
     else:
-        print(f"blazil generate: starting 3 stages ({args.transport}, {args.device}) for {args.model} ...",
+        args.transport, why = resolve_transport(args.transport)
+        print(f"blazil generate: starting 3 stages ({args.transport}: {why}; {args.device}) for {args.model} ...",
               file=sys.stderr, flush=True)
         pipe = LocalPipeline(args.model, transport=args.transport, split=parse_split(args.split), dtype=args.dtype,
                              device=args.device, threads=args.threads, timeout=args.timeout,

@@ -33,6 +33,16 @@ from blazil_ai.transport.framing import Message
 from blazil_ai.transport.idle import BackoffIdleStrategy
 
 
+def resolve_transport(name: str) -> tuple[str, str]:
+    """``auto`` -> ``aeron`` when the Aeron build is there, else ``tcp``; returns (transport, why)."""
+    if name != "auto":
+        return name, "as asked"
+    from blazil_ai.transport import aeron
+
+    ok, why = aeron.available()
+    return ("aeron", "Aeron build found") if ok else ("tcp", f"Aeron unavailable: {why}")
+
+
 class PipelineError(BlazilError):
     """A request or the pipeline itself failed; the message names the stage and the request."""
 
