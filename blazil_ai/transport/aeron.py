@@ -378,6 +378,8 @@ _channels: weakref.WeakSet[_AeronChannel] = weakref.WeakSet()
 class _AeronChannel:
     uri: str
     stream_id: int
+    _ptr: Any
+    _client: Any
 
     def _open_client(self, options: dict[str, Any]) -> _Client:
         aeron_dir = options.pop("aeron_dir", None)
@@ -399,6 +401,29 @@ class _AeronChannel:
         client = _Client.acquire(str(aeron_dir or default_dir()), driver_timeout)
         _channels.add(self)
         return client
+
+    def _close_native(self, ptr: Any) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Close the native channel and drop the shared client (once; never for a copy inherited by fork)."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            ptr, self._ptr = self._ptr, None
+            client, self._client = self._client, None
+        if getattr(self, "_pid", None) != os.getpid():
+            return  # inherited through fork: the native objects belong to the parent's client
+        if ptr is not None:
+            self._close_native(ptr)
+        if client is not None:
+            client.release()
+        _channels.discard(self)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._release()
 
     def _doorbell_path(self, client: _Client) -> bytes | None:
         # IPC only: the publications and subscriptions of one stream on one host share a futex "doorbell"
@@ -524,25 +549,12 @@ class AeronPublication(_AeronChannel, Publication):
         with self._lock:
             return self._ptr is not None and bool(self._lib.blz_pub_is_connected(self._ptr))
 
+    def _close_native(self, ptr: Any) -> None:
+        self._lib.blz_pub_close(ptr)
+
     def close(self) -> None:
         """Release the publication; further offers return ``CLOSED``."""
-        lock = getattr(self, "_lock", None)
-        if lock is None:
-            return
-        with lock:
-            ptr, self._ptr = self._ptr, None
-            client, self._client = self._client, None
-        if getattr(self, "_pid", None) != os.getpid():
-            return  # inherited through fork: the native objects belong to the parent's client
-        if ptr is not None:
-            self._lib.blz_pub_close(ptr)
-        if client is not None:
-            client.release()
-        _channels.discard(self)
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+        self._release()
 
 
 class AeronSubscription(_AeronChannel, Subscription):
@@ -674,25 +686,12 @@ class AeronSubscription(_AeronChannel, Subscription):
             native = int(self._lib.blz_sub_dropped(self._ptr)) if self._ptr is not None else 0
         return native + self.decode_errors
 
+    def _close_native(self, ptr: Any) -> None:
+        self._lib.blz_sub_close(ptr)
+
     def close(self) -> None:
         """Stop receiving and release the channel."""
-        lock = getattr(self, "_lock", None)
-        if lock is None:
-            return
-        with lock:
-            ptr, self._ptr = self._ptr, None
-            client, self._client = self._client, None
-        if getattr(self, "_pid", None) != os.getpid():
-            return  # inherited through fork: the native objects belong to the parent's client
-        if ptr is not None:
-            self._lib.blz_sub_close(ptr)
-        if client is not None:
-            client.release()
-        _channels.discard(self)
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
+        self._release()
 
 
 def _forget_after_fork() -> None:
