@@ -111,14 +111,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Handler of ``blazil serve``."""
-    import signal
-
     from blazil_ai.fraud.server import FraudServer
 
     server = FraudServer(args.data, args.model, args.listen, metrics_port=args.metrics_port,
                          ledger=args.ledger, review_at=args.review_at, reject_at=args.reject_at,
                          review_timeout_s=args.review_timeout, backend=args.backend)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
     info = {"listen": server.uri, "metrics": server.metrics.url if server.metrics else None,
             "policy": server.service.stats()["policy"], "recovered": server.service.recovered}
     if args.json:
@@ -126,12 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         print(f"blazil serve: fraud-scored transfers on {server.uri}; metrics at {info['metrics']}; "
               f"model {info['policy']['model_version']}; recovered {info['recovered']}", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
+    server.run()
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 from typing import Any
 
@@ -57,17 +56,11 @@ def _serve(args: argparse.Namespace) -> int:
     server = LedgerServer(args.data, args.listen, shards=args.shards,
                           metrics_port=None if args.metrics_port < 0 else args.metrics_port,
                           checkpoint_bytes=args.checkpoint_mb << 20)
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
     ready = {"listen": server.uri, "data": str(args.data),
              "metrics": server.metrics.url if server.metrics is not None else None}
     print(json.dumps(ready) if args.json else f"ledger serving {args.data} on {server.uri}"
           + (f", metrics at {ready['metrics']}" if ready["metrics"] else ""), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
+    server.run()
     return 0
 
 

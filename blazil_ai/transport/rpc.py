@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import signal
 import threading
 import time
 import urllib.parse
@@ -135,6 +136,16 @@ class RpcServer:
     def stop(self) -> None:
         """Ask serve_forever to return."""
         self._stop.set()
+
+    def run(self) -> None:
+        """Serve in the foreground until SIGTERM, Ctrl-C or ``stop()``, then close (what the CLI commands do)."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        try:
+            self.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Send what is answered, then release the socket, the reply publications and /metrics."""
