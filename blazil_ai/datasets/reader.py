@@ -39,6 +39,24 @@ _COLD_BLOCK = 1 << 20
 _COLD_DEPTH = 1
 
 
+def _open_target(path: str | Path, out: np.ndarray | None) -> tuple[str, int, int, np.ndarray, memoryview]:
+    """Open ``path`` for a whole-file read into ``out`` (allocated when None); the caller closes the descriptor."""
+    name = os.fspath(path)
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise DataError(f"cannot open: {e.strerror}", path=name) from None
+    try:
+        size = os.fstat(fd).st_size
+        out = np.empty(size, dtype=np.uint8) if out is None else out
+        if out.nbytes < size:
+            raise ValueError(f"out has {out.nbytes} bytes, file has {size}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return name, fd, size, out, out.reshape(-1).view(np.uint8).data
+
+
 def _is_cached(fd: int, mv: memoryview, size: int) -> bool:
     """Whether the file's first block is in the page cache (RWF_NOWAIT read); the probe's bytes are kept."""
     n = min(size, _BLOCK)
@@ -156,17 +174,8 @@ class ThreadReader(Reader):
 
     def read_file(self, path: str | Path, out: np.ndarray | None = None) -> np.ndarray:
         """One file: 8 MiB blocks on the pool when cached; otherwise in order so the kernel's read-ahead works."""
-        name = os.fspath(path)
+        name, fd, size, out, mv = _open_target(path, out)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise DataError(f"cannot open: {e.strerror}", path=name) from None
-        try:
-            size = os.fstat(fd).st_size
-            out = np.empty(size, dtype=np.uint8) if out is None else out
-            if out.nbytes < size:
-                raise ValueError(f"out has {out.nbytes} bytes, file has {size}")
-            mv = out.reshape(-1).view(np.uint8).data
             if not _is_cached(fd, mv, size):
                 self._read_one(name, mv[:size], 0, fd)  # in order: the kernel's read-ahead does the rest
                 return out
@@ -325,17 +334,8 @@ class UringReader(Reader):
     def read_file(self, path: str | Path, out: np.ndarray | None = None) -> np.ndarray:
         """One file: 8 MiB blocks, 4 in flight, when cached; otherwise in order so the kernel's read-ahead works."""
         L, ring = self._L, self._ring
-        name = os.fspath(path)
+        name, fd, size, out, mv = _open_target(path, out)
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise DataError(f"cannot open: {e.strerror}", path=name) from None
-        try:
-            size = os.fstat(fd).st_size
-            out = np.empty(size, dtype=np.uint8) if out is None else out
-            if out.nbytes < size:
-                raise ValueError(f"out has {out.nbytes} bytes, file has {size}")
-            mv = out.reshape(-1).view(np.uint8).data
             hot = _is_cached(fd, mv, size)
             block, depth = (_BLOCK, min(self.depth, _FILE_DEPTH)) if hot else (_COLD_BLOCK, _COLD_DEPTH)
             blocks = list(range(0, size, block))
