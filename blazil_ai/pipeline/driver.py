@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -330,9 +331,34 @@ def _nonce_is(nonce: int) -> Callable[[Message], bool]:
     return lambda m: m.meta.get("nonce") == nonce
 
 
+_port_picker = random.Random()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that was free a moment ago, chosen below the kernel's ephemeral range.
+
+    A port from ``bind(0)`` lies in the ephemeral range, where any outgoing connection on the host may take it
+    as its local port before the stage process binds it; below that range only another listener can.
+    """
+    high = _ephemeral_low() - 1
+    low = max(1024, high - 16384)
+    for _ in range(64):
+        port = _port_picker.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a crowded host: fall back to any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
