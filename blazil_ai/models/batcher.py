@@ -76,6 +76,13 @@ def _run_group(fn: BatchFn, items: Sequence[Item], idxs: list[int], results: lis
         results[i] = ([o[j] for o in outs], None)
 
 
+def _check_settings(max_batch: int, max_delay: float) -> None:
+    if max_batch < 1:
+        raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+    if max_delay < 0:
+        raise ConfigError(f"max_delay must be >= 0 seconds, got {max_delay}")
+
+
 class _BatchMetrics:
     """The batcher metrics of one model name (shared by the thread and asyncio batchers)."""
 
@@ -158,10 +165,7 @@ class DynamicBatcher:
 
     def __init__(self, fn: BatchFn, *, max_batch: int = 64, max_delay: float = 0.002, name: str = "model",
                  max_queue: int = 65536, workers: int = 1) -> None:
-        if max_batch < 1:
-            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-        if max_delay < 0:
-            raise ConfigError(f"max_delay must be >= 0 seconds, got {max_delay}")
+        _check_settings(max_batch, max_delay)
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers}")
         self.fn = fn
@@ -272,10 +276,7 @@ class AsyncBatcher:
 
     def __init__(self, fn: BatchFn, *, max_batch: int = 64, max_delay: float = 0.002, name: str = "model",
                  offload: bool = True) -> None:
-        if max_batch < 1:
-            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-        if max_delay < 0:
-            raise ConfigError(f"max_delay must be >= 0 seconds, got {max_delay}")
+        _check_settings(max_batch, max_delay)
         self.fn = fn
         self.max_batch = max_batch
         self.max_delay = max_delay
