@@ -402,6 +402,17 @@ class _AeronChannel:
         _channels.add(self)
         return client
 
+    def _adopt(self, client: _Client, ptr: Any, err: Any, set_doorbell: Any, without_bell: str) -> None:
+        """Take the native channel just opened (or raise its error), and set up its IPC doorbell."""
+        if ptr == client.ffi.NULL:
+            client.release()
+            raise self._error(client, err)
+        self._client, self._ptr = client, ptr
+        self._ffi, self._lib = client.ffi, client.lib
+        bell = self._doorbell_path(client)
+        if bell is not None and set_doorbell(ptr, bell) != 0:
+            log.warning("%s stream %d: no doorbell at %s; %s", self.uri, self.stream_id, bell, without_bell)
+
     def _close_native(self, ptr: Any) -> None:
         raise NotImplementedError
 
@@ -454,14 +465,7 @@ class AeronPublication(_AeronChannel, Publication):
         err = client.ffi.new("char[]", 1024)
         ptr = client.lib.blz_pub_open(client.ptr, uri.encode(), self.stream_id, int(self.open_timeout * 1000),
                                       err, 1024)
-        if ptr == client.ffi.NULL:
-            client.release()
-            raise self._error(client, err)
-        self._client, self._ptr = client, ptr
-        self._ffi, self._lib = client.ffi, client.lib
-        bell = self._doorbell_path(client)
-        if bell is not None and self._lib.blz_pub_set_doorbell(ptr, bell) != 0:
-            log.warning("%s stream %d: no doorbell at %s; subscribers will poll", uri, self.stream_id, bell)
+        self._adopt(client, ptr, err, client.lib.blz_pub_set_doorbell, "subscribers will poll")
         self.max_message_length = int(self._lib.blz_pub_max_message(ptr))
         self.session_id = int(self._lib.blz_pub_session_id(ptr))
 
@@ -573,14 +577,7 @@ class AeronSubscription(_AeronChannel, Subscription):
         err = client.ffi.new("char[]", 1024)
         ptr = client.lib.blz_sub_open(client.ptr, uri.encode(), self.stream_id, self.max_message_size,
                                       int(self.open_timeout * 1000), err, 1024)
-        if ptr == client.ffi.NULL:
-            client.release()
-            raise self._error(client, err)
-        self._client, self._ptr = client, ptr
-        self._ffi, self._lib = client.ffi, client.lib
-        bell = self._doorbell_path(client)
-        if bell is not None and self._lib.blz_sub_set_doorbell(ptr, bell) != 0:
-            log.warning("%s stream %d: no doorbell at %s; waiting by polling", uri, self.stream_id, bell)
+        self._adopt(client, ptr, err, client.lib.blz_sub_set_doorbell, "waiting by polling")
 
     def _check(self, r: int) -> None:
         if r >= 0:
