@@ -469,20 +469,7 @@ class TcpPublication(Publication):
         if self._closed:
             return OfferStatus.CLOSED
         parts = framing.encode(meta, arrays, self.max_message_size)
-        size = framing.frame_size(parts)
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                status = self._try_offer(parts, size)
-            if status == OfferStatus.OK:
-                self._sent_unreported += 1
-                if self._sent_unreported >= 1024:
-                    self._report()
-                return status
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return status
-            self._wait(status, remaining)
+        return self._offer_parts(parts, framing.frame_size(parts), 1, timeout)
 
     def offer_batch(self, messages: Sequence[Message | bytes | bytearray], *, timeout: float = 0.0) -> int:
         """Offer many messages with one system call per ~1000 buffers; return how many were accepted.
@@ -501,19 +488,23 @@ class TcpPublication(Publication):
                 parts.extend(framing.encode(m.meta, m.arrays, self.max_message_size))
         if not parts:
             return 0
-        size = sum(map(len, parts))
+        status = self._offer_parts(parts, sum(map(len, parts)), len(messages), timeout)
+        return len(messages) if status == OfferStatus.OK else 0
+
+    def _offer_parts(self, parts: list[bytes | memoryview], size: int, count: int, timeout: float) -> OfferStatus:
+        """Queue encoded frames (``count`` messages, ``size`` bytes) whole, waiting up to ``timeout`` s."""
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
                 status = self._try_offer(parts, size)
             if status == OfferStatus.OK:
-                self._sent_unreported += len(messages)
+                self._sent_unreported += count
                 if self._sent_unreported >= 1024:
                     self._report()
-                return len(messages)
+                return status
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return 0
+                return status
             self._wait(status, remaining)
 
     def flush(self, timeout: float = 10.0) -> bool:
