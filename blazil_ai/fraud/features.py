@@ -53,9 +53,10 @@ class VelocityWindow:
         cap = len(self.head)
         if need <= cap:
             return
-        old = (self.times, self.amounts, self.head, self.count, self.total, self.last)
+        old: list[np.ndarray] = [self.times, self.amounts, self.head, self.count, self.total, self.last]
         self._alloc(max(need, 2 * cap))
-        for new, o in zip((self.times, self.amounts, self.head, self.count, self.total, self.last), old):
+        grown: list[np.ndarray] = [self.times, self.amounts, self.head, self.count, self.total, self.last]
+        for new, o in zip(grown, old):
             new[:cap] = o
 
     def account_rows(self, accounts: np.ndarray) -> np.ndarray:
