@@ -23,6 +23,18 @@ else
     echo "setup: Python packages up to date"
 fi
 
+# The wire format's native fast path (a small C extension next to framing.py); without it the pure-Python
+# reference does the same work, slower.
+wire_want=$(cat blazil_ai/transport/_wire.c blazil_ai/transport/build_wire.py | sha256sum | cut -d' ' -f1)
+wire_stamp=.venv/.blazil-wire-stamp
+if [ "$(cat "$wire_stamp" 2>/dev/null || true)" = "$wire_want" ] && ls blazil_ai/transport/_wire*.so >/dev/null 2>&1; then
+    echo "setup: native wire module up to date"
+elif .venv/bin/python blazil_ai/transport/build_wire.py; then
+    echo "$wire_want" > "$wire_stamp"
+else
+    echo "setup: WARNING: the native wire module did not build (see above); the pure-Python wire format is used" >&2
+fi
+
 if [ -x scripts/build_aeron.sh ]; then
     if ! scripts/build_aeron.sh; then
         echo "setup: WARNING: the Aeron build failed (see above); everything else works over tcp:// URIs" >&2

@@ -16,9 +16,10 @@ receiver views with its own dtype.
 from __future__ import annotations
 
 import math
+import os
 import struct
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBHIQ")
 HEADER_SIZE = HEADER.size
 DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
+JOIN_BELOW = 64 * 1024  # frames up to this size are encoded into one buffer (one copy beats an iovec list)
 _ALLOWED_KINDS = frozenset("biufcV")
 _PLAIN_KINDS = frozenset("biufc")
 
@@ -74,11 +76,12 @@ def _packer() -> msgpack.Packer:
     return packer
 
 
-def encode(meta: Mapping[str, Any] | None, arrays: Sequence[np.ndarray] = (),
-           max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> list[bytes | memoryview]:
-    """Encode a message into buffers (header, metadata, one per array) ready for ``sendmsg``.
+def _py_encode(meta: Mapping[str, Any] | None, arrays: Sequence[np.ndarray] = (),
+               max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> list[bytes | memoryview]:
+    """Encode a message into buffers ready for ``sendmsg`` (the reference for the native ``encode``).
 
-    Array buffers are views of the caller's memory, not copies, when the arrays are C-contiguous.
+    A frame of up to ``JOIN_BELOW`` bytes comes back as one ``bytes`` object; a larger one as the header
+    and metadata followed by each array's buffer, a view of the caller's memory, not a copy.
     """
     if arrays:
         wire = [_wire_array(a) for a in arrays]
@@ -101,7 +104,9 @@ def encode(meta: Mapping[str, Any] | None, arrays: Sequence[np.ndarray] = (),
     if HEADER_SIZE + body_len > max_size:
         raise FrameError(f"message of {HEADER_SIZE + body_len} bytes exceeds the maximum of {max_size}")
     parts[0] = HEADER.pack(MAGIC, VERSION, 0, len(wire), len(meta_bytes), body_len)
-    return parts
+    if HEADER_SIZE + body_len <= JOIN_BELOW:
+        return [b"".join(parts)]
+    return [parts[0] + meta_bytes, *parts[2:]]
 
 
 _BODY_LEN = struct.Struct("<Q")
@@ -135,8 +140,11 @@ def decode_header(buf: bytes | bytearray | memoryview,
     return n_arrays, meta_len, body_len
 
 
-def decode_body(n_arrays: int, meta_len: int, body: bytes | bytearray | memoryview) -> Message:
-    """Decode a frame body whose header has been checked; arrays are views into ``body``."""
+def _py_decode_body(n_arrays: int, meta_len: int, body: bytes | bytearray | memoryview) -> Message:
+    """Decode a frame body whose header has been checked; arrays are views into ``body``.
+
+    The reference for the native ``decode_body``, which hands every case it does not take to this one.
+    """
     view = memoryview(body)
     try:
         meta, descr = msgpack.unpackb(view[:meta_len], raw=False, strict_map_key=False)
@@ -190,6 +198,30 @@ def _wire_dtype(dtype_str: str) -> np.dtype:
     if len(_DTYPES) < 256:
         _DTYPES[dtype_str] = dtype
     return dtype
+
+
+def _native() -> Any:
+    """The compiled fast path (``_wire``, built by scripts/setup.sh), or None to use this module's code.
+
+    ``BLAZIL_PURE_PYTHON_WIRE=1`` turns it off (the tests run both).
+    """
+    if os.environ.get("BLAZIL_PURE_PYTHON_WIRE", "") not in ("", "0"):
+        return None
+    try:
+        from blazil_ai.transport import _wire  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    _wire.init(Message, _DTYPES, _py_encode, _py_decode_body, VERSION, JOIN_BELOW)
+    return _wire
+
+
+native = _native()
+encode: Callable[[Mapping[str, Any] | None, Sequence[np.ndarray], int], list[bytes | memoryview]]
+decode_body: Callable[[int, int, bytes | bytearray | memoryview], Message]
+if native is not None:
+    encode, decode_body = native.encode, native.decode_body
+else:
+    encode, decode_body = _py_encode, _py_decode_body
 
 
 def decode(frame: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Message:

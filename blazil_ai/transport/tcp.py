@@ -42,7 +42,9 @@ from blazil_ai.transport.framing import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, F
 log = logging.getLogger(__name__)
 
 _HELLO_KEY = "$hello"
-_READ_CHUNK = 256 * 1024
+_READ_CHUNK = 64 * 1024  # a connection's first read buffer; it doubles while reads fill it, up to the next
+_READ_CHUNK_MAX = 1024 * 1024
+_READY_HIGH = 1024  # stop reading once this many decoded messages wait for the application
 _LIVENESS_CHECK_S = 0.01  # how often an idle-reading publication peeks for the peer having gone away
 _RECONNECT_BACKOFF_S = (0.05, 1.0)
 _IOV_MAX = 1024
@@ -267,13 +269,18 @@ class TcpSubscription(Subscription):
         """Read what is available on one connection and decode every whole frame in it."""
         sock = conn.sock
         for _ in range(64):  # bounded, so one busy peer cannot starve the others
+            if len(self._ready) >= _READY_HIGH:
+                return  # the rest waits in the kernel (epoll reports it again): memory stays bounded
             try:
                 if conn.body is not None:
                     n = sock.recv_into(memoryview(conn.body)[conn.body_filled:])
                 else:
                     if conn.rend == len(conn.rbuf):
                         self._compact(conn)
+                    room = len(conn.rbuf) - conn.rend
                     n = sock.recv_into(memoryview(conn.rbuf)[conn.rend:])
+                    if n == room and len(conn.rbuf) < _READ_CHUNK_MAX:
+                        conn.rbuf.extend(bytes(len(conn.rbuf)))  # a busy peer: read more per system call
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             except (ssl.SSLError, OSError) as e:
@@ -318,7 +325,10 @@ class TcpSubscription(Subscription):
         start, end = conn.rstart, conn.rend
         unpack_header = framing.HEADER.unpack_from
         max_size = self.max_message_size
+        fast = framing.native.parse_frames if framing.native is not None else None
         while True:
+            if fast is not None and conn.header is None and conn.hello_done:
+                start = fast(buf, start, end, max_size, conn.peer, self._ready)  # stops where Python must look
             if conn.header is None:
                 if end - start < HEADER_SIZE:
                     break
@@ -409,7 +419,10 @@ class _Flusher:
                 for p in pubs:
                     sock = p._sock
                     if sock is not None:
-                        sel.register(sock, selectors.EVENT_WRITE, p)
+                        try:
+                            sel.register(sock, selectors.EVENT_WRITE, p)
+                        except (ValueError, OSError):
+                            pass  # closed by its owner meanwhile; dropped from the set below
                 events = sel.select(0.05 if pubs else None)
             try:
                 os.read(self._wake_r, 4096)
@@ -469,6 +482,28 @@ class TcpPublication(Publication):
         if self._closed:
             return OfferStatus.CLOSED
         parts = framing.encode(meta, arrays, self.max_message_size)
+        sock = self._sock
+        if len(parts) == 1 and sock is not None and self._ssl is None and not self._pending \
+                and time.monotonic() - self._last_check < _LIVENESS_CHECK_S:
+            # The common case, kept short: a small frame, a healthy plain connection, nothing queued before
+            # it (so order holds without the flusher's lock: only this thread ever adds to the queue).
+            frame = parts[0]
+            try:
+                sent = sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = -1
+            if sent == len(frame):
+                self._sent_unreported += 1
+                if self._sent_unreported >= 1024:
+                    self._report()
+                return OfferStatus.OK
+            if sent >= 0:
+                with self._lock:
+                    self._queue(parts, sent)
+                self._sent_unreported += 1
+                return OfferStatus.OK
         return self._offer_parts(parts, framing.frame_size(parts), 1, timeout)
 
     def offer_batch(self, messages: Sequence[Message | bytes | bytearray], *, timeout: float = 0.0) -> int:
