@@ -11,7 +11,10 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
+#include <poll.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #define NPY_NO_DEPRECATED_API NPY_2_0_API_VERSION
 #include <numpy/arrayobject.h>
@@ -26,6 +29,7 @@ static PyObject *g_message;         /* framing.Message */
 static PyObject *g_dtypes;          /* framing._DTYPES: wire dtype string -> checked np.dtype */
 static PyObject *g_py_encode;       /* framing._py_encode (the reference, also the slow path) */
 static PyObject *g_py_decode_body;  /* framing._py_decode_body */
+static PyObject *g_py_decode;       /* framing._py_decode */
 static long g_version;
 static Py_ssize_t g_join_below;     /* frames up to this size come back as one bytes object */
 
@@ -50,12 +54,13 @@ static PyObject *new_message(PyObject *meta, PyObject *arrays, PyObject *peer) {
 }
 
 static PyObject *w_init(PyObject *self, PyObject *args) {
-    PyObject *message, *dtypes, *py_encode, *py_decode_body;
+    PyObject *message, *dtypes, *py_encode, *py_decode_body, *py_decode;
     long version;
     Py_ssize_t join_below;
-    if (!PyArg_ParseTuple(args, "OO!OOln", &message, &PyDict_Type, &dtypes, &py_encode, &py_decode_body,
-                          &version, &join_below))
+    if (!PyArg_ParseTuple(args, "OO!OOOln", &message, &PyDict_Type, &dtypes, &py_encode, &py_decode_body,
+                          &py_decode, &version, &join_below))
         return NULL;
+    Py_XSETREF(g_py_decode, Py_NewRef(py_decode));
     Py_XSETREF(g_message, Py_NewRef(message));
     Py_CLEAR(g_slot_meta);
     Py_CLEAR(g_slot_arrays);
@@ -83,6 +88,15 @@ static PyObject *w_init(PyObject *self, PyObject *args) {
     g_version = version;
     g_join_below = join_below;
     Py_RETURN_NONE;
+}
+
+static int as_int(PyObject *o) {
+    long v = PyLong_AsLong(o);
+    if (v > INT_MAX || v < INT_MIN) {
+        PyErr_SetString(PyExc_OverflowError, "value does not fit a C int");
+        return -1;
+    }
+    return (int)v;
 }
 
 static void put_u16(char *p, unsigned v) { p[0] = (char)(v & 0xFF); p[1] = (char)(v >> 8); }
@@ -636,6 +650,62 @@ slow:
     return PyObject_CallFunctionObjArgs(g_py_decode_body, args[0], args[1], args[2], NULL);
 }
 
+/* decode(frame, max_size) -> Message: a whole frame, header included. */
+static PyObject *w_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) return PyObject_Vectorcall(g_py_decode, args, (size_t)nargs, NULL);
+    Py_ssize_t max_size = PyLong_AsSsize_t(args[1]);
+    if (max_size == -1 && PyErr_Occurred()) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        goto slow;
+    }
+    PyObject *msg = NULL;
+    const unsigned char *h = view.buf;
+    if (view.len >= HEADER_SIZE && memcmp(h, MAGIC, 4) == 0 && h[4] == (unsigned char)g_version) {
+        Py_ssize_t n_arrays = (Py_ssize_t)h[6] | ((Py_ssize_t)h[7] << 8);
+        uint64_t meta_len = get_u32(h + 8), body_len = get_u64(h + 12);
+        if (meta_len <= body_len && body_len <= (uint64_t)(max_size - HEADER_SIZE)
+            && body_len == (uint64_t)(view.len - HEADER_SIZE))
+            msg = fast_decode(n_arrays, (Py_ssize_t)meta_len, args[0], (const char *)h + HEADER_SIZE,
+                              (Py_ssize_t)body_len, view.readonly, NULL);
+    }
+    PyBuffer_Release(&view);
+    if (msg != NULL || PyErr_Occurred()) return msg;
+slow:
+    return PyObject_CallFunctionObjArgs(g_py_decode, args[0], args[1], NULL);
+}
+
+/* Decode whole, valid frames from buf[start:end], appending Messages to ready; return the new start or -1 with
+ * an exception. Stops at an incomplete frame or at one the reference must look at. */
+static Py_ssize_t parse_into(PyObject *buf, Py_ssize_t start, Py_ssize_t end, Py_ssize_t max_size, PyObject *peer,
+                             PyObject *ready) {
+    while (end - start >= HEADER_SIZE) {
+        const unsigned char *h = (const unsigned char *)PyByteArray_AS_STRING(buf) + start;
+        if (memcmp(h, MAGIC, 4) != 0 || h[4] != (unsigned char)g_version) break;
+        Py_ssize_t n_arrays = (Py_ssize_t)h[6] | ((Py_ssize_t)h[7] << 8);
+        uint64_t meta_len = get_u32(h + 8);
+        uint64_t body_len = get_u64(h + 12);
+        if (meta_len > body_len || body_len > (uint64_t)(max_size - HEADER_SIZE)) break;
+        if ((uint64_t)(end - start - HEADER_SIZE) < body_len) break;  /* not whole yet */
+        PyObject *body = PyByteArray_FromStringAndSize((const char *)h + HEADER_SIZE, (Py_ssize_t)body_len);
+        if (body == NULL) return -1;
+        PyObject *msg = fast_decode(n_arrays, (Py_ssize_t)meta_len, body, PyByteArray_AS_STRING(body),
+                                    (Py_ssize_t)body_len, 0, peer);
+        Py_DECREF(body);
+        if (msg == NULL) {
+            if (PyErr_Occurred()) return -1;
+            break;  /* the reference decodes this one (or names its fault) */
+        }
+        PyObject *r = PyObject_CallMethodOneArg(ready, s_append, msg);
+        Py_DECREF(msg);
+        if (r == NULL) return -1;
+        Py_DECREF(r);
+        start += HEADER_SIZE + (Py_ssize_t)body_len;
+    }
+    return start;
+}
+
 /* parse_frames(buf, start, end, max_size, peer, ready) -> new start
  *
  * Decodes whole, valid frames from buf[start:end] and appends their Messages (peer set) to ``ready``.
@@ -646,50 +716,164 @@ static PyObject *w_parse_frames(PyObject *self, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_TypeError, "parse_frames(bytearray, start, end, max_size, peer, ready)");
         return NULL;
     }
-    PyObject *buf = args[0], *peer = args[4], *ready = args[5];
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
     Py_ssize_t end = PyLong_AsSsize_t(args[2]);
     Py_ssize_t max_size = PyLong_AsSsize_t(args[3]);
     if (PyErr_Occurred()) return NULL;
-    if (start < 0 || end > PyByteArray_GET_SIZE(buf) || start > end) {
+    if (start < 0 || end > PyByteArray_GET_SIZE(args[0]) || start > end) {
         PyErr_SetString(PyExc_ValueError, "parse_frames: start/end outside the buffer");
         return NULL;
     }
-    while (end - start >= HEADER_SIZE) {
-        /* Re-read the pointer each time: appending to the deque runs no Python code that could resize buf,
-         * but be safe anyway. */
-        const unsigned char *h = (const unsigned char *)PyByteArray_AS_STRING(buf) + start;
-        if (memcmp(h, MAGIC, 4) != 0 || h[4] != (unsigned char)g_version) break;
-        Py_ssize_t n_arrays = (Py_ssize_t)h[6] | ((Py_ssize_t)h[7] << 8);
-        uint64_t meta_len = get_u32(h + 8);
-        uint64_t body_len = get_u64(h + 12);
-        if (meta_len > body_len || body_len > (uint64_t)(max_size - HEADER_SIZE)) break;
-        if ((uint64_t)(end - start - HEADER_SIZE) < body_len) break;  /* not whole yet */
-        PyObject *body = PyByteArray_FromStringAndSize((const char *)h + HEADER_SIZE, (Py_ssize_t)body_len);
-        if (body == NULL) return NULL;
-        PyObject *msg = fast_decode(n_arrays, (Py_ssize_t)meta_len, body, PyByteArray_AS_STRING(body),
-                                    (Py_ssize_t)body_len, 0, peer);
-        Py_DECREF(body);
-        if (msg == NULL) {
-            if (PyErr_Occurred()) return NULL;
-            break;  /* the reference decodes this one (or names its fault) */
-        }
-        PyObject *r = PyObject_CallMethodOneArg(ready, s_append, msg);
-        Py_DECREF(msg);
-        if (r == NULL) return NULL;
-        Py_DECREF(r);
-        start += HEADER_SIZE + (Py_ssize_t)body_len;
+    start = parse_into(args[0], start, end, max_size, args[4], args[5]);
+    return start < 0 ? NULL : PyLong_FromSsize_t(start);
+}
+
+/* read_frames(fd, buf, start, end, max_size, peer, ready, timeout_ms, listen_fd, spin_ns=0)
+ *     -> (start, end, nread, errno)
+ *
+ * The receive path of a TCP subscription with one plain connection, in one call: wait up to timeout_ms
+ * (GIL released; -1 = no limit, 0 = do not wait) for the connection or the listening socket to be readable
+ * (a new connection returns at once with nothing read, for the caller's general path to accept it),
+ * read what the kernel holds into buf[end:], and decode the whole frames. nread is the byte count (0 = the
+ * peer closed), -1 when nothing was read (nothing arrived, or only the listener is ready); errno is
+ * non-zero when the read failed. The caller's Python code handles everything else from (start, end). */
+static PyObject *w_read_frames(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 9 || nargs > 10 || !PyByteArray_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "read_frames(fd, bytearray, start, end, max_size, peer, ready, timeout_ms, "
+                                         "listen_fd, spin_ns=0)");
+        return NULL;
     }
-    return PyLong_FromSsize_t(start);
+    int fd = as_int(args[0]);
+    PyObject *buf = args[1];
+    Py_ssize_t start = PyLong_AsSsize_t(args[2]);
+    Py_ssize_t end = PyLong_AsSsize_t(args[3]);
+    Py_ssize_t max_size = PyLong_AsSsize_t(args[4]);
+    int timeout_ms = as_int(args[7]);
+    int listen_fd = as_int(args[8]);
+    long long spin_ns = nargs > 9 ? PyLong_AsLongLong(args[9]) : 0;
+    if (PyErr_Occurred()) return NULL;
+    Py_ssize_t size = PyByteArray_GET_SIZE(buf);
+    if (start < 0 || end > size || start > end) {
+        PyErr_SetString(PyExc_ValueError, "read_frames: start/end outside the buffer");
+        return NULL;
+    }
+    if (end == size && start > 0) {  /* make room: move the partial frame to the front */
+        char *b = PyByteArray_AS_STRING(buf);
+        memmove(b, b + start, (size_t)(end - start));
+        end -= start;
+        start = 0;
+    }
+    Py_ssize_t nread = -1;
+    int err = 0;
+    if (end < size) {
+        char *dst = PyByteArray_AS_STRING(buf) + end;
+        size_t room = (size_t)(size - end);
+        ssize_t n;
+        Py_BEGIN_ALLOW_THREADS
+        if (timeout_ms == 0) {
+            n = recv(fd, dst, room, MSG_DONTWAIT);
+        } else {
+            /* Spin first, briefly: a message that comes within spin_ns is read without the sleep and wake-up
+             * (which cost the sender as much as the receiver); then sleep in poll. */
+            n = -1;
+            errno = EAGAIN;
+            if (spin_ns > 0) {
+                struct timespec t0, t;
+                clock_gettime(CLOCK_MONOTONIC, &t0);
+                for (;;) {
+                    /* poll, not recv: tcp_poll reads the socket's state without its lock, so a spinning
+                     * reader does not slow the sender down */
+                    struct pollfd one = {fd, POLLIN, 0};
+                    if (poll(&one, 1, 0) > 0) {
+                        n = recv(fd, dst, room, MSG_DONTWAIT);
+                        if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) break;
+                    }
+                    clock_gettime(CLOCK_MONOTONIC, &t);
+                    long long ns = (t.tv_sec - t0.tv_sec) * 1000000000LL + (t.tv_nsec - t0.tv_nsec);
+                    if (ns >= spin_ns || (timeout_ms > 0 && ns >= timeout_ms * 1000000LL)) break;
+                }
+            }
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                struct pollfd pf[2] = {{fd, POLLIN, 0}, {listen_fd, POLLIN, 0}};
+                int k;
+                do {
+                    k = poll(pf, listen_fd >= 0 ? 2 : 1, timeout_ms);
+                } while (k < 0 && errno == EINTR);
+                n = -1;
+                errno = EAGAIN;
+                if (k > 0 && pf[0].revents) n = recv(fd, dst, room, MSG_DONTWAIT);
+            }
+        }
+        if (n < 0) err = errno;
+        Py_END_ALLOW_THREADS
+        if (n >= 0) {
+            nread = n;
+            end += n;
+            err = 0;
+        } else if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR) {
+            err = 0;
+        }
+    }
+    if (nread > 0) {
+        start = parse_into(buf, start, end, max_size, args[5], args[6]);
+        if (start < 0) return NULL;
+    }
+    return Py_BuildValue("nnni", start, end, nread, err);
+}
+
+/* send_frame(fd, meta, arrays, max_size) -> int | (parts, sent)
+ *
+ * The offer path of a plain TCP publication with nothing queued: encode and send in one call (the send with
+ * the GIL released, on a non-blocking socket). Returns the frame's size when the kernel took all of it;
+ * otherwise (parts, sent): the frame's buffers and how many bytes went (0..size-1, or -1 with errno in
+ * the caller's hands: the send failed), for the caller to queue or report. */
+static PyObject *w_send_frame(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "send_frame(fd, meta, arrays, max_size)");
+        return NULL;
+    }
+    int fd = as_int(args[0]);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    PyObject *parts = w_encode(self, args + 1, 3);
+    if (parts == NULL) return NULL;
+    if (PyList_GET_SIZE(parts) == 1 && PyBytes_CheckExact(PyList_GET_ITEM(parts, 0))) {
+        PyObject *frame = PyList_GET_ITEM(parts, 0);
+        const char *p = PyBytes_AS_STRING(frame);
+        size_t len = (size_t)PyBytes_GET_SIZE(frame);
+        ssize_t n;
+        int err = 0;
+        Py_BEGIN_ALLOW_THREADS
+        do {
+            n = send(fd, p, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) err = errno;
+        Py_END_ALLOW_THREADS
+        if (n == (ssize_t)len) {
+            Py_DECREF(parts);
+            return PyLong_FromSsize_t(n);
+        }
+        if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK)) n = 0;
+        PyObject *r = Py_BuildValue("(Nn)", parts, (Py_ssize_t)n);
+        if (n < 0) errno = err;
+        return r;
+    }
+    return Py_BuildValue("(Nn)", parts, (Py_ssize_t)0);  /* large: the caller's sendmsg takes the buffers */
 }
 
 static PyMethodDef methods[] = {
-    {"init", w_init, METH_VARARGS, "init(Message, dtypes, py_encode, py_decode_body, version, join_below)"},
+    {"init", w_init, METH_VARARGS,
+     "init(Message, dtypes, py_encode, py_decode_body, py_decode, version, join_below)"},
+    {"decode", (PyCFunction)(void (*)(void))w_decode, METH_FASTCALL, "decode(frame, max_size) -> Message"},
     {"encode", (PyCFunction)(void (*)(void))w_encode, METH_FASTCALL, "encode(meta, arrays, max_size) -> buffers"},
     {"decode_body", (PyCFunction)(void (*)(void))w_decode_body, METH_FASTCALL,
      "decode_body(n_arrays, meta_len, body) -> Message"},
     {"parse_frames", (PyCFunction)(void (*)(void))w_parse_frames, METH_FASTCALL,
      "parse_frames(buf, start, end, max_size, peer, ready) -> offset after the last frame decoded"},
+    {"read_frames", (PyCFunction)(void (*)(void))w_read_frames, METH_FASTCALL,
+     "read_frames(fd, buf, start, end, max_size, peer, ready, timeout_ms, listen_fd, spin_ns=0) "
+     "-> (start, end, nread, errno)"},
+    {"send_frame", (PyCFunction)(void (*)(void))w_send_frame, METH_FASTCALL,
+     "send_frame(fd, meta, arrays, max_size) -> size sent, or (parts, bytes sent) for the caller to finish"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -493,9 +493,9 @@ class AeronPublication(_AeronChannel, Publication):
         """Offer one message; with ``timeout`` > 0 wait (GIL released) for room or a subscriber."""
         parts = framing.encode(meta, arrays, self.max_message_size)
         wait_ms, wait_connect = int(timeout * 1000), 1 if timeout > 0 else 0
-        if sum(len(p) for p in parts) <= _JOIN_BELOW:
-            # small: one join is cheaper than building an iovec list through cffi
-            frame = b"".join(parts)
+        if len(parts) == 1 or sum(len(p) for p in parts) <= _JOIN_BELOW:
+            # small: one buffer (the native encoder joins small frames itself), not an iovec list through cffi
+            frame = parts[0] if len(parts) == 1 else b"".join(parts)
             with self._lock:
                 if self._ptr is None:
                     return OfferStatus.CLOSED
@@ -572,6 +572,7 @@ class AeronSubscription(_AeronChannel, Subscription):
         self._client: _Client | None = None
         self._ptr: Any = None
         self._pending: collections.deque[Message] = collections.deque()
+        self._peers: dict[int, str] = {}
         self.decode_errors = 0
         client = self._open_client(dict(options))
         err = client.ffi.new("char[]", 1024)
@@ -602,7 +603,10 @@ class AeronSubscription(_AeronChannel, Subscription):
                 log.error("%s stream %d: dropping a bad frame from session %d: %s", self.uri, self.stream_id,
                           m.session_id, e)
                 continue
-            msg.peer = f"session:{m.session_id}"
+            peer = self._peers.get(m.session_id)
+            if peer is None:
+                peer = self._peers[m.session_id] = f"session:{m.session_id}"
+            msg.peer = peer
             self._pending.append(msg)
 
     def _deliver(self, handler: Callable[[Message], None], limit: int) -> int:

@@ -28,11 +28,14 @@ def build() -> Path:
     cc = shlex.split(sysconfig.get_config_var("CC") or "cc")[:1] or ["cc"]
     out = target()
     tmp = out.with_suffix(".tmp")
-    cmd = [*cc, "-O2", "-std=gnu11", "-Wall", "-Wno-unused-parameter", "-fPIC", "-shared",
-           f"-I{sysconfig.get_paths()['include']}", f"-I{np.get_include()}", str(SOURCE), "-o", str(tmp)]
+    cmd = [*cc, "-O2", "-std=gnu11", "-Wall", "-Wno-unused-parameter", "-Werror=implicit-function-declaration",
+           "-fPIC", "-shared", f"-I{sysconfig.get_paths()['include']}", f"-I{np.get_include()}",
+           str(SOURCE), "-o", str(tmp)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"build_wire: compiling {SOURCE.name} failed:\n{' '.join(cmd)}\n{done.stderr}")
+    if done.stderr.strip():
+        print(done.stderr, file=sys.stderr)  # warnings
     tmp.replace(out)
     return out
 

@@ -200,6 +200,14 @@ def _wire_dtype(dtype_str: str) -> np.dtype:
     return dtype
 
 
+def _py_decode(frame: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Message:
+    """Decode one whole frame (header included); the reference for the native ``decode``."""
+    n_arrays, meta_len, body_len = decode_header(frame, max_size)
+    if len(frame) - HEADER_SIZE != body_len:
+        raise FrameError(f"frame holds {len(frame) - HEADER_SIZE} body bytes, header says {body_len}")
+    return decode_body(n_arrays, meta_len, memoryview(frame)[HEADER_SIZE:])
+
+
 def _native() -> Any:
     """The compiled fast path (``_wire``, built by scripts/setup.sh), or None to use this module's code.
 
@@ -211,22 +219,15 @@ def _native() -> Any:
         from blazil_ai.transport import _wire  # type: ignore[attr-defined]
     except ImportError:
         return None
-    _wire.init(Message, _DTYPES, _py_encode, _py_decode_body, VERSION, JOIN_BELOW)
+    _wire.init(Message, _DTYPES, _py_encode, _py_decode_body, _py_decode, VERSION, JOIN_BELOW)
     return _wire
 
 
 native = _native()
 encode: Callable[[Mapping[str, Any] | None, Sequence[np.ndarray], int], list[bytes | memoryview]]
 decode_body: Callable[[int, int, bytes | bytearray | memoryview], Message]
+decode: Callable[..., Message]
 if native is not None:
-    encode, decode_body = native.encode, native.decode_body
+    encode, decode_body, decode = native.encode, native.decode_body, native.decode
 else:
-    encode, decode_body = _py_encode, _py_decode_body
-
-
-def decode(frame: bytes | bytearray | memoryview, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Message:
-    """Decode one whole frame (header included)."""
-    n_arrays, meta_len, body_len = decode_header(frame, max_size)
-    if len(frame) - HEADER_SIZE != body_len:
-        raise FrameError(f"frame holds {len(frame) - HEADER_SIZE} body bytes, header says {body_len}")
-    return decode_body(n_arrays, meta_len, memoryview(frame)[HEADER_SIZE:])
+    encode, decode_body, decode = _py_encode, _py_decode_body, _py_decode

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import math
 import os
 import select
 import selectors
@@ -44,11 +45,20 @@ log = logging.getLogger(__name__)
 _HELLO_KEY = "$hello"
 _READ_CHUNK = 64 * 1024  # a connection's first read buffer; it doubles while reads fill it, up to the next
 _READ_CHUNK_MAX = 1024 * 1024
+_FULL_ROUND_S = 0.001  # poll() on a sole connection reads it directly, and looks at everything else this often
 _READY_HIGH = 1024  # stop reading once this many decoded messages wait for the application
+# receive() on a sole connection can poll it this long before it sleeps (opt-in): a message that arrives
+# meanwhile costs neither side a wake-up, which halves a ping-pong's round trip on loopback; but a spinning
+# reader of a busy stream reads one message per system call and slows a fast sender down (measured with
+# benchmarks/transport.py), so the default is to sleep at once.
+_SPIN_NS = int(float(os.environ.get("BLAZIL_TCP_SPIN_US", "0")) * 1000)
 _LIVENESS_CHECK_S = 0.01  # how often an idle-reading publication peeks for the peer having gone away
 _RECONNECT_BACKOFF_S = (0.05, 1.0)
 _IOV_MAX = 1024
 
+_native_read: Any = framing.native.read_frames if framing.native is not None else None
+_native_send: Any = framing.native.send_frame if framing.native is not None else None
+_OK = OfferStatus.OK
 _received = metrics.counter("transport", "messages_received", "total", "Messages delivered to the application",
                             ["transport"])
 _sent = metrics.counter("transport", "messages_sent", "total", "Messages accepted by offer", ["transport"])
@@ -111,6 +121,7 @@ def _client_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
 class _Conn:
     sock: socket.socket
     peer: str
+    fd: int = -1
     handshaking: bool = False
     hello_done: bool = False
     rbuf: bytearray = field(default_factory=lambda: bytearray(_READ_CHUNK))
@@ -146,6 +157,8 @@ class TcpSubscription(Subscription):
         self._conns: dict[int, _Conn] = {}
         self._ready: collections.deque[Message] = collections.deque()
         self._closed = False
+        self._unreported = 0
+        self._full_round_at = 0.0
 
     # -- the application's side -------------------------------------------------------------------
 
@@ -154,7 +167,16 @@ class TcpSubscription(Subscription):
         if self._closed:
             raise TransportError(f"{self.uri}: subscription is closed")
         if not self._ready:
-            self._pump(0.0)
+            conn = self._sole_conn()
+            now = time.monotonic()
+            if conn is not None and now - self._full_round_at < _FULL_ROUND_S:
+                self._read_sole(conn, 0)
+            else:
+                self._full_round_at = now  # the full round (new connections included) now and then
+                self._pump(0.0)
+        if not self._ready:
+            self._report()  # idle: the counter catches up
+            return 0
         return self._deliver(handler, limit)
 
     def receive(self, timeout: float | None = None) -> Message | None:
@@ -162,14 +184,23 @@ class TcpSubscription(Subscription):
         if self._closed:
             raise TransportError(f"{self.uri}: subscription is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._ready:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            self._pump(wait)
-            if self._ready or (deadline is not None and time.monotonic() >= deadline):
-                break
         if not self._ready:
-            return None
-        self._m_received.inc()
+            conn = self._sole_conn()
+            if conn is not None:
+                # One plain connection (the usual case): wait, read and decode in one native call.
+                self._read_sole(conn, -1 if timeout is None else math.ceil(timeout * 1000))
+        if not self._ready:
+            self._report()
+            while not self._ready:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self._pump(wait)
+                if self._ready or (deadline is not None and time.monotonic() >= deadline):
+                    break
+            if not self._ready:
+                return None
+        self._unreported += 1
+        if self._unreported >= 256:
+            self._report()
         return self._ready.popleft()
 
     @property
@@ -182,6 +213,7 @@ class TcpSubscription(Subscription):
         if self._closed:
             return
         self._closed = True
+        self._report()
         for conn in list(self._conns.values()):
             self._drop(conn)
         self._epoll.close()
@@ -195,9 +227,49 @@ class TcpSubscription(Subscription):
         while ready and n < limit:
             handler(ready.popleft())
             n += 1
-        if n:
-            self._m_received.inc(n)
+        self._unreported += n
+        if self._unreported >= 256:
+            self._report()
         return n
+
+    def _report(self) -> None:
+        """Add delivered messages to the counter (in batches: one increment costs as much as a receive)."""
+        if self._unreported:
+            self._m_received.inc(self._unreported)
+            self._unreported = 0
+
+    def _sole_conn(self) -> _Conn | None:
+        """The one connection, when it alone is open, is plain TCP and sits between frames; else None."""
+        if _native_read is None or self._ssl is not None or len(self._conns) != 1:
+            return None
+        for conn in self._conns.values():
+            if conn.hello_done and conn.header is None and conn.body is None:
+                return conn
+        return None
+
+    def _read_sole(self, conn: _Conn, timeout_ms: int) -> None:
+        """Wait up to ``timeout_ms`` for the sole connection, read and decode natively; the rest is Python's."""
+        assert _native_read is not None
+        try:
+            start, end, n, err = _native_read(conn.fd, conn.rbuf, conn.rstart, conn.rend, self.max_message_size,
+                                              conn.peer, self._ready, timeout_ms, self._listen_fd, _SPIN_NS)
+        except OverflowError:  # a timeout beyond a C int
+            start, end, n, err = _native_read(conn.fd, conn.rbuf, conn.rstart, conn.rend, self.max_message_size,
+                                              conn.peer, self._ready, 2**31 - 1, self._listen_fd, _SPIN_NS)
+        conn.rstart, conn.rend = start, end
+        if end == len(conn.rbuf) and n > 0 and len(conn.rbuf) < _READ_CHUNK_MAX:
+            conn.rbuf.extend(bytes(len(conn.rbuf)))  # the read filled the buffer: a busy peer, read more at once
+        if err:
+            if err in (errno.ECONNRESET, errno.EPIPE):
+                self._disconnected(conn)
+            else:
+                self._fault(conn, "io", f"read failed: {os.strerror(err)}")
+        elif n == 0:
+            self._disconnected(conn)
+        elif end - start >= HEADER_SIZE:
+            self._parse(conn)  # what the native path leaves: a frame in pieces, a new dtype, a bad frame
+        elif start == end:
+            conn.rstart = conn.rend = 0
 
     def _pump(self, timeout: float | None) -> None:
         """One round of select: accept, handshake, read and decode; waits at most ``timeout``."""
@@ -231,7 +303,7 @@ class TcpSubscription(Subscription):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setblocking(False)
             peer = f"{addr[0]}:{addr[1]}"
-            conn = _Conn(sock=sock, peer=peer)
+            conn = _Conn(sock=sock, peer=peer, fd=sock.fileno())
             if self._ssl is not None:
                 conn.sock = self._ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                 conn.handshaking = True
@@ -468,6 +540,7 @@ class TcpPublication(Publication):
         self._closed = False
         self._sent_unreported = 0
         self._handshaking = False
+        self._fast_fd = -1  # the socket's descriptor while the native send path may use it
         self._lock = threading.Lock()  # offer() vs the background flusher
         self._connect(self.connect_timeout)
 
@@ -481,29 +554,23 @@ class TcpPublication(Publication):
         """Queue one message for the subscriber, waiting up to ``timeout`` s for a connection or room."""
         if self._closed:
             return OfferStatus.CLOSED
-        parts = framing.encode(meta, arrays, self.max_message_size)
-        sock = self._sock
-        if len(parts) == 1 and sock is not None and self._ssl is None and not self._pending \
-                and time.monotonic() - self._last_check < _LIVENESS_CHECK_S:
-            # The common case, kept short: a small frame, a healthy plain connection, nothing queued before
-            # it (so order holds without the flusher's lock: only this thread ever adds to the queue).
-            frame = parts[0]
-            try:
-                sent = sock.send(frame)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = -1
-            if sent == len(frame):
+        if self._fast_fd >= 0 and not self._pending and time.monotonic() - self._last_check < _LIVENESS_CHECK_S:
+            # The common case, in one native call: a healthy plain connection with nothing queued before this
+            # message (so order holds without the flusher's lock: only this thread ever adds to the queue).
+            r = _native_send(self._fast_fd, meta, arrays, self.max_message_size)
+            if type(r) is int:
                 self._sent_unreported += 1
                 if self._sent_unreported >= 1024:
                     self._report()
-                return OfferStatus.OK
-            if sent >= 0:
+                return _OK
+            parts, sent = r
+            if sent > 0:
                 with self._lock:
-                    self._queue(parts, sent)
+                    self._queue(parts, sent)  # the kernel took part of it; the rest goes first next time
                 self._sent_unreported += 1
-                return OfferStatus.OK
+                return _OK
+        else:
+            parts = framing.encode(meta, arrays, self.max_message_size)
         return self._offer_parts(parts, framing.frame_size(parts), 1, timeout)
 
     def offer_batch(self, messages: Sequence[Message | bytes | bytearray], *, timeout: float = 0.0) -> int:
@@ -703,6 +770,7 @@ class TcpPublication(Publication):
             self._connect_failed(f"connect failed: {e}")
             return False
         self._sock = sock
+        self._fast_fd = sock.fileno() if self._ssl is None and _native_send is not None else -1
         self._last_check = time.monotonic()
         hello = framing.encode_bytes({_HELLO_KEY: {"stream_id": self.stream_id, "version": framing.VERSION}})
         self._queue([hello], 0)
@@ -730,6 +798,7 @@ class TcpPublication(Publication):
         return True
 
     def _disconnect(self) -> None:
+        self._fast_fd = -1  # before the close: the descriptor's number may be reused at once
         if self._sock is not None:
             try:
                 self._sock.close()
