@@ -681,6 +681,7 @@ slow:
 static Py_ssize_t parse_into(PyObject *buf, Py_ssize_t start, Py_ssize_t end, Py_ssize_t max_size, PyObject *peer,
                              PyObject *ready) {
     while (end - start >= HEADER_SIZE) {
+        if (end > PyByteArray_GET_SIZE(buf)) break;  /* resized by someone else's code: leave it to Python */
         const unsigned char *h = (const unsigned char *)PyByteArray_AS_STRING(buf) + start;
         if (memcmp(h, MAGIC, 4) != 0 || h[4] != (unsigned char)g_version) break;
         Py_ssize_t n_arrays = (Py_ssize_t)h[6] | ((Py_ssize_t)h[7] << 8);
@@ -766,7 +767,10 @@ static PyObject *w_read_frames(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_ssize_t nread = -1;
     int err = 0;
     if (end < size) {
-        char *dst = PyByteArray_AS_STRING(buf) + end;
+        /* Hold a buffer export while the GIL is released: the bytearray cannot be resized under the read. */
+        Py_buffer pin;
+        if (PyObject_GetBuffer(buf, &pin, PyBUF_WRITABLE) < 0) return NULL;
+        char *dst = (char *)pin.buf + end;
         size_t room = (size_t)(size - end);
         ssize_t n;
         Py_BEGIN_ALLOW_THREADS
@@ -806,6 +810,7 @@ static PyObject *w_read_frames(PyObject *self, PyObject *const *args, Py_ssize_t
         }
         if (n < 0) err = errno;
         Py_END_ALLOW_THREADS
+        PyBuffer_Release(&pin);
         if (n >= 0) {
             nread = n;
             end += n;
