@@ -139,3 +139,14 @@ def test_tcp_receive_with_spin_and_the_pure_python_path(monkeypatch) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "BLAZIL_PURE_PYTHON_WIRE": "1"})
     assert out.returncode == 0 and "pure ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("count, ndim", [(15, 1), (16, 1), (17, 2), (1, 15), (1, 16), (2, 17)])
+def test_array_counts_and_ranks_at_the_messagepack_size_edges(count, ndim) -> None:
+    # 16 elements is where a MessagePack array needs its 16-bit header instead of the one-byte form.
+    arrays = [np.full((1,) * ndim, i, dtype=np.int32) for i in range(count)]
+    frame = _joined(native.encode({"n": count}, arrays, 1 << 26))
+    assert frame == _joined(framing._py_encode({"n": count}, arrays, 1 << 26))
+    m = native.decode(frame, 1 << 26)
+    assert m.meta == {"n": count} and [a.shape for a in m.arrays] == [(1,) * ndim] * count
+    assert [int(a.ravel()[0]) for a in m.arrays] == list(range(count))

@@ -151,6 +151,36 @@ static int wb_head(wbuf_t *w, unsigned char tag, uint64_t v, int nbytes) {
     return wb_put(w, b, 1 + nbytes);
 }
 
+/* A length header: the fix form (fix_tag | n) when the format has one and n < fix_limit, else the 8-, 16- or
+ * 32-bit form (t8 = 0: the format has no 8-bit form). 1 = written, 0 = too long for MessagePack, -1 = error set. */
+static int wb_sized(wbuf_t *w, uint64_t n, unsigned char fix_tag, uint64_t fix_limit, unsigned char t8,
+                    unsigned char t16, unsigned char t32) {
+    int r;
+    if (fix_tag && n < fix_limit) r = wb_head(w, (unsigned char)(fix_tag | n), 0, 0);
+    else if (t8 && n < 256) r = wb_head(w, t8, n, 1);
+    else if (n < 65536) r = wb_head(w, t16, n, 2);
+    else if (n <= 0xFFFFFFFFu) r = wb_head(w, t32, n, 4);
+    else return 0;
+    return r < 0 ? -1 : 1;
+}
+
+/* An integer in the smallest form, as msgpack's packer picks it. 0 = written, -1 = error set. */
+static int wb_int(wbuf_t *w, long long x) {
+    if (x < -(1LL << 5)) {
+        if (x < -(1LL << 15))
+            return x < -(1LL << 31) ? wb_head(w, 0xd3, (uint64_t)x, 8) : wb_head(w, 0xd2, (uint64_t)x, 4);
+        return x < -(1LL << 7) ? wb_head(w, 0xd1, (uint64_t)x, 2) : wb_head(w, 0xd0, (uint64_t)x, 1);
+    }
+    if (x < (1LL << 7)) return wb_head(w, (unsigned char)(x & 0xFF), 0, 0);
+    if (x < (1LL << 16)) return x < (1LL << 8) ? wb_head(w, 0xcc, (uint64_t)x, 1) : wb_head(w, 0xcd, (uint64_t)x, 2);
+    return x < (1LL << 32) ? wb_head(w, 0xce, (uint64_t)x, 4) : wb_head(w, 0xcf, (uint64_t)x, 8);
+}
+
+static int wb_str_head(wbuf_t *w, uint64_t n) { return wb_sized(w, n, 0xa0, 32, 0xd9, 0xda, 0xdb); }
+static int wb_bin_head(wbuf_t *w, uint64_t n) { return wb_sized(w, n, 0, 0, 0xc4, 0xc5, 0xc6); }
+static int wb_array_head(wbuf_t *w, uint64_t n) { return wb_sized(w, n, 0x90, 16, 0, 0xdc, 0xdd); }
+static int wb_map_head(wbuf_t *w, uint64_t n) { return wb_sized(w, n, 0x80, 16, 0, 0xde, 0xdf); }
+
 /* 1 = written, 0 = not a type this writer takes (nothing usable written), -1 = error set */
 static int mp_write(wbuf_t *w, PyObject *o, int depth) {
     if (depth > MP_MAX_DEPTH) return 0;
@@ -170,20 +200,7 @@ static int mp_write(wbuf_t *w, PyObject *o, int depth) {
         }
         if (overflow < 0) return 0;
         if (x == -1 && PyErr_Occurred()) return -1;
-        int r;
-        if (x < -(1LL << 5)) {
-            if (x < -(1LL << 15))
-                r = x < -(1LL << 31) ? wb_head(w, 0xd3, (uint64_t)x, 8) : wb_head(w, 0xd2, (uint64_t)x, 4);
-            else
-                r = x < -(1LL << 7) ? wb_head(w, 0xd1, (uint64_t)x, 2) : wb_head(w, 0xd0, (uint64_t)x, 1);
-        } else if (x < (1LL << 7)) {
-            r = wb_head(w, (unsigned char)(x & 0xFF), 0, 0);
-        } else if (x < (1LL << 16)) {
-            r = x < (1LL << 8) ? wb_head(w, 0xcc, (uint64_t)x, 1) : wb_head(w, 0xcd, (uint64_t)x, 2);
-        } else {
-            r = x < (1LL << 32) ? wb_head(w, 0xce, (uint64_t)x, 4) : wb_head(w, 0xcf, (uint64_t)x, 8);
-        }
-        return r < 0 ? -1 : 1;
+        return wb_int(w, x) < 0 ? -1 : 1;
     }
     if (PyFloat_CheckExact(o)) {
         double d = PyFloat_AS_DOUBLE(o);
@@ -198,31 +215,20 @@ static int mp_write(wbuf_t *w, PyObject *o, int depth) {
             PyErr_Clear();  /* lone surrogates: msgpack names the fault */
             return 0;
         }
-        int r;
-        if (n < 32) r = wb_head(w, (unsigned char)(0xa0 | n), 0, 0);
-        else if (n < 256) r = wb_head(w, 0xd9, (uint64_t)n, 1);
-        else if (n < 65536) r = wb_head(w, 0xda, (uint64_t)n, 2);
-        else if ((uint64_t)n <= 0xFFFFFFFFu) r = wb_head(w, 0xdb, (uint64_t)n, 4);
-        else return 0;
-        return (r < 0 || wb_put(w, u, n) < 0) ? -1 : 1;
+        int r = wb_str_head(w, (uint64_t)n);
+        if (r <= 0) return r;
+        return wb_put(w, u, n) < 0 ? -1 : 1;
     }
     if (PyBytes_CheckExact(o)) {
         Py_ssize_t n = PyBytes_GET_SIZE(o);
-        int r;
-        if (n < 256) r = wb_head(w, 0xc4, (uint64_t)n, 1);
-        else if (n < 65536) r = wb_head(w, 0xc5, (uint64_t)n, 2);
-        else if ((uint64_t)n <= 0xFFFFFFFFu) r = wb_head(w, 0xc6, (uint64_t)n, 4);
-        else return 0;
-        return (r < 0 || wb_put(w, PyBytes_AS_STRING(o), n) < 0) ? -1 : 1;
+        int r = wb_bin_head(w, (uint64_t)n);
+        if (r <= 0) return r;
+        return wb_put(w, PyBytes_AS_STRING(o), n) < 0 ? -1 : 1;
     }
     if (PyList_CheckExact(o) || PyTuple_CheckExact(o)) {
         Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-        int r;
-        if (n < 16) r = wb_head(w, (unsigned char)(0x90 | n), 0, 0);
-        else if (n < 65536) r = wb_head(w, 0xdc, (uint64_t)n, 2);
-        else if ((uint64_t)n <= 0xFFFFFFFFu) r = wb_head(w, 0xdd, (uint64_t)n, 4);
-        else return 0;
-        if (r < 0) return -1;
+        int r = wb_array_head(w, (uint64_t)n);
+        if (r <= 0) return r;
         for (Py_ssize_t i = 0; i < n; i++) {
             /* a list may change under us only through Python code, which nothing here runs */
             if (i >= PySequence_Fast_GET_SIZE(o)) return 0;
@@ -233,12 +239,8 @@ static int mp_write(wbuf_t *w, PyObject *o, int depth) {
     }
     if (PyDict_CheckExact(o)) {
         Py_ssize_t n = PyDict_GET_SIZE(o);
-        int r;
-        if (n < 16) r = wb_head(w, (unsigned char)(0x80 | n), 0, 0);
-        else if (n < 65536) r = wb_head(w, 0xde, (uint64_t)n, 2);
-        else if ((uint64_t)n <= 0xFFFFFFFFu) r = wb_head(w, 0xdf, (uint64_t)n, 4);
-        else return 0;
-        if (r < 0) return -1;
+        int r = wb_map_head(w, (uint64_t)n);
+        if (r <= 0) return r;
         Py_ssize_t pos = 0;
         PyObject *k, *v;
         while (PyDict_Next(o, &pos, &k, &v)) {
@@ -422,8 +424,9 @@ static int put_dtype_str(wbuf_t *w, PyArray_Descr *d) {
     char s[32];
     int n = snprintf(s, sizeof s, "%c%c%zd", order, d->kind, (Py_ssize_t)PyDataType_ELSIZE(d));
     if (n <= 0 || n >= 32) return 0;
-    if (wb_head(w, (unsigned char)(0xa0 | n), 0, 0) < 0 || wb_put(w, s, n) < 0) return -1;
-    return 1;
+    int r = wb_str_head(w, (uint64_t)n);
+    if (r <= 0) return r;
+    return wb_put(w, s, n) < 0 ? -1 : 1;
 }
 
 /* encode(meta, arrays, max_size) -> list of buffers; the same bytes as framing._py_encode. */
@@ -448,10 +451,10 @@ static PyObject *w_encode(PyObject *self, PyObject *const *args, Py_ssize_t narg
     w->len = HEADER_SIZE;
     int r = wb_head(w, 0x92, 0, 0);  /* [meta, descr] */
     if (r < 0) return NULL;
-    r = meta == Py_None ? (wb_head(w, 0x80, 0, 0) < 0 ? -1 : 1) : mp_write(w, meta, 1);
+    r = meta == Py_None ? wb_map_head(w, 0) : mp_write(w, meta, 1);
     if (r < 0) return NULL;
     if (r == 0) goto slow;  /* a type only the msgpack package packs (or refuses with the right error) */
-    if (wb_head(w, (unsigned char)(0x90 | n), 0, 0) < 0) return NULL;
+    if (wb_array_head(w, (uint64_t)n) < 0) return NULL;
     Py_ssize_t arrays_len = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyArrayObject *a = (PyArrayObject *)items[i];
@@ -460,16 +463,9 @@ static PyObject *w_encode(PyObject *self, PyObject *const *args, Py_ssize_t narg
         r = put_dtype_str(w, PyArray_DESCR(a));
         if (r < 0) return NULL;
         if (r == 0) goto slow;
-        if ((nd < 16 ? wb_head(w, (unsigned char)(0x90 | nd), 0, 0) : wb_head(w, 0xdc, (uint64_t)nd, 2)) < 0)
-            return NULL;
-        for (int k = 0; k < nd; k++) {
-            PyObject *dim = PyLong_FromSsize_t(PyArray_DIM(a, k));
-            if (dim == NULL) return NULL;
-            r = mp_write(w, dim, 2);
-            Py_DECREF(dim);
-            if (r < 0) return NULL;
-            if (r == 0) goto slow;
-        }
+        if (wb_array_head(w, (uint64_t)nd) < 0) return NULL;
+        for (int k = 0; k < nd; k++)
+            if (wb_int(w, (long long)PyArray_DIM(a, k)) < 0) return NULL;
         arrays_len += PyArray_NBYTES(a);
     }
     Py_ssize_t meta_len = w->len - HEADER_SIZE;
