@@ -59,7 +59,6 @@ DEFAULT_TERM_LENGTH = 4 * 1024 * 1024  # UDP: small terms for small hosts; longe
 # before the subscriber polls (as a TCP socket's buffers would); still 8x below Aeron's 64 MiB default.
 DEFAULT_IPC_TERM_LENGTH = 8 * 1024 * 1024
 _FRAGMENT_LIMIT = 256
-_JOIN_BELOW = 16 * 1024  # frames up to this size are joined into one buffer; larger ones go as an iovec list
 _WAIT_SLICE_MS = 250  # blocking waits return to Python this often, so Ctrl-C and close() get through
 
 
@@ -493,9 +492,9 @@ class AeronPublication(_AeronChannel, Publication):
         """Offer one message; with ``timeout`` > 0 wait (GIL released) for room or a subscriber."""
         parts = framing.encode(meta, arrays, self.max_message_size)
         wait_ms, wait_connect = int(timeout * 1000), 1 if timeout > 0 else 0
-        if len(parts) == 1 or sum(len(p) for p in parts) <= _JOIN_BELOW:
-            # small: one buffer (the native encoder joins small frames itself), not an iovec list through cffi
-            frame = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(parts) == 1:
+            # small: framing.encode joined the frame into one buffer (cheaper than an iovec list through cffi)
+            frame = parts[0]
             with self._lock:
                 if self._ptr is None:
                     return OfferStatus.CLOSED

@@ -95,18 +95,14 @@ def _py_encode(meta: Mapping[str, Any] | None, arrays: Sequence[np.ndarray] = ()
     except (TypeError, ValueError, OverflowError) as e:
         _local.packer = None  # a failed pack can leave the packer's buffer dirty
         raise FrameError(f"metadata cannot be encoded as MessagePack: {e}") from e
-    body_len = len(meta_bytes)
-    parts: list[bytes | memoryview] = [b"", meta_bytes]
-    for a in wire:
-        if a.nbytes:
-            body_len += a.nbytes
-            parts.append(memoryview(a).cast("B"))  # type: ignore[arg-type]
+    buffers: list[bytes | memoryview] = [memoryview(a).cast("B") for a in wire if a.nbytes]  # type: ignore[arg-type]
+    body_len = len(meta_bytes) + sum(len(b) for b in buffers)
     if HEADER_SIZE + body_len > max_size:
         raise FrameError(f"message of {HEADER_SIZE + body_len} bytes exceeds the maximum of {max_size}")
-    parts[0] = HEADER.pack(MAGIC, VERSION, 0, len(wire), len(meta_bytes), body_len)
+    head = HEADER.pack(MAGIC, VERSION, 0, len(wire), len(meta_bytes), body_len) + meta_bytes
     if HEADER_SIZE + body_len <= JOIN_BELOW:
-        return [b"".join(parts)]
-    return [parts[0] + meta_bytes, *parts[2:]]
+        return [b"".join([head, *buffers])]
+    return [head, *buffers]
 
 
 _BODY_LEN = struct.Struct("<Q")

@@ -52,12 +52,14 @@ _READY_HIGH = 1024  # stop reading once this many decoded messages wait for the 
 # reader of a busy stream reads one message per system call and slows a fast sender down (measured with
 # benchmarks/transport.py), so the default is to sleep at once.
 _SPIN_NS = int(float(os.environ.get("BLAZIL_TCP_SPIN_US", "0")) * 1000)
+_MAX_WAIT_MS = 2**31 - 1  # the native wait takes a C int
 _LIVENESS_CHECK_S = 0.01  # how often an idle-reading publication peeks for the peer having gone away
 _RECONNECT_BACKOFF_S = (0.05, 1.0)
 _IOV_MAX = 1024
 
 _native_read: Any = framing.native.read_frames if framing.native is not None else None
 _native_send: Any = framing.native.send_frame if framing.native is not None else None
+_native_parse: Any = framing.native.parse_frames if framing.native is not None else None
 _OK = OfferStatus.OK
 _received = metrics.counter("transport", "messages_received", "total", "Messages delivered to the application",
                             ["transport"])
@@ -121,7 +123,7 @@ def _client_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
 class _Conn:
     sock: socket.socket
     peer: str
-    fd: int = -1
+    fd: int  # the socket's descriptor: the key in TcpSubscription._conns and what the native read uses
     handshaking: bool = False
     hello_done: bool = False
     rbuf: bytearray = field(default_factory=lambda: bytearray(_READ_CHUNK))
@@ -188,7 +190,7 @@ class TcpSubscription(Subscription):
             conn = self._sole_conn()
             if conn is not None:
                 # One plain connection (the usual case): wait, read and decode in one native call.
-                self._read_sole(conn, -1 if timeout is None else math.ceil(timeout * 1000))
+                self._read_sole(conn, -1 if timeout is None else min(math.ceil(timeout * 1000), _MAX_WAIT_MS))
         if not self._ready:
             self._report()
             while not self._ready:
@@ -198,9 +200,7 @@ class TcpSubscription(Subscription):
                     break
             if not self._ready:
                 return None
-        self._unreported += 1
-        if self._unreported >= 256:
-            self._report()
+        self._count_delivered(1)
         return self._ready.popleft()
 
     @property
@@ -227,10 +227,13 @@ class TcpSubscription(Subscription):
         while ready and n < limit:
             handler(ready.popleft())
             n += 1
+        self._count_delivered(n)
+        return n
+
+    def _count_delivered(self, n: int) -> None:
         self._unreported += n
         if self._unreported >= 256:
             self._report()
-        return n
 
     def _report(self) -> None:
         """Add delivered messages to the counter (in batches: one increment costs as much as a receive)."""
@@ -249,21 +252,13 @@ class TcpSubscription(Subscription):
 
     def _read_sole(self, conn: _Conn, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for the sole connection, read and decode natively; the rest is Python's."""
-        assert _native_read is not None
-        try:
-            start, end, n, err = _native_read(conn.fd, conn.rbuf, conn.rstart, conn.rend, self.max_message_size,
-                                              conn.peer, self._ready, timeout_ms, self._listen_fd, _SPIN_NS)
-        except OverflowError:  # a timeout beyond a C int
-            start, end, n, err = _native_read(conn.fd, conn.rbuf, conn.rstart, conn.rend, self.max_message_size,
-                                              conn.peer, self._ready, 2**31 - 1, self._listen_fd, _SPIN_NS)
+        start, end, n, err = _native_read(conn.fd, conn.rbuf, conn.rstart, conn.rend, self.max_message_size,
+                                          conn.peer, self._ready, timeout_ms, self._listen_fd, _SPIN_NS)
         conn.rstart, conn.rend = start, end
-        if end == len(conn.rbuf) and n > 0 and len(conn.rbuf) < _READ_CHUNK_MAX:
-            conn.rbuf.extend(bytes(len(conn.rbuf)))  # the read filled the buffer: a busy peer, read more at once
+        if n > 0 and end == len(conn.rbuf):
+            self._grow(conn)
         if err:
-            if err in (errno.ECONNRESET, errno.EPIPE):
-                self._disconnected(conn)
-            else:
-                self._fault(conn, "io", f"read failed: {os.strerror(err)}")
+            self._read_failed(conn, err, os.strerror(err))
         elif n == 0:
             self._disconnected(conn)
         elif end - start >= HEADER_SIZE:
@@ -307,8 +302,8 @@ class TcpSubscription(Subscription):
             if self._ssl is not None:
                 conn.sock = self._ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                 conn.handshaking = True
-            self._conns[conn.sock.fileno()] = conn
-            self._epoll.register(conn.sock.fileno(), select.EPOLLIN)
+            self._conns[conn.fd] = conn
+            self._epoll.register(conn.fd, select.EPOLLIN)
             _connections.labels(self._kind).inc()
             if conn.handshaking:
                 self._handshake(conn)
@@ -330,7 +325,7 @@ class TcpSubscription(Subscription):
         self._drop(conn)
 
     def _drop(self, conn: _Conn) -> None:
-        fd = conn.sock.fileno()
+        fd = conn.fd
         if fd in self._conns:
             del self._conns[fd]
             self._epoll.unregister(fd)
@@ -351,15 +346,12 @@ class TcpSubscription(Subscription):
                         self._compact(conn)
                     room = len(conn.rbuf) - conn.rend
                     n = sock.recv_into(memoryview(conn.rbuf)[conn.rend:])
-                    if n == room and len(conn.rbuf) < _READ_CHUNK_MAX:
-                        conn.rbuf.extend(bytes(len(conn.rbuf)))  # a busy peer: read more per system call
+                    if n == room:
+                        self._grow(conn)
             except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
                 return
             except (ssl.SSLError, OSError) as e:
-                if isinstance(e, OSError) and e.errno in (errno.ECONNRESET, errno.EPIPE):
-                    self._disconnected(conn)
-                else:
-                    self._fault(conn, "io", f"read failed: {e}")
+                self._read_failed(conn, e.errno if isinstance(e, OSError) else None, str(e))
                 return
             if n == 0:
                 self._disconnected(conn)
@@ -376,6 +368,18 @@ class TcpSubscription(Subscription):
                     return
             if conn.body is None and conn.rend - conn.rstart < HEADER_SIZE and n < len(conn.rbuf) // 2:
                 return  # drained what the kernel had
+
+    @staticmethod
+    def _grow(conn: _Conn) -> None:
+        """A read filled the buffer: a busy peer. Double it (up to the cap) to read more per system call."""
+        if len(conn.rbuf) < _READ_CHUNK_MAX:
+            conn.rbuf.extend(bytes(len(conn.rbuf)))
+
+    def _read_failed(self, conn: _Conn, err: int | None, detail: str) -> None:
+        if err in (errno.ECONNRESET, errno.EPIPE):
+            self._disconnected(conn)
+        else:
+            self._fault(conn, "io", f"read failed: {detail}")
 
     def _disconnected(self, conn: _Conn) -> None:
         partial = conn.body is not None or conn.rend > conn.rstart
@@ -397,10 +401,10 @@ class TcpSubscription(Subscription):
         start, end = conn.rstart, conn.rend
         unpack_header = framing.HEADER.unpack_from
         max_size = self.max_message_size
-        fast = framing.native.parse_frames if framing.native is not None else None
         while True:
-            if fast is not None and conn.header is None and conn.hello_done:
-                start = fast(buf, start, end, max_size, conn.peer, self._ready)  # stops where Python must look
+            if _native_parse is not None and conn.header is None and conn.hello_done:
+                # stops where Python must look
+                start = _native_parse(buf, start, end, max_size, conn.peer, self._ready)
             if conn.header is None:
                 if end - start < HEADER_SIZE:
                     break
@@ -559,15 +563,13 @@ class TcpPublication(Publication):
             # message (so order holds without the flusher's lock: only this thread ever adds to the queue).
             r = _native_send(self._fast_fd, meta, arrays, self.max_message_size)
             if type(r) is int:
-                self._sent_unreported += 1
-                if self._sent_unreported >= 1024:
-                    self._report()
+                self._count_sent(1)
                 return _OK
             parts, sent = r
             if sent > 0:
                 with self._lock:
                     self._queue(parts, sent)  # the kernel took part of it; the rest goes first next time
-                self._sent_unreported += 1
+                self._count_sent(1)
                 return _OK
         else:
             parts = framing.encode(meta, arrays, self.max_message_size)
@@ -600,9 +602,7 @@ class TcpPublication(Publication):
             with self._lock:
                 status = self._try_offer(parts, size)
             if status == OfferStatus.OK:
-                self._sent_unreported += count
-                if self._sent_unreported >= 1024:
-                    self._report()
+                self._count_sent(count)
                 return status
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -636,6 +636,11 @@ class TcpPublication(Publication):
             self._disconnect()
 
     # -- internals --------------------------------------------------------------------------------
+
+    def _count_sent(self, n: int) -> None:
+        self._sent_unreported += n
+        if self._sent_unreported >= 1024:
+            self._report()
 
     def _report(self) -> None:
         if self._sent_unreported:
