@@ -2,8 +2,10 @@
  *
  * encode()       one message -> the buffers of its frame, byte for byte what framing's Python encoder writes
  *                (with a MessagePack writer and reader of its own for the types metadata is made of)
- * decode_body()  a checked frame body -> Message, arrays as views of the body
+ * decode()       a whole frame -> Message; decode_body() a checked frame body -> Message (arrays are views)
  * parse_frames() whole frames out of a TCP read buffer -> Messages appended to a deque
+ * read_frames()  the TCP receive path: wait, read and parse_frames in one call
+ * send_frame()   the TCP offer path: encode and send in one call
  *
  * Only the success path lives here. Whenever anything is off (a malformed frame, a dtype not seen before,
  * an object that is not a plain numpy array), these functions hand the case to the Python reference
@@ -20,7 +22,6 @@
 #include <numpy/arrayobject.h>
 
 #define HEADER_SIZE 20
-#define MAX_ARRAYS 0xFFFF
 
 static const char MAGIC[4] = {'B', 'L', 'Z', 'M'};
 
@@ -354,8 +355,7 @@ str: {
     if (n < 0 || !rd_need(r, n)) return NULL;
     PyObject *u = PyUnicode_DecodeUTF8((const char *)r->p, n, NULL);
     if (u == NULL) {
-        if (PyErr_ExceptionMatches(PyExc_MemoryError)) return NULL;
-        PyErr_Clear();
+        if (!PyErr_ExceptionMatches(PyExc_MemoryError)) PyErr_Clear();  /* bad UTF-8: msgpack names it */
         return NULL;
     }
     r->p += n;
