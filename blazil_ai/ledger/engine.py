@@ -659,7 +659,9 @@ class Engine:
             self.failed_keys.add(key64_int(t["id"]))
         return code, when
 
-    def _create_transfer_inner(self, t: dict[str, int], ts: int) -> tuple[int, int]:
+    def _check_transfer_id(self, t: dict[str, int]) -> tuple[int, int] | None:
+        """TigerBeetle's first checks of a new transfer (timestamp, flags, id, existing or failed id): the
+        result, or None to go on."""
         flags = t["flags"]
         if t["timestamp"] != 0:
             return CT.TIMESTAMP_MUST_BE_ZERO, 0
@@ -675,6 +677,13 @@ class Engine:
             return self._transfer_exists(t, row)
         if tid in self.failed_ids:
             return CT.ID_ALREADY_FAILED, 0
+        return None
+
+    def _create_transfer_inner(self, t: dict[str, int], ts: int) -> tuple[int, int]:
+        first = self._check_transfer_id(t)
+        if first is not None:
+            return first
+        flags = t["flags"]
         post_void = flags & (_TF.POST_PENDING_TRANSFER | _TF.VOID_PENDING_TRANSFER)
         if post_void:
             return self._post_or_void(t, ts)
@@ -764,51 +773,64 @@ class Engine:
         self._record_history(cr, trow)
         return CREATED, ts
 
-    def _post_or_void(self, t: dict[str, int], ts: int) -> tuple[int, int]:
+    def _check_post_or_void(self, t: dict[str, int], ts: int | None) -> tuple[int, int]:
+        """TigerBeetle's checks of a post/void against the pending transfer it names, in its order, up to the
+        accounts: ``(CREATED, row of the pending transfer)`` or ``(result code, -1)``. ``ts`` is the time to
+        judge expiry by; None reads the clock, and only when the pending transfer has a timeout."""
         flags = t["flags"]
         post = bool(flags & _TF.POST_PENDING_TRANSFER)
         void = bool(flags & _TF.VOID_PENDING_TRANSFER)
         if (post and void) or flags & (_TF.PENDING | _TF.BALANCING_DEBIT | _TF.BALANCING_CREDIT
                                        | _TF.CLOSING_DEBIT | _TF.CLOSING_CREDIT):
-            return CT.FLAGS_ARE_MUTUALLY_EXCLUSIVE, 0
+            return CT.FLAGS_ARE_MUTUALLY_EXCLUSIVE, -1
         pid = t["pending_id"]
         if pid == 0:
-            return CT.PENDING_ID_MUST_NOT_BE_ZERO, 0
+            return CT.PENDING_ID_MUST_NOT_BE_ZERO, -1
         if pid == U128_MAX:
-            return CT.PENDING_ID_MUST_NOT_BE_INT_MAX, 0
+            return CT.PENDING_ID_MUST_NOT_BE_INT_MAX, -1
         if pid == t["id"]:
-            return CT.PENDING_ID_MUST_BE_DIFFERENT, 0
+            return CT.PENDING_ID_MUST_BE_DIFFERENT, -1
         if t["timeout"] != 0:
-            return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER, 0
+            return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER, -1
         prow = self.transfer_row(pid)
         if prow is None:
-            return CT.PENDING_TRANSFER_NOT_FOUND, 0
+            return CT.PENDING_TRANSFER_NOT_FOUND, -1
         p = self.transfers[prow]
-        p_flags = int(p["flags"])
-        if not p_flags & _TF.PENDING:
-            return CT.PENDING_TRANSFER_NOT_PENDING, 0
-        p_dr, p_cr, p_amount = _u(p["debit_account_id"]), _u(p["credit_account_id"]), _u(p["amount"])
-        if t["debit_account_id"] and t["debit_account_id"] != p_dr:
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID, 0
-        if t["credit_account_id"] and t["credit_account_id"] != p_cr:
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID, 0
+        if not int(p["flags"]) & _TF.PENDING:
+            return CT.PENDING_TRANSFER_NOT_PENDING, -1
+        if t["debit_account_id"] and t["debit_account_id"] != _u(p["debit_account_id"]):
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID, -1
+        if t["credit_account_id"] and t["credit_account_id"] != _u(p["credit_account_id"]):
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID, -1
         if t["ledger"] and t["ledger"] != int(p["ledger"]):
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_LEDGER, 0
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_LEDGER, -1
         if t["code"] and t["code"] != int(p["code"]):
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CODE, 0
-        amount = t["amount"]
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CODE, -1
+        amount, p_amount = t["amount"], _u(p["amount"])
         if amount > p_amount and amount != AMOUNT_MAX:
-            return CT.EXCEEDS_PENDING_TRANSFER_AMOUNT, 0
+            return CT.EXCEEDS_PENDING_TRANSFER_AMOUNT, -1
         if void and 0 < amount < p_amount:
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT, 0
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT, -1
         state = int(self.pending_state[prow])
         if state == POSTED:
-            return CT.PENDING_TRANSFER_ALREADY_POSTED, 0
+            return CT.PENDING_TRANSFER_ALREADY_POSTED, -1
         if state == VOIDED:
-            return CT.PENDING_TRANSFER_ALREADY_VOIDED, 0
+            return CT.PENDING_TRANSFER_ALREADY_VOIDED, -1
         timeout = int(p["timeout"])
-        if state == EXPIRED or (timeout and int(p["timestamp"]) + timeout * 1_000_000_000 <= ts):
-            return CT.PENDING_TRANSFER_EXPIRED, 0
+        if state == EXPIRED or (timeout and int(p["timestamp"]) + timeout * 1_000_000_000
+                                <= (self.clock() if ts is None else ts)):
+            return CT.PENDING_TRANSFER_EXPIRED, -1
+        return CREATED, prow
+
+    def _post_or_void(self, t: dict[str, int], ts: int) -> tuple[int, int]:
+        code, prow = self._check_post_or_void(t, ts)
+        if code != CREATED:
+            return code, 0
+        post = bool(t["flags"] & _TF.POST_PENDING_TRANSFER)
+        p = self.transfers[prow]
+        p_flags = int(p["flags"])
+        p_dr, p_cr, p_amount = _u(p["debit_account_id"]), _u(p["credit_account_id"]), _u(p["amount"])
+        amount = t["amount"]
         dr = self.account_rows[p_dr]
         cr = self.account_rows[p_cr]
         if post:

@@ -422,61 +422,16 @@ class ShardedLedger:
 
     def _precheck_resolve(self, t: dict[str, int]) -> tuple[int, int]:
         """TigerBeetle's checks for a post/void of a cross-shard pending transfer: (status, amount to post)."""
-        flags = t["flags"]
-        tid, pid = t["id"], t["pending_id"]
-        if t["timestamp"] != 0:
-            return CT.TIMESTAMP_MUST_BE_ZERO, 0
-        if flags & ~int(sum(int(f) for f in TransferFlags)) or flags & TransferFlags.IMPORTED:
-            return CT.RESERVED_FLAG, 0
-        if tid == 0:
-            return CT.ID_MUST_NOT_BE_ZERO, 0
-        if tid == U128_MAX:
-            return CT.ID_MUST_NOT_BE_INT_MAX, 0
-        row = self.cross.transfer_row(tid)
-        if row is not None:
-            return self.cross._transfer_exists(t, row)
-        if tid in self.cross.failed_ids:
-            return CT.ID_ALREADY_FAILED, 0
-        post = bool(flags & TransferFlags.POST_PENDING_TRANSFER)
-        void = bool(flags & TransferFlags.VOID_PENDING_TRANSFER)
-        if (post and void) or flags & (TransferFlags.PENDING | TransferFlags.BALANCING_DEBIT
-                                       | TransferFlags.BALANCING_CREDIT | TransferFlags.CLOSING_DEBIT
-                                       | TransferFlags.CLOSING_CREDIT):
-            return CT.FLAGS_ARE_MUTUALLY_EXCLUSIVE, 0
-        if pid == U128_MAX:
-            return CT.PENDING_ID_MUST_NOT_BE_INT_MAX, 0
-        if pid == tid:
-            return CT.PENDING_ID_MUST_BE_DIFFERENT, 0
-        if t["timeout"] != 0:
-            return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER, 0
-        prow = self.cross.transfer_row(pid)
-        if prow is None:
-            return CT.PENDING_TRANSFER_NOT_FOUND, 0
+        first = self.cross._check_transfer_id(t)
+        if first is not None:
+            return first
+        code, prow = self.cross._check_post_or_void(t, None)
+        if code != CREATED:
+            return code, 0
+        post = bool(t["flags"] & TransferFlags.POST_PENDING_TRANSFER)
         p = self.cross.transfers[prow]
-        if not int(p["flags"]) & TransferFlags.PENDING:
-            return CT.PENDING_TRANSFER_NOT_PENDING, 0
         p_dr, p_cr, p_amount = _u(p["debit_account_id"]), _u(p["credit_account_id"]), _u(p["amount"])
-        if t["debit_account_id"] and t["debit_account_id"] != p_dr:
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID, 0
-        if t["credit_account_id"] and t["credit_account_id"] != p_cr:
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID, 0
-        if t["ledger"] and t["ledger"] != int(p["ledger"]):
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_LEDGER, 0
-        if t["code"] and t["code"] != int(p["code"]):
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CODE, 0
         amount = t["amount"]
-        if amount > p_amount and amount != AMOUNT_MAX:
-            return CT.EXCEEDS_PENDING_TRANSFER_AMOUNT, 0
-        if void and 0 < amount < p_amount:
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT, 0
-        state = int(self.cross.pending_state[prow])
-        if state == POSTED:
-            return CT.PENDING_TRANSFER_ALREADY_POSTED, 0
-        if state == VOIDED:
-            return CT.PENDING_TRANSFER_ALREADY_VOIDED, 0
-        timeout = int(p["timeout"])
-        if state == EXPIRED or (timeout and int(p["timestamp"]) + timeout * 1_000_000_000 <= self.cross.clock()):
-            return CT.PENDING_TRANSFER_EXPIRED, 0
         if post:
             for aid, code in ((p_dr, CT.DEBIT_ACCOUNT_ALREADY_CLOSED), (p_cr, CT.CREDIT_ACCOUNT_ALREADY_CLOSED)):
                 eng = self.shards[shard_of(aid, self.n)].engine
