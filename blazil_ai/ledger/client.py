@@ -13,7 +13,7 @@ arrays in the 128-byte layout (and return a uint32 status array, 0 = created, fo
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,16 @@ from blazil_ai.ledger.types import (
 )
 
 
+def completed_future(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """Run ``fn(*args)`` now; its result, or the exception it raised, as a completed future."""
+    fut: Future[Any] = Future()
+    try:
+        fut.set_result(fn(*args))
+    except Exception as e:
+        fut.set_exception(e)
+    return fut
+
+
 class LedgerClient:
     """The operations every backend offers; subclasses implement ``_call(op, arg)`` on numpy batches."""
 
@@ -46,12 +56,7 @@ class LedgerClient:
 
     def submit(self, op: str, arg: Any) -> Future[Any]:
         """Start one request and return a future of its raw result (pipelining: several may be in flight)."""
-        fut: Future[Any] = Future()
-        try:
-            fut.set_result(self._call(op, arg))
-        except Exception as e:
-            fut.set_exception(e)
-        return fut
+        return completed_future(self._call, op, arg)
 
     def create_accounts(self, accounts: Sequence[Account] | np.ndarray) -> Any:
         """Create accounts: list of CreateAccountResult, or a uint32 status array (0 = created) for numpy input."""

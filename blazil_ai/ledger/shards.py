@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from blazil_ai.errors import ConfigError, DataError
+from blazil_ai.ledger.client import completed_future
 from blazil_ai.ledger.engine import CREATED, EXPIRED, PENDING, POSTED, VOIDED, Engine, _columns, key64, key64_int
 from blazil_ai.ledger.store import LocalLedger
 from blazil_ai.ledger.types import (
@@ -146,12 +147,7 @@ class ShardedLedger:
 
     def submit(self, op: str, arg: Any) -> Future[Any]:
         """Run one request (the coordinator is synchronous) and return a completed future."""
-        fut: Future[Any] = Future()
-        try:
-            fut.set_result(self.call(op, arg))
-        except Exception as e:
-            fut.set_exception(e)
-        return fut
+        return completed_future(self.call, op, arg)
 
     def call(self, op: str, arg: Any = None) -> Any:
         """Run one request."""
