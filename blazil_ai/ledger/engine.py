@@ -279,15 +279,20 @@ class Engine:
         ok = (self._acc_keys[pos] == q) & (ids[:, 0] == words[:, 0]) & (ids[:, 1] == words[:, 1])
         return np.where(ok, rows, -1)
 
+    def _stamp_batch(self, n: int, what: str, timestamp: int | None) -> int:
+        """Check a batch's size and take its n timestamps (or adopt the replayed ones); the first of them."""
+        if n > BATCH_MAX:
+            raise DataError(f"batch of {n} {what} exceeds the limit of {BATCH_MAX} events")
+        base = self.next_timestamps(n) if timestamp is None else timestamp
+        self.last_timestamp = max(self.last_timestamp, base + n - 1)
+        return base
+
     # ---------------------------------------------------------------- accounts
 
     def create_accounts(self, batch: np.ndarray, timestamp: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Create accounts; returns (status u32 per event, engine codes, and timestamp u64 per event)."""
         n = len(batch)
-        if n > BATCH_MAX:
-            raise DataError(f"batch of {n} accounts exceeds the limit of {BATCH_MAX} events")
-        base = self.next_timestamps(n) if timestamp is None else timestamp
-        self.last_timestamp = max(self.last_timestamp, base + n - 1)
+        base = self._stamp_batch(n, "accounts", timestamp)
         status = np.full(n, CREATED, dtype=np.uint32)
         stamps = np.zeros(n, dtype=np.uint64)
         ev = _columns(batch)
@@ -360,10 +365,7 @@ class Engine:
     def create_transfers(self, batch: np.ndarray, timestamp: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Create transfers; returns (status u32 per event, engine codes, and timestamp u64 per event)."""
         n = len(batch)
-        if n > BATCH_MAX:
-            raise DataError(f"batch of {n} transfers exceeds the limit of {BATCH_MAX} events")
-        base = self.next_timestamps(n) if timestamp is None else timestamp
-        self.last_timestamp = max(self.last_timestamp, base + n - 1)
+        base = self._stamp_batch(n, "transfers", timestamp)
         self.expire_pending(base)
         if n and self._try_fast(batch, base):
             self.fast_batches += 1
