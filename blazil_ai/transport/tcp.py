@@ -101,20 +101,23 @@ def _tls_settings(ep: _Endpoint, kw: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _server_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+def _tls_context(protocol: ssl._SSLMethod, opts: Mapping[str, Any]) -> ssl.SSLContext:
+    """TLS 1.2 or later, our certificate and key, and the CA that signs the other side's."""
+    ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(opts["certfile"], opts["keyfile"])
     ctx.load_verify_locations(cafile=opts["cafile"])
+    return ctx
+
+
+def _server_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
+    ctx = _tls_context(ssl.PROTOCOL_TLS_SERVER, opts)
     ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
 def _client_context(opts: Mapping[str, Any]) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(opts["certfile"], opts["keyfile"])
-    ctx.load_verify_locations(cafile=opts["cafile"])
+    ctx = _tls_context(ssl.PROTOCOL_TLS_CLIENT, opts)
     ctx.check_hostname = str(opts.get("check_hostname", "1")).lower() not in ("0", "false", "no")
     return ctx
 
