@@ -11,6 +11,7 @@ import torch
 
 from blazil_ai.errors import ConfigError, DataError
 from blazil_ai.pipeline.model import PositionError, StageModel
+from blazil_ai.pipeline.protocol import PROTOCOL_VERSION
 from blazil_ai.pipeline.random_model import save_tiny_checkpoint, write_random_checkpoint
 from blazil_ai.pipeline.sampling import Sampler, SamplingParams
 from blazil_ai.pipeline.stage import check_stages
@@ -58,16 +59,31 @@ def run_chain(stages: list[StageModel], prompts: list[list[int]], samplers: list
 @pytest.mark.parametrize("split", [None, (3, 4)])
 def test_greedy_ids_and_final_logits_equal_hf_generate(tiny, hf, split):
     stages = stages_for(tiny, split)
-    for s in stages[1:]:
-        s.enable_decode_graphs(use_graphs=False)  # stage 1 the plain forward, stages 2-3 the graph pieces
     for prompt in PROMPTS[:2]:
         out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8, repetition_penalty=1.0,
                           eos_token_id=None, output_logits=True, return_dict_in_generate=True)
         ids, logits = run_chain(stages, [prompt], [Sampler(SamplingParams(max_new_tokens=8), prompt)], 8)
         assert ids[0] == out.sequences[0, len(prompt):].tolist()
-        assert torch.equal(logits[0], out.logits[-1][0])
+        assert torch.equal(logits[0], out.logits[-1][0])  # bit for bit: the same kernels on the same numbers
         for s in stages:
-            s.caches.clear()
+            s.clear()
+
+
+def test_decode_graph_step_equals_hf_generate(tiny, hf):
+    """The step a CUDA graph captures (masked attention over a power-of-two width), run eagerly here."""
+    stages = stages_for(tiny, (2, 5))
+    for s in stages[1:]:
+        s.enable_decode_graphs(use_graphs=False)  # stage 1 the plain forward, stages 2-3 the graph step
+    for prompt in PROMPTS:
+        out = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8, repetition_penalty=1.0,
+                          eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+        ids, logits = run_chain(stages, [prompt], [Sampler(SamplingParams(max_new_tokens=8), prompt)], 8)
+        assert ids[0] == out.sequences[0, len(prompt):].tolist()
+        # Attention over 256 columns with the unused ones masked sums in another order than over the
+        # sequence's own length: equal to float rounding, not bit for bit.
+        torch.testing.assert_close(logits[0], out.logits[-1][0], rtol=0, atol=1e-5)
+        for s in stages:
+            s.clear()
 
 
 @pytest.mark.parametrize("pieces", [False, True], ids=["forward", "decode-graph-pieces"])
@@ -84,6 +100,63 @@ def test_batched_decode_of_several_sequences_matches_each_alone(tiny, hf, pieces
     assert stages[1].caches["r1"].length == len(PROMPTS[1]) + 5
 
 
+@pytest.mark.parametrize("graph_step", [False, True], ids=["forward", "decode-graph-step"])
+def test_kv_slots_grow_compact_and_serve_any_subset(tiny, hf, graph_step):
+    """Sequences come and go at different times, in any subset per forward, past the first slot and
+    capacity sizes; each one still generates exactly what it generates alone."""
+    from blazil_ai.pipeline.model import KVSlots
+
+    stages = stages_for(tiny)
+    for s in stages:
+        kv = s.kv
+        s.kv = KVSlots(kv.layers, kv.kv_heads, kv.head_dim, kv.dtype, kv.device, slots=1, capacity=4)
+        if graph_step:
+            s.enable_decode_graphs(use_graphs=False)
+    prompts = [*PROMPTS, [7, 8], [42] * 6, [3]]
+    new_tokens = 12
+    refs = [hf.generate(torch.tensor([p]), do_sample=False, max_new_tokens=new_tokens,
+                        eos_token_id=None)[0, len(p):].tolist() for p in prompts]
+    state = {f"r{i}": {"prompt": p, "out": [], "pos": 0} for i, p in enumerate(prompts)}
+
+    def advance(rids: list[str]) -> None:
+        parts, pos, lens = [], [], []
+        for r in rids:
+            st = state[r]
+            ids = st["prompt"] if st["pos"] == 0 else st["out"][-1:]
+            parts.append(torch.tensor(ids))
+            pos.append(st["pos"])
+            lens.append(len(ids))
+        h = stages[0].embed(torch.cat(parts))
+        for s in stages:
+            h = s.forward(h, rids, pos, lens)
+        logits = stages[-1].logits(h[torch.tensor(lens).cumsum(0) - 1])
+        for i, r in enumerate(rids):
+            state[r]["out"].append(int(logits[i].argmax()))
+            state[r]["pos"] += lens[i]
+
+    advance(["r0"])
+    advance(["r1", "r0"])                   # a prompt and a decode in one forward
+    advance(["r2", "r4", "r3"])             # three prompts, two of one length batched (slots 2 and 4)
+    advance(["r3", "r0", "r2"])             # slots 4, 0, 2: not contiguous, not in order
+    advance(["r5", "r1"])                   # a one-token prompt; slots grow 1 -> 2 -> 4 -> 8 on the way
+    for s in stages:                        # r1 goes away mid-generation; r5 moves into its slot
+        assert s.drop("r1")
+        assert s.caches["r5"].slot == 1 and sorted(s.caches) == ["r0", "r2", "r3", "r4", "r5"]
+    del state["r1"]
+    live = sorted(state)
+    while any(len(st["out"]) < new_tokens for st in state.values()):
+        todo = [r for r in live if len(state[r]["out"]) < new_tokens]
+        advance(todo[::2])                  # two groups that never step together
+        if todo[1::2]:
+            advance(todo[1::2])
+    assert stages[1].kv.capacity >= len(prompts[4]) + new_tokens and stages[1].kv.slots == 8
+    for r, st in state.items():
+        assert st["out"] == refs[int(r[1:])], r
+    for s in stages:
+        s.clear()
+        assert s.caches == {} and not s.drop("r0")
+
+
 def test_sampling_with_seed_equals_hf_sampling_with_that_seed(tiny, hf):
     stages = stages_for(tiny)
     kw = dict(temperature=0.8, top_k=40, top_p=0.9, repetition_penalty=1.3)
@@ -97,7 +170,7 @@ def test_sampling_with_seed_equals_hf_sampling_with_that_seed(tiny, hf):
     assert ids == refs
     again = [Sampler(SamplingParams(max_new_tokens=6, seed=1000 + i, **kw), p) for i, p in enumerate(PROMPTS)]
     for s in stages:
-        s.caches.clear()
+        s.clear()
     assert run_chain(stages, PROMPTS, again, 6)[0] == ids
 
 
@@ -202,7 +275,7 @@ def test_split_rules():
 
 
 def test_handshake_check_names_the_disagreement():
-    base = {"protocol": 1, "model": "m", "dtype": "float32", "num_layers": 6}
+    base = {"protocol": PROTOCOL_VERSION, "model": "m", "dtype": "float32", "num_layers": 6}
     good = [{**base, "stage": 1, "start": 0, "stop": 2}, {**base, "stage": 2, "start": 2, "stop": 4},
             {**base, "stage": 3, "start": 4, "stop": 6}]
     assert check_stages(good) is None

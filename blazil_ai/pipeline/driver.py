@@ -31,7 +31,6 @@ from blazil_ai.pipeline.sampling import SamplingParams, eos_ids_of
 from blazil_ai.pipeline.weights import load_config, model_fingerprint, split_layers, weight_map
 from blazil_ai.transport import Publication, Subscription, publication, subscription
 from blazil_ai.transport.framing import Message
-from blazil_ai.transport.idle import BackoffIdleStrategy
 
 
 def resolve_transport(name: str) -> tuple[str, str]:
@@ -179,29 +178,44 @@ class PipelineClient:
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, want_logits: bool = False,
                rid: str | None = None) -> str:
         """Start one request; returns its id. Tokens arrive through :meth:`wait`."""
-        if not prompt_ids:
-            raise ConfigError("the prompt is empty: give at least one token")
-        params.validate()
-        if not params.eos_token_ids and self.model_dir is not None:
-            params.eos_token_ids = eos_ids_of(self.model_dir)
-        rid = rid or uuid.uuid4().hex[:12]
-        res = self._results[rid] = GenerationResult(rid, [int(i) for i in prompt_ids], submitted=time.perf_counter())
-        self._active.add(rid)
-        self.pubs[0].send({"op": "generate", "rid": rid, "reply_to": list(self.reply_to),
-                           "sampling": params.to_dict(), "logits": want_logits},
-                          [np.asarray(res.prompt_ids, dtype=np.int64)], timeout=self.timeout)
-        return rid
+        return self.submit_many([prompt_ids], [params], want_logits, [rid] if rid else None)[0]
+
+    def submit_many(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+                    want_logits: bool = False, rids: Sequence[str] | None = None) -> list[str]:
+        """Start several requests in one message, so their prompts share the first forward; returns their ids."""
+        items, arrays, out = [], [], []
+        for i, (prompt_ids, sp) in enumerate(zip(prompts, params, strict=True)):
+            if not prompt_ids:
+                raise ConfigError(f"prompt {i} is empty: give at least one token")
+            sp.validate()
+            if not sp.eos_token_ids and self.model_dir is not None:
+                sp.eos_token_ids = eos_ids_of(self.model_dir)
+            rid = rids[i] if rids else uuid.uuid4().hex[:12]
+            res = GenerationResult(rid, [int(t) for t in prompt_ids], submitted=time.perf_counter())
+            items.append({"rid": rid, "sampling": sp.to_dict(), "logits": want_logits})
+            arrays.append(np.asarray(res.prompt_ids, dtype=np.int64))
+            out.append(res)
+        for res in out:
+            self._results[res.rid] = res
+            self._active.add(res.rid)
+        self.pubs[0].send({"op": "generate", "reply_to": list(self.reply_to), "requests": items}, arrays,
+                          timeout=self.timeout)
+        return [res.rid for res in out]
 
     def wait(self, rids: Sequence[str], on_token: Callable[[str, int], None] | None = None,
              decode_text: bool = True) -> list[GenerationResult]:
         """Collect tokens until every request in ``rids`` finishes; raise :class:`PipelineError` on a fault."""
         pending = set(rids)
         last_seen = dict.fromkeys(pending, time.monotonic())
-        idle = BackoffIdleStrategy(max_park_s=5e-4)
         while pending:
             got: list[Message] = [*self._stray]
             self._stray.clear()
             self.sub.poll(got.append, limit=256)
+            if not got:  # asleep in the transport's wait until a message comes (or 50 ms pass)
+                first = self.sub.receive(timeout=0.05)
+                if first is not None:
+                    got.append(first)
+                    self.sub.poll(got.append, limit=255)
             now = time.perf_counter()
             for m in got:
                 rid = m.meta.get("rid")
@@ -228,7 +242,6 @@ class PipelineClient:
                 stale = [r for r in pending if time.monotonic() - last_seen[r] > self.timeout]
                 if stale:
                     self._fail(stale[0], self._diagnose(stale[0]), rids)
-            idle.idle(len(got))
         out = [self._results.pop(r) for r in rids]
         if decode_text and self.model_dir is not None and (Path(self.model_dir) / "tokenizer.json").is_file():
             for res in out:
@@ -244,7 +257,7 @@ class PipelineClient:
                       want_logits: bool = False) -> list[GenerationResult]:
         """Run several requests at once (they share each stage's forward passes)."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
-        rids = [self.submit(p, SamplingParams.from_dict(sp.to_dict()), want_logits) for p, sp in zip(prompts, plist)]
+        rids = self.submit_many(prompts, [SamplingParams.from_dict(sp.to_dict()) for sp in plist], want_logits)
         return self.wait(rids)
 
     def _fail(self, rid: str, message: str, rids: Sequence[str]) -> None:

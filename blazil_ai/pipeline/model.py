@@ -2,9 +2,10 @@
 
 The stage reuses Hugging Face's own modules (``Qwen2DecoderLayer``, rotary embedding, RMSNorm) and the
 same SDPA attention call, so its arithmetic is the arithmetic of ``Qwen2ForCausalLM``. Each sequence
-has its own KV cache and position; a decode step runs every active sequence through one batched
-forward (one matrix product per projection for the whole batch), and only attention, which reads
-each sequence's own cache, runs per sequence.
+has its own position and its own slot in the stage's KV cache tensors; a decode step runs every
+active sequence through one batched forward: one matrix product per projection and one attention
+call per layer for the whole batch (each row masked to its own length), which is also what a CUDA
+graph captures on a GPU.
 """
 
 from __future__ import annotations
@@ -32,12 +33,67 @@ class PositionError(BlazilError):
 
 @dataclass(slots=True)
 class SequenceCache:
-    """The keys and values one sequence has seen, one (key, value) pair per local layer."""
+    """Where one sequence's keys and values live: a slot of the stage's :class:`KVSlots`, and how many positions."""
 
-    keys: list[torch.Tensor | None]
-    values: list[torch.Tensor | None]
+    slot: int
     length: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+class KVSlots:
+    """Every sequence's keys and values, one tensor per layer and kind: ``[slots, kv_heads, capacity, head_dim]``.
+
+    A sequence owns one slot (row); its position ``p`` is column ``p``. Decode steps write the new key
+    and value of every sequence of a batch with one indexed store and attend with one batched call,
+    and nothing is copied as sequences grow. Capacity and slot count double when needed (the tensors
+    are then reallocated and :attr:`generation` changes, so CUDA graphs that captured the old ones are
+    rebuilt). Fresh memory is zeroed: columns past a sequence's length are masked out of attention,
+    and a masked zero contributes exactly nothing, where uninitialised memory could hold NaN.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 slots: int = 4, capacity: int = 256) -> None:
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.slots, self.capacity = 0, 0
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.generation = 0
+        self._initial = (slots, capacity)
+
+    @torch.inference_mode()
+    def ensure(self, slots: int, length: int) -> None:
+        """Make room for ``slots`` sequences of ``length`` positions (growing by doubling)."""
+        if slots <= self.slots and length <= self.capacity:
+            return
+        new_slots = max(self.slots or self._initial[0], 1)
+        while new_slots < slots:
+            new_slots *= 2
+        new_cap = max(self.capacity or self._initial[1], 1)
+        while new_cap < length:
+            new_cap *= 2
+        shape = (new_slots, self.kv_heads, new_cap, self.head_dim)
+        for store in (self.k, self.v):
+            for i in range(self.layers):
+                t = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if i < len(store):
+                    t[:self.slots, :, :self.capacity].copy_(store[i])
+                    store[i] = t
+                else:
+                    store.append(t)
+        self.slots, self.capacity = new_slots, new_cap
+        self.generation += 1
+
+    @torch.inference_mode()
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of slot ``src`` into slot ``dst``."""
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :length].copy_(t[src, :, :length])
+
+    def nbytes(self) -> int:
+        """Memory the caches take."""
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
 
 def resolve_dtype(name: str | None, config: Any) -> torch.dtype:
@@ -74,12 +130,15 @@ class StageModel(nn.Module):
             self.norm = Qwen2RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps) if spec.is_last else None
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if spec.is_last else None
         self.rotary_emb = Qwen2RotaryEmbedding(cfg).to(self.device_)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv = KVSlots(len(self.layers), cfg.num_key_value_heads, head_dim, dtype, self.device_)
         self.caches: dict[str, SequenceCache] = {}
+        self._slot_owner: list[str] = []  # the request in each slot; slots [0, len) are in use, none after
         self.graphs: DecodeGraphs | None = None
         self.eval()
 
     def enable_decode_graphs(self, use_graphs: bool | None = None) -> None:
-        """Run decode steps through :class:`DecodeGraphs` (CUDA graphs on a GPU; the same pieces eagerly on CPU)."""
+        """Run decode steps through :class:`DecodeGraphs` (CUDA graphs on a GPU; the same step eagerly on CPU)."""
         if use_graphs is None:
             use_graphs = self.device_.type == "cuda"
         self.graphs = DecodeGraphs(self, use_graphs)
@@ -110,16 +169,36 @@ class StageModel(nn.Module):
             if position != 0:
                 raise PositionError(f"stage {self.spec.stage}: request {rid} arrives at position {position} "
                                     "but this stage holds no cache for it")
-            n = len(self.layers)
-            cache = self.caches[rid] = SequenceCache([None] * n, [None] * n)
+            cache = self.caches[rid] = SequenceCache(len(self._slot_owner))
+            self._slot_owner.append(rid)
         elif cache.length != position:
             raise PositionError(f"stage {self.spec.stage}: request {rid} arrives at position {position}, "
                                 f"its cache holds {cache.length} positions")
         return cache
 
     def drop(self, rid: str) -> bool:
-        """Forget a sequence's cache; True if there was one."""
-        return self.caches.pop(rid, None) is not None
+        """Forget a sequence's cache; True if there was one.
+
+        The sequence in the last used slot moves into the freed one, so the slots in use stay
+        ``[0, n)`` and a batch of all live sequences reads one contiguous block.
+        """
+        cache = self.caches.pop(rid, None)
+        if cache is None:
+            return False
+        last = len(self._slot_owner) - 1
+        if cache.slot != last:
+            moved = self._slot_owner[last]
+            other = self.caches[moved]
+            self.kv.move(last, cache.slot, other.length)
+            other.slot = cache.slot
+            self._slot_owner[cache.slot] = moved
+        self._slot_owner.pop()
+        return True
+
+    def clear(self) -> None:
+        """Forget every sequence."""
+        self.caches.clear()
+        self._slot_owner.clear()
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -139,8 +218,8 @@ class StageModel(nn.Module):
     def forward(self, hidden: torch.Tensor, rids: list[str], positions: list[int], lengths: list[int]) -> torch.Tensor:
         """Run this stage's layers on ragged hidden states ``[sum(lengths), H]``; return the same shape.
 
-        Sequences with one new token each (decode) run as one batch; a sequence with several tokens
-        (prefill) runs on its own, exactly as a single-sequence forward would.
+        Sequences with one new token each (decode) run as one batch, and so do prompts of one length
+        (prefill); a lone prompt runs exactly as a single-sequence forward would.
         """
         caches = [self.cache_for(r, p) for r, p in zip(rids, positions)]
         for r, p, n in zip(rids, positions, lengths):
@@ -148,12 +227,10 @@ class StageModel(nn.Module):
                 # SDPA's causal flag aligns top-left; several tokens after a cache would need an explicit mask.
                 raise PositionError(f"stage {self.spec.stage}: request {r}: {n} tokens at position {p}; "
                                     "several tokens are accepted only as the prompt (position 0)")
+        self.kv.ensure(len(self._slot_owner), max(p + n for p, n in zip(positions, lengths)))
         hidden = hidden.to(self.device_, self.dtype_)
         if all(n == 1 for n in lengths):
-            if self.graphs is not None:
-                out = self.graphs.run(hidden.unsqueeze(1), caches, positions).squeeze(1)
-            else:
-                out = self._run(hidden.unsqueeze(1), caches, positions).squeeze(1)
+            out = self._decode(hidden, caches, positions)
         else:
             offsets = [0]
             for n in lengths:
@@ -162,32 +239,132 @@ class StageModel(nn.Module):
             one = [i for i, n in enumerate(lengths) if n == 1]
             if one:
                 rows = torch.tensor([offsets[i] for i in one], device=self.device_)
-                step = self.graphs.run if self.graphs is not None else self._run
-                out[rows] = step(hidden[rows].unsqueeze(1), [caches[i] for i in one],
-                                      [positions[i] for i in one]).squeeze(1)
+                out[rows] = self._decode(hidden[rows], [caches[i] for i in one], [positions[i] for i in one])
+            prompts: dict[int, list[int]] = {}  # prompts of one length run as one batch
             for i, n in enumerate(lengths):
                 if n > 1:
-                    a, b = offsets[i], offsets[i + 1]
-                    out[a:b] = self._run(hidden[a:b].unsqueeze(0), [caches[i]], [positions[i]]).squeeze(0)
+                    prompts.setdefault(n, []).append(i)
+            for group in prompts.values():
+                x = torch.stack([hidden[offsets[i]:offsets[i + 1]] for i in group])
+                y = self._prefill(x, [caches[i] for i in group])
+                for j, i in enumerate(group):
+                    out[offsets[i]:offsets[i + 1]] = y[j]
         for cache, n in zip(caches, lengths):
             cache.length += n
         return out
 
-    def _run(self, x: torch.Tensor, caches: list[SequenceCache], positions: list[int]) -> torch.Tensor:
-        bsz, seq = x.shape[:2]
-        position_ids = (torch.tensor(positions, device=self.device_)[:, None]
-                        + torch.arange(seq, device=self.device_)[None, :])
-        cos, sin = self.rotary_emb(x, position_ids)
+    def _prefill(self, x: torch.Tensor, caches: list[SequenceCache]) -> torch.Tensor:
+        """Prompts ``[b, n, H]`` at position 0: causal attention over their own keys, which then fill their slots."""
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        bsz, n = x.shape[:2]
+        slots = [c.slot for c in caches]
+        rows: slice | torch.Tensor = (slice(slots[0], slots[0] + bsz) if slots == list(range(slots[0], slots[0] + bsz))
+                                      else torch.tensor(slots, device=self.device_))
+        cos, sin = self.rotary_emb(x, torch.arange(n, device=self.device_)[None, :].expand(bsz, n))
         for i, layer in enumerate(self.layers):
-            x = _decoder_layer(layer, i, x, cos, sin, caches)
+            q, k, v = _qkv(layer, x, cos, sin)
+            self.kv.k[i][rows, :, :n] = k
+            self.kv.v[i][rows, :, :n] = v
+            attn: Any = layer.self_attn
+            o, _ = sdpa_attention_forward(attn, q, k, v, None, dropout=0.0, scaling=attn.scaling, sliding_window=None)
+            x = _out(layer, x, o.reshape(bsz, n, -1).contiguous())
         return x
 
+    def _decode(self, x: torch.Tensor, caches: list[SequenceCache], positions: list[int]) -> torch.Tensor:
+        """One new token for each of ``B`` sequences, ``[B, H]`` -> ``[B, H]``."""
+        x = x.unsqueeze(1)
+        if self.graphs is not None:
+            return self.graphs.run(x, caches, positions).squeeze(1)
+        bsz, slots, first = len(caches), [c.slot for c in caches], caches[0].slot
+        position_ids = torch.tensor(positions, device=self.device_)[:, None]
+        cos, sin = self.rotary_emb(x, position_ids)
+        attention: _Attention
+        if positions.count(positions[0]) == bsz and slots == list(range(first, first + bsz)):
+            attention = _Aligned(self.kv, first, bsz, positions[0])
+        else:
+            attention = _Masked(self.kv, torch.tensor(slots, device=self.device_), position_ids[:, 0],
+                                max(positions) + 1)
+        return _decode_layers(self, x, cos, sin, attention).squeeze(1)
 
-def _decoder_layer(layer: Any, index: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   caches: list[SequenceCache]) -> torch.Tensor:
-    """``Qwen2DecoderLayer.forward`` with one KV cache per batch row (same operations, same order)."""
-    q, k, v = _qkv(layer, x, cos, sin)
-    return _out(layer, x, _attend(layer, index, q, k, v, caches))
+
+class _Attention:
+    """How a decode step stores each new key/value and attends over the cache (one call per layer)."""
+
+    def __call__(self, index: int, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _Aligned(_Attention):
+    """Every sequence at the same position, in consecutive slots: attend over a view of the cache.
+
+    This is Hugging Face's own decode call (same kernel, same arguments, no mask), so one sequence
+    decodes bit for bit as ``Qwen2ForCausalLM`` does.
+    """
+
+    def __init__(self, kv: KVSlots, first: int, bsz: int, position: int) -> None:
+        self.kv, self.rows, self.position = kv, slice(first, first + bsz), position
+
+    def __call__(self, index: int, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward, use_gqa_in_sdpa
+
+        p = self.position
+        kc, vc = self.kv.k[index], self.kv.v[index]
+        kc[self.rows, :, p:p + 1] = k
+        vc[self.rows, :, p:p + 1] = v
+        kk, vv = kc[self.rows, :, :p + 1], vc[self.rows, :, :p + 1]
+        attn = layer.self_attn
+        bsz = q.shape[0]
+        if attn.num_key_value_groups == 1 or use_gqa_in_sdpa(None, kk, vv):
+            # transformers' SDPA wrapper reduces to this one call for one new token without a mask
+            kw = {"enable_gqa": True} if attn.num_key_value_groups > 1 else {}
+            o = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=None, dropout_p=0.0,
+                                                                 scale=attn.scaling, is_causal=False, **kw)
+            o = o.transpose(1, 2)
+        else:
+            o, _ = sdpa_attention_forward(attn, q, kk, vv, None, dropout=0.0, scaling=attn.scaling,
+                                          sliding_window=None)
+        return o.reshape(bsz, 1, -1).contiguous()
+
+
+class _Masked(_Attention):
+    """Sequences at any positions in any slots: gather their cache rows, mask each row past its position.
+
+    Grouped-query attention runs without repeating keys: the query heads that share a key/value
+    head become that head's query rows, so the attention call is a plain masked one on every
+    backend (and inside a CUDA graph). Used for batches of unequal positions and for graphs.
+    """
+
+    def __init__(self, kv: KVSlots, slots: torch.Tensor, positions: torch.Tensor, width: int,
+                 columns: torch.Tensor | None = None) -> None:
+        self.kv, self.slots, self.positions, self.width = kv, slots, positions, width
+        if columns is None:
+            columns = torch.arange(width, device=positions.device)
+        valid = columns[None, :width] <= positions[:, None]
+        self.mask = torch.zeros(valid.shape, dtype=kv.dtype, device=positions.device)
+        self.mask.masked_fill_(~valid, float("-inf"))
+        self.mask = self.mask[:, None, None, :]
+
+    def __call__(self, index: int, layer: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kc, vc = self.kv.k[index], self.kv.v[index]
+        kc[self.slots, :, self.positions] = k[:, :, 0]
+        vc[self.slots, :, self.positions] = v[:, :, 0]
+        kk = kc[:, :, :self.width].index_select(0, self.slots)
+        vv = vc[:, :, :self.width].index_select(0, self.slots)
+        bsz, heads, _, hd = q.shape
+        qg = q.reshape(bsz, kk.shape[1], heads // kk.shape[1], hd)
+        o = torch.nn.functional.scaled_dot_product_attention(qg, kk, vv, attn_mask=self.mask, dropout_p=0.0,
+                                                             scale=layer.self_attn.scaling, is_causal=False)
+        return o.reshape(bsz, 1, heads * hd)
+
+
+def _decode_layers(model: StageModel, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   attention: _Attention) -> torch.Tensor:
+    """Every layer of the stage for one new token per sequence, ``[B, 1, H]``."""
+    for i, layer in enumerate(model.layers):
+        q, k, v = _qkv(layer, x, cos, sin)
+        x = _out(layer, x, attention(i, layer, q, k, v))
+    return x
 
 
 def _qkv(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -204,42 +381,6 @@ def _qkv(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return q, k, v
 
 
-def _attend(layer: Any, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            caches: list[SequenceCache]) -> torch.Tensor:
-    """Append k/v to each sequence's cache and attend over it; returns ``[B, T, heads * head_dim]``."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward, use_gqa_in_sdpa
-
-    attn = layer.self_attn
-    bsz, seq = q.shape[0], q.shape[2]
-    groups = attn.num_key_value_groups
-    # One new token, no mask: transformers' SDPA wrapper reduces to this one call (same kernel, same
-    # arguments); calling it directly saves the wrapper's Python per sequence and layer in decode steps.
-    direct = seq == 1 and (groups == 1 or use_gqa_in_sdpa(None, k, v))
-    sdpa_kw = {"enable_gqa": True} if groups > 1 else {}
-    outs = []
-    for b, cache in enumerate(caches):
-        kb, vb = (k, v) if bsz == 1 else (k[b:b + 1], v[b:b + 1])
-        past_k, past_v = cache.keys[index], cache.values[index]
-        if past_k is not None and past_v is not None:
-            kb = torch.cat([past_k, kb], dim=-2)
-            vb = torch.cat([past_v, vb], dim=-2)
-        else:
-            # The cache must own its memory: k/v may be a CUDA graph's output buffer, rewritten next step.
-            kb, vb = kb.clone(), vb.clone()
-        cache.keys[index], cache.values[index] = kb, vb
-        qb = q if bsz == 1 else q[b:b + 1]
-        if direct:
-            o = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=None, dropout_p=0.0,
-                                                                 scale=attn.scaling, is_causal=False, **sdpa_kw)
-            o = o.transpose(1, 2).contiguous()
-        else:
-            o, _ = sdpa_attention_forward(attn, qb, kb, vb, None, dropout=0.0, scaling=attn.scaling,
-                                          sliding_window=None)
-        outs.append(o)
-    o = outs[0] if bsz == 1 else torch.cat(outs)
-    return o.reshape(bsz, seq, -1).contiguous()
-
-
 def _out(layer: Any, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """Output projection, residual, post-attention norm, MLP, residual: the part after attention."""
     x = x + layer.self_attn.o_proj(o)
@@ -247,84 +388,84 @@ def _out(layer: Any, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 
 
 class DecodeGraphs:
-    """Decode steps with the dense parts of each layer replayed as CUDA graphs.
+    """Whole decode steps of a stage replayed as CUDA graphs, one graph per (batch size, attention width).
 
-    Per batch size, each layer's part before attention and part after it are captured once (the
-    output of one is the input of the next, so no copies); attention, which reads each sequence's own
-    growing cache, runs between the replays as usual. The same kernels run as in the eager forward,
-    so the numbers are the same; only the launch and Python overhead goes. With ``use_graphs=False``
-    (CPU) the same pieces run eagerly, which is how the decomposition is tested without a GPU.
+    A graph holds every layer: projections, the indexed store of each new key/value into the
+    stage's :class:`KVSlots`, masked attention over the first ``width`` positions of the batch's
+    slots, and the MLP. Its inputs (hidden states, rotary cos/sin, slots, positions) are copied into
+    static buffers before each replay. Widths are powers of two from :attr:`MIN_WIDTH`, so a graph
+    serves many steps and attention reads at most twice the cache it needs. With
+    ``use_graphs=False`` (CPU) the same step runs eagerly, which is how the captured code is tested
+    without a GPU.
     """
+
+    MIN_WIDTH = 256
 
     def __init__(self, model: StageModel, use_graphs: bool) -> None:
         self.model = model
         self.use_graphs = use_graphs
-        self._sets: dict[int, dict[str, Any]] = {}
+        self._graphs: dict[tuple[int, int], dict[str, Any]] = {}
+        self._generation = -1
+        self._columns: torch.Tensor | None = None
         self._pool: Any = torch.cuda.graph_pool_handle() if use_graphs else None
         # One warm-up stream for every capture: each new stream would get its own cuBLAS workspace.
         self._warmup_stream: Any = torch.cuda.Stream() if use_graphs else None
 
-    def _build(self, bsz: int) -> dict[str, Any]:
-        m = self.model
-        cfg = m.config
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        dev, dt = m.device_, m.dtype_
-        x0 = torch.zeros(bsz, 1, cfg.hidden_size, device=dev, dtype=dt)
-        cos = torch.zeros(bsz, 1, hd, device=dev, dtype=dt)
-        sin = torch.zeros(bsz, 1, hd, device=dev, dtype=dt)
-        attn_in = [torch.zeros(bsz, 1, cfg.num_attention_heads * hd, device=dev, dtype=dt) for _ in m.layers]
-        entry: dict[str, Any] = {"x": x0, "cos": cos, "sin": sin, "attn": attn_in, "a": [], "b": [], "qkv": [],
-                                 "outs": []}
-        x = x0
-        for i, layer in enumerate(m.layers):
-            if self.use_graphs:
-                qkv = self._capture(lambda layer=layer, x=x: _qkv(layer, x, cos, sin), entry["a"])
-                x_next = self._capture(lambda layer=layer, x=x, i=i: _out(layer, x, attn_in[i]), entry["b"])
-            else:
-                qkv, x_next = None, None
-            entry["qkv"].append(qkv)
-            entry["outs"].append(x_next)
-            x = x_next if x_next is not None else x
-        return entry
-
-    def _capture(self, fn: Any, graphs: list[Any]) -> Any:
-        stream = self._warmup_stream
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self._pool):
-            out = fn()
-        graphs.append(g)
-        return out
+    def width_for(self, length: int) -> int:
+        """The attention width a step needs when its longest sequence has ``length`` positions."""
+        width = self.MIN_WIDTH
+        while width < length:
+            width *= 2
+        return min(width, self.model.kv.capacity)
 
     def run(self, x: torch.Tensor, caches: list[SequenceCache], positions: list[int]) -> torch.Tensor:
         """One decode step for ``x`` ``[B, 1, H]``; returns ``[B, 1, H]``."""
         m = self.model
         bsz = x.shape[0]
-        entry = self._sets.get(bsz)
-        if entry is None:
+        width = self.width_for(max(positions) + 1)
+        position_ids = torch.tensor(positions, device=m.device_)[:, None]
+        cos, sin = m.rotary_emb(x, position_ids)
+        slots = torch.tensor([c.slot for c in caches], device=m.device_)
+        if m.kv.generation != self._generation:  # the caches were reallocated: graphs hold the old ones
+            self._graphs.clear()
+            self._generation = m.kv.generation
+            self._columns = torch.arange(m.kv.capacity, device=m.device_)
+        if not self.use_graphs:
+            return _decode_layers(m, x, cos, sin, _Masked(m.kv, slots, position_ids[:, 0], width, self._columns))
+        g = self._graphs.get((bsz, width))
+        inputs = {"x": x, "cos": cos, "sin": sin, "slots": slots, "pos": position_ids[:, 0]}
+        if g is None:
             try:
-                entry = self._sets[bsz] = self._build(bsz)
+                g = self._graphs[(bsz, width)] = self._capture(inputs, width)
+                return g["out"].clone()  # capturing ran and replayed this very step
             except RuntimeError as e:  # a capture the GPU or this torch cannot do: stay correct, run eagerly
                 log.warning("stage %d: CUDA graph capture failed (%s); decoding eagerly", m.spec.stage, e)
                 self.use_graphs = False
-                entry = self._sets[bsz] = {}
-        position_ids = torch.tensor(positions, device=m.device_)[:, None]
-        cos, sin = m.rotary_emb(x, position_ids)
-        if not self.use_graphs:
-            for i, layer in enumerate(m.layers):
-                q, k, v = _qkv(layer, x, cos, sin)
-                x = _out(layer, x, _attend(layer, i, q, k, v, caches))
-            return x
-        entry["x"].copy_(x)
-        entry["cos"].copy_(cos)
-        entry["sin"].copy_(sin)
-        for i, layer in enumerate(m.layers):
-            entry["a"][i].replay()
-            q, k, v = entry["qkv"][i]
-            entry["attn"][i].copy_(_attend(layer, i, q, k, v, caches))
-            entry["b"][i].replay()
-        return entry["outs"][-1].clone()
+                return self.run(x, caches, positions)
+        for name, value in inputs.items():
+            g[name].copy_(value)
+        g["graph"].replay()
+        return g["out"].clone()
+
+    def _capture(self, inputs: dict[str, torch.Tensor], width: int) -> dict[str, Any]:
+        m = self.model
+        g: dict[str, Any] = {name: t.clone() for name, t in inputs.items()}
+
+        def step() -> torch.Tensor:
+            attention = _Masked(m.kv, g["slots"], g["pos"], width, self._columns)
+            return _decode_layers(m, g["x"], g["cos"], g["sin"], attention)
+
+        # The warm-up runs are this step for real (the same keys/values land in the same places each
+        # time), so capturing never writes anything wrong into a live sequence's cache.
+        stream = self._warmup_stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            g["out"] = step()
+        g["graph"] = graph
+        graph.replay()
+        return g

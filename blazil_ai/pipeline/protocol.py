@@ -4,7 +4,8 @@ Ring: driver -> stage 1 -> stage 2 -> stage 3 -> stage 1 (sampled tokens), and s
 
 * ``hello``    driver -> stage 1 -> ... -> last stage -> driver as ``ready`` (or ``error``): every stage
                appends what it holds; the last stage checks that all agree on the model, split and dtype.
-* ``generate`` driver -> stage 1: ``rid``, ``reply_to``, ``sampling``; array 0 = prompt ids (int64).
+* ``generate`` driver -> stage 1: ``reply_to``, ``requests`` (per request: ``rid``, ``sampling``, ``logits``);
+               array i = request i's prompt ids (int64). Requests sent together start in one forward.
 * ``fwd``      stage k -> stage k+1: ``rids``, ``pos`` (each sequence's first position), ``lens``,
                ``new`` (per new request: reply_to, sampling, prompt); array 0 = hidden states ``[sum(lens), H]``.
 * ``tokens``   last stage -> stage 1: ``rids``, ``pos``, ``tokens`` for sequences that go on.
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # Aeron IPC shares one channel; stream ids keep the stages apart (TCP uses one port per stage).
 DRIVER_STREAM = 100

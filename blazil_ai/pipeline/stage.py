@@ -32,7 +32,6 @@ from blazil_ai.pipeline.sampling import Sampler, SamplingParams
 from blazil_ai.pipeline.weights import StageSpec, load_config, model_fingerprint
 from blazil_ai.transport import OfferStatus, Publication, publication, subscription
 from blazil_ai.transport.framing import Message
-from blazil_ai.transport.idle import BackoffIdleStrategy
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +121,9 @@ class StageServer:
 
     def run(self, exit_with_parent: bool = False) -> None:
         """Serve until a ``shutdown`` message or SIGTERM (or, if asked, until the launching process is gone)."""
-        idle = BackoffIdleStrategy(max_park_s=2e-4)
         parent, next_check = os.getppid(), time.monotonic() + 1.0
         while self.running:
-            idle.idle(self.do_work())
+            self.do_work(wait=0.05)
             if exit_with_parent and time.monotonic() > next_check:
                 next_check = time.monotonic() + 1.0
                 if os.getppid() != parent:  # the launcher died without stopping us: do not linger
@@ -140,10 +138,20 @@ class StageServer:
                 p.close()
         self.sub.close()
 
-    def do_work(self) -> int:
-        """Handle everything that has arrived; return the number of messages handled."""
+    def do_work(self, wait: float = 0.0) -> int:
+        """Handle everything that has arrived; return the number of messages handled.
+
+        With nothing there, wait up to ``wait`` seconds for a message, asleep in the transport's own
+        wait (a socket ``select`` or Aeron's doorbell): an idle stage takes no CPU from the stage
+        that computes, and wakes as soon as its input arrives.
+        """
         msgs: list[Message] = []
         self.sub.poll(msgs.append, limit=256)
+        if not msgs and wait > 0:
+            first = self.sub.receive(timeout=wait)
+            if first is not None:
+                msgs.append(first)
+                self.sub.poll(msgs.append, limit=255)
         if not msgs:
             return 0
         batch = _Batch()
@@ -215,20 +223,13 @@ class StageServer:
     def _collect(self, m: Message, batch: _Batch) -> None:
         meta, op = m.meta, m.meta["op"]
         if op == "generate":
-            rid = str(meta["rid"])
-            ids = np.asarray(m.arrays[0], dtype=np.int64)
             if not self.spec.is_first:
                 raise ValueError("generate must go to the first stage")
-            params = SamplingParams.from_dict(meta["sampling"])
-            req = Request(addr(meta["reply_to"]), want_logits=bool(meta.get("logits")))
-            if rid in self.model.caches or rid in self.requests:
-                self._send(req.reply_to, {"op": "error", "rid": rid, "stage": self.spec.stage,
-                                          "message": f"stage {self.spec.stage}: request id {rid} is already active"})
-                return
-            self.requests[rid] = req
-            batch.new[rid] = {"reply_to": list(req.reply_to), "sampling": params.to_dict(),
-                              "prompt": ids.tolist(), "logits": req.want_logits}
-            self._add(batch, rid, 0, self.model.embed(torch.from_numpy(ids.copy())))
+            reply_to = addr(meta["reply_to"])
+            if len(m.arrays) != len(meta["requests"]):
+                raise ValueError(f"{len(meta['requests'])} requests but {len(m.arrays)} prompts")
+            for item, prompt in zip(meta["requests"], m.arrays):
+                self._admit(str(item["rid"]), np.asarray(prompt, dtype=np.int64), item, reply_to, batch)
         elif op == "tokens":
             rows = [(str(r), int(p), int(t)) for r, p, t in zip(meta["rids"], meta["pos"], meta["tokens"])
                     if r not in self.cancelled and r in self.requests]
@@ -252,6 +253,19 @@ class StageServer:
                 if rid not in self.cancelled and rid in self.requests:
                     self._add(batch, str(rid), int(pos), hidden[offset:offset + n])
                 offset += n
+
+    def _admit(self, rid: str, ids: np.ndarray, item: dict[str, Any], reply_to: Address, batch: _Batch) -> None:
+        """A new request at the first stage: remember it and put its prompt in this forward."""
+        params = SamplingParams.from_dict(item["sampling"])
+        req = Request(reply_to, want_logits=bool(item.get("logits")))
+        if rid in self.model.caches or rid in self.requests:
+            self._send(req.reply_to, {"op": "error", "rid": rid, "stage": self.spec.stage,
+                                      "message": f"stage {self.spec.stage}: request id {rid} is already active"})
+            return
+        self.requests[rid] = req
+        batch.new[rid] = {"reply_to": list(req.reply_to), "sampling": params.to_dict(),
+                          "prompt": ids.tolist(), "logits": req.want_logits}
+        self._add(batch, rid, 0, self.model.embed(torch.from_numpy(ids.copy())))
 
     def _add(self, batch: _Batch, rid: str, pos: int, hidden: torch.Tensor) -> None:
         cache = self.model.caches.get(rid)
