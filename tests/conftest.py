@@ -18,3 +18,10 @@ def _offline_hub() -> None:
     # Nothing may reach a model hub at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """A tiny random Qwen2 checkpoint (fixed seed) with the Qwen2.5 tokenizer; tests copy it before changing it."""
+    from blazil_ai.pipeline.random_model import save_tiny_checkpoint
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), seed=0)

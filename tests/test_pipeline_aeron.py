@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from blazil_ai.pipeline.driver import LocalPipeline
-from blazil_ai.pipeline.random_model import save_tiny_checkpoint
 from blazil_ai.pipeline.sampling import SamplingParams
 
 aeron = pytest.importorskip("blazil_ai.transport.aeron", reason="the Aeron transport module is not there")
@@ -17,11 +14,6 @@ _why = aeron.unavailable_reason()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"Aeron is not usable here: {_why}")
 
 PROMPTS = [[151643, 9707, 11, 1879, 0], [5, 6, 7, 8, 9, 10, 11, 12, 13], [100, 200]]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), seed=0)
 
 
 def test_greedy_and_concurrent_over_aeron_ipc_equal_hf(tiny):

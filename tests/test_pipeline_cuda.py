@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from blazil_ai.pipeline.model import StageModel
-from blazil_ai.pipeline.random_model import save_tiny_checkpoint
 from blazil_ai.pipeline.weights import StageSpec, load_config, split_layers
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -20,11 +19,6 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                        "CUDA graph decoding is tested on a GPU host")
 
 PROMPTS = [[151643, 9707, 11, 1879, 0], [5, 6, 7, 8, 9, 10, 11, 12, 13], [100, 200]]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2-cuda"), seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,10 @@ import torch
 from blazil_ai.errors import ConfigError
 from blazil_ai.pipeline import stage as stage_main
 from blazil_ai.pipeline.driver import LocalPipeline, PipelineError
-from blazil_ai.pipeline.random_model import save_tiny_checkpoint
 from blazil_ai.pipeline.sampling import SamplingParams
 
 PROMPT = [151643, 9707, 11, 1879, 0]
 TIMEOUT = 3.0
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), seed=0)
 
 
 @pytest.fixture(scope="module")

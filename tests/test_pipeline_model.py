@@ -12,17 +12,12 @@ import torch
 from blazil_ai.errors import ConfigError, DataError
 from blazil_ai.pipeline.model import PositionError, StageModel
 from blazil_ai.pipeline.protocol import PROTOCOL_VERSION
-from blazil_ai.pipeline.random_model import save_tiny_checkpoint, write_random_checkpoint
+from blazil_ai.pipeline.random_model import write_random_checkpoint
 from blazil_ai.pipeline.sampling import Sampler, SamplingParams
 from blazil_ai.pipeline.stage import check_stages
 from blazil_ai.pipeline.weights import StageSpec, load_config, load_stage_tensors, parse_split, split_layers
 
 PROMPTS = [[151643, 9707, 11, 1879, 0], [5, 6, 7, 8, 9, 10, 11, 12, 13], [100, 200]]
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), seed=0)
 
 
 @pytest.fixture(scope="session")

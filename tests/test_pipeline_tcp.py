@@ -11,16 +11,10 @@ import pytest
 import torch
 
 from blazil_ai.pipeline.driver import LocalPipeline
-from blazil_ai.pipeline.random_model import save_tiny_checkpoint
 from blazil_ai.pipeline.sampling import SamplingParams
 
 PROMPTS = [[151643, 9707, 11, 1879, 0], [5, 6, 7, 8, 9, 10, 11, 12, 13], [100, 200], [42]]
 NO_EOS = [-1]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), seed=0)
 
 
 @pytest.fixture(scope="module")
