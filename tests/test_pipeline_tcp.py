@@ -46,7 +46,7 @@ def test_greedy_ids_and_final_logits_equal_hf(pipe, hf):
     assert pipe.client.cached_requests() == [[], [], []]  # finished requests leave no cache
 
 
-def test_concurrent_requests_each_equal_hf(pipe, hf):
+def test_concurrent_requests_each_equal_hf(pipe, hf, tiny):
     refs = [hf_greedy(hf, p, 8) for p in PROMPTS]
     results = pipe.client.generate_many(PROMPTS, SamplingParams(max_new_tokens=8, eos_token_ids=NO_EOS),
                                         want_logits=True)
@@ -54,6 +54,12 @@ def test_concurrent_requests_each_equal_hf(pipe, hf):
     for r, (_, logits) in zip(results, refs):
         # Batched projections may round differently in the last bit than a batch of one.
         np.testing.assert_allclose(r.logits[-1], logits, rtol=0, atol=1e-5)
+    # Four sequences fit the first KV allocation of each stage: 4 slots x 256 positions, keys and values.
+    cfg = json.loads((tiny / "config.json").read_text())
+    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_layer = 2 * 4 * cfg["num_key_value_heads"] * 256 * hd * 4 / 2**20
+    answers = pipe.client.ping(5.0)
+    assert [a["kv_cache_mb"] for a in answers] == [per_layer * n for n in (1, 4, 1)]  # the split 1,5 of 6 layers
 
 
 def test_sampling_is_reproducible_with_a_seed_and_matches_hf(pipe, hf):

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 _forward_s = metrics.histogram("pipeline", "stage_forward", "seconds", "One stage forward (all sequences)",
                                ["stage"])
 _sequences = metrics.gauge("pipeline", "stage_sequences", "count", "Sequences with a KV cache", ["stage"])
+_kv_bytes = metrics.gauge("pipeline", "kv_cache", "bytes", "Memory held by the stage's KV cache tensors", ["stage"])
 _tokens = metrics.counter("pipeline", "tokens_generated", "total", "Tokens sampled by the last stage", ["stage"])
 
 
@@ -166,6 +167,7 @@ class StageServer:
                     self._send(addr(m.meta["reply_to"]), {
                         "op": "pong", "nonce": m.meta.get("nonce"), "stage": self.spec.stage,
                         "caches": sorted(self.model.caches), "pid": os.getpid(), **memory_peaks(self.device),
+                        "kv_cache_mb": self.model.kv.nbytes() / 2**20,
                         "decode_graphs": bool(self.model.graphs is not None and self.model.graphs.use_graphs)})
                 elif op == "cancel":
                     for rid in m.meta["rids"]:
@@ -185,6 +187,7 @@ class StageServer:
         if batch.rids:
             self._forward(batch)
         _sequences.labels(self._label).set(len(self.model.caches))
+        _kv_bytes.labels(self._label).set(self.model.kv.nbytes())
         self._expire_cancelled()
         return len(msgs)
 
