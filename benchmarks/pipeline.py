@@ -6,7 +6,8 @@ pipeline, anchor, ...) and medians reported. One JSON line per case:
 
 * ``decode``      prefill seconds, decode ms/token, their ratios to the anchor, tokens identical or not
 * ``memory``      the anchor's peak RSS (and CUDA peak) and each stage's, with the largest stage ratio
-* ``concurrency`` aggregate tokens/s with N requests in flight, and the ratio to one request
+* ``concurrency`` aggregate tokens/s with N requests in flight (prompts included), and the ratio to one
+                  request; beside it the batch's prefill seconds and its decode-only tokens/s
 
     python benchmarks/pipeline.py --config small --new-tokens 16       # CPU, quick
     python benchmarks/pipeline.py --config 7b --device cuda             # GPU, bf16
@@ -230,6 +231,10 @@ def main() -> int:
             emit(rec, out)
         concurrency = [int(c) for c in args.concurrency.split(",")]
         rates: dict[str, dict[int, list[float]]] = {m: {n: [] for n in concurrency} for m in modes}
+        # The same runs split in two: all prompts through the stages (the batch's first tokens), then
+        # the decode steps alone, so a figure bound by prefill compute is told from one bound by decode.
+        prefills: dict[str, dict[int, list[float]]] = {m: {n: [] for n in concurrency} for m in modes}
+        decodes: dict[str, dict[int, list[float]]] = {m: {n: [] for n in concurrency} for m in modes}
         for _ in range(args.reps):
             for n in concurrency:
                 for mode, pipe in pipes.items():
@@ -237,12 +242,21 @@ def main() -> int:
                     t = time.perf_counter()
                     results = pipe.client.generate_many(prompts[:n], greedy)
                     rates[mode][n].append(sum(len(r.token_ids) for r in results) / (time.perf_counter() - t))
+                    first = max(r.first_token_at for r in results)
+                    prefills[mode][n].append(first - t)
+                    span = max(r.last_token_at for r in results) - first
+                    decodes[mode][n].append(sum(len(r.token_ids) - 1 for r in results) / span if span > 0 else 0.0)
         for mode in modes:
             single = statistics.median(rates[mode][concurrency[0]])
+            single_dec = statistics.median(decodes[mode][concurrency[0]])
             for n in concurrency:
                 med = statistics.median(rates[mode][n])
+                dec = statistics.median(decodes[mode][n])
                 emit({"case": "concurrency", **base[mode], "requests": n, "pipeline_tokens_per_s": round(med, 2),
                       "single_request_tokens_per_s": round(single, 2), "ratio_to_single": round(med / single, 3),
+                      "prefill_s": round(statistics.median(prefills[mode][n]), 3),
+                      "decode_tokens_per_s": round(dec, 2),
+                      "decode_ratio_to_single": round(dec / single_dec, 3) if single_dec else None,
                       "anchor_tokens_per_s": round(1000 / a_dec, 2),
                       "ratio_to_anchor": round(med / (1000 / a_dec), 3),
                       "goal": "8 requests >= 4x single", "reps": args.reps}, out)
