@@ -108,3 +108,19 @@ def test_missing_shard_is_named_at_startup(tiny, tmp_path, capsys):
     # The launcher checks the index's files before starting any process.
     with pytest.raises(ConfigError, match="model-00002-of-00002.safetensors: checkpoint shard named by"):
         LocalPipeline(d, split=(1, 5), threads=1)
+
+
+@pytest.mark.parametrize("case", ["no-directory", "not-qwen2"])
+def test_cli_names_a_missing_or_foreign_checkpoint_before_starting_anything(tmp_path, capsys, case):
+    from blazil_ai import cli
+
+    model = tmp_path / "nowhere"
+    if case == "not-qwen2":
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert cli.main(["generate", "--model", str(model), "--transport", "tcp", "Hello"]) == 1
+    err = capsys.readouterr().err
+    expected = (f"model directory {model} does not exist" if case == "no-directory"
+                else f"{model / 'config.json'}, field 'model_type': model_type is 'llama'")
+    assert expected in err
+    assert "starting 3 stages" not in err

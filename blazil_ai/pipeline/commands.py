@@ -137,7 +137,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Handler of ``blazil generate``."""
     from blazil_ai.errors import ConfigError
     from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient, resolve_transport
-    from blazil_ai.pipeline.weights import parse_split
+    from blazil_ai.pipeline.weights import load_config, parse_split
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
@@ -150,6 +150,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 reply_to=args.reply_to)
         client.connect(args.timeout)
     else:
+        load_config(args.model)  # a missing or foreign checkpoint is named before anything starts
         args.transport, why = resolve_transport(args.transport)
         print(f"blazil generate: starting 3 stages ({args.transport}: {why}; {args.device}) for {args.model} ...",
               file=sys.stderr, flush=True)
