@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +27,20 @@ COMMAND_MODULES = (
     "blazil_ai.fraud.commands",
     "blazil_ai.transport.commands",
 )
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP reached the command: unwind so that every ``finally`` stops what it started."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a second signal must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    raise Terminated(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    # By default SIGTERM (kill, timeout, a service manager) ends Python without running ``finally``
+    # blocks, leaving stage processes and media drivers behind; commands may install their own.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     try:
         return int(func(args) or 0)
     except BlazilError as e:
@@ -66,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"blazil {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as t:
+        print(f"blazil {args.command}: stopped by {t}", file=sys.stderr)
+        return 128 + t.signum
 
 
 if __name__ == "__main__":

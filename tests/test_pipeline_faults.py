@@ -124,3 +124,56 @@ def test_cli_names_a_missing_or_foreign_checkpoint_before_starting_anything(tmp_
                 else f"{model / 'config.json'}, field 'model_type': model_type is 'llama'")
     assert expected in err
     assert "starting 3 stages" not in err
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_sigterm_to_blazil_generate_stops_every_process_it_started(tiny):
+    import subprocess
+    import sys
+
+    from blazil_ai.transport import aeron
+
+    transport = "aeron" if aeron.available() else "tcp"
+    proc = subprocess.Popen([sys.executable, "-m", "blazil_ai", "generate", "--model", str(tiny), "--transport",
+                             transport, "--threads", "1", "--max-new-tokens", "1000000", "Hello"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    try:
+        lines = []
+        while not any(" ready" in line for line in lines):
+            line = proc.stderr.readline()
+            assert line, "blazil generate exited before its stages were ready: " + "".join(lines)
+            lines.append(line)
+        time.sleep(0.5)  # tokens are flowing
+        started = _children(proc.pid)
+        assert len(started) == (4 if transport == "aeron" else 3), started  # three stages (and the media driver)
+        proc.terminate()
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        assert "stopped by SIGTERM" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(_gone(p) for p in started):
+        time.sleep(0.05)
+    assert [p for p in started if not _gone(p)] == []

@@ -34,6 +34,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -180,6 +181,27 @@ def driver_env(aeron_dir: str, term_length: int = DEFAULT_TERM_LENGTH,
     }
 
 
+def _exit_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when this process dies (Linux), or None.
+
+    A driver whose owner was killed (SIGKILL, OOM) would otherwise run on with nobody to stop it.
+    Linux ties the signal to the thread that forks, so it is set only from the main thread, which
+    lives as long as the process.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    pr_set_pdeathsig = 1
+    sigterm = int(signal.SIGTERM)
+
+    def child() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return child
+
+
 class MediaDriver:
     """An ``aeronmd`` process in a private directory (or, with :meth:`attach`, one that already runs).
 
@@ -241,7 +263,8 @@ class MediaDriver:
         with open(self.log_path, "wb") as logf:
             # its own process group: a Ctrl-C meant for us must not kill the driver under our clients
             self.process = subprocess.Popen([str(exe)], env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=_exit_with_parent())
         _drivers.add(self)
         deadline = time.monotonic() + self.ready_timeout
         cnc = Path(self.dir) / "cnc.dat"
