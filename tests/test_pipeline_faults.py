@@ -177,3 +177,24 @@ def test_sigterm_to_blazil_generate_stops_every_process_it_started(tiny):
     while time.monotonic() < deadline and not all(_gone(p) for p in started):
         time.sleep(0.05)
     assert [p for p in started if not _gone(p)] == []
+
+
+def test_bad_prompts_and_settings_are_refused_by_name_and_the_stages_serve_on(pipe, reference, monkeypatch):
+    client = pipe.client
+    params = SamplingParams(max_new_tokens=8, eos_token_ids=[-1])
+    with pytest.raises(ConfigError, match=r"prompt 0: token id 1000000000 at position 1 is not in the vocabulary "
+                                          r"\(0\.\.151935\)"):
+        client.generate([5, 10**9], params)
+    with pytest.raises(ConfigError, match="token id -5 at position 0"):
+        client.generate([-5], params)
+    with pytest.raises(ConfigError, match="temperature must be a finite number, got nan"):
+        client.generate(PROMPT, SamplingParams(max_new_tokens=3, temperature=float("nan")))
+    # A client that does not check (another implementation, an older version): stage 1 refuses the
+    # request by name instead of failing in its embedding lookup, and lives on.
+    monkeypatch.setitem(client.stages_info[0], "vocab_size", None)
+    with pytest.raises(PipelineError, match=r"stage 1: request \w+: token id 1000000000 at prompt position 1 is "
+                                            r"outside the vocabulary \(0\.\.151935\)"):
+        client.generate([5, 10**9], params)
+    assert client.generate(PROMPT, params).token_ids == reference
+    assert client.cached_requests() == [[], [], []]
+    assert all(sp.proc is not None and sp.proc.poll() is None for sp in pipe.procs)

@@ -187,6 +187,12 @@ class PipelineClient:
         for i, (prompt_ids, sp) in enumerate(zip(prompts, params, strict=True)):
             if not prompt_ids:
                 raise ConfigError(f"prompt {i} is empty: give at least one token")
+            vocab = self.stages_info[0].get("vocab_size") if self.stages_info else None
+            for j, t in enumerate(prompt_ids):
+                if isinstance(t, bool) or not isinstance(t, int | np.integer) or (
+                        vocab is not None and not 0 <= t < vocab):
+                    raise ConfigError(f"prompt {i}: token id {t!r} at position {j} is not in the vocabulary"
+                                      + (f" (0..{vocab - 1})" if vocab is not None else ""))
             sp.validate()
             if not sp.eos_token_ids and self.model_dir is not None:
                 sp.eos_token_ids = eos_ids_of(self.model_dir)

@@ -61,6 +61,13 @@ class _Batch:
     new: dict[str, Any] = field(default_factory=dict)
 
 
+def _rids_of(meta: dict[str, Any]) -> list[str]:
+    """The request ids a message speaks of (to fail them if handling it went wrong)."""
+    if meta.get("op") == "generate":
+        return [str(item.get("rid")) for item in meta.get("requests", []) if isinstance(item, dict)]
+    return [str(r) for r in meta.get("rids", []) if r is not None]
+
+
 class StageServer:
     """One pipeline stage bound to its channels."""
 
@@ -184,6 +191,10 @@ class StageServer:
                     log.warning("stage %d: ignoring message with op %r from %s", self.spec.stage, op, m.peer)
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("stage %d: malformed %r message from %s: %s", self.spec.stage, op, m.peer, e)
+            except Exception as e:  # one bad message must not take the stage (and every request) down
+                log.exception("stage %d: %r message from %s failed", self.spec.stage, op, m.peer)
+                for rid in _rids_of(m.meta):
+                    self._error(rid, f"stage {self.spec.stage}: {type(e).__name__}: {e}")
         if batch.rids:
             self._forward(batch)
         _sequences.labels(self._label).set(len(self.model.caches))
@@ -203,6 +214,7 @@ class StageServer:
     def _hello(self, meta: dict[str, Any]) -> None:
         info = {"stage": self.spec.stage, "start": self.spec.start, "stop": self.spec.stop,
                 "num_layers": self.spec.num_layers, "model": self.fingerprint, "dtype": self.dtype_name,
+                "vocab_size": int(self.model.config.vocab_size),
                 "device": self.device, "listen": list(self.listen), "pid": os.getpid(),
                 "decode_graphs": bool(self.model.graphs is not None and self.model.graphs.use_graphs),
                 "protocol": PROTOCOL_VERSION}
@@ -259,11 +271,24 @@ class StageServer:
 
     def _admit(self, rid: str, ids: np.ndarray, item: dict[str, Any], reply_to: Address, batch: _Batch) -> None:
         """A new request at the first stage: remember it and put its prompt in this forward."""
-        params = SamplingParams.from_dict(item["sampling"])
         req = Request(reply_to, want_logits=bool(item.get("logits")))
+        problem = None
+        try:
+            params = SamplingParams.from_dict(item["sampling"])
+        except (BlazilError, KeyError, TypeError) as e:
+            problem = f"bad sampling settings: {e}"
+        vocab = self.model.config.vocab_size
         if rid in self.model.caches or rid in self.requests:
+            problem = f"request id {rid} is already active"
+        elif ids.ndim != 1 or ids.size == 0:
+            problem = f"request {rid}: the prompt must be a non-empty list of token ids, got shape {ids.shape}"
+        elif (bad := np.flatnonzero((ids < 0) | (ids >= vocab))).size:
+            problem = (f"request {rid}: token id {int(ids[bad[0]])} at prompt position {int(bad[0])} is outside "
+                       f"the vocabulary (0..{vocab - 1})")
+        if problem is not None:
+            log.warning("stage %d: refused: %s", self.spec.stage, problem)
             self._send(req.reply_to, {"op": "error", "rid": rid, "stage": self.spec.stage,
-                                      "message": f"stage {self.spec.stage}: request id {rid} is already active"})
+                                      "message": f"stage {self.spec.stage}: {problem}"})
             return
         self.requests[rid] = req
         batch.new[rid] = {"reply_to": list(req.reply_to), "sampling": params.to_dict(),
