@@ -87,7 +87,7 @@ def stage_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
-                   help="replay each layer's dense parts as CUDA graphs in decode steps (auto = on a GPU)")
+                   help="replay each decode step (all of the stage's layers) as one CUDA graph (auto = on a GPU)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     p.add_argument("--exit-with-parent", action="store_true",
                    help="exit when the process that started this stage exits (used by blazil generate)")
