@@ -198,3 +198,44 @@ def test_bad_prompts_and_settings_are_refused_by_name_and_the_stages_serve_on(pi
     assert client.generate(PROMPT, params).token_ids == reference
     assert client.cached_requests() == [[], [], []]
     assert all(sp.proc is not None and sp.proc.poll() is None for sp in pipe.procs)
+
+
+def test_a_forward_longer_than_the_client_timeout_is_busy_not_dead(tiny, reference, monkeypatch):
+    """A long prompt on a slow host keeps a stage in one forward for longer than the client's timeout:
+    the stage's heartbeats tell the client it is working, and the request completes."""
+    import threading
+
+    from blazil_ai.pipeline.driver import PipelineClient
+    from blazil_ai.pipeline.weights import StageSpec, load_config
+
+    n = load_config(tiny).num_hidden_layers
+    server = stage_main.StageServer(str(tiny), StageSpec(1, 0, n, n), ("tcp://127.0.0.1:0", 1),
+                                    ("tcp://127.0.0.1:9", 1), heartbeat=0.1)
+    server.next_addr = server.listen  # a ring of one stage: it feeds its own tokens back
+    real_forward = server.model.forward
+    prefill_s = 4 * TIMEOUT / 3
+    sleep_s = [prefill_s]
+
+    def slow_prefill(hidden, rids, pos, lens):  # the prompt's forward takes longer than the client waits
+        if max(lens) > 1:
+            time.sleep(sleep_s[0])
+        return real_forward(hidden, rids, pos, lens)
+
+    monkeypatch.setattr(server.model, "forward", slow_prefill)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    client = PipelineClient([server.listen], tiny, timeout=TIMEOUT)
+    try:
+        client.connect(30)
+        res = client.generate(PROMPT, SamplingParams(max_new_tokens=8, eos_token_ids=[-1]))
+        assert res.token_ids == reference
+        assert res.prefill_s >= prefill_s > client.timeout
+        # A stage stuck in a forward without heartbeats (as if hung) still fails the request in bounded time.
+        monkeypatch.setattr(server, "heartbeat", 1e6)
+        sleep_s[0] = 2 * TIMEOUT
+        with pytest.raises(PipelineError, match=r"no token for 3\.0s; stage 1 .* did not answer a ping"):
+            client.generate(PROMPT, SamplingParams(max_new_tokens=8, eos_token_ids=[-1]))
+    finally:
+        server.running = False
+        thread.join(30)
+        client.close()

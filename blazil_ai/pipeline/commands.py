@@ -88,6 +88,9 @@ def stage_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
                    help="replay each decode step (all of the stage's layers) as one CUDA graph (auto = on a GPU)")
+    p.add_argument("--heartbeat", type=float, default=1.0,
+                   help="while one forward runs longer than this many seconds (a long prompt), tell the "
+                        "waiting clients every so often that this stage is busy, not dead (default 1)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     p.add_argument("--exit-with-parent", action="store_true",
                    help="exit when the process that started this stage exits (used by blazil generate)")

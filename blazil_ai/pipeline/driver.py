@@ -224,6 +224,11 @@ class PipelineClient:
                     self.sub.poll(got.append, limit=255)
             now = time.perf_counter()
             for m in got:
+                if m.meta.get("op") == "working":  # a stage is busy with these requests (a long forward)
+                    for r in m.meta.get("rids", []):
+                        if r in last_seen:
+                            last_seen[r] = time.monotonic()
+                    continue
                 rid = m.meta.get("rid")
                 if rid not in self._results:
                     continue

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,7 +74,7 @@ class StageServer:
 
     def __init__(self, model_dir: str, spec: StageSpec, listen: Address, next_addr: Address,
                  dtype: str = "auto", device: str = "cpu", send_timeout: float = 5.0,
-                 decode_graphs: str = "auto") -> None:
+                 decode_graphs: str = "auto", heartbeat: float = 1.0) -> None:
         self.model_dir = model_dir
         self.spec = spec
         self.model = StageModel.from_checkpoint(model_dir, spec, dtype=dtype, device=device)
@@ -93,6 +94,12 @@ class StageServer:
         self.running = True
         self._tokenizer: Any = None
         self._label = str(spec.stage)
+        # A forward that runs longer than ``heartbeat`` seconds (a long prompt on a CPU) is announced to
+        # its requests' clients every ``heartbeat`` seconds from a second thread, so a client tells a
+        # busy stage from a dead or hung one; channels are shared with that thread under this lock.
+        self.heartbeat = heartbeat
+        self._send_lock = threading.Lock()
+        self._busy: tuple[float, list[tuple[str, Address]]] | None = None
 
     # -- channels -------------------------------------------------------------------------------
 
@@ -109,7 +116,30 @@ class StageServer:
     def _send(self, a: Address, meta: dict[str, Any], arrays: list[np.ndarray] | None = None) -> OfferStatus:
         # A client that went away must not stall the ring: replies wait briefly, the next stage longer.
         timeout = self.send_timeout if a == self.next_addr else min(self.send_timeout, 0.5)
-        return self._pub(a).offer(meta, arrays or [], timeout=timeout)
+        with self._send_lock:
+            return self._pub(a).offer(meta, arrays or [], timeout=timeout)
+
+    def _heartbeats(self) -> None:
+        """Second thread: while one forward runs past ``heartbeat`` seconds, tell its clients so."""
+        beaten: tuple[float, float] | None = None  # (start of the forward announced, time of the last beat)
+        while self.running:
+            time.sleep(min(self.heartbeat / 4, 0.25))
+            busy = self._busy
+            if busy is None:
+                continue
+            since, targets = busy
+            now = time.monotonic()
+            last = beaten[1] if beaten is not None and beaten[0] == since else since
+            if now - last < self.heartbeat:
+                continue
+            beaten = (since, now)
+            by_client: dict[Address, list[str]] = {}
+            for rid, reply_to in targets:
+                by_client.setdefault(reply_to, []).append(rid)
+            for reply_to, rids in by_client.items():
+                meta = {"op": "working", "stage": self.spec.stage, "rids": rids, "seconds": round(now - since, 1)}
+                with self._send_lock:
+                    self._pub(reply_to).offer(meta, [], timeout=0.0)
 
     def _error(self, rid: str, message: str) -> None:
         req = self.requests.pop(rid, None)
@@ -130,6 +160,8 @@ class StageServer:
     def run(self, exit_with_parent: bool = False) -> None:
         """Serve until a ``shutdown`` message or SIGTERM (or, if asked, until the launching process is gone)."""
         parent, next_check = os.getppid(), time.monotonic() + 1.0
+        beats = threading.Thread(target=self._heartbeats, name=f"stage{self.spec.stage}-heartbeat", daemon=True)
+        beats.start()
         while self.running:
             self.do_work(wait=0.05)
             if exit_with_parent and time.monotonic() > next_check:
@@ -137,6 +169,7 @@ class StageServer:
                 if os.getppid() != parent:  # the launcher died without stopping us: do not linger
                     log.warning("stage %d: launching process %d is gone; exiting", self.spec.stage, parent)
                     self.running = False
+        beats.join()
         self.close()
 
     def close(self) -> None:
@@ -290,6 +323,8 @@ class StageServer:
             self._send(req.reply_to, {"op": "error", "rid": rid, "stage": self.spec.stage,
                                       "message": f"stage {self.spec.stage}: {problem}"})
             return
+        if self.spec.is_last:  # a ring of one stage samples where it embeds
+            req.sampler = Sampler(params, ids.tolist(), self.tokenizer() if params.stop else None)
         self.requests[rid] = req
         batch.new[rid] = {"reply_to": list(req.reply_to), "sampling": params.to_dict(),
                           "prompt": ids.tolist(), "logits": req.want_logits}
@@ -320,11 +355,14 @@ class StageServer:
         try:
             hidden = batch.parts[0] if len(batch.parts) == 1 else torch.cat([p.to(self.model.device_)
                                                                               for p in batch.parts])
+            self._busy = (time.monotonic(), [(r, self.requests[r].reply_to) for r in batch.rids])
             out = self.model.forward(hidden, batch.rids, batch.pos, batch.lens)
         except (PositionError, RuntimeError) as e:
             for rid in batch.rids:
                 self._error(rid, f"stage {self.spec.stage}: forward failed: {e}")
             return
+        finally:
+            self._busy = None
         _forward_s.labels(self._label).observe(time.perf_counter() - t0)
         if self.spec.is_last:
             self._sample(batch, out)
@@ -426,7 +464,8 @@ def run_stage(args: argparse.Namespace) -> int:
         raise BlazilError(f"--layers {args.layers}: the model has {config.num_hidden_layers} layers")
     t0 = time.perf_counter()
     server = StageServer(args.model, spec, (args.listen, args.listen_stream), (args.next, args.next_stream),
-                         dtype=args.dtype, device=args.device, decode_graphs=args.decode_graphs)
+                         dtype=args.dtype, device=args.device, decode_graphs=args.decode_graphs,
+                         heartbeat=args.heartbeat)
     if args.metrics_port is not None:
         ms = metrics.serve(args.metrics_port)
         print(f"stage {args.stage}: metrics at {ms.url}", file=sys.stderr, flush=True)
