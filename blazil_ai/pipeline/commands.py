@@ -125,8 +125,19 @@ class _Streamer:
         self.client = client
         self.ids: list[int] = []
         self.shown = 0
+        self.status_shown = False
+
+    def busy(self, stage: int, seconds: float) -> None:
+        """A stage is in a long forward (the prompt, on a slow host): say so on a terminal."""
+        if not self.ids and sys.stderr.isatty():
+            sys.stderr.write(f"\r\033[Kstage {stage} working on the prompt ({seconds:.0f} s)")
+            sys.stderr.flush()
+            self.status_shown = True
 
     def __call__(self, rid: str, token: int) -> None:
+        if self.status_shown:
+            sys.stderr.write("\r\033[K")
+            self.status_shown = False
         self.ids.append(token)
         text = self.client.decode(self.ids)
         if text.endswith("\ufffd"):
@@ -166,7 +177,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         ids = client.encode(prompt, chat=args.chat, system=args.system)
         streamer = None if args.json else _Streamer(client)
-        result = client.generate(ids, params, on_token=streamer)
+        result = client.generate(ids, params, on_token=streamer, on_busy=streamer.busy if streamer else None)
     finally:
         if pipe is not None:
             pipe.stop()

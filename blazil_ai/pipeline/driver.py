@@ -209,7 +209,7 @@ class PipelineClient:
         return [res.rid for res in out]
 
     def wait(self, rids: Sequence[str], on_token: Callable[[str, int], None] | None = None,
-             decode_text: bool = True) -> list[GenerationResult]:
+             decode_text: bool = True, on_busy: Callable[[int, float], None] | None = None) -> list[GenerationResult]:
         """Collect tokens until every request in ``rids`` finishes; raise :class:`PipelineError` on a fault."""
         pending = set(rids)
         last_seen = dict.fromkeys(pending, time.monotonic())
@@ -225,9 +225,11 @@ class PipelineClient:
             now = time.perf_counter()
             for m in got:
                 if m.meta.get("op") == "working":  # a stage is busy with these requests (a long forward)
-                    for r in m.meta.get("rids", []):
-                        if r in last_seen:
-                            last_seen[r] = time.monotonic()
+                    mine = [r for r in m.meta.get("rids", []) if r in last_seen]
+                    for r in mine:
+                        last_seen[r] = time.monotonic()
+                    if mine and on_busy is not None:
+                        on_busy(int(m.meta.get("stage", 0)), float(m.meta.get("seconds", 0.0)))
                     continue
                 rid = m.meta.get("rid")
                 if rid not in self._results:
@@ -260,9 +262,10 @@ class PipelineClient:
         return out
 
     def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                 on_token: Callable[[str, int], None] | None = None, want_logits: bool = False) -> GenerationResult:
-        """Run one request to completion."""
-        return self.wait([self.submit(prompt_ids, params, want_logits)], on_token)[0]
+                 on_token: Callable[[str, int], None] | None = None, want_logits: bool = False,
+                 on_busy: Callable[[int, float], None] | None = None) -> GenerationResult:
+        """Run one request to completion; ``on_busy(stage, seconds)`` hears of forwards longer than a heartbeat."""
+        return self.wait([self.submit(prompt_ids, params, want_logits)], on_token, on_busy=on_busy)[0]
 
     def generate_many(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                       want_logits: bool = False) -> list[GenerationResult]:
