@@ -242,3 +242,44 @@ def test_a_forward_longer_than_the_client_timeout_is_busy_not_dead(tiny, referen
         server.running = False
         thread.join(30)
         client.close()
+
+
+def test_weights_are_read_into_the_stage_and_a_damaged_file_is_named(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from blazil_ai.errors import DataError
+    from blazil_ai.pipeline.model import StageModel
+    from blazil_ai.pipeline.weights import StageSpec, load_config, read_safetensors
+
+    n = load_config(tiny).num_hidden_layers
+    model = StageModel.from_checkpoint(tiny, StageSpec(1, 0, n, n), dtype="auto")
+    # The stage owns its weights: nothing is left mapped from the checkpoint file.
+    with open("/proc/self/maps") as f:
+        assert str(tiny / "model.safetensors") not in f.read()
+    ref = load_file(tiny / "model.safetensors")
+    names = sorted(ref)
+    assert all(torch.equal(t, ref[k]) for k, t in zip(names, read_safetensors(tiny / "model.safetensors", names)))
+    mixed = {"bf16": torch.randn(3, 5).to(torch.bfloat16), "i64": torch.arange(7), "empty": torch.empty(0, 4)}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    got = read_safetensors(tmp_path / "mixed.safetensors", list(mixed))
+    assert all(t.dtype == mixed[k].dtype and torch.equal(t, mixed[k]) for k, t in zip(mixed, got))
+
+    assert torch.equal(model.layers[0].mlp.up_proj.weight, ref["model.layers.0.mlp.up_proj.weight"])
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny, damaged)
+    shard = damaged / "model.safetensors"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    with pytest.raises(DataError, match=r"damaged/model\.safetensors: "):
+        StageModel.from_checkpoint(damaged, StageSpec(1, 0, n, n))
+    with pytest.raises(DataError, match=r"model\.safetensors, field '[\w.]+': tensor [\w.]+ ends at byte \d+ but "
+                                        r"the file has \d+ bytes \(truncated\?\)"):
+        read_safetensors(shard, names)
+    shard.write_bytes((10**12).to_bytes(8, "little") + b"{}")
+    with pytest.raises(DataError, match=r"model\.safetensors: header length 1000000000000 does not fit"):
+        read_safetensors(shard, names)
+    shard.write_bytes((2).to_bytes(8, "little") + b"{}")
+    missing = rf"model\.safetensors, field '{names[0]}': tensor {names[0]} is not in this file"
+    with pytest.raises(DataError, match=missing):
+        read_safetensors(shard, names)

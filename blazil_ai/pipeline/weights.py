@@ -4,6 +4,10 @@ A checkpoint is ``config.json`` plus either ``model.safetensors`` or ``model.saf
 with its shards. A stage asks for the tensors of its layers (and the embeddings, final norm, LM head
 where it holds them); each is read from the one shard the index's weight map names, so a stage never
 maps the rest of the model. Any missing or inconsistent file is reported by name.
+
+On the CPU the tensors are read (``preadv``) into memory of the stage's own rather than mapped, so a
+stage that says it is loaded holds its weights: the first request does not wait for the disk, and
+pages of the file are never counted twice while a shard is open.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +177,14 @@ def load_stage_tensors(model_dir: str | os.PathLike[str], spec: StageSpec, confi
     expected = _expected_shapes(config)
     out: dict[str, Any] = {}
     for path, names in sorted(by_file.items()):
+        if device == "cpu":
+            for (name, local), t in zip(names, read_safetensors(path, [n for n, _ in names])):
+                shape_key = _shape_key(name)
+                if shape_key in expected and tuple(t.shape) != expected[shape_key]:
+                    raise DataError(f"tensor {name} has shape {tuple(t.shape)}, config.json implies "
+                                    f"{expected[shape_key]}", path=str(path), field=name)
+                out[local] = t.to(dtype) if dtype is not None else t
+            continue
         try:
             with safe_open(str(path), framework="pt", device=device) as f:
                 present = set(f.keys())
@@ -189,6 +202,70 @@ def load_stage_tensors(model_dir: str | os.PathLike[str], spec: StageSpec, confi
             raise
         except Exception as e:
             raise DataError(f"cannot read checkpoint file: {e}", path=str(path)) from e
+    return out
+
+
+_ST_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def read_safetensors(path: str | os.PathLike[str], names: list[str]) -> list[Any]:
+    """Read tensors ``names`` of one ``.safetensors`` file into fresh CPU tensors, in that order.
+
+    The format is an 8-byte little-endian header length, a JSON header giving each tensor's dtype,
+    shape and byte range after the header, then the data. Each tensor is read straight into its
+    own memory; a short file, a range that disagrees with dtype x shape, or an unknown dtype is a
+    :class:`DataError` naming the file and the tensor.
+    """
+    import torch
+
+    path = Path(path)
+    out = []
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise DataError(f"cannot open checkpoint file: {e.strerror}", path=str(path)) from e
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) < 8:
+            raise DataError(f"file of {size} bytes is too short for a safetensors header", path=str(path))
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, 100 << 20):
+            raise DataError(f"header length {n} does not fit the file's {size} bytes (truncated or not "
+                            "safetensors)", path=str(path))
+        try:
+            header = json.loads(os.pread(fd, n, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"safetensors header is not valid JSON: {e}", path=str(path)) from e
+        base = 8 + n
+        for name in names:
+            info = header.get(name)
+            if not isinstance(info, dict):
+                raise DataError(f"tensor {name} is not in this file although the index names it",
+                                path=str(path), field=name)
+            if info.get("dtype") not in _ST_DTYPES:
+                raise DataError(f"tensor {name} has dtype {info.get('dtype')!r}, not one of "
+                                f"{', '.join(_ST_DTYPES)}", path=str(path), field=name)
+            t = torch.empty([int(d) for d in info["shape"]], dtype=getattr(torch, _ST_DTYPES[info["dtype"]]))
+            start, end = (int(x) for x in info["data_offsets"])
+            nbytes = t.numel() * t.element_size()
+            if end - start != nbytes:
+                raise DataError(f"tensor {name}: byte range {start}..{end} does not hold {info['dtype']} "
+                                f"{tuple(t.shape)} ({nbytes} bytes)", path=str(path), field=name)
+            if base + end > size:
+                raise DataError(f"tensor {name} ends at byte {base + end} but the file has {size} bytes "
+                                "(truncated?)", path=str(path), field=name)
+            raw: Any = t.reshape(-1).view(torch.uint8).numpy()  # the tensor's own memory, as bytes
+            done = 0
+            while done < nbytes:  # preadv may return less than asked (large reads, signals)
+                got = os.preadv(fd, [raw[done:]], base + start + done)
+                if got <= 0:
+                    raise DataError(f"tensor {name}: the file ended while reading it", path=str(path), field=name)
+                done += got
+            out.append(t)
+    finally:
+        os.close(fd)
     return out
 
 
