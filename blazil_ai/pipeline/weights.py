@@ -5,9 +5,10 @@ with its shards. A stage asks for the tensors of its layers (and the embeddings,
 where it holds them); each is read from the one shard the index's weight map names, so a stage never
 maps the rest of the model. Any missing or inconsistent file is reported by name.
 
-On the CPU the tensors are read (``preadv``) into memory of the stage's own rather than mapped, so a
-stage that says it is loaded holds its weights: the first request does not wait for the disk, and
-pages of the file are never counted twice while a shard is open.
+On the CPU the layers and the LM head, which every token reads whole, are read (``preadv``) into the
+stage's own memory, so a stage that says it is loaded holds them and the first request does not wait
+for the disk. The embedding table stays mapped from the file: a lookup reads one row per token, so
+only the rows of tokens actually seen are ever paged in (as in Hugging Face's own loading).
 """
 
 from __future__ import annotations
@@ -176,28 +177,30 @@ def load_stage_tensors(model_dir: str | os.PathLike[str], spec: StageSpec, confi
         by_file.setdefault(wmap[name], []).append((name, local))
     expected = _expected_shapes(config)
     out: dict[str, Any] = {}
+
+    def keep(path: Path, name: str, local: str, t: Any) -> None:
+        shape_key = _shape_key(name)
+        if shape_key in expected and tuple(t.shape) != expected[shape_key]:
+            raise DataError(f"tensor {name} has shape {tuple(t.shape)}, config.json implies {expected[shape_key]}",
+                            path=str(path), field=name)
+        out[local] = t.to(dtype) if dtype is not None else t
+
     for path, names in sorted(by_file.items()):
-        if device == "cpu":
-            for (name, local), t in zip(names, read_safetensors(path, [n for n, _ in names])):
-                shape_key = _shape_key(name)
-                if shape_key in expected and tuple(t.shape) != expected[shape_key]:
-                    raise DataError(f"tensor {name} has shape {tuple(t.shape)}, config.json implies "
-                                    f"{expected[shape_key]}", path=str(path), field=name)
-                out[local] = t.to(dtype) if dtype is not None else t
+        read = [(n, local) for n, local in names if device == "cpu" and local != "embed_tokens.weight"]
+        if read:
+            for (name, local), t in zip(read, read_safetensors(path, [n for n, _ in read])):
+                keep(path, name, local, t)
+        mapped = [pair for pair in names if pair not in read]
+        if not mapped:
             continue
         try:
             with safe_open(str(path), framework="pt", device=device) as f:
                 present = set(f.keys())
-                for name, local in names:
+                for name, local in mapped:
                     if name not in present:
                         raise DataError(f"tensor {name} is not in this file although the index names it",
                                         path=str(path), field=name)
-                    t = f.get_tensor(name)
-                    shape_key = _shape_key(name)
-                    if shape_key in expected and tuple(t.shape) != expected[shape_key]:
-                        raise DataError(f"tensor {name} has shape {tuple(t.shape)}, config.json implies "
-                                        f"{expected[shape_key]}", path=str(path), field=name)
-                    out[local] = t.to(dtype) if dtype is not None else t
+                    keep(path, name, local, f.get_tensor(name))
         except DataError:
             raise
         except Exception as e:
