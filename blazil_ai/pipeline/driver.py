@@ -101,6 +101,9 @@ class PipelineClient:
         self._active: set[str] = set()
         self._nonce = itertools.count(1)
         self._stray: list[Message] = []
+        # Set by a launcher that owns the stage processes: raises PipelineError naming a stage that exited,
+        # so a request fails at once with the exit status instead of after ``timeout``.
+        self.alive: Callable[[], None] | None = None
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -213,6 +216,7 @@ class PipelineClient:
         """Collect tokens until every request in ``rids`` finishes; raise :class:`PipelineError` on a fault."""
         pending = set(rids)
         last_seen = dict.fromkeys(pending, time.monotonic())
+        next_alive_check = time.monotonic() + 0.2
         while pending:
             got: list[Message] = [*self._stray]
             self._stray.clear()
@@ -251,6 +255,12 @@ class PipelineClient:
                         self._active.discard(rid)
                 elif m.meta.get("op") == "error":
                     self._fail(rid, str(m.meta.get("message")), rids)
+            if pending and self.alive is not None and time.monotonic() > next_alive_check:
+                next_alive_check = time.monotonic() + 0.2
+                try:
+                    self.alive()
+                except PipelineError as e:
+                    self._fail(next(iter(pending)), str(e), rids)
             if pending:
                 stale = [r for r in pending if time.monotonic() - last_seen[r] > self.timeout]
                 if stale:
@@ -513,6 +523,7 @@ class LocalPipeline:
                 self.client.connect(self.start_timeout, alive=alive,
                                     expect={"model": model_fingerprint(self.model_dir), "split": self.ranges})
                 bar.update(len(self.procs) - bar.n)
+            self.client.alive = self.check_alive
             return self.client
         except BaseException:
             self.stop()
