@@ -25,3 +25,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """A tiny random Qwen2 checkpoint (fixed seed) with the Qwen2.5 tokenizer; tests copy it before changing it."""
     from blazil_ai.pipeline.random_model import save_tiny_checkpoint
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2"), seed=0)
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.fixture
+def process_gone():
+    """``process_gone(pid)``: whether that process has exited (for tests that kill things)."""
+    return _process_gone

@@ -141,15 +141,8 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _gone(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
-
-def test_sigterm_to_blazil_generate_stops_every_process_it_started(tiny):
+def test_sigterm_to_blazil_generate_stops_every_process_it_started(tiny, process_gone):
     import subprocess
     import sys
 
@@ -176,9 +169,9 @@ def test_sigterm_to_blazil_generate_stops_every_process_it_started(tiny):
         if proc.poll() is None:
             proc.kill()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and not all(_gone(p) for p in started):
+    while time.monotonic() < deadline and not all(process_gone(p) for p in started):
         time.sleep(0.05)
-    assert [p for p in started if not _gone(p)] == []
+    assert [p for p in started if not process_gone(p)] == []
 
 
 def test_bad_prompts_and_settings_are_refused_by_name_and_the_stages_serve_on(pipe, reference, monkeypatch):

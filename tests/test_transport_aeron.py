@@ -427,16 +427,8 @@ def test_available_reads_as_a_bool_and_unpacks_with_the_reason(monkeypatch):
     assert not ok and not aeron.available() and "/nonexistent/aeron/bin/aeronmd" in why
 
 
-def _gone(pid: int) -> bool:
-    """Whether process ``pid`` has exited (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
-
-def test_a_driver_stops_when_the_process_that_started_it_is_killed(tmp_path):
+def test_a_driver_stops_when_the_process_that_started_it_is_killed(tmp_path, process_gone):
     aeron_dir = str(tmp_path / "drv")
     code = ("import time\nfrom blazil_ai.transport import aeron\n"
             f"d = aeron.MediaDriver({aeron_dir!r}).start()\nprint(d.pid, flush=True)\ntime.sleep(600)\n")
@@ -444,9 +436,9 @@ def test_a_driver_stops_when_the_process_that_started_it_is_killed(tmp_path):
                              env=dict(os.environ, PYTHONPATH=os.getcwd()))
     try:
         pid = int(owner.stdout.readline())
-        assert not _gone(pid)
+        assert not process_gone(pid)
     finally:
         owner.kill()  # SIGKILL: no atexit, no finally
         owner.wait(10)
-    assert _wait(lambda: _gone(pid), timeout=10.0), f"aeronmd {pid} outlived the process that started it"
+    assert _wait(lambda: process_gone(pid), timeout=10.0), f"aeronmd {pid} outlived the process that started it"
     assert _wait(lambda: not os.path.exists(os.path.join(aeron_dir, "cnc.dat")), timeout=5.0)
