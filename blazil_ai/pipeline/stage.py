@@ -351,18 +351,24 @@ class StageServer:
             batch.parts = [batch.parts[i] for i in keep]
             if not batch.rids:
                 return
+        # Heartbeats cover the whole step: on a GPU the wait for the result is in the copy to the host.
+        self._busy = (time.monotonic(), [(r, self.requests[r].reply_to) for r in batch.rids])
+        try:
+            self._step(batch)
+        finally:
+            self._busy = None
+
+    def _step(self, batch: _Batch) -> None:
+        """Run the batch through this stage's layers, then pass it on (or sample, at the last stage)."""
         t0 = time.perf_counter()
         try:
             hidden = batch.parts[0] if len(batch.parts) == 1 else torch.cat([p.to(self.model.device_)
                                                                               for p in batch.parts])
-            self._busy = (time.monotonic(), [(r, self.requests[r].reply_to) for r in batch.rids])
             out = self.model.forward(hidden, batch.rids, batch.pos, batch.lens)
         except (PositionError, RuntimeError) as e:
             for rid in batch.rids:
                 self._error(rid, f"stage {self.spec.stage}: forward failed: {e}")
             return
-        finally:
-            self._busy = None
         _forward_s.labels(self._label).observe(time.perf_counter() - t0)
         if self.spec.is_last:
             self._sample(batch, out)
