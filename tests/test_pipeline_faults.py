@@ -285,3 +285,29 @@ def test_weights_are_read_into_the_stage_and_a_damaged_file_is_named(tiny, tmp_p
     missing = rf"model\.safetensors, field '{names[0]}': tensor {names[0]} is not in this file"
     with pytest.raises(DataError, match=missing):
         read_safetensors(shard, names)
+
+
+def test_a_killed_client_leaves_no_cache_behind(pipe, tiny, reference):
+    import subprocess
+    import sys
+
+    uris = ",".join(u for u, _ in pipe.addrs)
+    code = ("from blazil_ai.pipeline.driver import PipelineClient\n"
+            "from blazil_ai.pipeline.sampling import SamplingParams\n"
+            f"c = PipelineClient([(u, 1) for u in {uris!r}.split(',')], {str(tiny)!r}, timeout=30)\n"
+            "c.connect(30)\n"
+            "c.generate([1, 2, 3], SamplingParams(max_new_tokens=1000000, eos_token_ids=[-1]),\n"
+            "           on_token=lambda rid, token: print(rid, flush=True))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    try:
+        rid = proc.stdout.readline().strip()  # its first token has arrived
+        assert rid and [rid] in pipe.client.cached_requests()
+    finally:
+        proc.kill()
+        proc.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and pipe.client.cached_requests() != [[], [], []]:
+        time.sleep(0.1)
+    assert pipe.client.cached_requests() == [[], [], []]  # the last stage's reply failed: every stage dropped it
+    assert pipe.client.generate(PROMPT, SamplingParams(max_new_tokens=8, eos_token_ids=[-1])).token_ids == reference
