@@ -147,7 +147,13 @@ def test_kv_slots_grow_compact_and_serve_any_subset(tiny, hf, graph_step):
     assert stages[1].kv.capacity >= len(prompts[4]) + new_tokens and stages[1].kv.slots == 8
     for r, st in state.items():
         assert st["out"] == refs[int(r[1:])], r
-    for s in stages:
+    for s in stages:  # the last sequence leaving gives back what grew; the next allocates the first size
+        grown = s.kv.nbytes()
+        for r in sorted(state)[:-1]:
+            assert s.drop(r) and s.kv.nbytes() == grown
+        assert s.drop(sorted(state)[-1]) and s.kv.nbytes() == 0 and s.caches == {}
+        s.forward(torch.zeros(1, s.config.hidden_size), ["again"], [0], [1])
+        assert (s.kv.slots, s.kv.capacity) == (1, 4) and 0 < s.kv.nbytes() < grown
         s.clear()
         assert s.caches == {} and not s.drop("r0")
 

@@ -47,8 +47,9 @@ class KVSlots:
     and value of every sequence of a batch with one indexed store and attend with one batched call,
     and nothing is copied as sequences grow. Capacity and slot count double when needed (the tensors
     are then reallocated and :attr:`generation` changes, so CUDA graphs that captured the old ones are
-    rebuilt). Fresh memory is zeroed: columns past a sequence's length are masked out of attention,
-    and a masked zero contributes exactly nothing, where uninitialised memory could hold NaN.
+    rebuilt); when the last sequence goes, tensors that grew are given back. Fresh memory is zeroed:
+    columns past a sequence's length are masked out of attention, and a masked zero contributes
+    exactly nothing, where uninitialised memory could hold NaN.
     """
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -83,6 +84,21 @@ class KVSlots:
                     store.append(t)
         self.slots, self.capacity = new_slots, new_cap
         self.generation += 1
+
+    def release_if_grown(self) -> bool:
+        """With no sequence left, give back tensors that grew past the first size; True if it did.
+
+        The next :meth:`ensure` allocates the first size again. Caches that never grew are kept, so
+        ordinary short requests never reallocate (nor, on a GPU, recapture their graphs).
+        """
+        if self.slots <= self._initial[0] and self.capacity <= self._initial[1]:
+            return False
+        self.k, self.v = [], []
+        self.slots, self.capacity = 0, 0
+        self.generation += 1
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
 
     @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
@@ -193,12 +209,15 @@ class StageModel(nn.Module):
             other.slot = cache.slot
             self._slot_owner[cache.slot] = moved
         self._slot_owner.pop()
+        if not self._slot_owner:  # idle: memory a long or crowded moment needed goes back
+            self.kv.release_if_grown()
         return True
 
     def clear(self) -> None:
         """Forget every sequence."""
         self.caches.clear()
         self._slot_owner.clear()
+        self.kv.release_if_grown()
 
     # -- forward --------------------------------------------------------------------------------
 
