@@ -75,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     # By default SIGTERM (kill, timeout, a service manager) ends Python without running ``finally``
     # blocks, leaving stage processes and media drivers behind; commands may install their own.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    for sig, handler in previous.items():
+        if handler == signal.SIG_DFL:  # one ignored on purpose (nohup) stays ignored
+            signal.signal(sig, _terminate)
     try:
         return int(func(args) or 0)
     except BlazilError as e:
@@ -88,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated as t:
         print(f"blazil {args.command}: stopped by {t}", file=sys.stderr)
         return 128 + t.signum
+    finally:  # main() may be called in a process that goes on (tests, scripts)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

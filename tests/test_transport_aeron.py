@@ -442,3 +442,30 @@ def test_a_driver_stops_when_the_process_that_started_it_is_killed(tmp_path, pro
         owner.wait(10)
     assert _wait(lambda: process_gone(pid), timeout=10.0), f"aeronmd {pid} outlived the process that started it"
     assert _wait(lambda: not os.path.exists(os.path.join(aeron_dir, "cnc.dat")), timeout=5.0)
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["hangup-stops", "nohup-ignores"])
+def test_cli_driver_on_sighup_stops_cleanly_unless_started_with_nohup(tmp_path, process_gone, nohup):
+    import json
+    import signal
+
+    aeron_dir = str(tmp_path / "drv")
+    cmd = [sys.executable, "-m", "blazil_ai", "transport", "driver", "--dir", aeron_dir, "--json"]
+    proc = subprocess.Popen(["nohup", *cmd] if nohup else cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    try:
+        pid = json.loads(proc.stdout.readline())["pid"]
+        proc.send_signal(signal.SIGHUP)
+        if nohup:
+            time.sleep(1.0)
+            assert proc.poll() is None and not process_gone(pid)  # nohup's choice is kept
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=20) == 0
+        else:
+            assert proc.wait(timeout=20) == 128 + signal.SIGHUP
+            assert "stopped by SIGHUP" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _wait(lambda: process_gone(pid), timeout=10.0)
+    assert not os.path.exists(os.path.join(aeron_dir, "cnc.dat"))
