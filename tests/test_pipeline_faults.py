@@ -222,12 +222,19 @@ def test_a_forward_longer_than_the_client_timeout_is_busy_not_dead(tiny, referen
     client = PipelineClient([server.listen], tiny, timeout=TIMEOUT)
     try:
         client.connect(30)
+        from blazil_ai import metrics
+
+        def forward_seconds() -> float:
+            return metrics.REGISTRY.get_sample_value("blazil_pipeline_stage_forward_seconds_sum", {"stage": "1"}) or 0.0
+
+        before = forward_seconds()
         busy: list[tuple[int, float]] = []
         res = client.generate(PROMPT, SamplingParams(max_new_tokens=8, eos_token_ids=[-1]),
                               on_busy=lambda stage, seconds: busy.append((stage, seconds)))
         assert res.token_ids == reference
         assert res.prefill_s >= prefill_s > client.timeout
         assert busy and {stage for stage, _ in busy} == {1} and all(0 < s < prefill_s + 1 for _, s in busy)
+        assert forward_seconds() - before >= prefill_s  # the stage's forward histogram saw the long forward
         # A stage stuck in a forward without heartbeats (as if hung) still fails the request in bounded time.
         monkeypatch.setattr(server, "heartbeat", 1e6)
         sleep_s[0] = 2 * TIMEOUT

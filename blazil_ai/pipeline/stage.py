@@ -36,7 +36,8 @@ from blazil_ai.transport.framing import Message
 
 log = logging.getLogger(__name__)
 
-_forward_s = metrics.histogram("pipeline", "stage_forward", "seconds", "One stage forward (all sequences)",
+_forward_s = metrics.histogram("pipeline", "stage_forward", "seconds",
+                               "One stage forward (all sequences), until its result is on the host",
                                ["stage"])
 _sequences = metrics.gauge("pipeline", "stage_sequences", "count", "Sequences with a KV cache", ["stage"])
 _kv_bytes = metrics.gauge("pipeline", "kv_cache", "bytes", "Memory held by the stage's KV cache tensors", ["stage"])
@@ -369,11 +370,11 @@ class StageServer:
             for rid in batch.rids:
                 self._error(rid, f"stage {self.spec.stage}: forward failed: {e}")
             return
-        _forward_s.labels(self._label).observe(time.perf_counter() - t0)
         if self.spec.is_last:
-            self._sample(batch, out)
+            self._sample(batch, out, t0)
             return
-        arr, name = hidden_to_wire(out)
+        arr, name = hidden_to_wire(out)  # on a GPU, this copy is where the kernels are waited for
+        _forward_s.labels(self._label).observe(time.perf_counter() - t0)
         meta = {"op": "fwd", "rids": batch.rids, "pos": batch.pos, "lens": batch.lens, "dtype": name,
                 "new": {r: v for r, v in batch.new.items() if r in self.requests}}
         status = self._send(self.next_addr, meta, [arr])
@@ -382,9 +383,10 @@ class StageServer:
                 self._error(rid, f"stage {self.spec.stage}: cannot send to stage {self.spec.stage + 1} at "
                                  f"{self.next_addr[0]} (stream {self.next_addr[1]}): {status.name}")
 
-    def _sample(self, batch: _Batch, out: torch.Tensor) -> None:
+    def _sample(self, batch: _Batch, out: torch.Tensor, t0: float) -> None:
         ends = np.cumsum(batch.lens) - 1
         logits = self.model.logits(out[torch.as_tensor(ends, device=out.device)]).cpu()
+        _forward_s.labels(self._label).observe(time.perf_counter() - t0)
         go_rids, go_pos, go_tokens, done = [], [], [], []
         for i, rid in enumerate(batch.rids):
             req = self.requests[rid]
