@@ -151,7 +151,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Handler of ``blazil generate``."""
     from blazil_ai.errors import ConfigError
     from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient, resolve_transport
-    from blazil_ai.pipeline.weights import load_config, parse_split
+    from blazil_ai.pipeline.weights import parse_split
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
@@ -164,13 +164,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 reply_to=args.reply_to)
         client.connect(args.timeout)
     else:
-        load_config(args.model)  # a missing or foreign checkpoint is named before anything starts
         args.transport, why = resolve_transport(args.transport)
-        print(f"blazil generate: starting 3 stages ({args.transport}: {why}; {args.device}) for {args.model} ...",
-              file=sys.stderr, flush=True)
+        # Checks the checkpoint (config, shards, split) before anything starts or is announced.
         pipe = LocalPipeline(args.model, transport=args.transport, split=parse_split(args.split), dtype=args.dtype,
                              device=args.device, threads=args.threads, timeout=args.timeout,
                              decode_graphs=args.decode_graphs, progress=True)
+        print(f"blazil generate: starting 3 stages ({args.transport}: {why}; {args.device}) for {args.model} ...",
+              file=sys.stderr, flush=True)
         client = pipe.start()
         print("blazil generate: stages " + ", ".join(f"{s['stage']}={s['start']}:{s['stop']}"
                                                      for s in client.stages_info) + " ready", file=sys.stderr)

@@ -85,20 +85,19 @@ class KVSlots:
         self.slots, self.capacity = new_slots, new_cap
         self.generation += 1
 
-    def release_if_grown(self) -> bool:
-        """With no sequence left, give back tensors that grew past the first size; True if it did.
+    def release_if_grown(self) -> None:
+        """With no sequence left, give back tensors that grew past the first size.
 
         The next :meth:`ensure` allocates the first size again. Caches that never grew are kept, so
         ordinary short requests never reallocate (nor, on a GPU, recapture their graphs).
         """
         if self.slots <= self._initial[0] and self.capacity <= self._initial[1]:
-            return False
+            return
         self.k, self.v = [], []
         self.slots, self.capacity = 0, 0
         self.generation += 1
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        return True
 
     @torch.inference_mode()
     def move(self, src: int, dst: int, length: int) -> None:
@@ -108,8 +107,8 @@ class KVSlots:
                 t[dst, :, :length].copy_(t[src, :, :length])
 
     def nbytes(self) -> int:
-        """Memory the caches take."""
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        """Memory the caches take (from their shape: this is read after every step)."""
+        return 2 * len(self.k) * self.slots * self.kv_heads * self.capacity * self.head_dim * self.dtype.itemsize
 
 
 def resolve_dtype(name: str | None, config: Any) -> torch.dtype:

@@ -114,9 +114,11 @@ class StageServer:
             pub = self._replies[a] = publication(a[0], a[1])
         return pub
 
-    def _send(self, a: Address, meta: dict[str, Any], arrays: list[np.ndarray] | None = None) -> OfferStatus:
+    def _send(self, a: Address, meta: dict[str, Any], arrays: list[np.ndarray] | None = None,
+              timeout: float | None = None) -> OfferStatus:
         # A client that went away must not stall the ring: replies wait briefly, the next stage longer.
-        timeout = self.send_timeout if a == self.next_addr else min(self.send_timeout, 0.5)
+        if timeout is None:
+            timeout = self.send_timeout if a == self.next_addr else min(self.send_timeout, 0.5)
         with self._send_lock:
             return self._pub(a).offer(meta, arrays or [], timeout=timeout)
 
@@ -138,9 +140,8 @@ class StageServer:
             for rid, reply_to in targets:
                 by_client.setdefault(reply_to, []).append(rid)
             for reply_to, rids in by_client.items():
-                meta = {"op": "working", "stage": self.spec.stage, "rids": rids, "seconds": round(now - since, 1)}
-                with self._send_lock:
-                    self._pub(reply_to).offer(meta, [], timeout=0.0)
+                self._send(reply_to, {"op": "working", "stage": self.spec.stage, "rids": rids,
+                                      "seconds": round(now - since, 1)}, timeout=0.0)
 
     def _error(self, rid: str, message: str) -> None:
         req = self.requests.pop(rid, None)
