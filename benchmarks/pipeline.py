@@ -129,7 +129,8 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
     p.add_argument("--concurrency", default="1,4,8", help="numbers of requests in flight")
     p.add_argument("--modes", default="auto",
-                   help="pipelines to compare, comma-separated: auto, graphs (CUDA graphs for decode), eager")
+                   help="pipelines to compare, comma-separated: auto, graphs (CUDA graphs for decode), eager, "
+                        "plain (CPU bf16 weights not packed for oneDNN: BLAZIL_PACK_WEIGHTS=0)")
     p.add_argument("--log-dir", default=None, help="keep each stage's log here (one folder per mode)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     p.add_argument("--sequential", action="store_true",
@@ -182,7 +183,8 @@ def main() -> int:
             pipes[mode] = LocalPipeline(ckpt, transport=args.transport, dtype=args.dtype, device=args.device,
                                         threads=args.threads, timeout=600, start_timeout=1200,
                                         log_dir=os.path.join(args.log_dir, mode) if args.log_dir else None,
-                                        decode_graphs={"graphs": "on", "eager": "off"}.get(mode, "auto"))
+                                        decode_graphs={"graphs": "on", "eager": "off"}.get(mode, "auto"),
+                                        env={**os.environ, "BLAZIL_PACK_WEIGHTS": "0"} if mode == "plain" else None)
             pipes[mode].start()
             print(f"checkpoint {write_s:.0f}s, anchor load {anchor_load_s:.0f}s, {mode} stages load "
                   f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
@@ -202,8 +204,10 @@ def main() -> int:
         base: dict[str, dict[str, Any]] = {}
         for mode, pipe in pipes.items():
             assert pipe.client is not None
-            graphs = [bool(s and s.get("decode_graphs")) for s in pipe.client.ping(10.0)]
-            base[mode] = {**common, "mode": mode, "decode_graphs": graphs}
+            pongs = pipe.client.ping(10.0)
+            graphs = [bool(s and s.get("decode_graphs")) for s in pongs]
+            base[mode] = {**common, "mode": mode, "decode_graphs": graphs,
+                          "packed_linears": [s.get("packed_linears") if s else None for s in pongs]}
             runs = p_runs[mode]
             p_dec = statistics.median(1000 / r.decode_tokens_per_s for r in runs)
             p_pre = statistics.median(r.prefill_s for r in runs)

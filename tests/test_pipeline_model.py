@@ -64,6 +64,48 @@ def test_greedy_ids_and_final_logits_equal_hf_generate(tiny, hf, split):
             s.clear()
 
 
+def test_bf16_on_cpu_with_packed_weights_equals_hf_generate_bit_for_bit(tiny, monkeypatch):
+    """bf16 on a CPU (the benchmark's setting): linears packed once for oneDNN, still HF's bits."""
+    from transformers import Qwen2ForCausalLM
+
+    from blazil_ai.pipeline.model import PackedLinear, _mkldnn_bf16
+
+    hf16 = Qwen2ForCausalLM.from_pretrained(tiny, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
+    n = load_config(tiny).num_hidden_layers
+    packed = [StageModel.from_checkpoint(tiny, StageSpec(i + 1, a, b, n), dtype="bfloat16")
+              for i, (a, b) in enumerate(split_layers(n, (2, 5)))]
+    monkeypatch.setenv("BLAZIL_PACK_WEIGHTS", "0")
+    plain = [StageModel.from_checkpoint(tiny, StageSpec(i + 1, a, b, n), dtype="bfloat16")
+             for i, (a, b) in enumerate(split_layers(n, (2, 5)))]
+    assert [s.packed_linears for s in plain] == [0, 0, 0]
+    monkeypatch.delenv("BLAZIL_PACK_WEIGHTS")
+    monkeypatch.setattr(PackedLinear, "same_as", lambda self, plain: False)  # a kernel that would differ
+    refused = StageModel.from_checkpoint(tiny, StageSpec(1, 0, 2, n), dtype="bfloat16")
+    assert refused.packed_linears == 0 and type(refused.layers[0].mlp.up_proj) is torch.nn.Linear
+    monkeypatch.undo()
+    if _mkldnn_bf16():  # every layer's seven linears, in every stage
+        assert [s.packed_linears for s in packed] == [7 * len(s.layers) for s in packed]
+        assert isinstance(packed[0].layers[0].mlp.down_proj, PackedLinear)
+    else:
+        assert [s.packed_linears for s in packed] == [0, 0, 0]
+    for prompt in PROMPTS:
+        out = hf16.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8, repetition_penalty=1.0,
+                            eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+        for stages in (packed, plain):
+            ids, logits = run_chain(stages, [prompt], [Sampler(SamplingParams(max_new_tokens=8), prompt)], 8)
+            assert ids[0] == out.sequences[0, len(prompt):].tolist()
+            assert torch.equal(logits[0], out.logits[-1][0])
+            for s in stages:
+                s.clear()
+    # several sequences at once (batched prefill and decode through the packed weights)
+    samplers = [Sampler(SamplingParams(max_new_tokens=6), p) for p in PROMPTS[:2]]
+    ids, _ = run_chain(packed, PROMPTS[:2], samplers, 6)
+    for prompt, got in zip(PROMPTS[:2], ids):
+        want = hf16.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, repetition_penalty=1.0,
+                             eos_token_id=None)
+        assert got == want[0, len(prompt):].tolist()
+
+
 def test_decode_graph_step_equals_hf_generate(tiny, hf):
     """The step a CUDA graph captures (masked attention over a power-of-two width), run eagerly here."""
     stages = stages_for(tiny, (2, 5))

@@ -210,7 +210,8 @@ class StageServer:
                         "op": "pong", "nonce": m.meta.get("nonce"), "stage": self.spec.stage,
                         "caches": sorted(self.model.caches), "pid": os.getpid(), **memory_peaks(self.device),
                         "kv_cache_mb": self.model.kv.nbytes() / 2**20,
-                        "decode_graphs": bool(self.model.graphs is not None and self.model.graphs.use_graphs)})
+                        "decode_graphs": bool(self.model.graphs is not None and self.model.graphs.use_graphs),
+                        "packed_linears": self.model.packed_linears})
                 elif op == "cancel":
                     for rid in m.meta["rids"]:
                         self._forget(rid)
