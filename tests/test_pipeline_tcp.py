@@ -74,6 +74,25 @@ def test_sampling_is_reproducible_with_a_seed_and_matches_hf(pipe, hf):
     assert a.token_ids == ref[0, len(prompt):].tolist()
 
 
+def test_one_batch_mixing_greedy_sampled_and_penalised_requests_each_equal_hf(pipe, hf):
+    """Plain greedy rows of a batch take one argmax together; the others go through HF's processors."""
+    kw = dict(temperature=0.9, top_k=30, top_p=0.95, repetition_penalty=1.2)
+    params = [SamplingParams(max_new_tokens=8, eos_token_ids=NO_EOS),
+              SamplingParams(max_new_tokens=8, seed=7, eos_token_ids=NO_EOS, **kw),
+              SamplingParams(max_new_tokens=8, repetition_penalty=1.3, eos_token_ids=NO_EOS),
+              SamplingParams(max_new_tokens=5, eos_token_ids=NO_EOS)]
+    results = pipe.client.generate_many(PROMPTS, params)
+    assert results[0].token_ids == hf_greedy(hf, PROMPTS[0], 8)[0]
+    torch.manual_seed(7)
+    sampled = hf.generate(torch.tensor([PROMPTS[1]]), do_sample=True, max_new_tokens=8, eos_token_id=None, **kw)
+    assert results[1].token_ids == sampled[0, len(PROMPTS[1]):].tolist()
+    penalised = hf.generate(torch.tensor([PROMPTS[2]]), do_sample=False, max_new_tokens=8, eos_token_id=None,
+                            repetition_penalty=1.3)
+    assert results[2].token_ids == penalised[0, len(PROMPTS[2]):].tolist()
+    assert results[3].token_ids == hf_greedy(hf, PROMPTS[3], 5)[0]
+    assert [r.finish for r in results] == ["length"] * 4
+
+
 def test_eos_stops_the_request(pipe, hf):
     ref_ids, _ = hf_greedy(hf, PROMPTS[0], 6)
     res = pipe.client.generate(PROMPTS[0], SamplingParams(max_new_tokens=6, eos_token_ids=[ref_ids[2]]))

@@ -131,6 +131,12 @@ class Sampler:
         """The ids chosen so far."""
         return self.ids[0, self.prompt_len:].tolist()
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the next id is just the argmax of the logits (greedy with no processor): such rows of a
+        batch are chosen together, with one ``argmax`` where the logits are, then given to :meth:`accept`."""
+        return not self.do_sample and not len(self.processors)
+
     def choose(self, logits: torch.Tensor) -> int:
         """Pick the next id from float32 logits ``[V]`` (or ``[1, V]``) and remember it."""
         scores = logits.reshape(1, -1).to(torch.float32)
@@ -141,6 +147,10 @@ class Sampler:
             token = int(torch.multinomial(probs, num_samples=1, generator=self.generator)[0, 0])
         else:
             token = int(torch.argmax(scores, dim=-1)[0])
+        return self.accept(token)
+
+    def accept(self, token: int) -> int:
+        """Remember ``token`` as the next id (chosen by :meth:`choose`, or by a batched argmax)."""
         self.ids = torch.cat([self.ids, torch.tensor([[token]], dtype=torch.long)], dim=1)
         return token
 

@@ -387,17 +387,31 @@ class StageServer:
 
     def _sample(self, batch: _Batch, out: torch.Tensor, t0: float) -> None:
         ends = np.cumsum(batch.lens) - 1
-        logits = self.model.logits(out[torch.as_tensor(ends, device=out.device)]).cpu()
+        logits = self.model.logits(out[torch.as_tensor(ends, device=out.device)])
+        samplers = [self.requests[rid].sampler for rid in batch.rids]
+        # Greedy rows take one argmax together where the logits are (on a GPU only their ids cross to
+        # the host); rows that sample, or run a processor, go to the CPU as Hugging Face's samplers do.
+        greedy = [i for i, sm in enumerate(samplers) if sm is not None and sm.plain_greedy]
+        chosen: dict[int, int] = {}
+        if greedy:
+            rows = logits if len(greedy) == len(samplers) else logits[torch.as_tensor(greedy, device=logits.device)]
+            chosen = dict(zip(greedy, torch.argmax(rows, dim=-1).tolist()))
+        host = logits.cpu() if len(chosen) < len(samplers) or any(self.requests[r].want_logits
+                                                                   for r in batch.rids) else None
         _forward_s.labels(self._label).observe(time.perf_counter() - t0)
         go_rids, go_pos, go_tokens, done = [], [], [], []
         for i, rid in enumerate(batch.rids):
             req = self.requests[rid]
             assert req.sampler is not None
-            token = req.sampler.choose(logits[i])
+            if i in chosen:
+                token = req.sampler.accept(int(chosen[i]))
+            else:
+                assert host is not None
+                token = req.sampler.choose(host[i])
             req.produced += 1
             finish = req.sampler.finish_reason()
             meta = {"op": "token", "rid": rid, "token": token, "index": req.produced - 1, "finish": finish}
-            arrays = [logits[i].numpy()] if req.want_logits else []
+            arrays = [host[i].numpy()] if req.want_logits and host is not None else []
             if self._send(req.reply_to, meta, arrays) != OfferStatus.OK:
                 finish = "client gone"
             _tokens.labels(self._label).inc()
