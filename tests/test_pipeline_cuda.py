@@ -95,3 +95,25 @@ def test_eager_gpu_decode_is_bit_exact_with_hf(tiny, hf):
     ids, logits = greedy(stages, [PROMPTS[1]], 8)
     assert ids[0] == ref_ids
     assert torch.equal(logits[0], ref_logits)
+
+
+def test_sampling_on_the_gpu_equals_hf_generate_there_with_the_seed(tiny, hf):
+    """The last stage samples where its logits are: HF's processors and a CUDA generator, as generate does."""
+    from blazil_ai.pipeline.sampling import Sampler, SamplingParams
+
+    stages = gpu_stages(tiny, graphs=False)  # the eager GPU path is HF's bits, so the draws must agree
+    kw = dict(temperature=0.9, top_k=30, top_p=0.95, repetition_penalty=1.2)
+    prompt = PROMPTS[1]
+    sampler = Sampler(SamplingParams(max_new_tokens=8, seed=7, eos_token_ids=[-1], **kw), prompt, device="cuda")
+    x, pos, n = stages[0].embed(torch.tensor(prompt)), 0, len(prompt)
+    for _ in range(8):
+        h = x
+        for s in stages:
+            h = s.forward(h, ["r0"], [pos], [n])
+        token = sampler.choose(stages[-1].logits(h[-1:])[0])
+        pos, n = pos + n, 1
+        x = stages[0].embed(torch.tensor([token]))
+    torch.manual_seed(7)
+    ref = hf.generate(torch.tensor([prompt], device="cuda"), do_sample=True, max_new_tokens=8, eos_token_id=None, **kw)
+    assert sampler.generated == ref[0, len(prompt):].tolist()
+    assert sampler.ids.device.type == "cuda"

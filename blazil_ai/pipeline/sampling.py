@@ -95,9 +95,16 @@ def generation_defaults(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 class Sampler:
-    """The token chooser of one request; remembers the ids so far (repetition penalty, stop strings)."""
+    """The token chooser of one request; remembers the ids so far (repetition penalty, stop strings).
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], tokenizer: Any = None) -> None:
+    It runs where the logits are (``device``): on a GPU stage, Hugging Face's processors, the softmax
+    and the draw run on the GPU with a CUDA generator seeded like ``torch.manual_seed(seed)`` seeds
+    ``generate`` there, and only the chosen id crosses to the host. A seed's tokens are reproducible
+    on one device; a CPU and a GPU draw different numbers, as ``generate`` does.
+    """
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], tokenizer: Any = None,
+                 device: str | torch.device = "cpu") -> None:
         from transformers.generation.logits_process import (
             LogitsProcessorList,
             RepetitionPenaltyLogitsProcessor,
@@ -119,17 +126,18 @@ class Sampler:
             if params.top_p < 1.0:
                 procs.append(TopPLogitsWarper(top_p=params.top_p))
         self.processors = procs
-        self.generator = torch.Generator()
+        self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed if params.seed is not None else random.SystemRandom().getrandbits(63))
-        self.ids = torch.tensor([prompt_ids], dtype=torch.long)
+        self.ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
         self.prompt_len = len(prompt_ids)
+        self._generated: list[int] = []
         self.tokenizer = tokenizer if params.stop else None
         self._text = ""
 
     @property
     def generated(self) -> list[int]:
         """The ids chosen so far."""
-        return self.ids[0, self.prompt_len:].tolist()
+        return list(self._generated)
 
     @property
     def plain_greedy(self) -> bool:
@@ -151,14 +159,14 @@ class Sampler:
 
     def accept(self, token: int) -> int:
         """Remember ``token`` as the next id (chosen by :meth:`choose`, or by a batched argmax)."""
-        self.ids = torch.cat([self.ids, torch.tensor([[token]], dtype=torch.long)], dim=1)
+        self.ids = torch.cat([self.ids, torch.tensor([[token]], dtype=torch.long, device=self.ids.device)], dim=1)
+        self._generated.append(token)
         return token
 
     def finish_reason(self) -> str | None:
         """``"eos"``, ``"stop"``, ``"length"`` once the request is complete, else None."""
-        n = self.ids.shape[1] - self.prompt_len
-        last = int(self.ids[0, -1])
-        if n and last in self.params.eos_token_ids:
+        n = len(self._generated)
+        if n and self._generated[-1] in self.params.eos_token_ids:
             return "eos"
         if self.tokenizer is not None and n:
             text = self.tokenizer.decode(self.generated, skip_special_tokens=False)

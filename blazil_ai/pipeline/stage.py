@@ -297,7 +297,8 @@ class StageServer:
                 if self.spec.is_last:
                     params = SamplingParams.from_dict(info["sampling"])
                     self.requests[rid].sampler = Sampler(params, info["prompt"],
-                                                         self.tokenizer() if params.stop else None)
+                                                         self.tokenizer() if params.stop else None,
+                                                         device=self.model.device_)
                 batch.new[rid] = info
             offset = 0
             for rid, pos, n in zip(meta["rids"], meta["pos"], meta["lens"]):
@@ -327,7 +328,8 @@ class StageServer:
                                       "message": f"stage {self.spec.stage}: {problem}"})
             return
         if self.spec.is_last:  # a ring of one stage samples where it embeds
-            req.sampler = Sampler(params, ids.tolist(), self.tokenizer() if params.stop else None)
+            req.sampler = Sampler(params, ids.tolist(), self.tokenizer() if params.stop else None,
+                                  device=self.model.device_)
         self.requests[rid] = req
         batch.new[rid] = {"reply_to": list(req.reply_to), "sampling": params.to_dict(),
                           "prompt": ids.tolist(), "logits": req.want_logits}
@@ -389,25 +391,20 @@ class StageServer:
         ends = np.cumsum(batch.lens) - 1
         logits = self.model.logits(out[torch.as_tensor(ends, device=out.device)])
         samplers = [self.requests[rid].sampler for rid in batch.rids]
-        # Greedy rows take one argmax together where the logits are (on a GPU only their ids cross to
-        # the host); rows that sample, or run a processor, go to the CPU as Hugging Face's samplers do.
+        # Every choice runs where the logits are (on a GPU only the ids cross to the host): greedy rows
+        # with one argmax together, the others each through Hugging Face's processors.
         greedy = [i for i, sm in enumerate(samplers) if sm is not None and sm.plain_greedy]
         chosen: dict[int, int] = {}
         if greedy:
             rows = logits if len(greedy) == len(samplers) else logits[torch.as_tensor(greedy, device=logits.device)]
             chosen = dict(zip(greedy, torch.argmax(rows, dim=-1).tolist()))
-        host = logits.cpu() if len(chosen) < len(samplers) or any(self.requests[r].want_logits
-                                                                   for r in batch.rids) else None
+        host = logits.cpu() if any(self.requests[r].want_logits for r in batch.rids) else None
         _forward_s.labels(self._label).observe(time.perf_counter() - t0)
         go_rids, go_pos, go_tokens, done = [], [], [], []
         for i, rid in enumerate(batch.rids):
             req = self.requests[rid]
             assert req.sampler is not None
-            if i in chosen:
-                token = req.sampler.accept(int(chosen[i]))
-            else:
-                assert host is not None
-                token = req.sampler.choose(host[i])
+            token = req.sampler.accept(chosen[i]) if i in chosen else req.sampler.choose(logits[i])
             req.produced += 1
             finish = req.sampler.finish_reason()
             meta = {"op": "token", "rid": rid, "token": token, "index": req.produced - 1, "finish": finish}
