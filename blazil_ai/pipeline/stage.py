@@ -253,7 +253,7 @@ class StageServer:
                 "vocab_size": int(self.model.config.vocab_size),
                 "device": self.device, "listen": list(self.listen), "pid": os.getpid(),
                 "decode_graphs": bool(self.model.graphs is not None and self.model.graphs.use_graphs),
-                "protocol": PROTOCOL_VERSION}
+                "packed_linears": self.model.packed_linears, "protocol": PROTOCOL_VERSION}
         stages = [*meta.get("stages", []), info]
         reply = addr(meta["reply_to"])
         out = {**meta, "stages": stages}
