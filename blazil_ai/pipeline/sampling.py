@@ -128,8 +128,9 @@ class Sampler:
         self.processors = procs
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(params.seed if params.seed is not None else random.SystemRandom().getrandbits(63))
+        # The prompt and the chosen ids, on the device, for the processors (repetition penalty reads
+        # them); with no processor nothing reads them, and they are not grown.
         self.ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        self.prompt_len = len(prompt_ids)
         self._generated: list[int] = []
         self.tokenizer = tokenizer if params.stop else None
         self._text = ""
@@ -159,7 +160,8 @@ class Sampler:
 
     def accept(self, token: int) -> int:
         """Remember ``token`` as the next id (chosen by :meth:`choose`, or by a batched argmax)."""
-        self.ids = torch.cat([self.ids, torch.tensor([[token]], dtype=torch.long, device=self.ids.device)], dim=1)
+        if len(self.processors):
+            self.ids = torch.cat([self.ids, torch.tensor([[token]], dtype=torch.long, device=self.ids.device)], dim=1)
         self._generated.append(token)
         return token
 
