@@ -209,9 +209,7 @@ class StageServer:
                     self._send(addr(m.meta["reply_to"]), {
                         "op": "pong", "nonce": m.meta.get("nonce"), "stage": self.spec.stage,
                         "caches": sorted(self.model.caches), "pid": os.getpid(), **memory_peaks(self.device),
-                        "kv_cache_mb": self.model.kv.nbytes() / 2**20,
-                        "decode_graphs": bool(self.model.graphs is not None and self.model.graphs.use_graphs),
-                        "packed_linears": self.model.packed_linears})
+                        "kv_cache_mb": self.model.kv.nbytes() / 2**20, **self._speedups()})
                 elif op == "cancel":
                     for rid in m.meta["rids"]:
                         self._forget(rid)
@@ -247,13 +245,17 @@ class StageServer:
             cutoff = time.monotonic() - 600
             self.cancelled = {r: t for r, t in self.cancelled.items() if t > cutoff}
 
+    def _speedups(self) -> dict[str, Any]:
+        """What the handshake and pings report of how this stage computes (CUDA graphs, packed weights)."""
+        return {"decode_graphs": bool(self.model.graphs is not None and self.model.graphs.use_graphs),
+                "packed_linears": self.model.packed_linears}
+
     def _hello(self, meta: dict[str, Any]) -> None:
         info = {"stage": self.spec.stage, "start": self.spec.start, "stop": self.spec.stop,
                 "num_layers": self.spec.num_layers, "model": self.fingerprint, "dtype": self.dtype_name,
                 "vocab_size": int(self.model.config.vocab_size),
                 "device": self.device, "listen": list(self.listen), "pid": os.getpid(),
-                "decode_graphs": bool(self.model.graphs is not None and self.model.graphs.use_graphs),
-                "packed_linears": self.model.packed_linears, "protocol": PROTOCOL_VERSION}
+                **self._speedups(), "protocol": PROTOCOL_VERSION}
         stages = [*meta.get("stages", []), info]
         reply = addr(meta["reply_to"])
         out = {**meta, "stages": stages}
