@@ -253,17 +253,18 @@ def test_weights_are_read_into_the_stage_and_a_damaged_file_is_named(tiny, tmp_p
     from blazil_ai.pipeline.model import StageModel
     from blazil_ai.pipeline.weights import StageSpec, load_config, read_safetensors
 
-    n = load_config(tiny).num_hidden_layers
-    import gc
-    gc.collect()  # models of earlier tests that mapped the file are gone
-    model = StageModel.from_checkpoint(tiny, StageSpec(2, 1, n - 1, n), dtype="auto")
+    # A copy of its own: models that other tests keep (a session's HF anchor) map the shared file.
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny, ckpt)
+    n = load_config(ckpt).num_hidden_layers
+    model = StageModel.from_checkpoint(ckpt, StageSpec(2, 1, n - 1, n), dtype="auto")
     # A middle stage owns its weights: nothing is left mapped from the checkpoint file (the first
     # stage maps the embedding table, of which a lookup reads only the rows of its tokens).
     with open("/proc/self/maps") as f:
-        assert str(tiny / "model.safetensors") not in f.read()
-    first = StageModel.from_checkpoint(tiny, StageSpec(1, 0, 1, n), dtype="auto")
+        assert str(ckpt / "model.safetensors") not in f.read()
+    first = StageModel.from_checkpoint(ckpt, StageSpec(1, 0, 1, n), dtype="auto")
     with open("/proc/self/maps") as f:
-        assert str(tiny / "model.safetensors") in f.read()
+        assert str(ckpt / "model.safetensors") in f.read()
     ref = load_file(tiny / "model.safetensors")
     names = sorted(ref)
     assert all(torch.equal(t, ref[k]) for k, t in zip(names, read_safetensors(tiny / "model.safetensors", names)))
