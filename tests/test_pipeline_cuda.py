@@ -1,7 +1,7 @@
 """Stages on a CUDA GPU: whole decode steps replayed as CUDA graphs, against Hugging Face ``generate`` there.
 
 These run only where ``torch.cuda.is_available()``; elsewhere they skip and say so. The same decode step
-runs eagerly on CPU in ``test_pipeline_model.py`` (``enable_decode_graphs(use_graphs=False)``).
+runs eagerly on CPU in ``test_pipeline_model.py`` (``enable_decode_graphs(stage, use_graphs=False)``).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from blazil_ai.pipeline.graphs import enable_decode_graphs
 from blazil_ai.pipeline.model import StageModel
 from blazil_ai.pipeline.weights import StageSpec, load_config, split_layers
 
@@ -33,7 +34,7 @@ def gpu_stages(model_dir: Path, graphs: bool) -> list[StageModel]:
               for i, (a, b) in enumerate(split_layers(n, None))]
     for s in stages:
         if graphs:
-            s.enable_decode_graphs(use_graphs=True)
+            enable_decode_graphs(s, use_graphs=True)
     return stages
 
 

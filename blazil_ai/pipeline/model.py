@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from blazil_ai.errors import BlazilError, ConfigError
+from blazil_ai.pipeline.packing import mkldnn_bf16, pack_linears
 from blazil_ai.pipeline.weights import StageSpec, load_config, load_stage_tensors
 
 log = logging.getLogger(__name__)
@@ -149,15 +150,9 @@ class StageModel(nn.Module):
         self.kv = KVSlots(len(self.layers), cfg.num_key_value_heads, head_dim, dtype, self.device_)
         self.caches: dict[str, SequenceCache] = {}
         self._slot_owner: list[str] = []  # the request in each slot; slots [0, len) are in use, none after
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: Any = None  # a graphs.DecodeGraphs once enable_decode_graphs(model) ran
         self.packed_linears = 0
         self.eval()
-
-    def enable_decode_graphs(self, use_graphs: bool | None = None) -> None:
-        """Run decode steps through :class:`DecodeGraphs` (CUDA graphs on a GPU; the same step eagerly on CPU)."""
-        if use_graphs is None:
-            use_graphs = self.device_.type == "cuda"
-        self.graphs = DecodeGraphs(self, use_graphs)
 
     @classmethod
     def from_checkpoint(cls, model_dir: str | os.PathLike[str], spec: StageSpec, dtype: str | None = "auto",
@@ -180,41 +175,17 @@ class StageModel(nn.Module):
         return model
 
     def pack_linears(self) -> int:
-        """On a CPU in bf16, give each layer's linear its weight in oneDNN's blocked layout, once.
+        """On a CPU in bf16, give each layer's linears their weight in oneDNN's blocked layout, once.
 
-        ``F.linear`` in bf16 on a CPU already runs oneDNN's kernel, but it reorders the weight into
-        that layout on every call; a decode step is little else. Packed once, the same kernel gives
-        the same bits (checked on a probe for each weight shape before any module is swapped) in less
-        time (README, "Measured here"). The LM head stays plain: packing copies a weight, and
-        its copy (1 GB for a 7B model) would raise the stage's peak memory by as much. Returns the
-        number of linears packed (0 on a GPU, in float32, or where the probe differs).
+        See :mod:`blazil_ai.pipeline.packing`: a packed kernel is used only for the shapes where it
+        gives ``F.linear``'s bits. The LM head stays plain: packing copies a weight, and its copy
+        (1 GB for a 7B model) would raise the stage's peak memory by as much. Returns the number of
+        linears packed (0 on a GPU, in float32, or where the kernel differs).
         """
-        if self.device_.type != "cpu" or self.dtype_ != torch.bfloat16 or not _mkldnn_bf16():
+        if self.device_.type != "cpu" or self.dtype_ != torch.bfloat16 or not mkldnn_bf16():
             return 0
-        probed: dict[tuple[int, int, bool], bool] = {}
-        count = 0
-        for layer in self.layers:
-            parents: tuple[Any, ...] = (layer.self_attn, layer.mlp)
-            for parent in parents:
-                # By name, holding no module between steps: each plain weight goes as its copy is made,
-                # so loading peaks at one weight above the packed stage, not one module's three.
-                for name in [n for n, c in parent.named_children() if isinstance(c, nn.Linear)]:
-                    child = getattr(parent, name)
-                    key = (child.out_features, child.in_features, child.bias is not None)
-                    if probed.get(key) is False:
-                        continue
-                    packed = PackedLinear(child.weight, child.bias)
-                    if key not in probed:
-                        probed[key] = packed.same_as(child)
-                        if not probed[key]:
-                            log.info("stage %d: packed bf16 linear %s differs from F.linear; weights stay plain",
-                                     self.spec.stage, key)
-                            continue
-                    setattr(parent, name, packed)
-                    del child, packed
-                    count += 1
-        self.packed_linears = count
-        return count
+        self.packed_linears = pack_linears(self.layers, self.spec.stage)
+        return self.packed_linears
 
     # -- caches ---------------------------------------------------------------------------------
 
@@ -347,43 +318,6 @@ class StageModel(nn.Module):
         return _decode_layers(self, x, cos, sin, attention).squeeze(1)
 
 
-def _mkldnn_bf16() -> bool:
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-class PackedLinear(nn.Module):
-    """A bf16 ``nn.Linear`` on the CPU whose weight was reordered once into oneDNN's blocked layout."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        with torch.inference_mode():
-            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
-            self.bias = None if bias is None else bias.detach()
-
-    @torch.inference_mode()
-    def same_as(self, plain: nn.Linear) -> bool:
-        """Whether this gives ``plain``'s bits on a probe of a few rows (prefill and decode shapes)."""
-        try:
-            gen = torch.Generator().manual_seed(0)
-            for rows in ((1,), (3,), (2, 5)):
-                x = torch.randn(*rows, self.in_features, generator=gen).to(torch.bfloat16)
-                if not torch.equal(self(x), plain(x)):
-                    return False
-        except RuntimeError:
-            return False
-        return True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
 class _Attention:
     """How a decode step stores each new key/value and attends over the cache (one call per layer)."""
 
@@ -481,87 +415,3 @@ def _out(layer: Any, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
     """Output projection, residual, post-attention norm, MLP, residual: the part after attention."""
     x = x + layer.self_attn.o_proj(o)
     return x + layer.mlp(layer.post_attention_layernorm(x))
-
-
-class DecodeGraphs:
-    """Whole decode steps of a stage replayed as CUDA graphs, one graph per (batch size, attention width).
-
-    A graph holds every layer: projections, the indexed store of each new key/value into the
-    stage's :class:`KVSlots`, masked attention over the first ``width`` positions of the batch's
-    slots, and the MLP. Its inputs (hidden states, rotary cos/sin, slots, positions) are copied into
-    static buffers before each replay. Widths are powers of two from :attr:`MIN_WIDTH`, so a graph
-    serves many steps and attention reads at most twice the cache it needs. With
-    ``use_graphs=False`` (CPU) the same step runs eagerly, which is how the captured code is tested
-    without a GPU.
-    """
-
-    MIN_WIDTH = 256
-
-    def __init__(self, model: StageModel, use_graphs: bool) -> None:
-        self.model = model
-        self.use_graphs = use_graphs
-        self._graphs: dict[tuple[int, int], dict[str, Any]] = {}
-        self._generation = -1
-        self._columns: torch.Tensor | None = None
-        self._pool: Any = torch.cuda.graph_pool_handle() if use_graphs else None
-        # One warm-up stream for every capture: each new stream would get its own cuBLAS workspace.
-        self._warmup_stream: Any = torch.cuda.Stream() if use_graphs else None
-
-    def width_for(self, length: int) -> int:
-        """The attention width a step needs when its longest sequence has ``length`` positions."""
-        width = self.MIN_WIDTH
-        while width < length:
-            width *= 2
-        return min(width, self.model.kv.capacity)
-
-    def run(self, x: torch.Tensor, caches: list[SequenceCache], positions: list[int]) -> torch.Tensor:
-        """One decode step for ``x`` ``[B, 1, H]``; returns ``[B, 1, H]``."""
-        m = self.model
-        bsz = x.shape[0]
-        width = self.width_for(max(positions) + 1)
-        position_ids = torch.tensor(positions, device=m.device_)[:, None]
-        cos, sin = m.rotary_emb(x, position_ids)
-        slots = torch.tensor([c.slot for c in caches], device=m.device_)
-        if m.kv.generation != self._generation:  # the caches were reallocated: graphs hold the old ones
-            self._graphs.clear()
-            self._generation = m.kv.generation
-            self._columns = torch.arange(m.kv.capacity, device=m.device_)
-        if not self.use_graphs:
-            return _decode_layers(m, x, cos, sin, _Masked(m.kv, slots, position_ids[:, 0], width, self._columns))
-        g = self._graphs.get((bsz, width))
-        inputs = {"x": x, "cos": cos, "sin": sin, "slots": slots, "pos": position_ids[:, 0]}
-        if g is None:
-            try:
-                g = self._graphs[(bsz, width)] = self._capture(inputs, width)
-                return g["out"].clone()  # capturing ran and replayed this very step
-            except RuntimeError as e:  # a capture the GPU or this torch cannot do: stay correct, run eagerly
-                log.warning("stage %d: CUDA graph capture failed (%s); decoding eagerly", m.spec.stage, e)
-                self.use_graphs = False
-                return self.run(x, caches, positions)
-        for name, value in inputs.items():
-            g[name].copy_(value)
-        g["graph"].replay()
-        return g["out"].clone()
-
-    def _capture(self, inputs: dict[str, torch.Tensor], width: int) -> dict[str, Any]:
-        m = self.model
-        g: dict[str, Any] = {name: t.clone() for name, t in inputs.items()}
-
-        def step() -> torch.Tensor:
-            attention = _Masked(m.kv, g["slots"], g["pos"], width, self._columns)
-            return _decode_layers(m, g["x"], g["cos"], g["sin"], attention)
-
-        # The warm-up runs are this step for real (the same keys/values land in the same places each
-        # time), so capturing never writes anything wrong into a live sequence's cache.
-        stream = self._warmup_stream
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            g["out"] = step()
-        g["graph"] = graph
-        graph.replay()
-        return g

@@ -27,6 +27,7 @@ import torch
 
 from blazil_ai import metrics
 from blazil_ai.errors import BlazilError
+from blazil_ai.pipeline.graphs import GraphCaptureError, enable_decode_graphs
 from blazil_ai.pipeline.model import PositionError, StageModel
 from blazil_ai.pipeline.protocol import PROTOCOL_VERSION, Address, addr, hidden_from_wire, hidden_to_wire
 from blazil_ai.pipeline.sampling import Sampler, SamplingParams
@@ -80,7 +81,9 @@ class StageServer:
         self.spec = spec
         self.model = StageModel.from_checkpoint(model_dir, spec, dtype=dtype, device=device)
         if decode_graphs == "on" or (decode_graphs == "auto" and self.model.device_.type == "cuda"):
-            self.model.enable_decode_graphs()
+            # A capture that fails here fails the stage at start-up with --decode-graphs on; with auto it
+            # is an ERROR in the log, a 0 in blazil_pipeline_decode_graphs and decode_graphs: false.
+            enable_decode_graphs(self.model, strict=decode_graphs == "on").check()
         self.fingerprint = model_fingerprint(model_dir)
         self.dtype_name = str(self.model.dtype_).replace("torch.", "")
         self.device = device
@@ -93,6 +96,7 @@ class StageServer:
         self.cancelled: dict[str, float] = {}
         self.send_timeout = send_timeout
         self.running = True
+        self.failed: str | None = None  # why the stage stopped by itself (its exit status is then 1)
         self._tokenizer: Any = None
         self._label = str(spec.stage)
         # A forward that runs longer than ``heartbeat`` seconds (a long prompt on a CPU) is announced to
@@ -247,8 +251,12 @@ class StageServer:
 
     def _speedups(self) -> dict[str, Any]:
         """What the handshake and pings report of how this stage computes (CUDA graphs, packed weights)."""
-        return {"decode_graphs": bool(self.model.graphs is not None and self.model.graphs.use_graphs),
-                "packed_linears": self.model.packed_linears}
+        graphs = self.model.graphs
+        out: dict[str, Any] = {"decode_graphs": bool(graphs is not None and graphs.use_graphs),
+                               "packed_linears": self.model.packed_linears}
+        if graphs is not None and graphs.failure:
+            out["decode_graphs_failure"] = graphs.failure
+        return out
 
     def _hello(self, meta: dict[str, Any]) -> None:
         info = {"stage": self.spec.stage, "start": self.spec.start, "stop": self.spec.stop,
@@ -372,6 +380,13 @@ class StageServer:
             hidden = batch.parts[0] if len(batch.parts) == 1 else torch.cat([p.to(self.model.device_)
                                                                               for p in batch.parts])
             out = self.model.forward(hidden, batch.rids, batch.pos, batch.lens)
+        except GraphCaptureError as e:  # --decode-graphs on: the stage stops rather than run eagerly
+            for rid in batch.rids:
+                self._error(rid, str(e))
+            log.error("%s; stopping the stage", e)
+            self.failed = str(e)
+            self.running = False
+            return
         except (PositionError, RuntimeError) as e:
             for rid in batch.rids:
                 self._error(rid, f"stage {self.spec.stage}: forward failed: {e}")
@@ -502,6 +517,8 @@ def run_stage(args: argparse.Namespace) -> int:
           f"{args.device}) loaded in {time.perf_counter() - t0:.1f}s; listening on {server.listen[0]} "
           f"stream {server.listen[1]}, next {args.next}", file=sys.stderr, flush=True)
     server.run(exit_with_parent=args.exit_with_parent)
+    if server.failed:
+        raise BlazilError(server.failed)
     return 0
 
 
