@@ -178,6 +178,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = client.encode(prompt, chat=args.chat, system=args.system)
         streamer = None if args.json else _Streamer(client)
         result = client.generate(ids, params, on_token=streamer, on_busy=streamer.busy if streamer else None)
+        # How each stage computed, read after the request: a graph capture can fail on first use.
+        speed = [s or {} for s in client.ping(min(args.timeout, 5.0))] if args.json else []
     finally:
         if pipe is not None:
             pipe.stop()
@@ -185,7 +187,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             client.close()
     if args.json:
         out = result.to_dict()
-        out.update({"transport": args.transport, "stages": client.stages_info, "sampling": params.to_dict()})
+        out.update({"transport": args.transport, "stages": client.stages_info, "sampling": params.to_dict(),
+                    "decode_graphs": [bool(s.get("decode_graphs")) for s in speed],
+                    "packed_linears": [s.get("packed_linears") for s in speed]})
+        failures = {str(i + 1): s["decode_graphs_failure"] for i, s in enumerate(speed) if s.get("decode_graphs_failure")}
+        if failures:
+            out["decode_graphs_failure"] = failures
         print(json.dumps(out))
     else:
         sys.stdout.write("\n")
