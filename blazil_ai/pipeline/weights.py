@@ -250,8 +250,9 @@ def read_safetensors(path: str | os.PathLike[str], names: list[str]) -> list[Any
             if info.get("dtype") not in _ST_DTYPES:
                 raise DataError(f"tensor {name} has dtype {info.get('dtype')!r}, not one of "
                                 f"{', '.join(_ST_DTYPES)}", path=str(path), field=name)
-            t = torch.empty([int(d) for d in info["shape"]], dtype=getattr(torch, _ST_DTYPES[info["dtype"]]))
             start, end = (int(x) for x in info["data_offsets"])
+            t = _empty_aligned_as_mapped([int(d) for d in info["shape"]], getattr(torch, _ST_DTYPES[info["dtype"]]),
+                                         base + start)
             nbytes = t.numel() * t.element_size()
             if end - start != nbytes:
                 raise DataError(f"tensor {name}: byte range {start}..{end} does not hold {info['dtype']} "
@@ -270,6 +271,26 @@ def read_safetensors(path: str | os.PathLike[str], names: list[str]) -> list[Any
     finally:
         os.close(fd)
     return out
+
+
+def _empty_aligned_as_mapped(shape: list[int], dtype: Any, file_offset: int) -> Any:
+    """A fresh tensor whose address has the alignment (mod 64 bytes) its bytes have in the file.
+
+    Hugging Face maps a checkpoint and, where no dtype conversion is asked for, computes with the
+    mapped tensors, whose addresses are page + file offset. MKL's float32 kernels sum in an order
+    that depends on the weight's alignment (a 16-byte boundary changes the last bits of a one-row
+    product), so to give the same bits a tensor read into our own memory sits at the same
+    alignment as the mapped one. A conversion (``.to(dtype)``) makes a fresh, 64-byte aligned tensor
+    on both sides.
+    """
+    import torch
+
+    size = torch.Size(shape).numel() * dtype.itemsize
+    buf = torch.empty(size + 64, dtype=torch.uint8)
+    shift = (file_offset - buf.data_ptr()) % 64
+    if shift % dtype.itemsize:  # an offset no view of this dtype can have: alignment is then moot
+        shift = 0
+    return buf[shift:shift + size].view(dtype).view(shape)
 
 
 def _shape_key(name: str) -> str:
