@@ -118,3 +118,20 @@ def test_sampling_on_the_gpu_equals_hf_generate_there_with_the_seed(tiny, hf):
     ref = hf.generate(torch.tensor([prompt], device="cuda"), do_sample=True, max_new_tokens=8, eos_token_id=None, **kw)
     assert sampler.generated == ref[0, len(prompt):].tolist()
     assert sampler.ids.device.type == "cuda"
+
+
+def test_stage_processes_with_graphs_on_keep_them_through_cache_reallocation(tiny, hf):
+    """Three stage processes on the GPU with ``--decode-graphs on``: graphs captured at start-up, still on
+    after a long prompt grew the caches and the idle stages gave them back (the torch 2.11 pool case)."""
+    from blazil_ai.pipeline.driver import LocalPipeline
+    from blazil_ai.pipeline.sampling import SamplingParams
+
+    long = [(7 * i) % 5000 + 1 for i in range(250)]
+    with LocalPipeline(tiny, transport="tcp", device="cuda", decode_graphs="on", timeout=60,
+                       start_timeout=300) as pipe:
+        assert pipe.client is not None
+        for prompt in [PROMPTS[0], long, PROMPTS[1]]:
+            got = pipe.client.generate(prompt, SamplingParams(max_new_tokens=12, eos_token_ids=[-1]))
+            assert got.token_ids == hf_greedy(hf, prompt, 12)[0]
+        pongs = pipe.client.ping(10.0)
+        assert [bool(p and p.get("decode_graphs")) for p in pongs] == [True, True, True], pongs

@@ -2,8 +2,9 @@
 
 A graph holds every layer of the stage: projections, the indexed store of each new key/value into
 the stage's :class:`~blazil_ai.pipeline.model.KVSlots`, masked attention over the first ``width``
-positions of the batch's slots, and the MLP. Its inputs (hidden states, rotary cos/sin, slots,
-positions) are copied into static buffers before each replay. Widths are powers of two from
+positions of the batch's slots, and the MLP. Its inputs (hidden states, and positions with slots
+as one small tensor) are copied into static buffers before each replay; the rotary embedding is
+computed inside the graph. Widths are powers of two from
 :attr:`DecodeGraphs.MIN_WIDTH`, so a graph serves many steps and attention reads at most twice the
 cache it needs. With ``use_graphs=False`` (CPU) the same step runs eagerly, which is how the
 captured code is tested without a GPU.
@@ -57,6 +58,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], dict[str, Any]] = {}
         self._generation = -1
         self._columns: torch.Tensor | None = None
+        self._pinned: dict[int, torch.Tensor] = {}
         self._pool: Any = self._new_pool() if use_graphs else None
         # One warm-up stream for every capture: each new stream would get its own cuBLAS workspace.
         self._warmup_stream: Any = torch.cuda.Stream() if use_graphs else None
@@ -86,20 +88,17 @@ class DecodeGraphs:
         m = self.model
         bsz = x.shape[0]
         width = self.width_for(max(positions) + 1)
-        position_ids = torch.tensor(positions, device=m.device_)[:, None]
-        cos, sin = m.rotary_emb(x, position_ids)
-        slots = torch.tensor([c.slot for c in caches], device=m.device_)
         if m.kv.generation != self._generation:  # the caches were reallocated: graphs hold the old ones
             self._drop_graphs()
             self._generation = m.kv.generation
             self._columns = torch.arange(m.kv.capacity, device=m.device_)
+        index = self._index(positions, [c.slot for c in caches])
         if not self.use_graphs:
-            return _decode_layers(m, x, cos, sin, _Masked(m.kv, slots, position_ids[:, 0], width, self._columns))
+            return self._step(x, index, width)
         g = self._graphs.get((bsz, width))
-        inputs = {"x": x, "cos": cos, "sin": sin, "slots": slots, "pos": position_ids[:, 0]}
         if g is None:
             try:
-                g = self._graphs[(bsz, width)] = self._capture(inputs, width)
+                g = self._graphs[(bsz, width)] = self._capture({"x": x, "index": index}, width)
             except RuntimeError as e:  # a capture the GPU or this torch cannot do
                 _captures.labels(self._label, "failed").inc()
                 self._graphs.pop((bsz, width), None)
@@ -117,18 +116,38 @@ class DecodeGraphs:
                 return self.run(x, caches, positions)
             _captures.labels(self._label, "ok").inc()
             return g["out"].clone()  # capturing ran and replayed this very step
-        for name, value in inputs.items():
-            g[name].copy_(value)
+        g["x"].copy_(x)
+        g["index"].copy_(index, non_blocking=True)
         g["graph"].replay()
         return g["out"].clone()
 
-    def _capture(self, inputs: dict[str, torch.Tensor], width: int) -> dict[str, Any]:
+    def _index(self, positions: list[int], slots: list[int]) -> torch.Tensor:
+        """Positions (row 0) and slots (row 1) of a step as one int64 tensor, so they cross to a GPU in one copy.
+
+        On a GPU the tensor is a pinned host buffer kept per batch size (the copy from it is
+        asynchronous; the buffer is rewritten only after the step's result was waited for).
+        """
+        rows = torch.tensor([positions, slots], dtype=torch.long)
+        if not self.use_graphs:
+            return rows.to(self.model.device_)
+        host = self._pinned.get(len(slots))
+        if host is None:
+            host = self._pinned[len(slots)] = torch.empty_like(rows).pin_memory() if torch.cuda.is_available() else rows
+        host.copy_(rows)
+        return host
+
+    def _step(self, x: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+        """The decode step a graph captures: rotary embedding, every layer with masked attention."""
         m = self.model
-        g: dict[str, Any] = {name: t.clone() for name, t in inputs.items()}
+        positions, slots = index[0], index[1]
+        cos, sin = m.rotary_emb(x, positions[:, None])
+        return _decode_layers(m, x, cos, sin, _Masked(m.kv, slots, positions, width, self._columns))
+
+    def _capture(self, inputs: dict[str, torch.Tensor], width: int) -> dict[str, Any]:
+        g: dict[str, Any] = {name: t.to(self.model.device_, copy=True) for name, t in inputs.items()}
 
         def step() -> torch.Tensor:
-            attention = _Masked(m.kv, g["slots"], g["pos"], width, self._columns)
-            return _decode_layers(m, g["x"], g["cos"], g["sin"], attention)
+            return self._step(g["x"], g["index"], width)
 
         # The warm-up runs are this step for real (the same keys/values land in the same places each
         # time), so capturing never writes anything wrong into a live sequence's cache.
