@@ -193,6 +193,9 @@ def main() -> int:
     p.add_argument("--sequential", action="store_true",
                    help="run the anchors' repetitions first and stop them before the stages start, for a host "
                         "whose memory holds the model only once (then timings are not interleaved)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds after which no further repetition starts (at least one always runs): the "
+                        "cases are then reported from the repetitions done, and 'reps' says how many")
     p.add_argument("--anchor-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -205,6 +208,7 @@ def main() -> int:
     from blazil_ai.pipeline.driver import LocalPipeline, resolve_transport
     from blazil_ai.pipeline.sampling import SamplingParams
 
+    started = time.perf_counter()
     if not args.threads and args.device == "cpu":
         args.threads = os.cpu_count() or 1
     args.transport, why = resolve_transport(args.transport)
@@ -273,7 +277,13 @@ def main() -> int:
                 pipe.client.generate_many(prompts[:n], greedy)
         p_runs: dict[str, dict[int, list[list[Any]]]] = {m: {n: [] for n in sizes} for m in modes}
         walls: dict[str, dict[int, list[float]]] = {m: {n: [] for n in sizes} for m in modes}
+        done_reps = 0
         for _ in range(args.reps):
+            if done_reps and args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+                print(f"time budget of {args.time_budget:.0f}s spent: {done_reps} of {args.reps} repetitions",
+                      file=sys.stderr, flush=True)
+                break
+            done_reps += 1
             anchor_rep()
             for n in sizes:
                 for mode, pipe in pipes.items():
@@ -312,7 +322,7 @@ def main() -> int:
             rec["tokens_identical"] = all(a is not None and a["ids"][0] == r.token_ids
                                           for a, r in zip(eager[1], singles))
             rec.update({"goal": "decode ms/token <= 1.1x eager anchor (CPU); >= 1.0x compiled anchor's tokens/s "
-                                "(GPU)", "reps": args.reps, "interleaved": not args.sequential})
+                                "(GPU)", "reps": done_reps, "interleaved": not args.sequential})
             emit(rec, out)
             # memory
             a_mem = next((r for r in reversed(eager[1]) if r is not None), None)
@@ -357,7 +367,7 @@ def main() -> int:
                     a is not None and [r.token_ids for r in results] == a["ids"]
                     for a, results in zip(eager[n], p_runs[mode][n]))
                 conc.update({"goal": "N requests >= 1.0x compiled anchor at batch N (GPU; 32: >= 0.9x)",
-                             "reps": args.reps})
+                             "reps": done_reps})
                 emit(conc, out)
     finally:
         for pipe in pipes.values():
