@@ -168,6 +168,40 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def hop_budget(client: Any, prompt: list[int], new_tokens: int) -> dict[str, Any]:
+    """Per decode step of one request: each stage's forward and message handling, and what is left (the hops).
+
+    From the stages' own counters (``work`` in their pings), read around a request of ``new_tokens`` and
+    one of a single token (its prefill), so the difference is the decode steps alone.
+    """
+    from blazil_ai.pipeline.sampling import SamplingParams
+
+    def work() -> list[dict[str, float]]:
+        return [dict((p or {}).get("work") or {}) for p in client.ping(10.0)]
+
+    def spent(n: int) -> tuple[list[dict[str, float]], Any]:
+        before = work()
+        res = client.generate(prompt, SamplingParams(max_new_tokens=n, eos_token_ids=[-1]))
+        after = work()
+        return [{k: a.get(k, 0.0) - b.get(k, 0.0) for k in ("steps", "forward_s", "busy_s")}
+                for a, b in zip(after, before)], res
+
+    full, res = spent(new_tokens)
+    first, _ = spent(1)
+    steps = new_tokens - 1
+    stages = []
+    for f, o in zip(full, first):
+        fwd = (f["forward_s"] - o["forward_s"]) / steps * 1000
+        busy = (f["busy_s"] - o["busy_s"]) / steps * 1000
+        stages.append({"forward_ms": round(fwd, 3), "handling_ms": round(busy - fwd, 3)})
+    per_token = 1000 / res.decode_tokens_per_s if res.decode_tokens_per_s else None
+    in_stages = sum(s["forward_ms"] + s["handling_ms"] for s in stages)
+    return {"ms_per_token": round(per_token, 3) if per_token else None, "stages": stages,
+            "hops_and_wakeups_ms": round(per_token - in_stages, 3) if per_token else None,
+            "note": "forward = the stage's layers until the result is on the host; handling = the rest of its "
+                    "work on the messages (decode, batch, encode, send); hops = the remainder of a token's time"}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(CONFIGS), default="7b", help="model shape (default: Qwen2.5-7B)")
@@ -369,6 +403,9 @@ def main() -> int:
                 conc.update({"goal": "N requests >= 1.0x compiled anchor at batch N (GPU; 32: >= 0.9x)",
                              "reps": done_reps})
                 emit(conc, out)
+        for mode, pipe in pipes.items():  # where one request's decode step spends its time, stage by stage
+            emit({"case": "budget", **common, "mode": mode, **hop_budget(pipe.client, prompts[0], args.new_tokens)},
+                 out)
     finally:
         for pipe in pipes.values():
             pipe.stop()

@@ -190,7 +190,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out.update({"transport": args.transport, "stages": client.stages_info, "sampling": params.to_dict(),
                     "decode_graphs": [bool(s.get("decode_graphs")) for s in speed],
                     "packed_linears": [s.get("packed_linears") for s in speed]})
-        failures = {str(i + 1): s["decode_graphs_failure"] for i, s in enumerate(speed) if s.get("decode_graphs_failure")}
+        failures = {str(i + 1): s["decode_graphs_failure"] for i, s in enumerate(speed)
+                    if s.get("decode_graphs_failure")}
         if failures:
             out["decode_graphs_failure"] = failures
         print(json.dumps(out))

@@ -97,6 +97,10 @@ class StageServer:
         self.send_timeout = send_timeout
         self.running = True
         self.failed: str | None = None  # why the stage stopped by itself (its exit status is then 1)
+        # Where the stage's time goes (pings report it; benchmarks/pipeline.py turns it into a per-hop budget):
+        # steps run, seconds in their forwards (until the result is on the host), seconds handling messages
+        # in all (forwards included), from the first message of a wake-up to the last send.
+        self.work: dict[str, float] = {"steps": 0, "forward_s": 0.0, "busy_s": 0.0}
         self._tokenizer: Any = None
         self._label = str(spec.stage)
         # A forward that runs longer than ``heartbeat`` seconds (a long prompt on a CPU) is announced to
@@ -201,6 +205,7 @@ class StageServer:
                 self.sub.poll(msgs.append, limit=255)
         if not msgs:
             return 0
+        busy_from = time.perf_counter()
         batch = _Batch()
         for m in msgs:
             op = m.meta.get("op")
@@ -213,7 +218,8 @@ class StageServer:
                     self._send(addr(m.meta["reply_to"]), {
                         "op": "pong", "nonce": m.meta.get("nonce"), "stage": self.spec.stage,
                         "caches": sorted(self.model.caches), "pid": os.getpid(), **memory_peaks(self.device),
-                        "kv_cache_mb": self.model.kv.nbytes() / 2**20, **self._speedups()})
+                        "kv_cache_mb": self.model.kv.nbytes() / 2**20, "work": dict(self.work),
+                        **self._speedups()})
                 elif op == "cancel":
                     for rid in m.meta["rids"]:
                         self._forget(rid)
@@ -238,6 +244,7 @@ class StageServer:
         _sequences.labels(self._label).set(len(self.model.caches))
         _kv_bytes.labels(self._label).set(self.model.kv.nbytes())
         self._expire_cancelled()
+        self.work["busy_s"] += time.perf_counter() - busy_from
         return len(msgs)
 
     def _forget(self, rid: str) -> None:
@@ -395,7 +402,7 @@ class StageServer:
             self._sample(batch, out, t0)
             return
         arr, name = hidden_to_wire(out)  # on a GPU, this copy is where the kernels are waited for
-        _forward_s.labels(self._label).observe(time.perf_counter() - t0)
+        self._forward_done(t0)
         meta = {"op": "fwd", "rids": batch.rids, "pos": batch.pos, "lens": batch.lens, "dtype": name,
                 "new": {r: v for r, v in batch.new.items() if r in self.requests}}
         status = self._send(self.next_addr, meta, [arr])
@@ -403,6 +410,12 @@ class StageServer:
             for rid in batch.rids:
                 self._error(rid, f"stage {self.spec.stage}: cannot send to stage {self.spec.stage + 1} at "
                                  f"{self.next_addr[0]} (stream {self.next_addr[1]}): {status.name}")
+
+    def _forward_done(self, t0: float) -> None:
+        seconds = time.perf_counter() - t0
+        _forward_s.labels(self._label).observe(seconds)
+        self.work["steps"] += 1
+        self.work["forward_s"] += seconds
 
     def _sample(self, batch: _Batch, out: torch.Tensor, t0: float) -> None:
         ends = np.cumsum(batch.lens) - 1
@@ -416,7 +429,7 @@ class StageServer:
             rows = logits if len(greedy) == len(samplers) else logits[torch.as_tensor(greedy, device=logits.device)]
             chosen = dict(zip(greedy, torch.argmax(rows, dim=-1).tolist()))
         host = logits.cpu() if any(self.requests[r].want_logits for r in batch.rids) else None
-        _forward_s.labels(self._label).observe(time.perf_counter() - t0)
+        self._forward_done(t0)
         go_rids, go_pos, go_tokens, done = [], [], [], []
         for i, rid in enumerate(batch.rids):
             req = self.requests[rid]
