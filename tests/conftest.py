@@ -40,3 +40,18 @@ def _process_gone(pid: int) -> bool:
 def process_gone():
     """``process_gone(pid)``: whether that process has exited (for tests that kill things)."""
     return _process_gone
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module whose stage processes run with ``threads=1``.
+
+    Hugging Face's reference must use the same thread count as the stages: float32 sums on a CPU split
+    by thread count, so one thread and two give other last bits.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,7 +11,8 @@ from blazil_ai.pipeline.sampling import SamplingParams
 
 aeron = pytest.importorskip("blazil_ai.transport.aeron", reason="the Aeron transport module is not there")
 _why = aeron.unavailable_reason()
-pytestmark = pytest.mark.skipif(_why is not None, reason=f"Aeron is not usable here: {_why}")
+pytestmark = [pytest.mark.skipif(_why is not None, reason=f"Aeron is not usable here: {_why}"),
+              pytest.mark.usefixtures("one_torch_thread")]  # the stages run with threads=1
 
 PROMPTS = [[151643, 9707, 11, 1879, 0], [5, 6, 7, 8, 9, 10, 11, 12, 13], [100, 200]]
 

@@ -18,6 +18,8 @@ from blazil_ai.pipeline import stage as stage_main
 from blazil_ai.pipeline.driver import LocalPipeline, PipelineError
 from blazil_ai.pipeline.sampling import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the stages run with threads=1
+
 PROMPT = [151643, 9707, 11, 1879, 0]
 TIMEOUT = 3.0
 

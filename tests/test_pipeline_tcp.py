@@ -13,6 +13,8 @@ import torch
 from blazil_ai.pipeline.driver import LocalPipeline
 from blazil_ai.pipeline.sampling import SamplingParams
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the stages run with threads=1
+
 PROMPTS = [[151643, 9707, 11, 1879, 0], [5, 6, 7, 8, 9, 10, 11, 12, 13], [100, 200], [42]]
 NO_EOS = [-1]
 

@@ -431,6 +431,7 @@ class StageServer:
         host = logits.cpu() if any(self.requests[r].want_logits for r in batch.rids) else None
         self._forward_done(t0)
         go_rids, go_pos, go_tokens, done = [], [], [], []
+        replies: list[tuple[Address, dict[str, Any], list[np.ndarray]]] = []
         for i, rid in enumerate(batch.rids):
             req = self.requests[rid]
             assert req.sampler is not None
@@ -438,9 +439,7 @@ class StageServer:
             req.produced += 1
             finish = req.sampler.finish_reason()
             meta = {"op": "token", "rid": rid, "token": token, "index": req.produced - 1, "finish": finish}
-            arrays = [host[i].numpy()] if req.want_logits and host is not None else []
-            if self._send(req.reply_to, meta, arrays) != OfferStatus.OK:
-                finish = "client gone"
+            replies.append((req.reply_to, meta, [host[i].numpy()] if req.want_logits and host is not None else []))
             _tokens.labels(self._label).inc()
             if finish is None:
                 go_rids.append(rid)
@@ -449,6 +448,8 @@ class StageServer:
             else:
                 done.append(rid)
                 self._forget(rid)
+        # The next step goes first: stage 1 starts on it while the clients are told (off the critical path).
+        failed: set[str] = set()
         if go_rids:
             status = self._send(self.next_addr, {"op": "tokens", "rids": go_rids, "pos": go_pos,
                                                  "tokens": go_tokens})
@@ -457,6 +458,14 @@ class StageServer:
                     self._error(rid, f"stage {self.spec.stage}: cannot send tokens to stage 1 at "
                                      f"{self.next_addr[0]} (stream {self.next_addr[1]}): {status.name}")
                     done.append(rid)
+                failed.update(go_rids)
+        for reply_to, meta, arrays in replies:
+            rid = str(meta["rid"])
+            if rid in failed:
+                continue
+            if self._send(reply_to, meta, arrays) != OfferStatus.OK and meta["finish"] is None:
+                done.append(rid)  # the client is gone: the token already sent on is dropped with its cache
+                self._forget(rid)
         if done:
             self._send(self.next_addr, {"op": "drop", "rids": done})
 
