@@ -160,7 +160,7 @@ class FraudService:
             from blazil_ai.ledger import connect
 
             if ledger is None:
-                self.ledger = connect(self.data / "ledger", fsync=fsync)
+                self.ledger = connect(self.data / "ledger", fsync=fsync, create=True)  # the service's own
             elif isinstance(ledger, (str, os.PathLike)):
                 self.ledger = connect(ledger) if "://" in str(ledger) else connect(ledger, fsync=fsync)
             else:
