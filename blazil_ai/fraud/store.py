@@ -53,19 +53,20 @@ CHANGE_DTYPE = np.dtype([
 ])
 
 
-def scan_log(path: Path) -> tuple[list[journal.Frame], journal.Damage | None]:
-    """The intact frames of a decision log (seals left out) and its first damage, without changing it."""
+def scan_log(path: Path) -> tuple[list[journal.Frame], journal.Damage | None, int]:
+    """The intact frames of a decision log (seals left out), its first damage and where its frames end, without
+    changing it."""
     data = path.read_bytes()
     if data.startswith(OLD_MAGIC):
         raise DataError("decision log is in the format of an earlier version; this version reads format 2 only",
                         path=str(path))
     if not data.startswith(MAGIC):
         raise DataError("not a decision log (bad magic)", path=str(path))
-    frames, damage = journal.scan(data, FRAME_MAGIC, len(MAGIC))
+    frames, damage, end = journal.scan(data, FRAME_MAGIC, len(MAGIC))
     for f in frames:
         if f.kind not in (POLICY, DECISIONS, CHANGES, KIND_SEAL):
             raise DataError(f"decision log frame at byte offset {f.offset} has unknown kind {f.kind}", path=str(path))
-    return [f for f in frames if f.kind != KIND_SEAL], damage
+    return [f for f in frames if f.kind != KIND_SEAL], damage, end
 
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -187,12 +188,8 @@ class DecisionStore:
 
     def _open(self) -> None:
         if not self.path.exists():
-            with open(self.path, "wb") as f:
-                f.write(MAGIC)
-                f.flush()
-                os.fsync(f.fileno())
-            self._fsync_dir()
-        frames, damage = scan_log(self.path)
+            journal.JournalFile.create(self.path, MAGIC)
+        frames, damage, end = scan_log(self.path)
         if damage is not None and not damage.torn:
             raise DataError(f"decision log is damaged at byte offset {damage.offset} ({damage.problem}); "
                             f"{len(damage.later_entries)} intact frames after it were acknowledged. It will not "
@@ -208,15 +205,12 @@ class DecisionStore:
             else:
                 self._apply_changes(np.frombuffer(fr.payload, dtype=CHANGE_DTYPE))
             self.frames_written = fr.seq
-        self._file = open(self.path, "r+b")  # noqa: SIM115 - held open for the store's lifetime
         self.truncated_bytes = 0
         if damage is not None:
             self.truncated_bytes = damage.dropped_bytes
-            log.warning("%s; cut off (never acknowledged)", damage.describe(self.path))
-            self._file.truncate(damage.offset)
-            os.fsync(self._file.fileno())
-        self._file.seek(0, os.SEEK_END)
-        self._size = self._synced = self._file.tell()
+            log.warning("%s; dropped (never acknowledged)", damage.describe(self.path))
+            journal.clear_tail(self.path, damage.offset)
+        self._journal = journal.JournalFile(self.path, FRAME_MAGIC, end, self.fsync)
     def _fsync_dir(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
         try:
@@ -226,34 +220,25 @@ class DecisionStore:
 
     def _write(self, kind: int, payload: bytes | memoryview) -> None:
         self.frames_written += 1
-        head = journal.encode(FRAME_MAGIC, kind, self.frames_written, 0, len(payload), payload, self._synced)
-        self._file.write(head)
-        self._file.write(payload)
-        self._size += len(head) + len(payload)
+        j = self._journal
+        j.append([journal.encode(FRAME_MAGIC, kind, self.frames_written, 0, len(payload), payload, j.synced),
+                  payload])
         self._dirty = True
-
-    def _flush(self) -> None:
-        self._file.flush()
-        if self.fsync:
-            os.fdatasync(self._file.fileno())
-        self._synced = self._size
 
     def sync(self) -> None:
         """Make everything written so far durable and sealed (two fsyncs: the frames, then their seal)."""
         with self._lock:
             if not self._dirty:
                 return
-            self._flush()
-            seal = journal.encode(FRAME_MAGIC, KIND_SEAL, 0, 0, 0, b"", self._synced)
-            self._file.write(seal)
-            self._size += len(seal)
-            self._flush()
+            self._journal.sync()
+            self._journal.seal()
+            self._journal.sync()
             self._dirty = False
 
     def close(self) -> None:
         """Sync and close the log."""
         self.sync()
-        self._file.close()
+        self._journal.close()
 
     # ---------------------------------------------------------------- writes
 

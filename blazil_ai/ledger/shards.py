@@ -114,16 +114,26 @@ def check_layout(directory: Path) -> tuple[int, str] | None:
     if extra:
         raise DataError(f"the layout names {n} shards but the folder also holds {', '.join(extra)}", path=str(f))
     for i, name in enumerate([*want, "coordinator"]):
-        d = directory / name
-        if not d.is_dir():
+        if not (directory / name).is_dir():
             raise DataError(f"{'shard folder' if i < n else 'coordinator folder'} is missing (the layout "
-                            f"{f.name} names {n} shards)", path=str(d))
+                            f"{f.name} names {n} shards)", path=str(directory / name))
+    for i, name in enumerate([*want, "coordinator"]):
+        d = directory / name
         m = mf.read(d)
         role, shard = ("ledger", i) if i < n else ("coordinator", None)
-        if (m.ledger_id, m.role, m.shard, m.shards) != (ledger_id, role, shard, n if i < n else None):
-            raise DataError(f"belongs to {m.role} {m.shard} of {m.shards} shards of ledger {m.ledger_id}, not to "
-                            f"{role} {shard} of {n} shards of ledger {ledger_id} ({f.name})", path=str(d / mf.NAME))
+        want_m = (ledger_id, role, shard, n if i < n else None)
+        if (m.ledger_id, m.role, m.shard, m.shards) != want_m:
+            raise DataError(f"belongs to {_who(m.ledger_id, m.role, m.shard, m.shards)}, not to {_who(*want_m)} "
+                            f"({f.name})", path=str(d / mf.NAME))
     return n, ledger_id
+
+
+def _who(ledger_id: str, role: str, shard: int | None, shards: int | None) -> str:
+    if role == "coordinator":
+        return f"the coordinator of ledger {ledger_id}"
+    if shard is None:
+        return f"single-shard ledger {ledger_id}"
+    return f"shard {shard} of {shards} of ledger {ledger_id}"
 
 
 def shard_dir(i: int) -> str:

@@ -359,11 +359,10 @@ def format_ledger(directory: str | os.PathLike[str], *, role: str = "ledger", le
     if d.exists() and any(d.iterdir()):
         raise ConfigError(f"{d} is not empty; a ledger is created only in a new or empty folder")
     d.mkdir(parents=True, exist_ok=True)
-    from blazil_ai.ledger.journal import fsync_dir
+    from blazil_ai.ledger.journal import JournalFile
     from blazil_ai.ledger.wal import segment_name
 
-    (d / segment_name(1)).touch()
-    fsync_dir(d)
+    JournalFile.create(d / segment_name(1))
     m = mf.Manifest(ledger_id or mf.new_id(), role, shard, shards)
     mf.write(d, m)  # last: a folder without a MANIFEST is not a ledger yet
     return m

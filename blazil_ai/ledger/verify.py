@@ -102,7 +102,7 @@ def verify(directory: str | os.PathLike[str]) -> Report:
     if decisions is not None:
         from blazil_ai.fraud.store import scan_log
         try:
-            frames, damage = scan_log(decisions)
+            frames, damage, _end = scan_log(decisions)
         except DataError as e:
             rep.problems.append(str(e))
         else:
@@ -148,7 +148,20 @@ def _repair_wal(d: Path, rep: Report, apply: bool) -> None:
     except DataError as e:
         rep.unrepairable.append(str(e))
         return
-    use = [(first, p) for first, p in segments(d) if first >= m.segments[0]]
+    if m.checkpoint:
+        ck = d / m.checkpoint["name"]
+        if not ck.exists() or mf.file_crc(ck) != (m.checkpoint["bytes"], m.checkpoint["crc32"]):
+            state = "damaged" if ck.exists() else "missing"
+            rep.unrepairable.append(f"{ck}: checkpoint named by the MANIFEST is {state}; restore the ledger from a "
+                                    "backup")
+            return
+    on_disk = segments(d)
+    gone = sorted(set(m.segments) - {first for first, _p in on_disk})
+    if gone:
+        rep.unrepairable.append(f"{d}: log segments named by the MANIFEST are missing ({', '.join(map(str, gone))}); "
+                                "restore the ledger from a backup")
+        return
+    use = [(first, p) for first, p in on_disk if first >= m.segments[0]]
     for i, (_first, path) in enumerate(use):
         try:
             s = scan_segment(path)
@@ -166,12 +179,8 @@ def _repair_wal(d: Path, rep: Report, apply: bool) -> None:
         rep.problems.append(str(DataError(f"damaged at byte offset {s.damage.offset} ({s.damage.problem})",
                                           path=str(path))))
         rep.repairs.append(what)
-        if apply:
-            journal.truncate(path, s.damage.offset)
-            with open(path, "ab") as f:  # everything kept is whole and on disk: seal it
-                f.write(journal.encode(MAGIC, KIND_SEAL, 0, 0, 0, b"", s.damage.offset))
-                f.flush()
-                os.fsync(f.fileno())
+        if apply:  # zero the damaged entries and everything after; seal what stays (whole and on disk)
+            journal.clear_tail(path, s.damage.offset, MAGIC, s.damage.offset)
             for _f, p in after:
                 p.unlink()
             journal.fsync_dir(d)
@@ -182,7 +191,7 @@ def _repair_decisions(path: Path, rep: Report, apply: bool) -> None:
     from blazil_ai.fraud.store import FRAME_MAGIC, MAGIC, scan_log
 
     try:
-        frames, damage = scan_log(path)
+        frames, damage, _end = scan_log(path)
     except DataError as e:
         rep.unrepairable.append(str(e))
         return
@@ -193,16 +202,16 @@ def _repair_decisions(path: Path, rep: Report, apply: bool) -> None:
         return
     from blazil_ai.ledger.journal import KIND_SEAL
     keep = [*frames, *(f for f in damage.later_entries if f.kind != KIND_SEAL)]
-    kept_bytes = sum(journal.HEADER.size + len(f.payload) for f in keep)
     rep.problems.append(damage.describe(path))
-    rep.repairs.append(f"{path}: drop the damaged bytes from offset {damage.offset} ({damage.problem}), "
-                       f"{damage.size - len(MAGIC) - kept_bytes} bytes in all with seals; keep {len(keep)} intact "
-                       "frames (the decisions in a damaged frame are lost: their transfers stay in the ledger)")
+    rep.repairs.append(f"{path}: drop the damaged frame at byte offset {damage.offset} ({damage.problem}) and keep "
+                       f"the {len(keep)} intact frames around it (the decisions in the damaged frame are lost; their "
+                       "transfers stay in the ledger)")
     if apply:
         out = bytearray(MAGIC)
         for n, f in enumerate(keep, 1):
             out += journal.encode(FRAME_MAGIC, f.kind, n, f.timestamp, f.count, f.payload, 0) + f.payload
         out += journal.encode(FRAME_MAGIC, KIND_SEAL, 0, 0, 0, b"", len(out))
+        out += bytes(-(-(len(out) + journal.HEADER.size) // journal.BLOCK) * journal.BLOCK - len(out))
         journal.write_atomic(path, bytes(out))
 
 

@@ -75,11 +75,12 @@ def segments(directory: Path) -> list[tuple[int, Path]]:
 
 @dataclass(slots=True)
 class SegmentScan:
-    """What one segment holds: its intact entries, and the first damage if any."""
+    """What one segment holds: its intact entries, the first damage if any, and where its entries end."""
 
     path: Path
     entries: list[WalEntry]
     damage: Damage | None
+    end: int
 
 
 def scan_segment(path: Path) -> SegmentScan:
@@ -89,7 +90,7 @@ def scan_segment(path: Path) -> SegmentScan:
         raise DataError("write-ahead log segment is in the format of an earlier version (BLW1); this version "
                         "reads BLW2 only: open the ledger with the version that wrote it and export it",
                         path=str(path))
-    frames, damage = journal.scan(data, MAGIC)
+    frames, damage, end = journal.scan(data, MAGIC)
     entries = []
     for f in frames:
         if f.kind == KIND_SEAL:
@@ -99,30 +100,32 @@ def scan_segment(path: Path) -> SegmentScan:
             raise DataError(f"write-ahead log entry at byte offset {f.offset} holds {len(f.payload)} bytes for "
                             f"{f.count} records", path=str(path))
         entries.append(WalEntry(f.kind, f.seq, f.timestamp, f.payload))
-    return SegmentScan(path, entries, damage)
+    return SegmentScan(path, entries, damage, end)
 
 
 def refuse(damage: Damage, path: Path) -> DataError:
     """The error that stops an open at damaged acknowledged data."""
-    return DataError(f"write-ahead log is damaged at byte offset {damage.offset} ({damage.problem}); acknowledged "
-                     f"entries end at offset {damage.proven_durable} or later, so this is not a torn write. "
-                     "The ledger will not open: restore it from a backup, or run 'blazil ledger repair' to drop "
-                     "the damaged entry and everything after it", path=str(path))
+    why = ("the file was cut short" if damage.truncated else
+           f"an entry after it proves the log was written and acknowledged up to offset {damage.proven_durable}")
+    return DataError(f"write-ahead log is damaged at byte offset {damage.offset} ({damage.problem}); {why}, so "
+                     "this is not a torn write. The ledger will not open: restore it from a backup, or run "
+                     "'blazil ledger repair' to drop the damaged entry and everything after it", path=str(path))
 
 
-def read_segment(path: Path, last: bool, writable: bool = True) -> Iterator[WalEntry]:
-    """Entries of one segment; a torn tail of the newest segment is dropped (and cut off when writable)."""
+def read_segment(path: Path, last: bool, writable: bool = True) -> tuple[list[WalEntry], int]:
+    """Entries of one segment and where they end; a torn tail of the newest segment is dropped (overwritten
+    with zeros when writable) and logged, any other damage raises."""
     s = scan_segment(path)
     if s.damage is not None and (not last or not s.damage.torn):
         raise refuse(s.damage, path)
-    yield from s.entries
     if s.damage is not None:
         lost = [e.seq for e in s.damage.later_entries if e.kind != KIND_SEAL]
         log.warning("%s; dropped%s (never acknowledged)%s", s.damage.describe(path),
                     f" entries seq {min(lost)}..{max(lost)}" if lost else " them",
                     "" if writable else " [read-only: file left as is]")
         if writable:
-            journal.truncate(path, s.damage.offset)
+            journal.clear_tail(path, s.damage.offset)
+    return s.entries, s.end
 
 
 def encode_entries(entries: list[tuple[int, int, int, np.ndarray]]) -> Callable[[int], list[bytes | memoryview]]:
@@ -147,12 +150,21 @@ class WriteAheadLog:
         self.directory = Path(directory)
         self.fsync = fsync
         self.writable = writable
-        self._fd: int | None = None
-        self.bytes_written = 0  # size of the current segment
-        self.synced = 0  # bytes of the current segment known to be on disk
+        self._file: journal.JournalFile | None = None
         self.segment_path: Path | None = None
         self.first_seq = 1  # first seq of the current segment
-        self._previous: tuple[Path, int] | None = None  # the segment before the last rotation
+        self._end = 0  # where the entries of the newest segment read by recover() end
+        self._previous: tuple[Path, int, int] | None = None  # the segment before the last rotation
+
+    @property
+    def synced(self) -> int:
+        """Bytes of the current segment known to be on disk (the durable mark of the next write)."""
+        return self._file.synced if self._file is not None else 0
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of entries in the current segment."""
+        return self._file.end if self._file is not None else 0
 
     def recover(self, after_seq: int, listed: list[int]) -> Iterator[WalEntry]:
         """Entries after the checkpoint at ``after_seq``, in order: the segments from ``listed[0]`` (as the
@@ -169,7 +181,8 @@ class WriteAheadLog:
             if first != expected:
                 raise DataError(f"log segment starts at seq {first} but the log continues at seq {expected}: the "
                                 f"segment holding seq {expected} is missing", path=str(path))
-            for entry in read_segment(path, last=i == len(use) - 1, writable=self.writable):
+            entries, self._end = read_segment(path, last=i == len(use) - 1, writable=self.writable)
+            for entry in entries:
                 if entry.seq != expected:
                     raise DataError(f"write-ahead log skips from seq {expected - 1} to {entry.seq}", path=str(path))
                 expected += 1
@@ -179,28 +192,26 @@ class WriteAheadLog:
 
     def open_segment(self) -> None:
         """Append to the newest segment recovery read."""
-        self.close()
         assert self.segment_path is not None, "recover() first"
-        self._fd = os.open(self.segment_path, os.O_WRONLY | os.O_APPEND)
-        self.bytes_written = self.synced = os.fstat(self._fd).st_size
+        self.close()
+        self._file = journal.JournalFile(self.segment_path, MAGIC, self._end, self.fsync)
 
     def rotate(self, first_seq: int) -> None:
         """Close the current segment and start a new one at ``first_seq`` (after a checkpoint)."""
         assert self.segment_path is not None
-        self._previous = (self.segment_path, self.first_seq)
+        self._previous = (self.segment_path, self.first_seq, self.bytes_written)
         self.close()
         path = self.directory / segment_name(first_seq)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        self.segment_path, self.first_seq = path, first_seq
-        self.bytes_written = self.synced = 0
-        fsync_dir(self.directory)
+        journal.JournalFile.create(path)
+        self.segment_path, self.first_seq, self._end = path, first_seq, 0
+        self.open_segment()
 
     def rotate_back(self) -> None:
         """Undo the last rotation (nothing was appended since): the new, empty segment is removed."""
         assert self._previous is not None and self.segment_path is not None
         self.close()
         self.segment_path.unlink(missing_ok=True)
-        self.segment_path, self.first_seq = self._previous
+        self.segment_path, self.first_seq, self._end = self._previous
         self.open_segment()
 
     def unlisted(self, listed: list[int]) -> list[int]:
@@ -216,23 +227,18 @@ class WriteAheadLog:
 
     def append(self, parts: list[bytes | memoryview]) -> None:
         """Write encoded entries (header, payload, header, payload, ...) to the current segment."""
-        assert self._fd is not None, "open_segment() first"
-        total = sum(len(p) for p in parts)
-        written = os.writev(self._fd, parts)
-        while written < total:  # writev may write less than asked; finish the rest byte-exactly
-            flat = b"".join(bytes(p) for p in parts)[written:]
-            written += os.write(self._fd, flat)
-        self.bytes_written += total
+        assert self._file is not None, "open_segment() first"
+        self._file.append(parts)
 
     def seal(self) -> None:
         """Append a SEAL entry recording everything synced so far as durable (acknowledgeable)."""
-        self.append([journal.encode(MAGIC, KIND_SEAL, 0, 0, 0, b"", self.synced)])
+        assert self._file is not None, "open_segment() first"
+        self._file.seal()
 
     def sync(self) -> None:
         """Make every appended entry durable (fdatasync)."""
-        if self.fsync and self._fd is not None:
-            os.fdatasync(self._fd)
-        self.synced = self.bytes_written
+        if self._file is not None:
+            self._file.sync()
 
     def commit(self, kind: int, seq: int, timestamp: int, records: np.ndarray) -> None:
         """Append one entry, fsync, seal and fsync again: on return it is durable and provably so."""
@@ -243,6 +249,6 @@ class WriteAheadLog:
 
     def close(self) -> None:
         """Close the current segment file."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
