@@ -173,7 +173,9 @@ def connect(address: str | os.PathLike[str], **options: Any) -> LedgerClient:
     """A ledger client for a directory, ``tcp://host:port`` (ledger server) or ``tigerbeetle://host:port``.
 
     For a directory: ``create=True`` creates the ledger when the folder is missing or empty (``shards=N``
-    for a sharded one); ``read_only=True`` opens it for reads only, writing nothing there."""
+    for a sharded one); ``read_only=True`` opens it for reads only, writing nothing there. On a sharded
+    ledger a batch is applied shard by shard: each event is atomic, but a batch that was not acknowledged
+    (the process died) may be partly applied; retrying it with the same ids is safe."""
     text = os.fspath(address)
     if text.startswith("tigerbeetle://"):
         from blazil_ai.ledger.tigerbeetle_backend import TigerBeetleClient

@@ -21,6 +21,15 @@ legs, with the first in precedence reported. A cross-shard transfer may be pendi
 pending until the transfer is posted (both legs posted, with the amount asked), voided, or expires (the
 coordinator voids both legs at the timeout). Linked, balancing or closing flags across shards are refused
 with a DataError naming the event.
+
+A batch is not atomic across shards: its shard-local runs and cross-shard transfers are applied one after
+another, so a process that dies before acknowledging a batch may leave some of its events applied and
+others not. Each event is all-or-nothing, and retrying the batch with the same ids is safe (applied events
+answer EXISTS). A single-shard ledger applies a batch as a whole.
+
+On disk: ``shards.json`` (shard count and ledger id, with a crc32), one ledger folder per shard
+(``shard-000`` ...) and ``coordinator`` (the coordinator's log), each with a MANIFEST naming the ledger id
+and its place, so a missing, extra or foreign shard folder, or a wrong ``shards.json``, is refused by name.
 """
 
 from __future__ import annotations
