@@ -227,8 +227,9 @@ class ShardedLedger:
         self.attempts: dict[int, int] = {}  # cross-shard pending transfer id -> attempt whose legs hold it
         self._lock = threading.RLock()
         coord_dir = self.directory / "coordinator"
-        check_ledger_dir(coord_dir)
+        self._coord_lock = -1
         try:
+            check_ledger_dir(coord_dir)
             self._coord_lock = lock_directory(coord_dir, read_only)
             self.coord = WriteAheadLog(coord_dir, fsync=fsync, writable=not read_only)
             self.coord_seq = 0
@@ -237,6 +238,8 @@ class ShardedLedger:
             if not read_only:
                 self.coord.open_segment()
         except BaseException:
+            if self._coord_lock >= 0:
+                os.close(self._coord_lock)
             for s in self.shards:
                 s.close()
             raise
