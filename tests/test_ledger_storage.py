@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_ledger_durability import accounts, batch
 
 from blazil_ai import ledger as L
 from blazil_ai.errors import BlazilError, ConfigError, DataError
@@ -21,21 +22,6 @@ from blazil_ai.ledger.wal import WriteAheadLog, encode_entries, scan_segment, se
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "blazil_ai.ledger.commands"]
-
-
-def batch(start: int, n: int, accounts: int = 50) -> np.ndarray:
-    b = np.zeros(n, dtype=L.TRANSFER_DTYPE)
-    b["id"][:, 0] = np.arange(start, start + n) + 1
-    d = np.arange(start, start + n) % accounts
-    b["debit_account_id"][:, 0] = d + 1
-    b["credit_account_id"][:, 0] = (d + 1) % accounts + 1
-    b["amount"][:, 0] = 7
-    b["ledger"], b["code"] = 1, 1
-    return b
-
-
-def accounts(n: int = 50) -> list[L.Account]:
-    return [L.Account(id=i, ledger=1, code=1) for i in range(1, n + 1)]
 
 
 def small_ledger(path: Path, batches: int = 2) -> None:

@@ -10,7 +10,6 @@ refused by name (never a traceback from deep inside the zip reader).
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from blazil_ai.errors import DataError
 from blazil_ai.ledger.engine import Engine, KeyIndex, key64, key64_int
-from blazil_ai.ledger.journal import fsync_dir
+from blazil_ai.ledger.journal import write_atomic
 from blazil_ai.ledger.types import u128_from_words, u128_to_words
 
 _NAME = re.compile(r"^checkpoint-(\d{20})\.npz$")
@@ -53,17 +52,7 @@ def save(engine: Engine, directory: Path, seq: int) -> Path:
         "history_values": u128_to_words(hist_vals).reshape(-1, 4, 2),
     }
     final = directory / checkpoint_name(seq)
-    tmp = directory / f".checkpoint-{seq:020d}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(directory)
+    write_atomic(final, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     return final
 
 
