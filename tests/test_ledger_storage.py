@@ -394,6 +394,12 @@ def test_connect_never_creates_a_ledger(tmp_path):
     assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
 
 
+def test_a_ledger_of_the_earlier_format_is_named(tmp_path):
+    (tmp_path / "wal-00000000000000000001.log").write_bytes(b"BLW1" + bytes(60))
+    with pytest.raises(DataError, match="earlier version"):
+        L.connect(tmp_path)
+
+
 def test_inspect_and_verify_write_nothing_in_a_folder_that_is_no_ledger(tmp_path):
     (tmp_path / "f").mkdir()
     for cmd in ("inspect", "verify"):

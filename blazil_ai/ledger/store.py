@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from blazil_ai import metrics
-from blazil_ai.errors import BlazilError, ConfigError
+from blazil_ai.errors import BlazilError, ConfigError, DataError
 from blazil_ai.ledger import checkpoint as ckpt
 from blazil_ai.ledger import manifest as mf
 from blazil_ai.ledger.engine import Engine
@@ -325,7 +325,11 @@ def check_ledger_dir(directory: Path) -> None:
         return
     if (directory / LAYOUT).exists():
         raise ConfigError(f"{directory} is a sharded ledger; open it with connect() or ShardedLedger")
-    if any(directory.glob("wal-*.log")) or any(directory.glob("checkpoint-*.npz")):
+    segs = sorted(directory.glob("wal-*.log"))
+    if segs and segs[0].read_bytes()[:4] == b"BLW1":
+        raise DataError("written by an earlier version (log format BLW1, no MANIFEST); this version cannot open "
+                        "it: read it with the version that wrote it", path=str(directory))
+    if segs or any(directory.glob("checkpoint-*.npz")):
         mf.read(directory)  # raises: a ledger's files without their MANIFEST
     raise ConfigError(f"{directory} is not a ledger (no MANIFEST); create one with 'blazil ledger format "
                       f"{directory}' or connect(path, create=True)")
