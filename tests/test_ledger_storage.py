@@ -504,3 +504,24 @@ def test_paging_through_the_transfers_reads_each_row_a_bounded_number_of_times(t
     assert total == n
     assert seen[0] <= 2 * n  # each page reads its own rows and at most one block more
 
+
+
+def test_a_checkpoint_whose_manifest_cannot_be_written_is_rolled_back(tmp_path, monkeypatch):
+    """A full disk at the MANIFEST: the new checkpoint and segment go, the ledger keeps its log and serves on."""
+    from blazil_ai.ledger import manifest as mf
+
+    small_ledger(tmp_path)
+    real = mf.write
+
+    def full(directory: Path, m: mf.Manifest) -> None:
+        raise OSError(28, "No space left on device")
+    with L.connect(tmp_path) as c:
+        monkeypatch.setattr(mf, "write", full)
+        with pytest.raises(OSError, match="No space"):
+            c.checkpoint()
+        monkeypatch.setattr(mf, "write", real)
+        assert (c.create_transfers(batch(20, 10)) == 0).all()
+        assert list(tmp_path.glob("checkpoint-*")) == [] and len(segments(tmp_path)) == 1
+    with L.connect(tmp_path) as c:
+        assert len(c.lookup_transfers(list(range(1, 31)))) == 30
+    assert verify(tmp_path).healthy

@@ -187,6 +187,9 @@ class JournalFile:
             os.write(fd, prefix)
             os.ftruncate(fd, BLOCK)
             os.fsync(fd)
+        except BaseException:
+            path.unlink(missing_ok=True)  # a full disk: leave no half-made file
+            raise
         finally:
             os.close(fd)
         fsync_dir(path.parent)

@@ -198,21 +198,23 @@ class LocalLedger:
         """Checkpoint, start a new segment, name both in the MANIFEST, then drop what they replace."""
         with self._wal_lock:
             seq, old = self.seq, self.manifest
+            if old.checkpoint and seq == old.checkpoint_seq:
+                return seq  # nothing logged since the last checkpoint
             path = ckpt.save(self.engine, self.directory, seq)
-            new_segment = seq + 1 != self.wal.first_seq
+            rotated = False
             try:
                 size, crc = mf.file_crc(path)
-                if new_segment:
+                if seq + 1 != self.wal.first_seq:
                     self.wal.rotate(seq + 1)
+                    rotated = True
                 m = mf.Manifest(old.ledger_id, old.role, old.shard, old.shards,
                                 {"seq": seq, "name": path.name, "bytes": size, "crc32": crc}, [seq + 1])
                 mf.write(self.directory, m)
             except BaseException:
                 # Nothing was appended since the rotation: go back to the old segment and checkpoint.
-                if new_segment:
+                if rotated:
                     self.wal.rotate_back()
-                if not old.checkpoint or old.checkpoint["name"] != path.name:
-                    path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
                 raise
             self.manifest = m
             self.checkpoint_seq = seq

@@ -199,10 +199,10 @@ class WriteAheadLog:
     def rotate(self, first_seq: int) -> None:
         """Close the current segment and start a new one at ``first_seq`` (after a checkpoint)."""
         assert self.segment_path is not None
+        path = self.directory / segment_name(first_seq)
+        journal.JournalFile.create(path)  # first: if it fails, the current segment stays open
         self._previous = (self.segment_path, self.first_seq, self.bytes_written)
         self.close()
-        path = self.directory / segment_name(first_seq)
-        journal.JournalFile.create(path)
         self.segment_path, self.first_seq, self._end = path, first_seq, 0
         self.open_segment()
 
