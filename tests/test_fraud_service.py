@@ -336,3 +336,18 @@ def test_damage_to_an_acknowledged_decision_frame_is_refused_and_repaired_on_req
         lost = range(0, 100) if where != "truncate" else range(200, 300)
         kept = [k for k in range(300) if k not in lost]
         assert all(svc.decision(int(req["id"][k, 0])) is not None for k in kept)
+
+
+@pytest.mark.parametrize("gone", ["decisions", "ledger"])
+def test_a_deleted_decision_log_or_ledger_is_refused(tmp_path, model, gone):
+    """A missing half of the service's data must not start afresh beside the other half."""
+    import shutil
+
+    req, _ = simulated_requests(100, seed=29)
+    with service(tmp_path, model) as svc:
+        open_accounts(svc.ledger, req)
+        svc.decide(req)
+    shutil.rmtree(tmp_path / "data" / gone)
+    with pytest.raises(DataError, match=rf"data/{gone}.*is missing"):
+        service(tmp_path, model)
+    assert not (tmp_path / "data" / gone).exists()
