@@ -112,7 +112,7 @@ def inspect(directory: str) -> dict[str, Any]:
     from blazil_ai.ledger.checkpoint import checkpoints
     from blazil_ai.ledger.client import open_embedded
     from blazil_ai.ledger.shards import ShardedLedger
-    from blazil_ai.ledger.wal import segments
+    from blazil_ai.ledger.wal import scan_segment, segments
 
     root = Path(directory)
     if not root.is_dir():
@@ -127,7 +127,8 @@ def inspect(directory: str) -> dict[str, Any]:
                 "directory": str(s.directory), "accounts": s.engine.n_accounts, "transfers": s.engine.n_transfers,
                 "log_seq": s.seq, "replayed_entries": s.replayed, "checkpoint_seq": s.checkpoint_seq,
                 "checkpoints": [p.name for _seq, p in checkpoints(s.directory)],
-                "log_segments": [{"name": p.name, "bytes": p.stat().st_size} for _first, p in segs],
+                "log_segments": [{"name": p.name, "bytes": p.stat().st_size, "entry_bytes": scan_segment(p).end}
+                                 for _first, p in segs],
             })
         totals = backend.call("totals")
         out: dict[str, Any] = {"directory": str(root), "shards": len(locals_), "shard_details": shards,
@@ -215,7 +216,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  {s['directory']}: {s['accounts']} accounts, {s['transfers']} transfers, log seq {s['log_seq']} "
               f"(checkpoint {s['checkpoint_seq']}, {s['replayed_entries']} entries replayed)")
         for seg in s["log_segments"]:
-            print(f"    {seg['name']}: {seg['bytes']} bytes")
+            print(f"    {seg['name']}: {seg['entry_bytes']} bytes of entries ({seg['bytes']} preallocated)")
     if "unsettled_legs" in info:
         print(f"  cross-shard transfers: {info['cross_shard_transfers']}, unsettled legs: {info['unsettled_legs']}")
     sys.stdout.flush()
