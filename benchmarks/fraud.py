@@ -112,7 +112,7 @@ def run_unscored(req: np.ndarray, sent: np.ndarray, root: Path, depth: int, batc
         tr["flags"] = np.where(review, np.uint16(TransferFlags.PENDING), np.uint16(0))
         tr["timeout"] = np.where(review, np.uint32(3600), np.uint32(0))
         tr = tr[sent != Outcome.REJECTED]  # what the scored run hands to the ledger
-        with L.connect(d) as client:
+        with L.connect(d, create=True) as client:
             open_accounts(client, req)
             lat = []
             t0, cpu = time.perf_counter(), time.process_time()

@@ -81,7 +81,7 @@ def make_batches(n: int, n_accounts: int, seed: int, id_base: int, groups: list[
 def open_ledger(root: Path, shards: int, n_accounts: int, capacity: int) -> L.LedgerClient:
     if root.exists():
         shutil.rmtree(root)
-    c = L.connect(root, **({"shards": shards} if shards > 1 else {"capacity": capacity}))
+    c = L.connect(root, create=True, **({"shards": shards} if shards > 1 else {"capacity": capacity}))
     accs = np.zeros(n_accounts, dtype=L.ACCOUNT_DTYPE)
     accs["id"][:, 0] = np.arange(1, n_accounts + 1)
     accs["ledger"], accs["code"] = 1, 1

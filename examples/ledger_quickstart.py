@@ -21,7 +21,7 @@ F = L.AccountFilterFlags
 
 
 def main(directory: str) -> None:
-    with L.connect(directory) as client:
+    with L.connect(directory, create=True) as client:  # creates the ledger on the first run
         # 1. Accounts: the customer may not spend more than was credited; the merchant keeps balance history.
         res = client.create_accounts([
             L.Account(id=CUSTOMER, ledger=840, code=1, flags=L.AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS),

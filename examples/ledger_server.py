@@ -18,7 +18,8 @@ from blazil_ai.ledger.server import LedgerServer
 
 
 def main() -> None:
-    server = LedgerServer(tempfile.mkdtemp(prefix="blazil-ledger-"), "tcp://127.0.0.1:0", metrics_port=0)
+    server = LedgerServer(tempfile.mkdtemp(prefix="blazil-ledger-"), "tcp://127.0.0.1:0", metrics_port=0,
+                          create=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     print("serving on", server.uri)

@@ -279,18 +279,75 @@ def test_a_decision_whose_transfer_never_reached_the_ledger_is_withdrawn_at_star
         assert svc.recovered["withdrawn"] == 0 and svc.store.counts()["approved"] >= len(sent)
 
 
-def test_a_torn_decision_log_tail_is_cut_off(tmp_path, model):
+def test_a_torn_decision_log_tail_is_cut_off(tmp_path, model, caplog):
+    from blazil_ai.fraud.store import scan_log
+
     req, _ = simulated_requests(200, seed=19)
     with service(tmp_path, model) as svc:
         open_accounts(svc.ledger, req)
         svc.decide(req[:100])
-        svc.decide(req[100:])
     log = tmp_path / "data" / "decisions" / "decisions.log"
-    data = log.read_bytes()
-    log.write_bytes(data[:-500])  # a crash in the middle of the last frame's write
-    with service(tmp_path, model) as svc:
+    end = scan_log(log)[2]
+    with open(log, "r+b") as f:  # a crash in the middle of writing the next frame: never acknowledged
+        f.seek(end)
+        f.write(b"BLD2" + bytes(range(60)))
+    with caplog.at_level("WARNING"), service(tmp_path, model) as svc:
         assert svc.recovered["truncated_bytes"] > 0
+        assert f"decisions.log: torn write at byte offset {end}" in caplog.text
         assert svc.decision(int(req["id"][0, 0])) is not None
-        assert svc.decision(int(req["id"][150, 0])) is None  # its frame was cut: never acknowledged
-        assert svc.decide(req[100:]).outcome.all()  # a retry is decided again
-        assert svc.decision(int(req["id"][150, 0])) is not None
+        assert svc.decide(req[100:]).outcome.all()
+    with service(tmp_path, model) as svc:
+        assert svc.decision(int(req["id"][150, 0])) is not None and svc.recovered["truncated_bytes"] == 0
+
+
+@pytest.mark.parametrize("where", ["header", "payload", "truncate"])
+def test_damage_to_an_acknowledged_decision_frame_is_refused_and_repaired_on_request(tmp_path, model, where):
+    """Found 9: one flipped bit anywhere in decisions.log silently deleted every later acknowledged decision."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from blazil_ai.fraud.store import POLICY, scan_log
+
+    req, _ = simulated_requests(300, seed=23)
+    with service(tmp_path, model) as svc:
+        open_accounts(svc.ledger, req)
+        for k in range(0, 300, 100):
+            svc.decide(req[k: k + 100])
+    log = tmp_path / "data" / "decisions" / "decisions.log"
+    frames = [f for f in scan_log(log)[0] if f.kind != POLICY]
+    first = frames[0]  # the first batch's decisions; later frames hold acknowledged decisions too
+    data = bytearray(log.read_bytes())
+    if where == "truncate":
+        data = data[: frames[-1].offset + 100]
+    else:
+        data[first.offset + (20 if where == "header" else 48 + 64)] ^= 0x10
+    log.write_bytes(bytes(data))
+    off = frames[-1].offset if where == "truncate" else first.offset
+    with pytest.raises(DataError, match=rf"decisions.log: .*damaged at byte offset {off} "):
+        service(tmp_path, model)
+    run = [sys.executable, "-m", "blazil_ai.ledger.commands"]
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([*run, "verify", str(tmp_path / "data")], cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 1 and f"byte offset {off}" in out.stdout
+    out = subprocess.run([*run, "repair", str(tmp_path / "data"), "--yes"], cwd=repo, capture_output=True, text=True)
+    assert out.returncode == 0 and "dropped:" in out.stdout, out.stdout + out.stderr
+    with service(tmp_path, model) as svc:
+        lost = range(0, 100) if where != "truncate" else range(200, 300)
+        kept = [k for k in range(300) if k not in lost]
+        assert all(svc.decision(int(req["id"][k, 0])) is not None for k in kept)
+
+
+@pytest.mark.parametrize("gone", ["decisions", "ledger"])
+def test_a_deleted_decision_log_or_ledger_is_refused(tmp_path, model, gone):
+    """A missing half of the service's data must not start afresh beside the other half."""
+    import shutil
+
+    req, _ = simulated_requests(100, seed=29)
+    with service(tmp_path, model) as svc:
+        open_accounts(svc.ledger, req)
+        svc.decide(req)
+    shutil.rmtree(tmp_path / "data" / gone)
+    with pytest.raises(DataError, match=rf"data/{gone}.*is missing"):
+        service(tmp_path, model)
+    assert not (tmp_path / "data" / gone).exists()

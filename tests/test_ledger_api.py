@@ -129,7 +129,7 @@ def test_ring_back_pressure_and_many_producers():
 
 @pytest.fixture
 def server(tmp_path):
-    srv = LedgerServer(tmp_path / "served", "tcp://127.0.0.1:0", metrics_port=0)
+    srv = LedgerServer(tmp_path / "served", "tcp://127.0.0.1:0", metrics_port=0, create=True)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield srv
@@ -172,7 +172,7 @@ def test_cli_serve_help_and_inspect(tmp_path):
     run = [sys.executable, "-m", "blazil_ai.cli", "ledger"]
     out = subprocess.run([*run, "serve", "--help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert "--listen" in out and "--shards" in out and "fsync" in out
-    with L.connect(tmp_path / "l", shards=2) as c:
+    with L.connect(tmp_path / "l", shards=2, create=True) as c:
         c.create_accounts([L.Account(id=i, ledger=1, code=1) for i in range(1, 5)])
         c.create_transfers([L.Transfer(id=i, debit_account_id=i, credit_account_id=i % 4 + 1, amount=2, ledger=1,
                                        code=1) for i in range(1, 5)])
@@ -239,7 +239,7 @@ def test_server_over_tls_with_client_certificates(tmp_path):
     _pki(pki)
     listen = (f"tcps://127.0.0.1:0?certfile={pki / 'server.pem'}&keyfile={pki / 'server.key'}"
               f"&cafile={pki / 'ca.pem'}")
-    srv = LedgerServer(tmp_path / "tls-ledger", listen, metrics_port=None)
+    srv = LedgerServer(tmp_path / "tls-ledger", listen, metrics_port=None, create=True)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:

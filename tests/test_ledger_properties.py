@@ -180,7 +180,7 @@ def _check_invariants(eng: Engine) -> None:
 def test_random_operations_keep_invariants_and_replay(limits, seq):
     clock = StepClock()
     with tempfile.TemporaryDirectory() as d:
-        led = LocalLedger(d, clock=clock, fsync=False)
+        led = LocalLedger(d, clock=clock, fsync=False, create=True)
         led.create_accounts(accounts([0] * N_ACCOUNTS))  # funding accounts first (no limits)
         led.create_accounts(L.accounts_to_array([L.Account(id=100 + i, ledger=1, code=1,
                                                            flags=L.AccountFlags(limits[i] % 4 * 2 if limits[i] % 4 < 3
@@ -204,7 +204,7 @@ def test_random_operations_keep_invariants_and_replay(limits, seq):
        limits=st.lists(st.integers(0, 2), min_size=N_ACCOUNTS, max_size=N_ACCOUNTS))
 def test_sharded_answers_like_one_engine(seq, limits):
     with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
-        with L.connect(d1, fsync=False) as one, L.connect(d2, shards=3, fsync=False) as many:
+        with L.connect(d1, fsync=False, create=True) as one, L.connect(d2, shards=3, fsync=False, create=True) as many:
             for c in (one, many):
                 c.create_accounts(accounts(limits))
             for batch in seq:
@@ -305,7 +305,7 @@ two_phase = st.tuples(st.sampled_from(["plain", "pending", "pending", "post", "v
        limits=st.lists(st.integers(0, 2), min_size=N_ACCOUNTS, max_size=N_ACCOUNTS))
 def test_sharded_two_phase_answers_like_one_engine(seq, limits):
     with tempfile.TemporaryDirectory() as d1, tempfile.TemporaryDirectory() as d2:
-        with L.connect(d1, fsync=False) as one, L.connect(d2, shards=2, fsync=False) as many:
+        with L.connect(d1, fsync=False, create=True) as one, L.connect(d2, shards=2, fsync=False, create=True) as many:
             for c in (one, many):
                 c.create_accounts(accounts(limits))
             for batch in seq:

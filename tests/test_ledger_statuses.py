@@ -38,7 +38,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def client(tmp_path, clock):
-    with L.connect(tmp_path / "ledger", clock=clock, fsync=False) as c:
+    with L.connect(tmp_path / "ledger", clock=clock, fsync=False, create=True) as c:
         # 1, 2, 3: plain on ledger 1; 4: ledger 2; 5: debits limited; 6: credits limited; 7: history
         c.create_accounts([L.Account(id=1, ledger=1, code=10), L.Account(id=2, ledger=1, code=10),
                            L.Account(id=3, ledger=1, code=10), L.Account(id=4, ledger=2, code=10),
@@ -296,7 +296,7 @@ def test_pending_counts_against_limits(client):
 
 def test_overflows_timeout(tmp_path):
     big = (1 << 63) - 10 * S
-    with L.connect(tmp_path / "ledger", clock=lambda: big, fsync=False) as c:
+    with L.connect(tmp_path / "ledger", clock=lambda: big, fsync=False, create=True) as c:
         c.create_accounts([L.Account(id=1, ledger=1, code=1), L.Account(id=2, ledger=1, code=1)])
         assert one(c, flags=TF.PENDING, timeout=11) == CT.OVERFLOWS_TIMEOUT
         assert one(c, flags=TF.PENDING, timeout=5) == CT.CREATED

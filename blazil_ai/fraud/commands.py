@@ -30,11 +30,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(approve, review or reject), store each decision durably, and serve clients "
                                    "over the transport (tcp://, tcps://, aeron:) with /metrics.",
                        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--data", required=True, help="directory for the decision log and the embedded ledger")
+    s.add_argument("--data", required=True, help="the service's data folder: its decision log and its embedded "
+                                                 "ledger (DATA/ledger); both are created on first use")
     s.add_argument("--model", required=True, help="fraud.onnx (with fraud.norm.json next to it) or its directory")
     s.add_argument("--listen", default=default_uri, help=f"transport URI to serve on (default {default_uri})")
-    s.add_argument("--ledger", help="ledger address instead of DATA/ledger: a directory, tcp://host:port "
-                                    "(blazil ledger serve) or tigerbeetle://host:port")
+    s.add_argument("--ledger", help="ledger address instead of DATA/ledger: an existing ledger directory (blazil "
+                                    "ledger format DIR), tcp://host:port (blazil ledger serve) or "
+                                    "tigerbeetle://host:port")
     s.add_argument("--metrics-port", type=int, default=9464, help="port of /metrics (default 9464, 0 = any)")
     s.add_argument("--review-at", type=float, default=0.5, help="score from which a transfer is held (default 0.5)")
     s.add_argument("--reject-at", type=float, default=0.9, help="score from which it is rejected (default 0.9)")

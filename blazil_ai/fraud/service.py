@@ -137,6 +137,23 @@ def load_scorer(model: str | os.PathLike[str], backend: str = "onnxruntime", thr
     return scorer
 
 
+def _check_own_files(data: Path) -> bool:
+    """Whether the service's own ledger exists; refuses (naming it) a decision log deleted from beside a ledger
+    that holds transfers, which would otherwise start afresh and leave those transfers without decisions."""
+    from blazil_ai.ledger import connect
+    from blazil_ai.ledger.manifest import is_ledger
+
+    led, log_path = data / "ledger", data / "decisions" / "decisions.log"
+    if not led.exists():
+        return False
+    if not log_path.exists() and is_ledger(led):
+        with connect(led, read_only=True) as c:
+            if len(c.query_transfers(QueryFilter(0, 0, 0, 0, 0, 0, 0, 1, QueryFilterFlags.NONE))):
+                raise DataError("the decision log is missing but the service's ledger holds transfers; restore "
+                                "it from a backup", path=str(log_path))
+    return True
+
+
 class FraudService:
     """Fraud-scored transfers into a ledger, with durable decisions and reviews (see the module docstring)."""
 
@@ -154,13 +171,17 @@ class FraudService:
         self.amount_scale = amount_scale
         self.batch_max = min(batch_max, BATCH_MAX)
         self.data.mkdir(parents=True, exist_ok=True)
+        own_existed = _check_own_files(self.data) if ledger is None else True
         self.store = DecisionStore(self.data / "decisions", fsync=fsync)
         self._own_ledger = ledger is None or isinstance(ledger, (str, os.PathLike))
         try:
             from blazil_ai.ledger import connect
 
+            if not own_existed and self.store.n:
+                raise DataError("the service's ledger folder is missing but its decision log holds decisions; "
+                                "restore it from a backup", path=str(self.data / "ledger"))
             if ledger is None:
-                self.ledger = connect(self.data / "ledger", fsync=fsync)
+                self.ledger = connect(self.data / "ledger", fsync=fsync, create=True)  # the service's own
             elif isinstance(ledger, (str, os.PathLike)):
                 self.ledger = connect(ledger) if "://" in str(ledger) else connect(ledger, fsync=fsync)
             else:

@@ -1,6 +1,8 @@
 """The decision log: every decision (score, model version, reason, outcome) and every review change, durably.
 
-One append-only file ``decisions.log`` of frames ``[u32 length][u32 crc32][u8 kind][3 pad][payload]``:
+One append-only file ``decisions.log``: an 12-byte file magic, then journal entries
+(:mod:`blazil_ai.ledger.journal`: a 48-byte header with its own checksum, the payload's checksum and the
+durable mark, then the payload) of these kinds:
 
 * ``POLICY``: JSON of the :class:`~blazil_ai.fraud.types.Policy` in force (model version and thresholds);
   decisions name it by its index;
@@ -8,19 +10,20 @@ One append-only file ``decisions.log`` of frames ``[u32 length][u32 crc32][u8 ki
 * ``CHANGES``: an array of :data:`CHANGE_DTYPE` rows (a review posted, voided or expired; a ledger
   refusal; a decision withdrawn because its transfer never reached the ledger).
 
-A frame is written and fsynced before anything it holds is acknowledged. At open the frames are
-replayed into memory; a torn or corrupt tail (a crash mid-write) is cut off, which only ever loses
-frames nobody was told about.
+A frame is written, fsynced and sealed (a SEAL entry recording it as durable, fsynced too) before
+anything it holds is acknowledged. At open the frames are replayed into memory. A torn tail (bytes of a
+write whose seal never made it to disk: nobody was told about them) is cut off and logged; damage to a
+sealed frame stops the open with a DataError naming the file and offset, since cutting there would
+silently delete every later acknowledged decision. ``blazil ledger repair`` drops a damaged frame on
+request.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import struct
 import threading
-import zlib
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,15 @@ import numpy as np
 
 from blazil_ai.errors import DataError
 from blazil_ai.fraud.types import Decision, Outcome, Policy, Reason, ReviewState, finite_or_none, reason_text
+from blazil_ai.ledger import journal
+from blazil_ai.ledger.journal import KIND_SEAL
+
+log = logging.getLogger(__name__)
 
 POLICY, DECISIONS, CHANGES = 1, 2, 3
-_HEADER = struct.Struct("<IIB3x")
-MAGIC = b"BLZFRAUD\x01\x00\x00\x00"
+MAGIC = b"BLZFRAUD\x02\x00\x00\x00"
+OLD_MAGIC = b"BLZFRAUD\x01\x00\x00\x00"
+FRAME_MAGIC = 0x32444C42  # "BLD2"
 
 DECISION_DTYPE = np.dtype([
     ("id", "<u8", (2,)), ("debit_account_id", "<u8"), ("credit_account_id", "<u8"), ("amount", "<u8"),
@@ -45,19 +53,21 @@ CHANGE_DTYPE = np.dtype([
 ])
 
 
-def _frames(data: bytes) -> Iterator[tuple[int, int, bytes]]:
-    """(offset after the frame, kind, payload) for each intact frame; stops at the first bad one."""
-    pos = len(MAGIC)
-    while pos + _HEADER.size <= len(data):
-        length, crc, kind = _HEADER.unpack_from(data, pos)
-        end = pos + _HEADER.size + length
-        if end > len(data):
-            return
-        payload = data[pos + _HEADER.size: end]
-        if zlib.crc32(payload) != crc or kind not in (POLICY, DECISIONS, CHANGES):
-            return
-        yield end, kind, payload
-        pos = end
+def scan_log(path: Path) -> tuple[list[journal.Frame], journal.Damage | None, int]:
+    """The intact frames of a decision log (seals left out), its first damage and where its frames end, without
+    changing it."""
+    data = path.read_bytes()
+    if data.startswith(OLD_MAGIC):
+        raise DataError("decision log is in the format of an earlier version; this version reads format 2 only",
+                        path=str(path))
+    if not data.startswith(MAGIC):
+        raise DataError("not a decision log (bad magic)", path=str(path))
+    frames, damage, end = journal.scan(data, FRAME_MAGIC, len(MAGIC))
+    for f in frames:
+        if f.kind not in (POLICY, DECISIONS, CHANGES, KIND_SEAL):
+            raise DataError(f"decision log frame at byte offset {f.offset} has unknown kind {f.kind}", path=str(path))
+    return [f for f in frames if f.kind != KIND_SEAL], damage, end
+
 
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 EMPTY, TOMBSTONE = -1, -2
@@ -178,34 +188,29 @@ class DecisionStore:
 
     def _open(self) -> None:
         if not self.path.exists():
-            with open(self.path, "wb") as f:
-                f.write(MAGIC)
-                f.flush()
-                os.fsync(f.fileno())
-            self._fsync_dir()
-        data = self.path.read_bytes()
-        if not data.startswith(MAGIC):
-            raise DataError("not a decision log (bad magic)", path=str(self.path))
-        good = len(MAGIC)
-        for end, kind, payload in _frames(data):
-            if kind == POLICY:
-                self.policies.append(Policy(**json.loads(payload)))
-            elif kind == DECISIONS:
-                rows = np.frombuffer(payload, dtype=DECISION_DTYPE)
+            journal.JournalFile.create(self.path, MAGIC)
+        frames, damage, end = scan_log(self.path)
+        if damage is not None and not damage.torn:
+            raise DataError(f"decision log is damaged at byte offset {damage.offset} ({damage.problem}); "
+                            f"{len(damage.later_entries)} intact frames after it were acknowledged. It will not "
+                            "open: restore it from a backup, or run 'blazil ledger repair' on the service's data "
+                            "folder to drop the damaged frame", path=str(self.path))
+        for fr in frames:
+            if fr.kind == POLICY:
+                self.policies.append(Policy(**json.loads(fr.payload)))
+            elif fr.kind == DECISIONS:
+                rows = np.frombuffer(fr.payload, dtype=DECISION_DTYPE)
                 r = self._append_rows(rows)
                 self.last_frame_rows = [*self.last_frame_rows[-7:], r]
             else:
-                self._apply_changes(np.frombuffer(payload, dtype=CHANGE_DTYPE))
-            good = end
-        self._file = open(self.path, "r+b")  # noqa: SIM115 - held open for the store's lifetime
-        if good < len(data):
-            self.truncated_bytes = len(data) - good
-            self._file.truncate(good)
-            os.fsync(self._file.fileno())
-        else:
-            self.truncated_bytes = 0
-        self._file.seek(good)
-
+                self._apply_changes(np.frombuffer(fr.payload, dtype=CHANGE_DTYPE))
+            self.frames_written = fr.seq
+        self.truncated_bytes = 0
+        if damage is not None:
+            self.truncated_bytes = damage.dropped_bytes
+            log.warning("%s; dropped (never acknowledged)", damage.describe(self.path))
+            journal.clear_tail(self.path, damage.offset)
+        self._journal = journal.JournalFile(self.path, FRAME_MAGIC, end, self.fsync)
     def _fsync_dir(self) -> None:
         fd = os.open(self.directory, os.O_RDONLY)
         try:
@@ -214,25 +219,26 @@ class DecisionStore:
             os.close(fd)
 
     def _write(self, kind: int, payload: bytes | memoryview) -> None:
-        self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload), kind))
-        self._file.write(payload)
-        self._dirty = True
         self.frames_written += 1
+        j = self._journal
+        j.append([journal.encode(FRAME_MAGIC, kind, self.frames_written, 0, len(payload), payload, j.synced),
+                  payload])
+        self._dirty = True
 
     def sync(self) -> None:
-        """Make everything written so far durable (one fsync)."""
+        """Make everything written so far durable and sealed (two fsyncs: the frames, then their seal)."""
         with self._lock:
             if not self._dirty:
                 return
-            self._file.flush()
-            if self.fsync:
-                os.fdatasync(self._file.fileno())
+            self._journal.sync()
+            self._journal.seal()
+            self._journal.sync()
             self._dirty = False
 
     def close(self) -> None:
         """Sync and close the log."""
         self.sync()
-        self._file.close()
+        self._journal.close()
 
     # ---------------------------------------------------------------- writes
 

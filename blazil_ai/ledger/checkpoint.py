@@ -2,21 +2,22 @@
 
 A checkpoint is ``checkpoint-<seq>.npz`` (numpy's zip of arrays, each member CRC-checked on load),
 written to a temporary name, fsynced, then renamed into place, so a crash leaves either the old or the
-new checkpoint, never half of one.
+new checkpoint, never half of one; a failed write (a full disk) removes its temporary file. The ledger's
+MANIFEST records the size and crc32 of the whole file, checked before it is read, so any damage is
+refused by name (never a traceback from deep inside the zip reader).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from blazil_ai.errors import DataError
 from blazil_ai.ledger.engine import Engine, KeyIndex, key64, key64_int
+from blazil_ai.ledger.journal import write_atomic
 from blazil_ai.ledger.types import u128_from_words, u128_to_words
 
 _NAME = re.compile(r"^checkpoint-(\d{20})\.npz$")
@@ -50,38 +51,37 @@ def save(engine: Engine, directory: Path, seq: int) -> Path:
         "history_rows": np.array(hist_rows, dtype=np.int64).reshape(-1, 2),
         "history_values": u128_to_words(hist_vals).reshape(-1, 4, 2),
     }
-    final = directory / f"checkpoint-{seq:020d}.npz"
-    tmp = directory / f".checkpoint-{seq:020d}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)  # type: ignore[arg-type]
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    for old_seq, path in checkpoints(directory):
-        if old_seq < seq:
-            path.unlink()
+    final = directory / checkpoint_name(seq)
+    write_atomic(final, lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
     return final
 
 
-def load(engine: Engine, directory: Path) -> int:
-    """Load the newest checkpoint into a fresh engine; returns its seq (0 when there is none)."""
-    found = checkpoints(directory)
-    if not found:
-        return 0
-    seq, path = found[-1]
+def checkpoint_name(seq: int) -> str:
+    """File name of the checkpoint at ``seq``."""
+    return f"checkpoint-{seq:020d}.npz"
+
+
+def load(engine: Engine, path: Path, seq: int, size: int, crc: int) -> int:
+    """Load the checkpoint at ``path`` (as the MANIFEST describes it) into a fresh engine; returns its seq."""
+    from blazil_ai.ledger.manifest import file_crc
+
+    try:
+        got = file_crc(path)
+    except FileNotFoundError:
+        raise DataError(f"checkpoint at seq {seq} named by the MANIFEST is missing; the ledger will not open "
+                        "(its log before that seq is gone)", path=str(path)) from None
+    if got != (size, crc):
+        raise DataError(f"checkpoint is damaged ({got[0]} bytes with crc32 {got[1]:08x}, the MANIFEST recorded "
+                        f"{size} bytes with crc32 {crc:08x}); the ledger will not open", path=str(path))
     try:
         with np.load(path) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             accounts, transfers = z["accounts"], z["transfers"]
             pending_state, failed = z["pending_state"], z["failed_ids"]
             hist_rows, hist_values = z["history_rows"], z["history_values"]
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
-        raise DataError(f"checkpoint cannot be read ({e}); the ledger will not open", path=str(path)) from e
+    except Exception as e:  # whatever the zip or npy reader raises on bytes it cannot read
+        raise DataError(f"checkpoint cannot be read ({type(e).__name__}: {e}); the ledger will not open",
+                        path=str(path)) from e
     if meta.get("seq") != seq:
         raise DataError(f"checkpoint says seq {meta.get('seq')}, its name says {seq}", path=str(path))
     engine.last_timestamp = int(meta["last_timestamp"])

@@ -1,7 +1,9 @@
 """``connect(address)``: one client API over the embedded engine, our ledger server, or a TigerBeetle cluster.
 
-* a directory path: the embedded, durable engine (created if missing; sharded if it was created with
-  ``shards=N``);
+* a directory path: the embedded, durable engine (sharded if it was created with ``shards=N``). The
+  directory must hold a ledger: ``create=True`` (or ``blazil ledger format DIR``) makes one, so a mistyped
+  path fails naming it instead of opening an empty ledger. ``read_only=True`` opens a ledger for reads
+  only and writes nothing to its folder (a backup on a read-only mount can be inspected);
 * ``tcp://host:port`` (or ``tcps://``): a ``blazil ledger serve`` process;
 * ``tigerbeetle://host:port[,host:port...][?cluster_id=N]``: a TigerBeetle cluster through the official
   ``tigerbeetle.ClientSync``; its results are converted to this package's types.
@@ -146,8 +148,10 @@ class EmbeddedClient(LedgerClient):
         self.backend.close()
 
 
-def open_embedded(path: str | os.PathLike[str], *, shards: int | None = None, **options: Any) -> Any:
-    """Open (or create) the ledger directory: a LocalLedger, or a ShardedLedger if it has shards."""
+def open_embedded(path: str | os.PathLike[str], *, shards: int | None = None, create: bool = False,
+                  read_only: bool = False, **options: Any) -> Any:
+    """Open the ledger directory (``create=True``: create it if it holds no ledger yet): a LocalLedger, or a
+    ShardedLedger if it has shards."""
     from blazil_ai.ledger.shards import ShardedLedger, read_layout
     from blazil_ai.ledger.store import LocalLedger
 
@@ -156,16 +160,22 @@ def open_embedded(path: str | os.PathLike[str], *, shards: int | None = None, **
     if existing is not None:
         if shards is not None and shards != existing:
             raise ConfigError(f"ledger {p} has {existing} shards; cannot open it with shards={shards}")
-        return ShardedLedger(p, **options)
+        return ShardedLedger(p, read_only=read_only, **options)
     if shards is not None and shards > 1:
-        return ShardedLedger(p, shards=shards, **options)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"ledger path {p} exists and is not a directory")
-    return LocalLedger(p, **options)
+        from blazil_ai.ledger.manifest import is_ledger
+        if is_ledger(p):
+            raise ConfigError(f"ledger {p} has 1 shard; cannot open it with shards={shards}")
+        return ShardedLedger(p, shards=shards, create=create, read_only=read_only, **options)
+    return LocalLedger(p, create=create, read_only=read_only, **options)
 
 
 def connect(address: str | os.PathLike[str], **options: Any) -> LedgerClient:
-    """A ledger client for a directory, ``tcp://host:port`` (ledger server) or ``tigerbeetle://host:port``."""
+    """A ledger client for a directory, ``tcp://host:port`` (ledger server) or ``tigerbeetle://host:port``.
+
+    For a directory: ``create=True`` creates the ledger when the folder is missing or empty (``shards=N``
+    for a sharded one); ``read_only=True`` opens it for reads only, writing nothing there. On a sharded
+    ledger a batch is applied shard by shard: each event is atomic, but a batch that was not acknowledged
+    (the process died) may be partly applied; retrying it with the same ids is safe."""
     text = os.fspath(address)
     if text.startswith("tigerbeetle://"):
         from blazil_ai.ledger.tigerbeetle_backend import TigerBeetleClient

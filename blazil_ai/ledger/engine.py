@@ -1046,13 +1046,13 @@ def _scan(t: np.ndarray, match: Callable[[np.ndarray], np.ndarray], tmin: int, t
 def _query(records: np.ndarray, f: QueryFilter) -> np.ndarray:
     if f.limit == 0 or (f.timestamp_max and f.timestamp_min > f.timestamp_max):
         return records[:0].copy()
-    order = np.argsort(records["timestamp"], kind="stable")
-    recs = records[order]
-    rows = np.nonzero(_common_mask(recs, f.user_data_128, f.user_data_64, f.user_data_32, f.ledger, f.code,
-                                   f.timestamp_min, f.timestamp_max))[0]
-    if int(f.flags) & QueryFilterFlags.REVERSED:
-        rows = rows[::-1]
-    return recs[rows[: min(f.limit, BATCH_MAX)]].copy()
+    # Records are stored in timestamp order: find the page by binary search and scan only up to the limit, so
+    # paging through a large table costs time in proportion to the pages read, not the table per page.
+    rows = _scan(records, lambda t: _common_mask(t, f.user_data_128, f.user_data_64, f.user_data_32, f.ledger,
+                                                 f.code, 0, 0),
+                 f.timestamp_min, f.timestamp_max, bool(int(f.flags) & QueryFilterFlags.REVERSED),
+                 min(f.limit, BATCH_MAX))
+    return records[rows].copy()
 
 
 def _columns(batch: np.ndarray) -> list[dict[str, int]]:

@@ -21,6 +21,15 @@ legs, with the first in precedence reported. A cross-shard transfer may be pendi
 pending until the transfer is posted (both legs posted, with the amount asked), voided, or expires (the
 coordinator voids both legs at the timeout). Linked, balancing or closing flags across shards are refused
 with a DataError naming the event.
+
+A batch is not atomic across shards: its shard-local runs and cross-shard transfers are applied one after
+another, so a process that dies before acknowledging a batch may leave some of its events applied and
+others not. Each event is all-or-nothing, and retrying the batch with the same ids is safe (applied events
+answer EXISTS). A single-shard ledger applies a batch as a whole.
+
+On disk: ``shards.json`` (shard count and ledger id, with a crc32), one ledger folder per shard
+(``shard-000`` ...) and ``coordinator`` (the coordinator's log), each with a MANIFEST naming the ledger id
+and its place, so a missing, extra or foreign shard folder, or a wrong ``shards.json``, is refused by name.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -61,7 +71,7 @@ from blazil_ai.ledger.types import (
     transfers_to_array,
 )
 from blazil_ai.ledger.types import CreateTransferStatus as CT
-from blazil_ai.ledger.wal import WriteAheadLog, encode
+from blazil_ai.ledger.wal import WriteAheadLog
 
 LAYOUT = "shards.json"
 CLEARING_HI = 0xFFFF_FFFF_FFFF_FFFE  # high word of clearing-account ids (reserved in a sharded ledger)
@@ -81,16 +91,83 @@ def _crash_point(name: str) -> None:
 
 def read_layout(directory: Path) -> int | None:
     """The shard count recorded in a ledger directory, or None for a single-shard ledger."""
-    f = Path(directory) / LAYOUT
+    layout = check_layout(Path(directory))
+    return None if layout is None else layout[0]
+
+
+def check_layout(directory: Path) -> tuple[int, str] | None:
+    """(shard count, ledger id) of a sharded ledger after checking every shard folder against ``shards.json``;
+    None for a directory that is not a sharded ledger. A missing, extra or foreign shard folder, or a missing or
+    wrong ``shards.json``, is a DataError naming it."""
+    from blazil_ai.ledger import manifest as mf
+
+    f = directory / LAYOUT
+    parts = sorted(p.name for p in directory.glob("shard-*")) if directory.is_dir() else []
     if not f.exists():
+        if parts or (directory / "coordinator").exists():
+            raise DataError(f"the shard layout is missing but the folder holds {', '.join(parts) or 'coordinator'}",
+                            path=str(f))
         return None
     try:
-        n = int(json.loads(f.read_text())["shards"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"cannot read the shard layout: {e}", path=str(f)) from e
+        body = json.loads(f.read_text())
+        crc = body.pop("crc32")
+        if zlib.crc32(json.dumps(body, sort_keys=True).encode()) != crc:
+            raise ValueError("checksum mismatch")
+        n, ledger_id = int(body["shards"]), str(body["ledger_id"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"cannot read the shard layout ({e})", path=str(f)) from e
     if n < 1:
         raise DataError(f"shard count {n} must be at least 1", path=str(f), field="shards")
-    return n
+    want = [shard_dir(i) for i in range(n)]
+    extra = sorted(set(parts) - set(want))
+    if extra:
+        raise DataError(f"the layout names {n} shards but the folder also holds {', '.join(extra)}", path=str(f))
+    for i, name in enumerate([*want, "coordinator"]):
+        if not (directory / name).is_dir():
+            raise DataError(f"{'shard folder' if i < n else 'coordinator folder'} is missing (the layout "
+                            f"{f.name} names {n} shards)", path=str(directory / name))
+    for i, name in enumerate([*want, "coordinator"]):
+        d = directory / name
+        m = mf.read(d)
+        role, shard = ("ledger", i) if i < n else ("coordinator", None)
+        want_m = (ledger_id, role, shard, n if i < n else None)
+        if (m.ledger_id, m.role, m.shard, m.shards) != want_m:
+            raise DataError(f"belongs to {_who(m.ledger_id, m.role, m.shard, m.shards)}, not to {_who(*want_m)} "
+                            f"({f.name})", path=str(d / mf.NAME))
+    return n, ledger_id
+
+
+def _who(ledger_id: str, role: str, shard: int | None, shards: int | None) -> str:
+    if role == "coordinator":
+        return f"the coordinator of ledger {ledger_id}"
+    if shard is None:
+        return f"single-shard ledger {ledger_id}"
+    return f"shard {shard} of {shards} of ledger {ledger_id}"
+
+
+def shard_dir(i: int) -> str:
+    """Folder name of shard ``i``."""
+    return f"shard-{i:03d}"
+
+
+def format_sharded(directory: Path, shards: int) -> None:
+    """Create an empty ledger of ``shards`` shards (the layout file last: until it exists, it is no ledger)."""
+    from blazil_ai.ledger import manifest as mf
+    from blazil_ai.ledger.journal import write_atomic
+    from blazil_ai.ledger.store import format_ledger
+
+    if shards < 1:
+        raise ConfigError("a sharded ledger needs shards >= 1")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ConfigError(f"{directory} is not an empty folder; a ledger is created only in a new or empty folder")
+    directory.mkdir(parents=True, exist_ok=True)
+    ledger_id = mf.new_id()
+    for i in range(shards):
+        format_ledger(directory / shard_dir(i), ledger_id=ledger_id, shard=i, shards=shards)
+    format_ledger(directory / "coordinator", role="coordinator", ledger_id=ledger_id)
+    body: dict[str, Any] = {"shards": shards, "ledger_id": ledger_id}
+    body["crc32"] = zlib.crc32(json.dumps(body, sort_keys=True).encode())
+    write_atomic(directory / LAYOUT, json.dumps(body).encode())
 
 
 def shard_of(account_id: int, n: int) -> int:
@@ -118,30 +195,54 @@ class ShardedLedger:
     """N LocalLedgers behind one coordinator (same request interface as LocalLedger)."""
 
     def __init__(self, directory: str | Path, shards: int | None = None, *, clock: Callable[[], int] = time.time_ns,
-                 fsync: bool = True, **options: Any) -> None:
+                 fsync: bool = True, create: bool = False, read_only: bool = False, **options: Any) -> None:
+        from blazil_ai.ledger import manifest as mf
+        from blazil_ai.ledger.store import check_ledger_dir, lock_directory
+
         self.directory = Path(directory)
-        existing = read_layout(self.directory)
+        self.read_only = read_only
+        existing = check_layout(self.directory)
         if existing is None:
-            if shards is None or shards < 1:
-                raise ConfigError("a new sharded ledger needs shards >= 1")
-            if self.directory.exists() and any(self.directory.glob("wal-*.log")):
-                raise ConfigError(f"{self.directory} holds a single-shard ledger; it cannot be opened sharded")
-            self.directory.mkdir(parents=True, exist_ok=True)
-            (self.directory / LAYOUT).write_text(json.dumps({"shards": shards}))
-            existing = shards
-        elif shards is not None and shards != existing:
-            raise ConfigError(f"ledger {self.directory} has {existing} shards, not {shards}")
-        self.n = existing
-        self.shards = [LocalLedger(self.directory / f"shard-{i:03d}", clock=clock, fsync=fsync, **options)
-                       for i in range(self.n)]
+            if not create or read_only or shards is None:
+                raise ConfigError(f"{self.directory} is not a sharded ledger (no {LAYOUT}); create one with "
+                                  f"'blazil ledger format --shards N {self.directory}' or connect(path, shards=N, "
+                                  "create=True)")
+            format_sharded(self.directory, shards)
+            existing = check_layout(self.directory)
+            assert existing is not None
+        if shards is not None and shards != existing[0]:
+            raise ConfigError(f"ledger {self.directory} has {existing[0]} shards, not {shards}")
+        self.n = existing[0]
+        self.shards: list[LocalLedger] = []
+        try:
+            for i in range(self.n):
+                self.shards.append(LocalLedger(self.directory / shard_dir(i), clock=clock, fsync=fsync,
+                                               read_only=read_only, **options))
+        except BaseException:
+            for s in self.shards:
+                s.close()
+            raise
         self.cross = Engine(clock=clock)  # the coordinator's record of cross-shard transfers and burned ids
         self.clearing: set[tuple[int, int]] = set()
         self.attempts: dict[int, int] = {}  # cross-shard pending transfer id -> attempt whose legs hold it
         self._lock = threading.RLock()
-        self.coord = WriteAheadLog(self.directory / "coordinator", fsync=fsync)
-        self.coord_seq = 0
-        self._recover()
-        self.coord.open_segment(self.coord_seq + 1)
+        coord_dir = self.directory / "coordinator"
+        self._coord_lock = -1
+        try:
+            check_ledger_dir(coord_dir)
+            self._coord_lock = lock_directory(coord_dir, read_only)
+            self.coord = WriteAheadLog(coord_dir, fsync=fsync, writable=not read_only)
+            self.coord_seq = 0
+            self.unfinished = 0  # cross-shard attempts a read-only open left unfinished
+            self._recover(mf.read(coord_dir).segments)
+            if not read_only:
+                self.coord.open_segment()
+        except BaseException:
+            if self._coord_lock >= 0:
+                os.close(self._coord_lock)
+            for s in self.shards:
+                s.close()
+            raise
 
     # ---------------------------------------------------------------- interface of LocalLedger
 
@@ -152,7 +253,10 @@ class ShardedLedger:
     def call(self, op: str, arg: Any = None) -> Any:
         """Run one request."""
         with self._lock:
-            self._expire_cross()
+            if self.read_only and op in ("create_accounts", "create_transfers", "checkpoint", "expire"):
+                raise ConfigError(f"ledger {self.directory} is open read-only; {op} is refused")
+            if not self.read_only:
+                self._expire_cross()
             if op == "create_accounts":
                 return self._create_accounts(as_account_array(arg))
             if op == "create_transfers":
@@ -173,6 +277,7 @@ class ShardedLedger:
         for s in self.shards:
             s.close(checkpoint=checkpoint)
         self.coord.close()
+        os.close(self._coord_lock)
 
     def __enter__(self) -> ShardedLedger:
         return self
@@ -560,8 +665,7 @@ class ShardedLedger:
 
     def _log(self, kind: int, header_ts: int, records: np.ndarray) -> None:
         self.coord_seq += 1
-        self.coord.append(list(encode(kind, self.coord_seq, header_ts, records)))
-        self.coord.sync()
+        self.coord.commit(kind, self.coord_seq, header_ts, records)
 
     def _run_group(self, events: list[dict[str, int]], batch: np.ndarray, offset: int, group: list[int],
                    status: np.ndarray, stamps: np.ndarray, attempt: int) -> None:
@@ -624,12 +728,12 @@ class ShardedLedger:
         for f in futs:
             f.result()  # EXISTS / NOT_FOUND / ALREADY_* are all fine: the leg is settled either way
 
-    def _recover(self) -> None:
+    def _recover(self, segments: list[int]) -> None:
         intents: dict[tuple[int, int], dict[str, int]] = {}  # (attempt, id) -> event with its timestamp
         decided: dict[tuple[int, int], int] = {}
         expired: list[int] = []
         last_ts = 0
-        for entry in self.coord.recover(0):
+        for entry in self.coord.recover(0, segments):
             self.coord_seq = entry.seq
             recs = np.frombuffer(entry.payload, dtype=np.uint8).reshape(-1, 128).view("V128").ravel()
             if entry.kind == KIND_INTENT:
@@ -659,6 +763,9 @@ class ShardedLedger:
                     intents.pop((entry.timestamp, tid), None)
                     decided.pop((entry.timestamp, tid), None)
         self.cross.last_timestamp = max(self.cross.last_timestamp, last_ts)
+        if self.read_only:  # inspection: finishing attempts would write to the shards
+            self.unfinished = len(intents)
+            return
         # Unfinished attempts: carry out the decision, or abort when none was logged.
         for (attempt, tid), ev in sorted(intents.items(), key=lambda kv: kv[1]["timestamp"]):
             code = decided.get((attempt, tid))

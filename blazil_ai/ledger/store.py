@@ -9,6 +9,14 @@ durable. While the log thread waits for the disk, the engine thread already work
 The threads hand work over through the GIL; a process that runs the ledger under load acks sooner with a
 shorter switch interval (``sys.setswitchinterval(0.0002)``; ``blazil ledger serve`` sets it). A library
 does not change that process-wide setting on its own.
+
+A batch is acknowledged once a later fsynced write records it as durable: under load the next batch's
+write does (no extra fsync), otherwise a small SEAL entry (:mod:`blazil_ai.ledger.journal`). That is what
+lets recovery tell a torn, unacknowledged tail from damage to acknowledged data.
+
+The directory must have been created as a ledger (``blazil ledger format`` or ``create=True``); its
+``MANIFEST`` names the checkpoint and the log segments, so a missing one is refused by name. A read-only
+open (``read_only=True``; ``blazil ledger inspect``) writes nothing, not even the ``LOCK`` file.
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ from typing import Any
 import numpy as np
 
 from blazil_ai import metrics
-from blazil_ai.errors import BlazilError, ConfigError
+from blazil_ai.errors import BlazilError, ConfigError, DataError
 from blazil_ai.ledger import checkpoint as ckpt
+from blazil_ai.ledger import manifest as mf
 from blazil_ai.ledger.engine import Engine
 from blazil_ai.ledger.ring import RingBuffer, RingClosed
 from blazil_ai.ledger.types import as_account_array, as_transfer_array
-from blazil_ai.ledger.wal import KIND_ACCOUNTS, KIND_TRANSFERS, WriteAheadLog, encode
+from blazil_ai.ledger.wal import KIND_ACCOUNTS, KIND_TRANSFERS, WriteAheadLog, encode_entries
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +60,29 @@ class LedgerClosed(BlazilError):
 
 
 class LocalLedger:
-    """A durable single-shard ledger in ``directory`` (created if missing)."""
+    """A durable single-shard ledger in ``directory`` (made by ``format_ledger`` or ``create=True``)."""
 
     def __init__(self, directory: str | os.PathLike[str], *, clock: Callable[[], int] = time.time_ns,
                  fsync: bool = True, checkpoint_bytes: int = 256 << 20, ring_size: int = 1024,
-                 capacity: int = 1 << 16) -> None:
+                 capacity: int = 1 << 16, read_only: bool = False, create: bool = False) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        self.read_only = read_only
+        if create and not read_only and not mf.is_ledger(self.directory):
+            format_ledger(self.directory)
+        check_ledger_dir(self.directory)
+        self._lock_fd = lock_directory(self.directory, read_only)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            os.close(self._lock_fd)
-            raise ConfigError(f"ledger directory {self.directory} is already open in another process") from e
-        try:
+            self.manifest = mf.read(self.directory)
             self.engine = Engine(clock=clock, capacity=capacity)
-            self.seq = ckpt.load(self.engine, self.directory)
+            self.seq = 0
+            if self.manifest.checkpoint:
+                c = self.manifest.checkpoint
+                self.seq = ckpt.load(self.engine, self.directory / c["name"], int(c["seq"]), int(c["bytes"]),
+                                     int(c["crc32"]))
             self.checkpoint_seq = self.seq
-            self.wal = WriteAheadLog(self.directory, fsync=fsync)
+            self.wal = WriteAheadLog(self.directory, fsync=fsync, writable=not read_only)
             replayed = 0
-            for entry in self.wal.recover(self.seq):
+            for entry in self.wal.recover(self.seq, self.manifest.segments):
                 records = np.frombuffer(entry.payload, dtype=np.uint8).reshape(-1, 128)
                 if entry.kind == KIND_ACCOUNTS:
                     self.engine.create_accounts(as_account_array(records.view("V128").ravel()), entry.timestamp)
@@ -80,7 +92,9 @@ class LocalLedger:
                 replayed += 1
             _REPLAYED.inc(replayed)
             self.replayed = replayed
-            self.wal.open_segment(self.seq + 1)
+            if not read_only:
+                self._tidy()
+                self.wal.open_segment()
         except BaseException:
             os.close(self._lock_fd)
             raise
@@ -104,6 +118,8 @@ class LocalLedger:
             raise LedgerClosed(f"ledger failed: {self._failed}")
         if self._closed:
             raise LedgerClosed("ledger is closed")
+        if self.read_only and (op in WRITE_OPS or op in ("checkpoint", "expire")):
+            raise LedgerClosed(f"ledger {self.directory} is open read-only; {op} is refused")
         if op in WRITE_OPS:
             # Own the records: the caller may reuse its array while the batch waits in the ring.
             arg = np.array(as_transfer_array(arg) if op == "create_transfers" else as_account_array(arg))
@@ -157,8 +173,8 @@ class LocalLedger:
                         parts.append((WRITE_OPS[op], self.seq, base, arg))  # encoded (crc32) by the log thread
                         done.append((fut, result, op, t0, len(arg)))
                     elif op == "checkpoint":
-                        self._flush_log(parts, done)
-                        parts, done = [], []
+                        ahead, parts, done = (parts, done), [], []
+                        self._flush_log(*ahead)
                         done.append((fut, self._checkpoint(), op, t0, 0))
                     else:
                         eng.expire_pending(eng.clock())
@@ -166,12 +182,12 @@ class LocalLedger:
                 except Exception as e:  # a bad request fails alone; the engine state is unchanged by it
                     done.append((fut, e, op, t0, 0))
             self._log_ring.publish((parts, done))
-            if self.wal.bytes_written >= self.checkpoint_bytes:
-                self._flush_log([], [])
+            if self.wal.bytes_written >= self.checkpoint_bytes and self._failed is None:
                 try:
+                    self._flush_log([], [])
                     self._checkpoint()
                 except Exception as e:  # the log still holds everything; keep serving
-                    log.error("checkpoint failed: %s", e)
+                    log.error("checkpoint of %s failed, the log keeps growing: %s", self.directory, e)
 
     def _flush_log(self, parts: list[Any], done: list[Any]) -> None:
         barrier: Future[Any] = Future()
@@ -179,12 +195,45 @@ class LocalLedger:
         barrier.result()
 
     def _checkpoint(self) -> int:
+        """Checkpoint, start a new segment, name both in the MANIFEST, then drop what they replace."""
         with self._wal_lock:
-            ckpt.save(self.engine, self.directory, self.seq)
-            self.wal.rotate(self.seq + 1)
-            self.wal.drop_before(self.seq + 1)
-            self.checkpoint_seq = self.seq
-        return self.seq
+            seq, old = self.seq, self.manifest
+            if old.checkpoint and seq == old.checkpoint_seq:
+                return seq  # nothing logged since the last checkpoint
+            path = ckpt.save(self.engine, self.directory, seq)
+            rotated = False
+            try:
+                size, crc = mf.file_crc(path)
+                if seq + 1 != self.wal.first_seq:
+                    self.wal.rotate(seq + 1)
+                    rotated = True
+                m = mf.Manifest(old.ledger_id, old.role, old.shard, old.shards,
+                                {"seq": seq, "name": path.name, "bytes": size, "crc32": crc}, [seq + 1])
+                mf.write(self.directory, m)
+            except BaseException:
+                # Nothing was appended since the rotation: go back to the old segment and checkpoint.
+                if rotated:
+                    self.wal.rotate_back()
+                path.unlink(missing_ok=True)
+                raise
+            self.manifest = m
+            self.checkpoint_seq = seq
+            self._tidy()
+        return seq
+
+    def _tidy(self) -> None:
+        """Remove checkpoints and segments the MANIFEST no longer names, and temporary files of a failed write."""
+        keep = self.manifest.checkpoint["name"] if self.manifest.checkpoint else None
+        for _seq, path in ckpt.checkpoints(self.directory):
+            if path.name != keep:
+                path.unlink()
+        for p in self.directory.glob(".*.tmp"):
+            p.unlink()
+        self.wal.drop_before(self.manifest.segments[0])
+        adopted = self.wal.unlisted(self.manifest.segments)
+        if adopted:  # a checkpoint that stopped before its MANIFEST: name its segment now
+            self.manifest.segments = [*self.manifest.segments, *adopted]
+            mf.write(self.directory, self.manifest)
 
     def _read(self, op: str, arg: Any) -> Any:
         eng = self.engine
@@ -197,44 +246,58 @@ class LocalLedger:
         return getattr(eng, op)(arg)
 
     def _log_loop(self) -> None:
+        unsealed: list[tuple[Future[Any], Any, str, float, int]] = []  # written and fsynced, not yet sealed
+        closing = False
         while True:
             try:
-                items = self._log_ring.take(timeout=0.2)
+                # with unsealed work, look for more to write without waiting; if none, seal at once
+                items = self._log_ring.take(timeout=0 if unsealed else 0.2)
             except RingClosed:
-                break
-            if not items:
-                continue
-            # crc32 releases the GIL on large buffers, so checksumming here overlaps the engine's next batch.
-            parts = [p for item in items for entry in item[0] for p in encode(*entry)]
+                items, closing = [], True
+            entries = [entry for item in items for entry in item[0]]
             done = [d for item in items for d in item[1]]
-            error: BaseException | None = None
-            if parts:
-                try:
-                    with self._wal_lock:
-                        self.wal.append(parts)
-                        self.wal.sync()
-                    _FSYNCS.inc()
-                except OSError as e:
-                    # Applied in memory but not durable: nothing more may be acked from this process.
-                    error = self._failed = e
-                    log.critical("write-ahead log failed, ledger stops: %s", e)
-            now = time.perf_counter()
-            for fut, result, op, t0, n in done:
-                if error is not None:
-                    fut.set_exception(LedgerClosed(f"write-ahead log failed: {error}"))
-                elif isinstance(result, BaseException):
-                    fut.set_exception(result)
-                else:
-                    fut.set_result(result)
-                    if n:
-                        _EVENTS.labels(op).inc(n)
-                        _BATCH_SECONDS.labels(op).observe(now - t0)
+            if entries or unsealed:
+                if self._failed is None:
+                    try:
+                        # crc32 of the payloads releases the GIL: it overlaps the engine's next batch
+                        encoded = encode_entries(entries)
+                        with self._wal_lock:
+                            if entries:
+                                self.wal.append(encoded(self.wal.synced))
+                            else:
+                                self.wal.seal()
+                            self.wal.sync()
+                        _FSYNCS.inc()
+                    except OSError as e:
+                        # Applied in memory but not durable: nothing more may be acked from this process.
+                        self._failed = e
+                        log.critical("write-ahead log of %s failed, ledger stops: %s", self.directory, e)
+                self._complete(unsealed)
+                unsealed = []
+                if entries:
+                    unsealed, done = done, []
+            self._complete(done)
+            if closing and not unsealed:
+                break
+
+    def _complete(self, done: list[tuple[Future[Any], Any, str, float, int]]) -> None:
+        now = time.perf_counter()
+        for fut, result, op, t0, n in done:
+            if self._failed is not None and (n or op in ("barrier", "checkpoint")):
+                fut.set_exception(LedgerClosed(f"write-ahead log failed: {self._failed}"))
+            elif isinstance(result, BaseException):
+                fut.set_exception(result)
+            else:
+                fut.set_result(result)
+                if n:
+                    _EVENTS.labels(op).inc(n)
+                    _BATCH_SECONDS.labels(op).observe(now - t0)
 
     def close(self, checkpoint: bool = False) -> None:
         """Finish queued requests, optionally checkpoint, stop the threads and release the directory."""
         if self._closed:
             return
-        if checkpoint and self._failed is None:
+        if checkpoint and self._failed is None and not self.read_only:
             self.checkpoint()
         self._closed = True
         self._ring.close()
@@ -249,3 +312,63 @@ class LocalLedger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_ledger_dir(directory: Path) -> None:
+    """ConfigError naming the folder unless it holds a ledger (a typo must not look like an empty ledger)."""
+    from blazil_ai.ledger.shards import LAYOUT
+
+    if not directory.exists():
+        raise ConfigError(f"ledger directory {directory} does not exist; create a ledger with "
+                          f"'blazil ledger format {directory}' or connect(path, create=True)")
+    if not directory.is_dir():
+        raise ConfigError(f"ledger path {directory} is not a directory")
+    if mf.is_ledger(directory):
+        return
+    if (directory / LAYOUT).exists():
+        raise ConfigError(f"{directory} is a sharded ledger; open it with connect() or ShardedLedger")
+    segs = sorted(directory.glob("wal-*.log"))
+    if segs and segs[0].read_bytes()[:4] == b"BLW1":
+        raise DataError("written by an earlier version (log format BLW1, no MANIFEST); this version cannot open "
+                        "it: read it with the version that wrote it", path=str(directory))
+    if segs or any(directory.glob("checkpoint-*.npz")):
+        mf.read(directory)  # raises: a ledger's files without their MANIFEST
+    raise ConfigError(f"{directory} is not a ledger (no MANIFEST); create one with 'blazil ledger format "
+                      f"{directory}' or connect(path, create=True)")
+
+
+def lock_directory(directory: Path, read_only: bool) -> int:
+    """Hold the directory's LOCK (shared and without creating it when read-only); returns the descriptor."""
+    lock = directory / "LOCK"
+    try:
+        if read_only:
+            fd = os.open(lock if lock.exists() else directory, os.O_RDONLY)
+        else:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"ledger directory {directory} cannot be opened for writing ({e.strerror}); "
+                          "open it read-only (blazil ledger inspect / verify, or read_only=True)") from e
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if read_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise ConfigError(f"ledger directory {directory} is already open in another process") from e
+    return fd
+
+
+def format_ledger(directory: str | os.PathLike[str], *, role: str = "ledger", ledger_id: str | None = None,
+                  shard: int | None = None, shards: int | None = None) -> mf.Manifest:
+    """Create an empty ledger in ``directory`` (made if missing; an existing one must be empty)."""
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"ledger path {d} exists and is not a directory")
+    if d.exists() and any(d.iterdir()):
+        raise ConfigError(f"{d} is not empty; a ledger is created only in a new or empty folder")
+    d.mkdir(parents=True, exist_ok=True)
+    from blazil_ai.ledger.journal import JournalFile
+    from blazil_ai.ledger.wal import segment_name
+
+    JournalFile.create(d / segment_name(1))
+    m = mf.Manifest(ledger_id or mf.new_id(), role, shard, shards)
+    mf.write(d, m)  # last: a folder without a MANIFEST is not a ledger yet
+    return m
