@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from blazil_ai.checks import channel_uri, port, positive_float, reachable
+
 SERVE_EPILOG = """\
 example:
   blazil models build --type fraud
@@ -30,12 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "(approve, review or reject), store each decision durably, and serve clients "
                                    "over the transport (tcp://, tcps://, aeron:) with /metrics.",
                        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--data", required=True, help="directory for the decision log and the embedded ledger")
+    s.add_argument("--data", required=True, help="directory for the decision log and the embedded ledger (new, "
+                                                 "empty, or one 'blazil serve' used before)")
+    s.add_argument("--force", action="store_true", help="use a --data folder that holds other files")
     s.add_argument("--model", required=True, help="fraud.onnx (with fraud.norm.json next to it) or its directory")
-    s.add_argument("--listen", default=default_uri, help=f"transport URI to serve on (default {default_uri})")
+    s.add_argument("--listen", default=default_uri, type=channel_uri,
+                   help=f"transport URI to serve on (default {default_uri})")
     s.add_argument("--ledger", help="ledger address instead of DATA/ledger: a directory, tcp://host:port "
                                     "(blazil ledger serve) or tigerbeetle://host:port")
-    s.add_argument("--metrics-port", type=int, default=9464, help="port of /metrics (default 9464, 0 = any)")
+    s.add_argument("--metrics-port", type=port, default=9464, help="port of /metrics (default 9464, 0 = any)")
+    s.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address /metrics listens on (default 127.0.0.1; 0.0.0.0 lets a remote Prometheus scrape)")
     s.add_argument("--review-at", type=float, default=0.5, help="score from which a transfer is held (default 0.5)")
     s.add_argument("--reject-at", type=float, default=0.9, help="score from which it is rejected (default 0.9)")
     s.add_argument("--review-timeout", type=int, default=3600,
@@ -50,8 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tsub = t.add_subparsers(dest="transfer_command", metavar="SUBCOMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--connect", default=default_uri, help=f"service URI (default {default_uri})")
-        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply (default 30)")
+        p.add_argument("--connect", default=default_uri, type=channel_uri, help=f"service URI (default {default_uri})")
+        p.add_argument("--timeout", type=positive_float, default=30.0,
+                       help="seconds to wait for the reply (default 30)")
         p.add_argument("--json", action="store_true", help="print JSON")
 
     sm = tsub.add_parser("submit", help="submit one transfer (flags) or many (--file JSONL)",
@@ -111,11 +119,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Handler of ``blazil serve``."""
+    from blazil_ai.files import check_output_dir, undo_on_failure
     from blazil_ai.fraud.server import FraudServer
 
-    server = FraudServer(args.data, args.model, args.listen, metrics_port=args.metrics_port,
-                         ledger=args.ledger, review_at=args.review_at, reject_at=args.reject_at,
-                         review_timeout_s=args.review_timeout, backend=args.backend)
+    check_output_dir(args.data, force=args.force, option="--data", ours=lambda p: p.name in ("decisions", "ledger"))
+    with undo_on_failure(args.data):  # a start that fails (a busy port, a bad model) leaves no folder behind
+        server = FraudServer(args.data, args.model, args.listen, metrics_port=args.metrics_port,
+                             metrics_host=args.metrics_host, ledger=args.ledger, review_at=args.review_at,
+                             reject_at=args.reject_at, review_timeout_s=args.review_timeout, backend=args.backend)
     info = {"listen": server.uri, "metrics": server.metrics.url if server.metrics else None,
             "policy": server.service.stats()["policy"], "recovered": server.service.recovered}
     if args.json:
@@ -130,6 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from blazil_ai.fraud.server import FraudClient
 
+    reachable(args.connect, "--connect", args.timeout)  # a refused connection fails now, not after --timeout
     return FraudClient(args.connect, timeout=args.timeout)
 
 

@@ -202,6 +202,20 @@ def _exit_with_parent() -> Callable[[], None] | None:
     return child
 
 
+def check_driver_dir(aeron_dir: str | os.PathLike[str]) -> None:
+    """Refuse a driver directory that holds anything but a media driver's files.
+
+    ``aeronmd`` deletes its directory, with all it holds, on start and on shutdown. Only a new folder,
+    an empty one, or one with Aeron's own ``cnc.dat`` (a driver that ran or runs there) may be given.
+    """
+    p = Path(aeron_dir)
+    if p.is_symlink() or (p.exists() and not p.is_dir()):
+        raise TransportError(f"Aeron directory {p} is not a folder; give a new folder for the media driver")
+    if p.is_dir() and not (p / "cnc.dat").exists() and any(p.iterdir()):
+        raise TransportError(f"Aeron directory {p} holds files that are not a media driver's (no cnc.dat); the "
+                             "driver deletes its folder on start and stop, so give a new or empty folder")
+
+
 class MediaDriver:
     """An ``aeronmd`` process in a private directory (or, with :meth:`attach`, one that already runs).
 
@@ -254,6 +268,7 @@ class MediaDriver:
         exe = aeronmd_path()
         if not exe.is_file():
             raise TransportError(f"no Aeron media driver at {exe}: run scripts/build_aeron.sh")
+        check_driver_dir(self.dir)
         _load()
         env = dict(os.environ)
         env.update(driver_env(self.dir, self.term_length, self.ipc_term_length))
