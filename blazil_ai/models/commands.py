@@ -99,6 +99,10 @@ def _info(args: argparse.Namespace) -> int:
     from blazil_ai.models.store import models_dir, sidecar
 
     d = Path(args.dir) if args.dir else models_dir()
+    if args.dir and not d.is_dir():
+        from blazil_ai.errors import ConfigError
+
+        raise ConfigError(f"--dir {d}: {'is not a folder' if d.exists() else 'no such folder'}")
     rows: list[dict[str, Any]] = []
     for p in sorted(d.glob("*.onnx")):
         m = sidecar(p, "metrics")

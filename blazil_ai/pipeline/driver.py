@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from blazil_ai.errors import BlazilError, ConfigError
+from blazil_ai.files import sweep_stale, temp_prefix
 from blazil_ai.pipeline.protocol import DRIVER_STREAM, STAGE_STREAM_BASE, Address
 from blazil_ai.pipeline.sampling import SamplingParams, eos_ids_of
 from blazil_ai.pipeline.weights import load_config, model_fingerprint, split_layers, weight_map
@@ -470,7 +471,8 @@ class LocalPipeline:
         self.start_timeout = start_timeout
         self.env = env
         self.media_driver: Any = None
-        self._tmp = tempfile.TemporaryDirectory(prefix="blazil-pipeline-") if log_dir is None else None
+        sweep_stale("pipeline")  # logs of a pipeline whose client was killed (SIGKILL runs no clean-up)
+        self._tmp = tempfile.TemporaryDirectory(prefix=temp_prefix("pipeline")) if log_dir is None else None
         self.log_dir = Path(log_dir or self._tmp.name)  # type: ignore[union-attr]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.addrs = self._addresses(len(self.ranges))

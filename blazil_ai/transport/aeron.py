@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from blazil_ai.files import sweep_stale, temp_prefix
 from blazil_ai.transport import framing
 from blazil_ai.transport.base import OfferStatus, Publication, Subscription, TransportError
 from blazil_ai.transport.framing import DEFAULT_MAX_MESSAGE_SIZE, FrameError, Message
@@ -273,7 +274,8 @@ class MediaDriver:
         env = dict(os.environ)
         env.update(driver_env(self.dir, self.term_length, self.ipc_term_length))
         env.update(self.extra_env)
-        self._log_dir = tempfile.mkdtemp(prefix="blazil-aeronmd-log-")
+        sweep_stale("aeronmd-log")  # left by an owner that was killed
+        self._log_dir = tempfile.mkdtemp(prefix=temp_prefix("aeronmd-log"))
         assert self.log_path is not None
         with open(self.log_path, "wb") as logf:
             # its own process group: a Ctrl-C meant for us must not kill the driver under our clients

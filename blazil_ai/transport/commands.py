@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Open a subscription and a publication on URI in this process, send --count messages of "
                     "--size bytes one at a time and report the one-way latency (p50/p99). Works for tcp:// and "
                     "aeron: URIs; for aeron: it uses the driver in --dir / $AERON_DIR, or starts a private one.")
-    g.add_argument("--uri", default="aeron:ipc", type=channel_uri, help="channel URI (default aeron:ipc; e.g. tcp://127.0.0.1:0, "
-                                                      "aeron:udp?endpoint=127.0.0.1:40456)")
+    g.add_argument("--uri", default="aeron:ipc", type=channel_uri,
+                   help="channel URI (default aeron:ipc; e.g. tcp://127.0.0.1:0, aeron:udp?endpoint=127.0.0.1:40456)")
     g.add_argument("--stream", type=int, default=1001, help="stream id (default 1001)")
     g.add_argument("--count", type=positive_int, default=1000, help="messages to send (default 1000)")
     g.add_argument("--size", type=nonneg_int, default=64, help="array payload bytes per message (default 64)")
