@@ -116,9 +116,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlazilError as e:
         print(f"blazil {name}: error: {e}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # the reader went away (``blazil ledger inspect L | head``): stop quietly, as cat does
-        _silence_stdout()
-        return 128 + signal.SIGPIPE
+    except BrokenPipeError as e:
+        if _stdout_closed():  # the reader went away (``blazil ledger inspect L | head``): stop quietly, as cat does
+            _silence_stdout()
+            return 128 + signal.SIGPIPE
+        print(f"blazil {name}: error: {_os_error(e)}", file=sys.stderr)  # a peer's socket, not our stdout
+        return 1
     except OSError as e:  # a file or address the user named (permission, disk full, no such host)
         logging.getLogger("blazil").debug("%s failed", name, exc_info=True)
         print(f"blazil {name}: error: {_os_error(e)}", file=sys.stderr)
@@ -139,6 +142,17 @@ def _os_error(e: OSError) -> str:
     what = e.strerror or str(e)
     names = [str(n) for n in (e.filename, e.filename2) if n is not None]
     return f"{' -> '.join(names)}: {what}" if names else str(e)
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (what is left in its buffer cannot be written)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
 
 
 def _silence_stdout() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -103,18 +104,32 @@ def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def run(argv: list[str]) -> tuple[int, str]:
+class DidNotReturn(BaseException):
+    """The command ran on (a server that started, a wait) instead of refusing its input."""
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise DidNotReturn("the command was still running after 60 s")
+
+
+def run(argv: list[str], limit: int = 60) -> tuple[int, str]:
     """``blazil ARGV`` in this process; returns the exit status and what it wrote to stderr."""
     import contextlib
     import io
 
     err = io.StringIO()
     out = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            code = cli.main(argv)
-        except SystemExit as e:  # argparse
-            code = e.code if isinstance(e.code, int) else 1
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(limit)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            try:
+                code = cli.main(argv)
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     return code, err.getvalue()
 
 

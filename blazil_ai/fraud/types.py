@@ -210,11 +210,12 @@ _INT_LIMITS = {"id": (1, RESOLVE_BIT - 1), "debit_account_id": (1, (1 << 64) - 1
                "ledger": (1, (1 << 32) - 1), "code": (1, (1 << 16) - 1)}
 
 
-def check_record(record: Mapping[str, Any]) -> None:
+def check_record(record: Mapping[str, Any], vocabulary: bool = True) -> None:
     """Raise DataError naming the field of the first bad key or value of one request record (JSON form).
 
-    Integers must be JSON integers (not 25.99, "25", true); context fields must be in their vocabulary;
-    a key that is not a field (a typo such as "chanel") is refused rather than scored as absent.
+    Integers must be JSON integers (not 25.99, "25", true); a key that is not a field (a typo such as
+    "chanel") is refused rather than scored as absent; with ``vocabulary`` (what the CLI checks) a context
+    value must be in its vocabulary, else it would be scored in the model's "other" slot.
     """
     import difflib
 
@@ -241,7 +242,7 @@ def check_record(record: Mapping[str, Any]) -> None:
             raise DataError(f"{t!r} is not a finite epoch time in seconds", field="time")
     for key, vocab in VOCAB.items():
         v = record.get(key)
-        if v is not None and v not in vocab:
+        if vocabulary and v is not None and v not in vocab:
             raise DataError(f"{v!r} is not one of {', '.join(map(str, vocab))}", field=key)
     for key in ("is_foreign", "is_new_device"):
         v = record.get(key)
@@ -259,7 +260,7 @@ def request_records(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
             if k not in r:
                 raise DataError(f"request {i}: field {k!r} missing", field=k)
         try:
-            check_record(r)
+            check_record(r, vocabulary=False)  # the library keeps the model's "other" slot for unknown values
         except DataError as e:
             err = DataError(f"request {i}: {e}")
             err.field = e.field
