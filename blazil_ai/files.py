@@ -32,7 +32,7 @@ from blazil_ai.errors import ConfigError
 TMP_TAG = ".blazil-tmp-"
 
 
-def _missing_parents(path: Path) -> list[Path]:
+def _missing_parents(path: Path, option: str = "") -> list[Path]:
     """The ancestors of ``path`` that do not exist yet, outermost first; refuses one that is a file."""
     missing: list[Path] = []
     p = path.parent
@@ -42,7 +42,7 @@ def _missing_parents(path: Path) -> list[Path]:
             break
         p = p.parent
     if p.exists() and not p.is_dir():
-        raise ConfigError(f"{p} is a file, not a folder")
+        raise ConfigError(f"{option + ' ' if option else ''}{path}: {p} is a file, not a folder")
     return list(reversed(missing))
 
 
@@ -59,7 +59,7 @@ def check_output_file(path: str | os.PathLike[str], *, force: bool = False, opti
         raise ConfigError(f"{option} {p}: is a folder; give a file name")
     if p.exists() and p.is_file() and not force:
         raise ConfigError(f"{option} {p}: the file exists; pass --force to replace it")
-    _missing_parents(p)
+    _missing_parents(p, option)
     return p
 
 
@@ -103,7 +103,7 @@ def check_output_dir(path: str | os.PathLike[str], *, force: bool = False, optio
     if p.exists() and not p.is_dir():
         raise ConfigError(f"{option} {p}: is a file, not a folder")
     if not p.exists():
-        _missing_parents(p)
+        _missing_parents(p, option)
         return p
     if not force:
         foreign = sorted(e.name for e in p.iterdir() if not ours(e))
