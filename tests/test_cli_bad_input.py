@@ -47,6 +47,17 @@ def assets(tmp_path_factory, tiny):
     bad_config = root / "bad-config"
     shutil.copytree(tiny, bad_config)
     (bad_config / "config.json").write_text('{"model_type": "qwen2", "hidden_size": ')
+    list_config = root / "list-config"
+    shutil.copytree(tiny, list_config)
+    (list_config / "config.json").write_text("[1, 2]")
+    typed_config = root / "typed-config"
+    shutil.copytree(tiny, typed_config)
+    cfg = json.loads((typed_config / "config.json").read_text())
+    cfg["num_hidden_layers"] = "six"
+    (typed_config / "config.json").write_text(json.dumps(cfg))
+    bad_generation = root / "bad-generation"
+    shutil.copytree(tiny, bad_generation)
+    (bad_generation / "generation_config.json").write_text('{"do_sample": tru')
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
@@ -55,7 +66,8 @@ def assets(tmp_path_factory, tiny):
     closed_port = closed.getsockname()[1]
     closed.close()
     yield {"root": root, "samples_root": root / "samples", "features": samples["features"], "models": models,
-           "tiny": tiny, "no_template": no_template, "bad_config": bad_config,
+           "tiny": tiny, "no_template": no_template, "bad_config": bad_config, "list_config": list_config,
+           "typed_config": typed_config, "bad_generation": bad_generation,
            "busy": busy.getsockname()[1], "closed": closed_port}
     busy.close()
 
@@ -259,6 +271,11 @@ CASES = [
     case("generate", "--model {tiny} --listen aeron:ipc?x --connect tcp://a:1,tcp://b:2,tcp://c:3 hi", "--listen"),
     case("generate", "--model {missing} hi", "{missing}"),
     case("generate", "--model {bad_config} hi", "bad-config/config.json|line 1"),
+    case("generate", "--model {list_config} hi", "list-config/config.json|JSON object"),
+    case("generate", "--model {typed_config} hi", "typed-config/config.json|num_hidden_layers"),
+    case("generate", "--model {bad_generation} hi", "bad-generation/generation_config.json|line 1"),
+    case("stage", "--stage 1 --model {typed_config} --layers 0:1 --listen tcp://127.0.0.1:0 --next tcp://h:7002",
+         "typed-config/config.json|num_hidden_layers"),
     case("generate", "--model {no_template} --chat hi", "--chat|{no_template}"),
     case("stage", "--stage 1 --model {tiny} --layers 0:1 --listen tcp://127.0.0.1:0 --next tcp:/host:7002",
          "--next|tcp:/host:7002"),

@@ -61,7 +61,10 @@ def load_config(model_dir: str | os.PathLike[str]) -> Any:
     if raw.get("model_type") != "qwen2":
         raise DataError(f"model_type is {raw.get('model_type')!r}, this pipeline runs 'qwen2'", path=str(path),
                         field="model_type")
-    return Qwen2Config.from_dict(raw)
+    try:
+        return Qwen2Config.from_dict(raw)
+    except Exception as e:  # transformers and huggingface_hub check each field's type and the fields' agreement
+        raise DataError(f"not a valid Qwen2 config: {' '.join(str(e).split())}", path=str(path)) from None
 
 
 def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
