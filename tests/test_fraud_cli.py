@@ -108,3 +108,21 @@ def test_misspelled_and_unknown_fields_are_refused_before_anything_is_sent(tmp_p
         code, out, _ = blazil("transfer", "submit", *uri, "--json", "--id", 13, "--from", 1, "--to", 2,
                               "--amount", 2599, "--country", "GB", "--channel", "online")
         assert code == 0 and json.loads(out)["outcome"] == "approved"
+
+
+def test_the_service_refuses_amounts_from_two_to_the_63(tmp_path, model):
+    import numpy as np
+
+    from blazil_ai.errors import DataError
+    from blazil_ai.fraud.server import FraudClient
+    from blazil_ai.fraud.types import make_requests
+
+    cols = {"id": [1], "debit_account_id": [1], "credit_account_id": [2], "time": [1.7e9]}
+    for amount in (2**63, 2**64 - 1):
+        with pytest.raises(DataError, match="amount must be below 2\\^63"):
+            make_requests({**cols, "amount": np.array([amount], dtype=np.uint64)})
+    req = make_requests({**cols, "amount": [5]})
+    req["amount"] = np.uint64(2**63)  # a client that builds its own arrays
+    with serving(tmp_path / "d", model, review_at=1.0, reject_at=1.0) as srv, FraudClient(srv.uri) as c:
+        with pytest.raises(DataError, match="amount must be below 2\\^63"):
+            c.decide(req)
