@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import io
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from blazil_ai import __version__
 from blazil_ai.errors import BlazilError
@@ -43,9 +46,25 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, ``blazil COMMAND: error: ...`` (the usage is in --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """The command and its sub-commands as typed, e.g. ``transport driver``."""
+    words = [args.command]
+    for key, value in vars(args).items():
+        if key.endswith("_command") and isinstance(value, str):
+            words.append(value)
+    return " ".join(words)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every available part's commands."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="blazil",
         description="Blazil AI: AI inference and data loading for payment systems.",
         epilog="Run 'blazil COMMAND --help' for a command's options.",
@@ -60,13 +79,25 @@ def build_parser() -> argparse.ArgumentParser:
             found = False
         if found:
             importlib.import_module(name).register(sub)
+    _mark(parser)
     return parser
+
+
+def _mark(parser: argparse.ArgumentParser) -> None:
+    """Let each (sub-)parser record itself, so that a stray argument is reported by the command it follows."""
+    parser.set_defaults(_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _mark(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``blazil`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func = getattr(args, "func", None)
@@ -79,21 +110,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig, handler in previous.items():
         if handler == signal.SIG_DFL:  # one ignored on purpose (nohup) stays ignored
             signal.signal(sig, _terminate)
+    name = command_name(args)
     try:
         return int(func(args) or 0)
     except BlazilError as e:
-        print(f"blazil {args.command}: error: {e}", file=sys.stderr)
+        print(f"blazil {name}: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError as e:
+        if _stdout_closed():  # the reader went away (``blazil ledger inspect L | head``): stop quietly, as cat does
+            _silence_stdout()
+            return 128 + signal.SIGPIPE
+        print(f"blazil {name}: error: {_os_error(e)}", file=sys.stderr)  # a peer's socket, not our stdout
+        return 1
+    except OSError as e:  # a file or address the user named (permission, disk full, no such host)
+        logging.getLogger("blazil").debug("%s failed", name, exc_info=True)
+        print(f"blazil {name}: error: {_os_error(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"blazil {args.command}: interrupted", file=sys.stderr)
+        print(f"blazil {name}: interrupted", file=sys.stderr)
         return 130
     except Terminated as t:
-        print(f"blazil {args.command}: stopped by {t}", file=sys.stderr)
+        print(f"blazil {name}: stopped by {t}", file=sys.stderr)
         return 128 + t.signum
     finally:  # main() may be called in a process that goes on (tests, scripts)
         for sig, handler in previous.items():
             if handler is not None:
                 signal.signal(sig, handler)
+
+
+def _os_error(e: OSError) -> str:
+    what = e.strerror or str(e)
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {what}" if names else str(e)
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone (what is left in its buffer cannot be written)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's last flush does not fail again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
 
 
 if __name__ == "__main__":

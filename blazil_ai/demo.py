@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blazil_ai.checks import port, positive_int
+
 log = logging.getLogger(__name__)
 TYPES = ("text", "timeseries", "features", "audio", "detection")
 DEMO_DETECTOR_EPOCHS = {False: 8, True: 2}
@@ -36,9 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="small inputs everywhere (about a minute)")
     p.add_argument("--model", help="a real Qwen2 checkpoint directory for the pipeline step "
                                    "(default: a small local random-weight checkpoint, whose text is noise)")
-    p.add_argument("--transfers", type=int, help="simulated transactions to score (default 200000, quick 20000)")
-    p.add_argument("--tokens", type=int, help="tokens to generate (default 24, quick 8)")
-    p.add_argument("--metrics-port", type=int, default=0, help="port of /metrics during the run (default: any free)")
+    p.add_argument("--transfers", type=positive_int,
+                   help="simulated transactions to score (default 200000, quick 20000)")
+    p.add_argument("--tokens", type=positive_int, help="tokens to generate (default 24, quick 8)")
+    p.add_argument("--metrics-port", type=port, default=0, help="port of /metrics during the run (default: any free)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address /metrics listens on (default 127.0.0.1; 0.0.0.0 lets a remote Prometheus scrape)")
     p.add_argument("--skip", action="append", default=[], choices=("data", "fraud", "pipeline"),
                    help="leave out a step (repeatable)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -231,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     t_all = time.perf_counter()
     summary = Summary()
-    server = metrics.serve(args.metrics_port)
+    server = metrics.serve(args.metrics_port, args.metrics_host)
     _say(f"serving /metrics at {server.url} while the demo runs")
     report: dict[str, Any] = {"quick": args.quick, "metrics_url": server.url}
     try:

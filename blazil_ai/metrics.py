@@ -10,16 +10,33 @@ point of use without coordinating.
 
 from __future__ import annotations
 
+import errno
 import re
 import threading
 from collections.abc import Sequence
 from http.server import ThreadingHTTPServer
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, MetricsHandler
 
+from blazil_ai.errors import ConfigError
+
 REGISTRY = CollectorRegistry(auto_describe=True)
+# process_* (CPU seconds, resident memory, open fds, start time) and python_* (GC, version), as every exporter has.
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+GCCollector(registry=REGISTRY)
+DEFAULT_HOST = "127.0.0.1"  # loopback unless asked: --metrics-host 0.0.0.0 lets a remote Prometheus scrape
 _NAME_PART = re.compile(r"^[a-z][a-z0-9_]*$")
 _lock = threading.Lock()
 _metrics: dict[str, Any] = {}
@@ -31,13 +48,20 @@ LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1
 M = TypeVar("M", Counter, Gauge, Histogram)
 
 
+# Suffixes Prometheus gives meaning to: a gauge or histogram named with one would be misread by tools.
+RESERVED_SUFFIXES = ("_count", "_sum", "_bucket", "_total", "_created", "_info")
+
+
 def metric_name(part: str, what: str, unit: str) -> str:
-    """Return ``blazil_<part>_<what>_<unit>``, checking each piece is a lower-case Prometheus name."""
+    """Return ``blazil_<part>_<what>_<unit>``, checking each piece is a lower-case Prometheus name.
+
+    ``unit`` is a base unit (``seconds``, ``bytes``), ``total`` for a counter of plain events (the
+    exporter appends ``_total`` itself), or ``""`` for a dimensionless gauge (a number of things).
+    """
     for label, piece in (("part", part), ("what", what), ("unit", unit)):
-        if not _NAME_PART.match(piece):
+        if not _NAME_PART.match(piece) and not (label == "unit" and piece == ""):
             raise ValueError(f"metric {label} {piece!r} must match {_NAME_PART.pattern}")
-    # A counter counted in plain events has unit "total"; prometheus_client adds that suffix itself.
-    return f"blazil_{part}_{what}" if unit == "total" else f"blazil_{part}_{what}_{unit}"
+    return f"blazil_{part}_{what}" if unit in ("total", "") else f"blazil_{part}_{what}_{unit}"
 
 
 def _get_or_create(kind: type[M], name: str, doc: str, labels: Sequence[str], **kw: Any) -> M:
@@ -57,15 +81,23 @@ def counter(part: str, what: str, unit: str, doc: str, labels: Sequence[str] = (
     return _get_or_create(Counter, metric_name(part, what, unit), doc, labels)
 
 
+def _unreserved(name: str, kind: str) -> str:
+    if name.endswith(RESERVED_SUFFIXES):
+        raise ValueError(f"{kind} {name} ends in a suffix Prometheus reserves ({', '.join(RESERVED_SUFFIXES)}); "
+                         "name a count of things without a unit")
+    return name
+
+
 def gauge(part: str, what: str, unit: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
-    """A gauge named ``blazil_<part>_<what>_<unit>`` in the shared registry."""
-    return _get_or_create(Gauge, metric_name(part, what, unit), doc, labels)
+    """A gauge named ``blazil_<part>_<what>_<unit>`` (or ``blazil_<part>_<what>`` with unit "")."""
+    return _get_or_create(Gauge, _unreserved(metric_name(part, what, unit), "gauge"), doc, labels)
 
 
 def histogram(part: str, what: str, unit: str, doc: str, labels: Sequence[str] = (),
               buckets: Sequence[float] = LATENCY_BUCKETS) -> Histogram:
     """A histogram named ``blazil_<part>_<what>_<unit>`` (latency buckets by default)."""
-    return _get_or_create(Histogram, metric_name(part, what, unit), doc, labels, buckets=tuple(buckets))
+    return _get_or_create(Histogram, _unreserved(metric_name(part, what, unit), "histogram"), doc, labels,
+                          buckets=tuple(buckets))
 
 
 def render() -> bytes:
@@ -73,12 +105,39 @@ def render() -> bytes:
     return generate_latest(REGISTRY)
 
 
-class MetricsServer:
-    """An HTTP server for ``/metrics`` on a background thread; ``port=0`` picks a free port."""
+class _Handler(MetricsHandler):
+    """``/metrics`` (the registry), ``/healthz`` (``ok`` while the process serves), 404 for anything else."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
-        handler = MetricsHandler.factory(REGISTRY)
-        self._httpd = ThreadingHTTPServer((host, port), handler)
+    registry = REGISTRY
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            super().do_GET()
+        elif path == "/healthz":
+            self._plain(200, b"ok\n")
+        else:
+            self._plain(404, b"not found: the metrics server answers /metrics and /healthz\n")
+
+    def _plain(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class MetricsServer:
+    """An HTTP server for ``/metrics`` and ``/healthz`` on a background thread; ``port=0`` picks a free port."""
+
+    def __init__(self, port: int = 0, host: str = DEFAULT_HOST) -> None:
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"metrics port {port} is not a port number (0-65535; 0 picks a free one)")
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), _Handler)
+        except OSError as e:
+            why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise ConfigError(f"cannot serve /metrics on {host}:{port}: {why}") from None
         self._httpd.daemon_threads = True
         self.host = host
         self.port: int = self._httpd.server_address[1]
@@ -104,10 +163,10 @@ class MetricsServer:
         self.close()
 
 
-def serve(port: int = 0, host: str = "127.0.0.1") -> MetricsServer:
+def serve(port: int = 0, host: str = DEFAULT_HOST) -> MetricsServer:
     """Start the /metrics exporter for this process and return it."""
     return MetricsServer(port, host)
 
 
-__all__ = ["REGISTRY", "CONTENT_TYPE_LATEST", "LATENCY_BUCKETS", "MetricsServer", "counter", "gauge",
+__all__ = ["REGISTRY", "CONTENT_TYPE_LATEST", "DEFAULT_HOST", "LATENCY_BUCKETS", "MetricsServer", "counter", "gauge",
            "histogram", "metric_name", "render", "serve"]

@@ -18,8 +18,12 @@ from blazil_ai.ledger.server import LedgerServer
 
 
 def main() -> None:
-    server = LedgerServer(tempfile.mkdtemp(prefix="blazil-ledger-"), "tcp://127.0.0.1:0", metrics_port=0,
-                          create=True)
+    with tempfile.TemporaryDirectory(prefix="blazil-ledger-") as tmp:  # removed when the example ends
+        serve_and_send(tmp)
+
+
+def serve_and_send(directory: str) -> None:
+    server = LedgerServer(directory, "tcp://127.0.0.1:0", metrics_port=0, create=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     print("serving on", server.uri)

@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
+
+from blazil_ai.checks import channel_uri, port, positive_float, positive_int, reachable
+
+
+def minor_units(text: str) -> int:
+    """``argparse`` type of ``--amount``: a whole number of minor units, 1..2^63-1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of minor units (cents: 25.99 is "
+                                         "2599)") from None
+    if not 1 <= n < 1 << 63:
+        raise argparse.ArgumentTypeError(f"{n} is out of range 1..2^63-1")
+    return n
 
 SERVE_EPILOG = """\
 example:
@@ -31,13 +46,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "over the transport (tcp://, tcps://, aeron:) with /metrics.",
                        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--data", required=True, help="the service's data folder: its decision log and its embedded "
-                                                 "ledger (DATA/ledger); both are created on first use")
+                                                 "ledger (DATA/ledger); both are created on first use (a new or "
+                                                 "empty folder, or one 'blazil serve' used before)")
+    s.add_argument("--force", action="store_true", help="use a --data folder that holds other files")
     s.add_argument("--model", required=True, help="fraud.onnx (with fraud.norm.json next to it) or its directory")
-    s.add_argument("--listen", default=default_uri, help=f"transport URI to serve on (default {default_uri})")
+    s.add_argument("--listen", default=default_uri, type=channel_uri,
+                   help=f"transport URI to serve on (default {default_uri})")
     s.add_argument("--ledger", help="ledger address instead of DATA/ledger: an existing ledger directory (blazil "
                                     "ledger format DIR), tcp://host:port (blazil ledger serve) or "
                                     "tigerbeetle://host:port")
-    s.add_argument("--metrics-port", type=int, default=9464, help="port of /metrics (default 9464, 0 = any)")
+    s.add_argument("--metrics-port", type=port, default=9464, help="port of /metrics (default 9464, 0 = any)")
+    s.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address /metrics listens on (default 127.0.0.1; 0.0.0.0 lets a remote Prometheus scrape)")
     s.add_argument("--review-at", type=float, default=0.5, help="score from which a transfer is held (default 0.5)")
     s.add_argument("--reject-at", type=float, default=0.9, help="score from which it is rejected (default 0.9)")
     s.add_argument("--review-timeout", type=int, default=3600,
@@ -52,8 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tsub = t.add_subparsers(dest="transfer_command", metavar="SUBCOMMAND")
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--connect", default=default_uri, help=f"service URI (default {default_uri})")
-        p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the reply (default 30)")
+        p.add_argument("--connect", default=default_uri, type=channel_uri, help=f"service URI (default {default_uri})")
+        p.add_argument("--timeout", type=positive_float, default=30.0,
+                       help="seconds to wait for the reply (default 30)")
         p.add_argument("--json", action="store_true", help="print JSON")
 
     sm = tsub.add_parser("submit", help="submit one transfer (flags) or many (--file JSONL)",
@@ -66,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sm.add_argument("--id", type=int, help="transfer id (default: a new time-sortable id)")
     sm.add_argument("--from", dest="debit", type=int, help="debit account id")
     sm.add_argument("--to", dest="credit", type=int, help="credit account id")
-    sm.add_argument("--amount", type=int, help="amount in minor units")
+    sm.add_argument("--amount", type=minor_units, help="amount in minor units (cents: 25.99 is 2599)")
     sm.add_argument("--ledger-id", type=int, default=1, help="ledger number (default 1)")
     sm.add_argument("--code", type=int, default=1, help="transfer code (default 1)")
     sm.add_argument("--time", type=float, help="event time, epoch seconds (default now)")
@@ -88,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--outcome", choices=("approved", "review", "rejected", "failed"))
     ls.add_argument("--state", choices=("pending", "posted", "voided", "expired"), help="review state")
     ls.add_argument("--account", type=int, help="only transfers from or to this account")
-    ls.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    ls.add_argument("--limit", type=positive_int, default=20, help="how many (default 20)")
     ls.set_defaults(func=cmd_list)
 
     r = tsub.add_parser("review", help="approve (post) or decline (void) a transfer held for review")
@@ -113,11 +134,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Handler of ``blazil serve``."""
+    from blazil_ai.files import check_output_dir, undo_on_failure
     from blazil_ai.fraud.server import FraudServer
 
-    server = FraudServer(args.data, args.model, args.listen, metrics_port=args.metrics_port,
-                         ledger=args.ledger, review_at=args.review_at, reject_at=args.reject_at,
-                         review_timeout_s=args.review_timeout, backend=args.backend)
+    check_output_dir(args.data, force=args.force, option="--data", ours=lambda p: p.name in ("decisions", "ledger"))
+    with undo_on_failure(args.data):  # a start that fails (a busy port, a bad model) leaves no folder behind
+        server = FraudServer(args.data, args.model, args.listen, metrics_port=args.metrics_port,
+                             metrics_host=args.metrics_host, ledger=args.ledger, review_at=args.review_at,
+                             reject_at=args.reject_at, review_timeout_s=args.review_timeout, backend=args.backend)
     info = {"listen": server.uri, "metrics": server.metrics.url if server.metrics else None,
             "policy": server.service.stats()["policy"], "recovered": server.service.recovered}
     if args.json:
@@ -132,6 +156,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from blazil_ai.fraud.server import FraudClient
 
+    reachable(args.connect, "--connect", args.timeout)  # a refused connection fails now, not after --timeout
     return FraudClient(args.connect, timeout=args.timeout)
 
 
@@ -149,10 +174,12 @@ def _line(d: dict[str, Any]) -> str:
 def cmd_submit(args: argparse.Namespace) -> int:
     """Handler of ``blazil transfer submit``."""
     from blazil_ai.errors import ConfigError, DataError
-    from blazil_ai.fraud.types import Outcome, request_records
+    from blazil_ai.fraud.types import Outcome, check_record, request_records
     from blazil_ai.ledger import id as new_id
 
     if args.file:
+        if args.file != "-" and not os.path.isfile(args.file):
+            raise ConfigError(f"--file {args.file}: no such file")
         stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
         records = []
         with stream:
@@ -163,7 +190,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"not JSON: {e.msg}", path=args.file, line=n) from None
+                if not isinstance(rec, dict):
+                    raise DataError("expected one JSON object per line", path=args.file, line=n)
                 rec.setdefault("id", new_id())
+                try:
+                    check_record(rec)
+                except DataError as e:
+                    raise DataError(str(e).removeprefix(f"field {e.field!r}: "), path=args.file, line=n,
+                                    field=e.field) from None
                 records.append(rec)
     else:
         if args.debit is None or args.credit is None or args.amount is None:
@@ -173,6 +207,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
                "merchant_category": args.merchant, "channel": args.channel, "device": args.device,
                "country": args.country, "is_foreign": args.foreign, "is_new_device": args.new_device}
         records = [{k: v for k, v in rec.items() if v is not None}]
+        try:
+            check_record(records[0])
+        except DataError as e:
+            option = {"debit_account_id": "--from", "credit_account_id": "--to", "merchant_category": "--merchant",
+                      "ledger": "--ledger-id", "is_foreign": "--foreign", "is_new_device": "--new-device"}
+            name = option.get(e.field or "", f"--{e.field}")
+            raise ConfigError(f"{name}: {str(e).removeprefix(f'field {e.field!r}: ')}") from None
     req = request_records(records)
     with _client(args) as c:
         res = c.decide(req)
@@ -181,14 +222,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     out = []
     for i, r in enumerate(records):
         st = int(res.ledger_status[i])
-        out.append({"transfer_id": str(r["id"]), "outcome": Outcome(int(res.outcome[i])).name.lower(),
+        outcome = Outcome(int(res.outcome[i]))
+        # A rejected transfer never reaches the ledger: it has no ledger status (null), not "created".
+        status = CreateTransferStatus(st).name.lower() if st else (
+            "created" if outcome in (Outcome.APPROVED, Outcome.REVIEW) else None)
+        out.append({"transfer_id": str(r["id"]), "outcome": outcome.name.lower(),
                     "score": None if res.score[i] != res.score[i] else round(float(res.score[i]), 6),
-                    "ledger_status": "created" if st == 0 else CreateTransferStatus(st).name.lower()})
+                    "ledger_status": status})
     if args.json:
         print(json.dumps(out if args.file else out[0]))
     else:
         for o in out:
-            print(f"{o['transfer_id']}: {o['outcome']} score={o['score']} ledger={o['ledger_status']}")
+            print(f"{o['transfer_id']}: {o['outcome']} score={o['score']} ledger={o['ledger_status'] or '-'}")
+    failed = [o for o in out if o["outcome"] == "failed"]
+    if failed:  # the ledger refused these transfers: a script must not read the run as a success
+        print(f"blazil transfer submit: error: {len(failed)} of {len(out)} transfer(s) failed "
+              f"(first: {failed[0]['transfer_id']}, ledger status {failed[0]['ledger_status']})", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from blazil_ai import metrics
 from blazil_ai.errors import ConfigError, DataError
 from blazil_ai.fraud.service import DecisionBatch, FraudService
 from blazil_ai.fraud.types import DEFAULT_URI, REQUEST_DTYPE
@@ -35,10 +36,14 @@ class FraudServer(RpcServer):
     """Serves a FraudService on a transport URI until ``stop()``."""
 
     def __init__(self, data: str | Path, model: str | Path, listen: str = DEFAULT_URI, *,
-                 metrics_port: int | None = 0, **service_options: Any) -> None:
+                 metrics_port: int | None = 0, metrics_host: str = metrics.DEFAULT_HOST,
+                 **service_options: Any) -> None:
         self.service = FraudService(data, model, **service_options)
         try:
-            super().__init__(listen, part="fraud", metrics_port=metrics_port)
+            super().__init__(listen, part="fraud", metrics_port=metrics_port, metrics_host=metrics_host)
+        except ConfigError:  # names its own address (the /metrics port)
+            self.service.close()
+            raise
         except Exception as e:
             self.service.close()
             raise ConfigError(f"cannot listen on {listen}: {e}") from e

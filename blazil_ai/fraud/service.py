@@ -65,7 +65,7 @@ _LATENCY = metrics.histogram("fraud", "decision_latency", "seconds",
 _STAGE = metrics.histogram("fraud", "stage_latency", "seconds", "Per chunk: time in each stage", labels=("stage",))
 _MODEL_ERRORS = metrics.counter("fraud", "model_errors", "total", "Chunks whose scoring failed (sent to review)")
 _REVIEWS = metrics.counter("fraud", "reviews", "total", "Review resolutions", labels=("state",))
-_PENDING = metrics.gauge("fraud", "reviews_pending", "count", "Reviews waiting for a reviewer")
+_PENDING = metrics.gauge("fraud", "reviews_pending", "", "Reviews waiting for a reviewer")
 
 _OK_STATUSES = (0, int(CT.EXISTS))
 _OUTCOME_NAMES = {int(o.value): o.name.lower() for o in Outcome}
@@ -100,6 +100,22 @@ class DecisionBatch:
     def counts(self) -> dict[str, int]:
         """Decisions by outcome name."""
         return {o.name.lower(): int((self.outcome == o.value).sum()) for o in Outcome}
+
+
+# A retried id must carry the same transfer; TigerBeetle's precedence among the fields a decision keeps.
+_SAME_FIELDS = (("debit_account_id", CT.EXISTS_WITH_DIFFERENT_DEBIT_ACCOUNT_ID),
+                ("credit_account_id", CT.EXISTS_WITH_DIFFERENT_CREDIT_ACCOUNT_ID),
+                ("amount", CT.EXISTS_WITH_DIFFERENT_AMOUNT))
+
+
+def _refuse_different(res: DecisionBatch, j: int, request: Any, earlier: Any) -> bool:
+    """Answer request ``j`` with ``exists_with_different_*`` if it reuses an id for another transfer."""
+    for name, status in _SAME_FIELDS:
+        if int(request[name]) != int(earlier[name]):
+            res.outcome[j], res.score[j] = Outcome.FAILED, np.nan
+            res.reason[j], res.ledger_status[j] = Reason.LEDGER_REFUSED, int(status)
+            return True
+    return False
 
 
 def model_version(path: Path) -> str:
@@ -519,15 +535,17 @@ class FraudService:
             if dup_of is not None and dup_of[i] != i:
                 src = s + int(dup_of[i])
                 if res.outcome[src]:
-                    res.outcome[j], res.score[j] = res.outcome[src], res.score[src]
-                    res.reason[j], res.ledger_status[j] = res.reason[src], res.ledger_status[src]
+                    if not _refuse_different(res, j, req[j], req[src]):
+                        res.outcome[j], res.score[j] = res.outcome[src], res.score[src]
+                        res.reason[j], res.ledger_status[j] = res.reason[src], res.ledger_status[src]
                     continue
             lo, hi = req["id"][j].tolist()
             r = self.store.row_of(int(lo) | (int(hi) << 64))
             if r is not None:
                 row = self.store.rows[r]
-                res.outcome[j], res.score[j] = row["outcome"], row["score"]
-                res.reason[j], res.ledger_status[j] = row["reason"], row["ledger_status"]
+                if not _refuse_different(res, j, req[j], row):
+                    res.outcome[j], res.score[j] = row["outcome"], row["score"]
+                    res.reason[j], res.ledger_status[j] = row["reason"], row["ledger_status"]
 
     # ---------------------------------------------------------------- queries and reviews
 

@@ -189,6 +189,7 @@ def check_requests(req: np.ndarray) -> None:
         ("credit_account_id", req["credit_account_id"] == req["debit_account_id"],
          "must differ from the debit account"),
         ("amount", req["amount"] == 0, "must be positive"),
+        ("amount", req["amount"] > np.uint64(MAX_AMOUNT), "must be below 2^63"),
         ("time", ~np.isfinite(req["time"]) | (req["time"] < 0), "must be a finite epoch time in seconds"),
         ("ledger", req["ledger"] == 0, "must not be zero"),
         ("code", req["code"] == 0, "must not be zero"),
@@ -197,6 +198,56 @@ def check_requests(req: np.ndarray) -> None:
         if bad.any():
             i = int(np.argmax(bad))
             raise DataError(f"request {i}: {field} {what}", field=field)
+
+
+# The fields of a request record, and the largest amount: amounts stay below 2^63 so that they fit a signed
+# 64-bit integer in every client and sums over an account's window stay exact.
+RECORD_FIELDS = ("id", "debit_account_id", "credit_account_id", "amount", "ledger", "code", "time",
+                 "merchant_category", "channel", "device", "country", "is_foreign", "is_new_device")
+MAX_AMOUNT = (1 << 63) - 1
+_INT_LIMITS = {"id": (1, RESOLVE_BIT - 1), "debit_account_id": (1, (1 << 64) - 1),
+               "credit_account_id": (1, (1 << 64) - 1), "amount": (1, MAX_AMOUNT),
+               "ledger": (1, (1 << 32) - 1), "code": (1, (1 << 16) - 1)}
+
+
+def check_record(record: Mapping[str, Any], vocabulary: bool = True) -> None:
+    """Raise DataError naming the field of the first bad key or value of one request record (JSON form).
+
+    Integers must be JSON integers (not 25.99, "25", true); a key that is not a field (a typo such as
+    "chanel") is refused rather than scored as absent; with ``vocabulary`` (what the CLI checks) a context
+    value must be in its vocabulary, else it would be scored in the model's "other" slot.
+    """
+    import difflib
+
+    for key in record:
+        if key not in RECORD_FIELDS:
+            near = difflib.get_close_matches(str(key), RECORD_FIELDS, n=1)
+            raise DataError(f"unknown field{f' (did you mean {near[0]!r}?)' if near else ''}; fields are "
+                            f"{', '.join(RECORD_FIELDS)}", field=str(key))
+    for k in ("debit_account_id", "credit_account_id", "amount"):
+        if k not in record:
+            raise DataError("missing", field=k)
+    for key, (low, high) in _INT_LIMITS.items():
+        if key not in record:
+            continue
+        v = record[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            unit = " (amounts are whole minor units, e.g. cents: 25.99 is 2599)" if key == "amount" else ""
+            raise DataError(f"{v!r} is not a whole number{unit}", field=key)
+        if not low <= v <= high:
+            raise DataError(f"{v} is out of range {low}..{high}", field=key)
+    if record.get("time") is not None:
+        t = record["time"]
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise DataError(f"{t!r} is not a finite epoch time in seconds", field="time")
+    for key, vocab in VOCAB.items():
+        v = record.get(key)
+        if vocabulary and v is not None and v not in vocab:
+            raise DataError(f"{v!r} is not one of {', '.join(map(str, vocab))}", field=key)
+    for key in ("is_foreign", "is_new_device"):
+        v = record.get(key)
+        if v is not None and not isinstance(v, bool) and v not in (0, 1):
+            raise DataError(f"{v!r} is not true or false", field=key)
 
 
 def request_records(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
@@ -208,6 +259,12 @@ def request_records(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         for k in ("id", "debit_account_id", "credit_account_id", "amount"):
             if k not in r:
                 raise DataError(f"request {i}: field {k!r} missing", field=k)
+        try:
+            check_record(r, vocabulary=False)  # the library keeps the model's "other" slot for unknown values
+        except DataError as e:
+            err = DataError(f"request {i}: {e}")
+            err.field = e.field
+            raise err from None
     import time as _time
 
     cols: dict[str, Any] = {k: [r.get(k) for r in records] for k in keys}

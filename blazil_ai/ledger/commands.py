@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from blazil_ai.checks import channel_uri
 from blazil_ai.errors import ConfigError
 
 
@@ -27,13 +29,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--create", action="store_true",
                    help="create the ledger in DIR first if DIR is missing or empty (an existing ledger is "
                         "served as is)")
-    s.add_argument("--listen", default="tcp://127.0.0.1:3030", metavar="URI",
+    s.add_argument("--listen", default="tcp://127.0.0.1:3030", metavar="URI", type=channel_uri,
                    help="where to listen: tcp://HOST:PORT (port 0 picks one), tcps://HOST:PORT?certfile=..&keyfile="
                         "..&cafile=.. for TLS with client certificates, or an aeron: URI (default %(default)s)")
     s.add_argument("--shards", type=int, default=None, metavar="N",
                    help="with --create: create the ledger with N shards (an existing ledger keeps its own count)")
     s.add_argument("--metrics-port", type=int, default=0, metavar="PORT",
                    help="port for /metrics (0 picks a free one, -1 disables; default %(default)s)")
+    s.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address /metrics listens on (default %(default)s; 0.0.0.0 lets a remote Prometheus scrape)")
     s.add_argument("--checkpoint-mb", type=int, default=256, metavar="MB",
                    help="write a checkpoint when a shard's log passes this size (default %(default)s)")
     s.add_argument("--switch-interval", type=float, default=0.0002, metavar="S",
@@ -82,20 +86,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from blazil_ai.files import undo_on_failure
     from blazil_ai.ledger.server import LedgerServer
 
     if args.shards is not None and args.shards < 1:
         raise ConfigError("--shards must be at least 1")
     if args.shards is not None and not args.create:
         raise ConfigError("--shards creates a ledger: pass it with --create (or use 'blazil ledger format --shards N')")
-    if args.create:
-        create(Path(args.data), args.shards or 1, exist_ok=True)
     # The log thread acks batches between the engine thread's numpy work; a short GIL switch interval
     # lets it in sooner (measured in benchmarks/ledger.py, --switch-interval).
     sys.setswitchinterval(args.switch_interval)
-    server = LedgerServer(args.data, args.listen, shards=args.shards,
-                          metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-                          checkpoint_bytes=args.checkpoint_mb << 20)
+    if not -1 <= args.metrics_port <= 65535:
+        raise ConfigError(f"--metrics-port {args.metrics_port} is not a port number (0 picks one, -1 disables)")
+    with undo_on_failure(args.data):  # a start that fails (a busy port) leaves no new files behind
+        if args.create:
+            create(Path(args.data), args.shards or 1, exist_ok=True)
+        try:
+            server = LedgerServer(args.data, args.listen, shards=args.shards,
+                                  metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+                                  metrics_host=args.metrics_host, checkpoint_bytes=args.checkpoint_mb << 20)
+        except OSError as e:  # the listening socket (the /metrics port reports itself)
+            why = "the address is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise ConfigError(f"--listen {args.listen}: cannot listen: {why}") from None
     ready = {"listen": server.uri, "data": str(args.data),
              "metrics": server.metrics.url if server.metrics is not None else None}
     print(json.dumps(ready) if args.json else f"ledger serving {args.data} on {server.uri}"

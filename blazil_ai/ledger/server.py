@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from blazil_ai import metrics
 from blazil_ai.errors import DataError
 from blazil_ai.ledger.client import LedgerClient, open_embedded
 from blazil_ai.ledger.types import (
@@ -113,10 +114,10 @@ class LedgerServer(RpcServer):
     """Serves a ledger directory on a transport URI until ``stop()``."""
 
     def __init__(self, data: str | Path, listen: str, *, shards: int | None = None, metrics_port: int | None = 0,
-                 **ledger_options: Any) -> None:
+                 metrics_host: str = metrics.DEFAULT_HOST, **ledger_options: Any) -> None:
         self.backend = open_embedded(data, shards=shards, **ledger_options)
         try:
-            super().__init__(listen, part="ledger", metrics_port=metrics_port)
+            super().__init__(listen, part="ledger", metrics_port=metrics_port, metrics_host=metrics_host)
         except Exception:
             self.backend.close()
             raise

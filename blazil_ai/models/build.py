@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from blazil_ai.errors import ConfigError
-from blazil_ai.models.store import MODEL_TYPES, blazil_home, models_dir
+from blazil_ai.files import TMP_TAG, check_output_dir, publish, staged_dir
+from blazil_ai.models.store import MODEL_TYPES, blazil_home, models_dir, read_json, sidecar
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,67 @@ def resolve_data(model_type: str, data: str | Path | None, seed: int = 0) -> Pat
     return p
 
 
+def degenerate(model_type: str, metrics: dict[str, Any]) -> str | None:
+    """Why a model's held-out figures show it learned nothing useful, or None when they do not."""
+    if model_type == "fraud":
+        held = metrics.get("held_out", {})
+        f1, auc = held.get("f1"), held.get("roc_auc")
+        if f1 is not None and f1 <= 0.0:
+            return f"held-out f1 {f1} (it flags no fraud at the 0.5 threshold)"
+        if auc is not None and not auc > 0.5:
+            return f"held-out roc_auc {auc} (no better than chance)"
+    elif model_type == "timeseries":
+        if metrics.get("mae") is not None and metrics.get("naive_mae") is not None \
+                and not metrics["mae"] < metrics["naive_mae"]:
+            return f"mae {metrics['mae']:.4g} is no better than the naive forecast's {metrics['naive_mae']:.4g}"
+    elif model_type == "audio":
+        classes = metrics.get("classes") or []
+        acc = metrics.get("accuracy")
+        if acc is not None and classes and not acc > 1.0 / len(classes):
+            return f"accuracy {acc:.3f} is no better than chance over {len(classes)} classes"
+    elif model_type == "detection":
+        m_ap = metrics.get("detection", {}).get("map50")
+        if m_ap is not None and not m_ap > 0.0:
+            return f"map50 {m_ap} (it finds nothing)"
+    return None
+
+
+def _is_model_file(p: Path) -> bool:
+    """Files a build writes (``fraud.onnx``, ``fraud.norm.json``, ...) and its interrupted temporaries."""
+    return p.name.split(".", 1)[0] in MODEL_TYPES or p.name.startswith(TMP_TAG)
+
+
 def build_model(model_type: str, data: str | Path | None = None, out: str | Path | None = None, *, seed: int = 0,
-                **opts: Any) -> Path:
-    """Build ``model_type`` into ``out`` (default the models directory); returns the ONNX file."""
+                force: bool = False, **opts: Any) -> Path:
+    """Build ``model_type`` into ``out`` (default the models directory); returns the ONNX file.
+
+    The model is built in a temporary folder beside ``out`` and its files move into ``out`` only when the
+    build succeeded: a failed build changes nothing. A new model whose held-out figures are degenerate
+    (see :func:`degenerate`) does not replace a working one unless ``force``; ``out`` must hold only
+    models (or be new or empty) unless ``force``.
+    """
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"unknown model type {model_type!r}; choose one of {', '.join(MODEL_TYPES)}")
-    out_dir = Path(out) if out is not None else models_dir()
+    out_dir = check_output_dir(out if out is not None else models_dir(), force=force, option="--out",
+                               ours=_is_model_file)
+    with staged_dir(out_dir) as stage:
+        built = _build_into(model_type, data, stage, seed, **opts)
+        new_metrics = read_json(sidecar(built, "metrics"))
+        problem = degenerate(model_type, new_metrics)
+        target = out_dir / built.name
+        if problem:
+            old_metrics_path = sidecar(target, "metrics")
+            old_ok = target.is_file() and old_metrics_path.is_file() and \
+                degenerate(model_type, read_json(old_metrics_path)) is None
+            if old_ok and not force:
+                raise ConfigError(f"the new {model_type} model is degenerate: {problem}; kept the working model "
+                                  f"{target} (pass --force to replace it anyway)")
+            log.warning("the new %s model is degenerate: %s", model_type, problem)
+        publish(stage, out_dir, last=built.name)  # sidecars first, the .onnx last
+    return target
+
+
+def _build_into(model_type: str, data: str | Path | None, out_dir: Path, seed: int, **opts: Any) -> Path:
     if model_type == "text":
         from blazil_ai.models.text import build_text_model
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from blazil_ai.checks import nonneg_int, positive_int
+
 TYPES = ("text", "fraud", "timeseries", "audio", "detection")
 
 
@@ -26,7 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "model has one.")
     b.add_argument("--type", required=True, choices=TYPES, help="which model to build")
     b.add_argument("--data", help="training data: the type's file/directory, or a samples root (default: samples)")
-    b.add_argument("--out", help="output directory (default $BLAZIL_HOME/models)")
+    b.add_argument("--out", help="output directory (default $BLAZIL_HOME/models); new, empty, or holding only models")
+    b.add_argument("--force", action="store_true",
+                   help="write into a folder that holds other files, and let a degenerate model (one that learned "
+                        "nothing on the held-out data) replace a working one")
     b.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     b.add_argument("--kind", help="fraud only: mlp (default), logreg or gbt")
     b.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -48,10 +53,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     inf.add_argument("data", help="the dataset: a file or directory in the type's layout")
     inf.add_argument("--backend", choices=("onnxruntime", "tract"), default="onnxruntime",
                      help="inference engine (default onnxruntime)")
-    inf.add_argument("--out", help="JSONL output file (default stdout)")
+    inf.add_argument("--out", help="JSONL output file (default stdout), written only when the run succeeds")
+    inf.add_argument("--force", action="store_true", help="replace --out if it exists")
     inf.add_argument("--batch-size", type=int, default=64, help="items per batch (default 64)")
-    inf.add_argument("--limit", type=int, help="stop after this many items")
-    inf.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: fitted to the host)")
+    inf.add_argument("--limit", type=nonneg_int, help="stop after this many items")
+    inf.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads (default: fitted to the host)")
     inf.add_argument("--conf", type=float, default=0.25, help="detection: score threshold (default 0.25)")
     inf.add_argument("--iou", type=float, default=0.45, help="detection: NMS IoU threshold (default 0.45)")
     inf.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -63,7 +69,7 @@ def _emit(args: argparse.Namespace, obj: dict[str, Any], text: str) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from blazil_ai.models.build import build_model
+    from blazil_ai.models.build import build_model, degenerate
     from blazil_ai.models.store import sidecar
 
     opts = {"kind": args.kind} if args.kind else {}
@@ -71,13 +77,15 @@ def _build(args: argparse.Namespace) -> int:
         from blazil_ai.errors import ConfigError
 
         raise ConfigError("--kind applies to --type fraud only")
-    path = build_model(args.type, args.data, args.out, seed=args.seed, **opts)
+    path = build_model(args.type, args.data, args.out, seed=args.seed, force=args.force, **opts)
     metrics_path = sidecar(path, "metrics")
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     files = sorted(str(p) for p in path.parent.glob(f"{path.stem}.*"))
-    _emit(args, {"type": args.type, "model": str(path), "files": files, "metrics": metrics},
+    problem = degenerate(args.type, metrics)
+    _emit(args, {"type": args.type, "model": str(path), "files": files, "metrics": metrics, "degenerate": problem},
           f"built {args.type} model: {path}\n  files: {', '.join(Path(f).name for f in files)}\n"
-          f"  quality: {json.dumps(_headline(metrics))}")
+          f"  quality: {json.dumps(_headline(metrics))}"
+          + (f"\n  warning: degenerate model: {problem}" if problem else ""))
     return 0
 
 
@@ -91,6 +99,10 @@ def _info(args: argparse.Namespace) -> int:
     from blazil_ai.models.store import models_dir, sidecar
 
     d = Path(args.dir) if args.dir else models_dir()
+    if args.dir and not d.is_dir():
+        from blazil_ai.errors import ConfigError
+
+        raise ConfigError(f"--dir {d}: {'is not a folder' if d.exists() else 'no such folder'}")
     rows: list[dict[str, Any]] = []
     for p in sorted(d.glob("*.onnx")):
         m = sidecar(p, "metrics")
@@ -112,7 +124,7 @@ def _infer(args: argparse.Namespace) -> int:
 
     summary = run_inference(args.type, args.data, model=args.model, backend=args.backend, out=args.out,
                             batch_size=args.batch_size, limit=args.limit, threads=args.threads,
-                            conf=args.conf, iou=args.iou)
+                            conf=args.conf, iou=args.iou, force=args.force)
     text = " ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict | list))
     if args.json:
         print(json.dumps(summary, sort_keys=True), file=sys.stderr if args.out is None else sys.stdout)

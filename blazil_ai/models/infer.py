@@ -22,19 +22,18 @@ from typing import IO, Any
 import numpy as np
 
 from blazil_ai.errors import ConfigError
+from blazil_ai.files import atomic_output, check_output_file
 from blazil_ai.models.store import model_file, sidecar
 
 ALIASES = {"features": "fraud"}
 
 
 @contextmanager
-def _output(out: str | Path | None) -> Iterator[IO[str]]:
+def _output(out: str | Path | None, force: bool) -> Iterator[IO[str]]:
     if out is None:
         yield sys.stdout
         return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_output(out, force=force, option="--out") as f:  # the file appears only if every item ran
         yield f
 
 
@@ -45,8 +44,11 @@ def _r(a: np.ndarray, nd: int = 6) -> list:
 def run_inference(model_type: str, data: str | Path, *, model: str | Path | None = None,
                   backend: str = "onnxruntime", out: str | Path | None = None, batch_size: int = 64,
                   limit: int | None = None, threads: int | None = None, progress: bool = True,
-                  conf: float = 0.25, iou: float = 0.45) -> dict[str, Any]:
-    """Run ``model_type``'s model over ``data``; write JSONL to ``out`` (stdout if None); return a summary."""
+                  conf: float = 0.25, iou: float = 0.45, force: bool = False) -> dict[str, Any]:
+    """Run ``model_type``'s model over ``data``; write JSONL to ``out`` (stdout if None); return a summary.
+
+    ``out`` is written atomically when the run succeeds; an existing file is replaced only with ``force``.
+    """
     from tqdm import tqdm
 
     from blazil_ai.datasets.loader import Loader
@@ -55,6 +57,12 @@ def run_inference(model_type: str, data: str | Path, *, model: str | Path | None
     kind = ALIASES.get(model_type, model_type)
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 0:
+        raise ConfigError(f"--limit must be 0 or more, got {limit}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    if out is not None:
+        check_output_file(out, force=force, option="--out")  # before the model loads: a wrong --out fails fast
     path = model_file(kind, model)
     session = Session(path, backend, threads=threads)
     declared = session.info.get("type")
@@ -66,7 +74,7 @@ def run_inference(model_type: str, data: str | Path, *, model: str | Path | None
     done = 0
     t0 = time.perf_counter()
     infer_s = 0.0
-    with _output(out) as f, Loader(ds, batch_size=batch_size, shuffle=False, rank=0, world_size=1) as loader, \
+    with _output(out, force) as f, Loader(ds, batch_size=batch_size, shuffle=False, rank=0, world_size=1) as loader, \
             tqdm(total=total, unit="item", desc=f"infer {kind} ({backend})", file=sys.stderr,
                  disable=not progress) as bar:
         for batch in loader:

@@ -5,7 +5,45 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
+
+from blazil_ai.checks import channel_uri, check_uri, device, nonneg_int, port, positive_float, positive_int
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+STAGES = 3  # blazil generate runs (or connects to) a ring of three stages
+
+
+def stage_uris(text: str) -> list[str]:
+    """``argparse`` type of ``--connect``: exactly one channel URI per stage, comma-separated."""
+    uris = [u.strip() for u in text.split(",")]
+    if len(uris) != STAGES:
+        raise argparse.ArgumentTypeError(f"{len(uris)} URI(s) given; give {STAGES}, one per stage, in ring order "
+                                         "(tcp://host-a:7001,tcp://host-b:7002,tcp://host-c:7003)")
+    for i, u in enumerate(uris, 1):
+        try:
+            check_uri(u)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"stage {i}: {e}") from None
+    return uris
+
+
+def check_device(name: str, option: str = "--device") -> None:
+    """Check the torch device exists on this host before any stage starts (imports torch)."""
+    import torch
+
+    from blazil_ai.errors import ConfigError
+
+    kind, _, index = name.partition(":")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option} {name}: no CUDA GPU is visible to torch on this host")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ConfigError(f"{option} {name}: this host has {torch.cuda.device_count()} CUDA device(s)")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{option} {name}: MPS is not available on this host")
+    elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ConfigError(f"{option} {name}: no XPU device is visible to torch on this host")
 
 GENERATE_EPILOG = """\
 examples:
@@ -37,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--model", required=True, help="Hugging Face Qwen2 checkpoint directory")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--system", default=None, help="system message for --chat")
-    g.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=128, help="most tokens to generate (default 128)")
     g.add_argument("--temperature", type=float, default=None, help="0 = greedy; > 0 samples")
     g.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (1 = off)")
@@ -48,17 +86,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="channels between stages: aeron (IPC through a media driver it starts), tcp, or auto "
                         "(default: aeron when its build is there, else tcp)")
     g.add_argument("--split", default=None, help="first layer of stages 2 and 3, e.g. 10,20 (default: thirds)")
-    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
-    g.add_argument("--device", default="cpu", help="torch device for the stages (cpu, cuda)")
-    g.add_argument("--threads", type=int, default=0, help="torch threads per stage (0 = torch's default)")
+    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    g.add_argument("--device", default="cpu", type=device, help="torch device for the stages (cpu, cuda)")
+    g.add_argument("--threads", type=nonneg_int, default=0, help="torch threads per stage (0 = torch's default)")
     g.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
                    help="CUDA graphs for decode steps (auto = on when --device is a GPU)")
-    g.add_argument("--timeout", type=float, default=120.0,
+    g.add_argument("--timeout", type=positive_float, default=120.0,
                    help="fail a request when no token arrives for this many seconds (default 120)")
-    g.add_argument("--connect", default=None,
+    g.add_argument("--connect", default=None, type=stage_uris,
                    help="use running stages instead of starting them: comma-separated URIs of stages 1,2,3")
-    g.add_argument("--listen", default="tcp://127.0.0.1:0", help="where this client receives tokens (with --connect)")
-    g.add_argument("--reply-to", default=None,
+    g.add_argument("--listen", default="tcp://127.0.0.1:0", type=channel_uri,
+                   help="where this client receives tokens (with --connect)")
+    g.add_argument("--reply-to", default=None, type=channel_uri,
                    help="the address stages use to reach --listen, when it differs (e.g. tcp://client-host:7000)")
     g.add_argument("--json", action="store_true", help="print one JSON object (token_ids, text, timings) at the end")
     g.set_defaults(func=cmd_generate)
@@ -76,22 +116,28 @@ def stage_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     Kept here, away from torch, so that ``blazil --help`` does not import it.
     """
-    p.add_argument("--stage", type=int, required=True, help="this stage's number (1 = embeddings, last = head)")
+    p.add_argument("--stage", type=positive_int, required=True,
+                   help="this stage's number (1 = embeddings, last = head)")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json + safetensors)")
     p.add_argument("--layers", required=True, help="layers this stage holds, START:STOP (e.g. 0:10)")
-    p.add_argument("--listen", required=True, help="URI this stage receives on (tcp://0.0.0.0:7001, aeron:ipc, ...)")
-    p.add_argument("--next", required=True, help="URI of the next stage (the last stage's next is stage 1)")
+    p.add_argument("--listen", required=True, type=channel_uri,
+                   help="URI this stage receives on (tcp://0.0.0.0:7001, aeron:ipc, ...)")
+    p.add_argument("--next", required=True, type=channel_uri,
+                   help="URI of the next stage (the last stage's next is stage 1)")
     p.add_argument("--listen-stream", type=int, default=1, help="stream id to receive on (default 1)")
     p.add_argument("--next-stream", type=int, default=1, help="stream id of the next stage (default 1)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    p.add_argument("--device", default="cpu", type=device, help="torch device: cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
                    help="replay each decode step (all of the stage's layers) as one CUDA graph (auto = on a GPU)")
-    p.add_argument("--heartbeat", type=float, default=1.0,
+    p.add_argument("--heartbeat", type=positive_float, default=1.0,
                    help="while one forward runs longer than this many seconds (a long prompt), tell the "
                         "waiting clients every so often that this stage is busy, not dead (default 1)")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-port", type=port, default=None, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address /metrics listens on (default 127.0.0.1; 0.0.0.0 lets a remote Prometheus scrape)")
     p.add_argument("--exit-with-parent", action="store_true",
                    help="exit when the process that started this stage exits (used by blazil generate)")
     return p
@@ -147,6 +193,17 @@ class _Streamer:
         self.shown = len(text)
 
 
+def _check_chat_template(model: str) -> None:
+    from transformers import AutoTokenizer
+
+    from blazil_ai.errors import ConfigError
+
+    if not (Path(model) / "tokenizer.json").is_file():
+        raise ConfigError(f"{model}/tokenizer.json: missing (needed to turn text into tokens)")
+    if not getattr(AutoTokenizer.from_pretrained(model), "chat_template", None):
+        raise ConfigError(f"--chat: the tokenizer in {model} has no chat template; run without --chat")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Handler of ``blazil generate``."""
     from blazil_ai.errors import ConfigError
@@ -157,13 +214,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not prompt:
         raise ConfigError("no prompt: give PROMPT or pipe text on standard input")
     params = _params(args)
+    if args.chat:
+        _check_chat_template(args.model)  # before any stage starts
     pipe = None
     if args.connect:
-        uris = args.connect.split(",")
-        client = PipelineClient([(u, 1) for u in uris], args.model, (args.listen, 1), timeout=args.timeout,
+        client = PipelineClient([(u, 1) for u in args.connect], args.model, (args.listen, 1), timeout=args.timeout,
                                 reply_to=args.reply_to)
-        client.connect(args.timeout)
+        try:
+            client.connect(args.timeout)
+        except BaseException:
+            client.close()
+            raise
     else:
+        check_device(args.device)
         args.transport, why = resolve_transport(args.transport)
         # Checks the checkpoint (config, shards, split) before anything starts or is announced.
         pipe = LocalPipeline(args.model, transport=args.transport, split=parse_split(args.split), dtype=args.dtype,

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from blazil_ai.errors import BlazilError, ConfigError
+from blazil_ai.files import sweep_stale, temp_prefix
 from blazil_ai.pipeline.protocol import DRIVER_STREAM, STAGE_STREAM_BASE, Address
 from blazil_ai.pipeline.sampling import SamplingParams, eos_ids_of
 from blazil_ai.pipeline.weights import load_config, model_fingerprint, split_layers, weight_map
@@ -112,6 +113,7 @@ class PipelineClient:
         """Send ``hello`` round the ring until the last stage answers ``ready``; check what they hold."""
         deadline = time.monotonic() + timeout
         last = "no answer"
+        stuck_after: int | None = None  # the stage that reported it cannot reach its next one
         while time.monotonic() < deadline:
             if alive is not None:
                 alive()
@@ -128,9 +130,13 @@ class PipelineClient:
             last = str(m.meta.get("message"))
             if "cannot reach" not in last:
                 raise PipelineError(f"pipeline handshake failed: {last}")
+            stuck_after = int(m.meta["stage"]) if isinstance(m.meta.get("stage"), int) else None
             time.sleep(0.1)
-        raise PipelineError(f"pipeline handshake: stages did not all answer within {timeout:.0f}s ({last}); "
-                            f"stage 1 is {self.stage_addrs[0][0]} stream {self.stage_addrs[0][1]}")
+        n = len(self.stage_addrs)
+        silent = 1 if stuck_after is None else stuck_after % n + 1
+        uri, stream = self.stage_addrs[silent - 1]
+        raise PipelineError(f"pipeline handshake: stage {silent} ({uri} stream {stream}) did not answer within "
+                            f"{timeout:.0f}s ({last})")
 
     def _check(self, expect: dict[str, Any]) -> None:
         if len(self.stages_info) != len(self.stage_addrs):
@@ -164,6 +170,8 @@ class PipelineClient:
     def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         """Prompt text -> ids; ``chat`` wraps it in the checkpoint's chat template first."""
         if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ConfigError(f"--chat: the tokenizer in {self.model_dir} has no chat template; run without --chat")
             messages = ([{"role": "system", "content": system}] if system else []) + \
                        [{"role": "user", "content": prompt}]
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -463,7 +471,8 @@ class LocalPipeline:
         self.start_timeout = start_timeout
         self.env = env
         self.media_driver: Any = None
-        self._tmp = tempfile.TemporaryDirectory(prefix="blazil-pipeline-") if log_dir is None else None
+        sweep_stale("pipeline")  # logs of a pipeline whose client was killed (SIGKILL runs no clean-up)
+        self._tmp = tempfile.TemporaryDirectory(prefix=temp_prefix("pipeline")) if log_dir is None else None
         self.log_dir = Path(log_dir or self._tmp.name)  # type: ignore[union-attr]
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.addrs = self._addresses(len(self.ranges))

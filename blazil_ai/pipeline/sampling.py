@@ -7,7 +7,6 @@ on the softmax with the request's own seeded generator, so a seed reproduces a r
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from blazil_ai.errors import ConfigError
+from blazil_ai.files import read_json_object
 
 
 @dataclass(slots=True)
@@ -70,7 +70,7 @@ def eos_ids_of(model_dir: str | os.PathLike[str]) -> list[int]:
     for name in ("generation_config.json", "config.json"):
         p = Path(model_dir) / name
         if p.is_file():
-            eos = json.loads(p.read_text()).get("eos_token_id")
+            eos = read_json_object(p).get("eos_token_id")
             if eos is not None:
                 return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
     return []
@@ -81,7 +81,7 @@ def generation_defaults(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(model_dir) / "generation_config.json"
     if not p.is_file():
         return {}
-    g = json.loads(p.read_text())
+    g = read_json_object(p)
     if not g.get("do_sample"):
         return {"temperature": 0.0}
     out: dict[str, Any] = {"temperature": float(g.get("temperature", 1.0))}

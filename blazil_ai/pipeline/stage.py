@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 _forward_s = metrics.histogram("pipeline", "stage_forward", "seconds",
                                "One stage forward (all sequences), until its result is on the host",
                                ["stage"])
-_sequences = metrics.gauge("pipeline", "stage_sequences", "count", "Sequences with a KV cache", ["stage"])
+_sequences = metrics.gauge("pipeline", "stage_sequences", "", "Sequences with a KV cache", ["stage"])
 _kv_bytes = metrics.gauge("pipeline", "kv_cache", "bytes", "Memory held by the stage's KV cache tensors", ["stage"])
 _tokens = metrics.counter("pipeline", "tokens_generated", "total", "Tokens sampled by the last stage", ["stage"])
 
@@ -513,6 +513,7 @@ def check_stages(stages: list[dict[str, Any]]) -> str | None:
 
 def run_stage(args: argparse.Namespace) -> int:
     """Load the stage and serve until SIGTERM/SIGINT or a shutdown message."""
+    from blazil_ai.pipeline.commands import check_device
     from blazil_ai.pipeline.weights import parse_layers
 
     if args.threads:
@@ -522,12 +523,15 @@ def run_stage(args: argparse.Namespace) -> int:
     spec = StageSpec(args.stage, start, stop, config.num_hidden_layers)
     if stop > config.num_hidden_layers:
         raise BlazilError(f"--layers {args.layers}: the model has {config.num_hidden_layers} layers")
+    check_device(args.device)
+    ms = None  # a busy /metrics port is named before minutes of loading, not after
+    if args.metrics_port is not None:
+        ms = metrics.serve(args.metrics_port, getattr(args, "metrics_host", metrics.DEFAULT_HOST))
     t0 = time.perf_counter()
     server = StageServer(args.model, spec, (args.listen, args.listen_stream), (args.next, args.next_stream),
                          dtype=args.dtype, device=args.device, decode_graphs=args.decode_graphs,
                          heartbeat=args.heartbeat)
-    if args.metrics_port is not None:
-        ms = metrics.serve(args.metrics_port)
+    if ms is not None:
         print(f"stage {args.stage}: metrics at {ms.url}", file=sys.stderr, flush=True)
 
     def stop_handler(signum: int, frame: Any) -> None:

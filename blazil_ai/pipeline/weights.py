@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from blazil_ai.errors import ConfigError, DataError
+from blazil_ai.files import read_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -56,14 +57,14 @@ def load_config(model_dir: str | os.PathLike[str]) -> Any:
         raise ConfigError(f"model directory {model_dir} does not exist")
     if not path.is_file():
         raise ConfigError(f"{path}: missing (a Hugging Face checkpoint directory has config.json)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"not valid JSON: {e.msg}", path=str(path), line=e.lineno) from e
+    raw = read_json_object(path)
     if raw.get("model_type") != "qwen2":
         raise DataError(f"model_type is {raw.get('model_type')!r}, this pipeline runs 'qwen2'", path=str(path),
                         field="model_type")
-    return Qwen2Config.from_dict(raw)
+    try:
+        return Qwen2Config.from_dict(raw)
+    except Exception as e:  # transformers and huggingface_hub check each field's type and the fields' agreement
+        raise DataError(f"not a valid Qwen2 config: {' '.join(str(e).split())}", path=str(path)) from None
 
 
 def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:

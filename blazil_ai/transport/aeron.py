@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from blazil_ai.files import sweep_stale, temp_prefix
 from blazil_ai.transport import framing
 from blazil_ai.transport.base import OfferStatus, Publication, Subscription, TransportError
 from blazil_ai.transport.framing import DEFAULT_MAX_MESSAGE_SIZE, FrameError, Message
@@ -202,6 +203,20 @@ def _exit_with_parent() -> Callable[[], None] | None:
     return child
 
 
+def check_driver_dir(aeron_dir: str | os.PathLike[str]) -> None:
+    """Refuse a driver directory that holds anything but a media driver's files.
+
+    ``aeronmd`` deletes its directory, with all it holds, on start and on shutdown. Only a new folder,
+    an empty one, or one with Aeron's own ``cnc.dat`` (a driver that ran or runs there) may be given.
+    """
+    p = Path(aeron_dir)
+    if p.is_symlink() or (p.exists() and not p.is_dir()):
+        raise TransportError(f"Aeron directory {p} is not a folder; give a new folder for the media driver")
+    if p.is_dir() and not (p / "cnc.dat").exists() and any(p.iterdir()):
+        raise TransportError(f"Aeron directory {p} holds files that are not a media driver's (no cnc.dat); the "
+                             "driver deletes its folder on start and stop, so give a new or empty folder")
+
+
 class MediaDriver:
     """An ``aeronmd`` process in a private directory (or, with :meth:`attach`, one that already runs).
 
@@ -254,11 +269,13 @@ class MediaDriver:
         exe = aeronmd_path()
         if not exe.is_file():
             raise TransportError(f"no Aeron media driver at {exe}: run scripts/build_aeron.sh")
+        check_driver_dir(self.dir)
         _load()
         env = dict(os.environ)
         env.update(driver_env(self.dir, self.term_length, self.ipc_term_length))
         env.update(self.extra_env)
-        self._log_dir = tempfile.mkdtemp(prefix="blazil-aeronmd-log-")
+        sweep_stale("aeronmd-log")  # left by an owner that was killed
+        self._log_dir = tempfile.mkdtemp(prefix=temp_prefix("aeronmd-log"))
         assert self.log_path is not None
         with open(self.log_path, "wb") as logf:
             # its own process group: a Ctrl-C meant for us must not kill the driver under our clients

@@ -11,6 +11,8 @@ import threading
 import time
 from typing import Any
 
+from blazil_ai.checks import channel_uri, nonneg_int, positive_int, resolve_host
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``blazil transport driver`` and ``blazil transport ping``."""
@@ -25,10 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "a backing-off idle strategy. Every process on this host that uses aeron: URIs connects to it "
                     "through the same directory (pass it as AERON_DIR). One driver per host in multi-host runs.")
     d.add_argument("--dir", default=None,
-                   help="driver directory (default: $AERON_DIR, else /dev/shm/aeron-$USER); wiped on start")
-    d.add_argument("--term-length", type=int, default=None,
+                   help="driver directory (default: $AERON_DIR, else /dev/shm/aeron-$USER): a new or empty folder, "
+                        "or one a driver used before (with cnc.dat); the driver deletes it on start and stop")
+    d.add_argument("--term-length", type=positive_int, default=None,
                    help="UDP term buffer length in bytes, a power of two (default 4 MiB)")
-    d.add_argument("--ipc-term-length", type=int, default=None,
+    d.add_argument("--ipc-term-length", type=positive_int, default=None,
                    help="IPC term buffer length in bytes, a power of two (default 8 MiB)")
     d.add_argument("--json", action="store_true", help="print one JSON line {dir, pid, version} when ready")
     d.set_defaults(func=_driver)
@@ -38,18 +41,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Open a subscription and a publication on URI in this process, send --count messages of "
                     "--size bytes one at a time and report the one-way latency (p50/p99). Works for tcp:// and "
                     "aeron: URIs; for aeron: it uses the driver in --dir / $AERON_DIR, or starts a private one.")
-    g.add_argument("--uri", default="aeron:ipc", help="channel URI (default aeron:ipc; e.g. tcp://127.0.0.1:0, "
-                                                      "aeron:udp?endpoint=127.0.0.1:40456)")
+    g.add_argument("--uri", default="aeron:ipc", type=channel_uri,
+                   help="channel URI (default aeron:ipc; e.g. tcp://127.0.0.1:0, aeron:udp?endpoint=127.0.0.1:40456)")
     g.add_argument("--stream", type=int, default=1001, help="stream id (default 1001)")
-    g.add_argument("--count", type=int, default=1000, help="messages to send (default 1000)")
-    g.add_argument("--size", type=int, default=64, help="array payload bytes per message (default 64)")
+    g.add_argument("--count", type=positive_int, default=1000, help="messages to send (default 1000)")
+    g.add_argument("--size", type=nonneg_int, default=64, help="array payload bytes per message (default 64)")
     g.add_argument("--dir", default=None, help="Aeron driver directory to use")
     g.add_argument("--json", action="store_true", help="print one JSON line instead of text")
     g.set_defaults(func=_ping)
 
 
 def _driver(args: argparse.Namespace) -> int:
+    from blazil_ai.errors import ConfigError
     from blazil_ai.transport import aeron
+    from blazil_ai.transport.base import TransportError
 
     kw: dict[str, Any] = {}
     if args.term_length:
@@ -57,6 +62,11 @@ def _driver(args: argparse.Namespace) -> int:
     if args.ipc_term_length:
         kw["ipc_term_length"] = args.ipc_term_length
     aeron_dir = args.dir or os.environ.get("AERON_DIR") or aeron.default_dir()
+    source = "--dir" if args.dir else "AERON_DIR" if os.environ.get("AERON_DIR") else "the default directory"
+    try:
+        aeron.check_driver_dir(aeron_dir)
+    except TransportError as e:
+        raise ConfigError(f"{source}: {e}") from None
     driver = aeron.MediaDriver(aeron_dir, **kw).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -86,6 +96,7 @@ def _ping(args: argparse.Namespace) -> int:
 
     if args.count < 1 or args.size < 0:
         raise ConfigError(f"--count must be >= 1 and --size >= 0 (got {args.count}, {args.size})")
+    resolve_host(args.uri, "--uri")
     driver = None
     opts: dict[str, Any] = {}
     if args.uri.startswith("aeron:"):

@@ -52,7 +52,8 @@ class RpcServer:
     ``part`` names the metrics (``blazil_<part>_server_requests_total``, ``..._server_errors_total``).
     """
 
-    def __init__(self, listen: str, *, part: str, metrics_port: int | None = 0) -> None:
+    def __init__(self, listen: str, *, part: str, metrics_port: int | None = 0,
+                 metrics_host: str = metrics.DEFAULT_HOST) -> None:
         self.sub = subscription(listen)
         self.uri: str = getattr(self.sub, "uri", listen)
         # Replies to tcps:// clients go out with this server's own certificate (clients require one).
@@ -61,7 +62,11 @@ class RpcServer:
         self._requests = metrics.counter(part, "server_requests", "total", "Requests served", labels=("op",))
         self._errors = metrics.counter(part, "server_errors", "total", "Requests answered with an error",
                                        labels=("op",))
-        self.metrics = metrics.serve(metrics_port) if metrics_port is not None else None
+        try:
+            self.metrics = metrics.serve(metrics_port, metrics_host) if metrics_port is not None else None
+        except BaseException:
+            self.sub.close()
+            raise
         self._pubs: dict[str, Publication] = {}
         # Filled by callbacks on other threads, drained by serve_forever: deque appends are atomic.
         self._replies: collections.deque[tuple[str, dict[str, Any], list[np.ndarray]]] = collections.deque()

@@ -66,7 +66,7 @@ _received = metrics.counter("transport", "messages_received", "total", "Messages
 _sent = metrics.counter("transport", "messages_sent", "total", "Messages accepted by offer", ["transport"])
 _frame_errors = metrics.counter("transport", "frame_errors", "total",
                                 "Connections closed for a bad frame or handshake", ["transport", "fault"])
-_connections = metrics.gauge("transport", "connections", "count", "Open inbound connections", ["transport"])
+_connections = metrics.gauge("transport", "connections", "", "Open inbound connections", ["transport"])
 
 
 @dataclass(slots=True)
