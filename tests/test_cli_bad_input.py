@@ -162,7 +162,6 @@ ITEM2 = "issue 16 item 2 (data engineer): make-samples must not replace the user
 ITEM4 = "issue 16 item 4 (data engineer): data inspect must write no transform file"
 ITEM8_DATA = "issue 16 item 8 (data engineer): make-samples onto or under a file, checked before it starts"
 ITEM8_DATA_INSPECT = "issue 16 item 8 (data engineer): data inspect --type detection x.png ends in a traceback"
-ITEM5 = "issue 16 item 5 (ledger engineer): ledger inspect must not create a ledger in a folder"
 
 
 def case(command: str, argv: str, names: str = "", xfail: str | None = None, id: str | None = None) -> object:  # noqa: A002
@@ -243,15 +242,23 @@ CASES = [
     case("ledger serve", "--data {scratch}/L --listen tcp:/127.0.0.1:1", "--listen"),
     case("ledger serve", "--data {scratch}/L --metrics-port 70000", "--metrics-port"),
     case("ledger serve", "--data {afile} --listen tcp://127.0.0.1:0 --metrics-port -1", "{afile}"),
-    case("ledger serve", "--data {scratch}/L --listen tcp://127.0.0.1:{busy} --metrics-port -1",
+    case("ledger serve", "--data {scratch}/L --create --listen tcp://127.0.0.1:{busy} --metrics-port -1",
          "--listen|127.0.0.1:{busy}|in use", id="ledger-serve:busy-listen-port"),
-    case("ledger serve", "--data {scratch}/L --listen tcp://127.0.0.1:0 --metrics-port {busy}",
+    case("ledger serve", "--data {scratch}/L --create --listen tcp://127.0.0.1:0 --metrics-port {busy}",
          "/metrics|127.0.0.1:{busy}|in use", id="ledger-serve:busy-metrics-port"),
     case("ledger serve", "--data {scratch}/L --shards 0", "--shards"),
     case("ledger inspect", "{missing}", "{missing}"),
     case("ledger inspect", "{afile}", "{afile}"),
-    case("ledger inspect", "{empty}", "{empty}", xfail=ITEM5),
-    case("ledger inspect", "{user}", "{user}", xfail=ITEM5),
+    case("ledger inspect", "{empty}", "{empty}"),
+    case("ledger inspect", "{user}", "{user}"),
+    case("ledger serve", "--data {scratch}/L", "{scratch}/L", id="ledger-serve:no-ledger-without-create"),
+    case("ledger format", "{afile}", "{afile}"),
+    case("ledger format", "{user}", "{user}"),
+    case("ledger format", "{scratch}/L --shards 0", "--shards"),
+    case("ledger verify", "{missing}", "{missing}"),
+    case("ledger verify", "{user}", "{user}"),
+    case("ledger repair", "{missing}", "{missing}"),
+    case("ledger repair", "{empty}", "{empty}"),
     # data
     case("data make-samples", "{afile} --small", "{afile}", xfail=ITEM8_DATA),
     case("data make-samples", "{afile}/sub --small", "{afile}", xfail=ITEM8_DATA),
@@ -403,7 +410,7 @@ def test_ledger_inspect_into_a_closed_pipe_ends_quietly(tmp_path):
     from blazil_ai import ledger as L
 
     d = tmp_path / "L"
-    with L.connect(d) as c:
+    with L.connect(d, create=True) as c:
         c.create_accounts([L.Account(id=i, ledger=1, code=1) for i in range(1, 50)])
     proc = subprocess.Popen([sys.executable, "-m", "blazil_ai", "ledger", "inspect", str(d)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

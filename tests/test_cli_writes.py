@@ -170,8 +170,8 @@ def test_failed_service_starts_leave_no_files(fraud_data, tmp_path):
         port = busy.getsockname()[1]
         for argv in (["serve", "--data", tmp_path / "d1", "--model", out, "--listen", f"tcp://127.0.0.1:{port}"],
                      ["serve", "--data", tmp_path / "d2", "--model", out, "--metrics-port", port],
-                     ["ledger", "serve", "--data", tmp_path / "L1", "--listen", f"tcp://127.0.0.1:{port}"],
-                     ["ledger", "serve", "--data", tmp_path / "L2", "--listen", "tcp://127.0.0.1:0",
+                     ["ledger", "serve", "--data", tmp_path / "L1", "--create", "--listen", f"tcp://127.0.0.1:{port}"],
+                     ["ledger", "serve", "--data", tmp_path / "L2", "--create", "--listen", "tcp://127.0.0.1:0",
                       "--metrics-port", port]):
             code, _, err = run(argv)
             assert code == 1 and str(port) in err, err
