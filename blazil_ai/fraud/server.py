@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 class FraudServer(RpcServer):
     """Serves a FraudService on a transport URI until ``stop()``."""
 
+    ops = ("submit", "decision", "decisions", "review", "stats", "create_accounts")
+
     def __init__(self, data: str | Path, model: str | Path, listen: str = DEFAULT_URI, *,
                  metrics_port: int | None = 0, **service_options: Any) -> None:
         self.service = FraudService(data, model, **service_options)
