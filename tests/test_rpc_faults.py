@@ -14,7 +14,19 @@ from concurrent.futures import wait
 
 import numpy as np
 import pytest
-from wire_peers import _frame, fd_count, hello, raw, read_frame, request, rss_mb, served, settle, stderr_tail
+from wire_peers import (
+    _frame,
+    fd_count,
+    hello,
+    raw,
+    read_frame,
+    request,
+    rss_mb,
+    served,
+    settle,
+    stderr_tail,
+    train_small_fraud_model,
+)
 
 import blazil_ai.ledger as L
 from blazil_ai.errors import BlazilError
@@ -28,11 +40,7 @@ IMPOSSIBLE = _frame({}, [["<f4", [0, 2**40, 2**40]]])  # 96 bytes: no array byte
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from blazil_ai.datasets.samples import _write_features
-    from blazil_ai.models.fraud import train_fraud_model
-
-    out = tmp_path_factory.mktemp("fraud-model")
-    return train_fraud_model(_write_features(out, seed=0, n=2000), out / "models", seed=0)
+    return train_small_fraud_model(tmp_path_factory.mktemp("fraud-model"))
 
 
 @pytest.fixture

@@ -186,3 +186,11 @@ def stderr_tail(proc: subprocess.Popen[str], lines: int = 20) -> str:
     log = proc.log  # type: ignore[attr-defined]
     log.seek(0)
     return "\n".join(log.read().splitlines()[-lines:])
+
+
+def train_small_fraud_model(out: Path) -> Path:
+    """A small fraud model (seeded) for a ``blazil serve`` process."""
+    from blazil_ai.datasets.samples import _write_features
+    from blazil_ai.models.fraud import train_fraud_model
+
+    return train_fraud_model(_write_features(out, seed=0, n=2000), out / "models", seed=0)
