@@ -239,3 +239,21 @@ def test_pipelined_fraud_futures_fail_when_the_server_dies(fraud):
         assert failed and all("lost" in str(e) for e in failed), failed[:3]
     finally:
         c.close()
+
+
+def test_a_stage_keeps_no_descriptor_for_clients_that_left(tiny):
+    from blazil_ai.pipeline.driver import LocalPipeline
+    from blazil_ai.transport import publication, subscription
+
+    with LocalPipeline(tiny, transport="tcp", threads=1, timeout=20, start_timeout=120) as pipe:
+        proc = pipe.procs[0].proc
+        assert proc is not None and pipe.client is not None
+        assert pipe.client.ping(5.0)[0] is not None
+        base = fd_count(proc.pid)
+        for n in range(20):  # twenty short-lived clients, each listening on an address of its own
+            with subscription("tcp://127.0.0.1:0", 9) as sub, publication(*pipe.addrs[0]) as pub:
+                pub.send({"op": "ping", "nonce": n, "reply_to": [sub.uri, 9]})
+                pong = sub.receive(timeout=10)
+                assert pong is not None and pong.meta["nonce"] == n
+        assert settle(lambda: fd_count(proc.pid), base, timeout=10) <= base
+        assert pipe.client.ping(5.0)[0] is not None
