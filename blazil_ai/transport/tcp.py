@@ -10,6 +10,12 @@ frame that breaks the wire format, or a client without a valid certificate close
 with a logged error naming the peer and the fault. The subscription keeps serving its other peers,
 and a frame is handed to the application only once it has arrived whole and decoded cleanly.
 
+A subscription may answer a message over the connection it came on (``reply``), and a publication reads
+those answers (``receive``), which also tells it when the connection is lost. Every limit applied to a
+peer is in ``framing.LIMITS``: before its hello a peer may send no frame larger than a hello, a large
+frame's buffer grows with the bytes that arrive, and running out of descriptors pauses accepting (with
+back-off) rather than stopping the subscription.
+
 TLS options (keyword arguments or URI query parameters): ``certfile``, ``keyfile``, ``cafile``. The
 subscription requires a client certificate signed by ``cafile``; the publication verifies the server
 against ``cafile`` (and its host name unless ``check_hostname=0``).
@@ -140,6 +146,22 @@ class _Conn:
     body_filled: int = 0
     out: collections.deque[memoryview] = field(default_factory=collections.deque)  # replies the kernel has not taken
     out_bytes: int = 0
+
+
+def _copy_unsent(parts: Sequence[bytes | memoryview], skip: int, out: collections.deque[memoryview]) -> int:
+    """Queue copies of what the kernel did not take (the first ``skip`` bytes went); return the bytes queued.
+
+    Copies, because the caller may reuse its arrays once its send returns."""
+    queued = 0
+    for p in parts:
+        if skip >= len(p):
+            skip -= len(p)
+            continue
+        chunk = memoryview(bytes(memoryview(p)[skip:]))
+        skip = 0
+        out.append(chunk)
+        queued += len(chunk)
+    return queued
 
 
 def _grow_body(conn: _Conn) -> None:
@@ -399,6 +421,7 @@ class TcpSubscription(Subscription, _Reader):
     def reply(self, peer: str, meta: Mapping[str, Any] | None = None, arrays: Sequence[np.ndarray] = ()) -> OfferStatus:
         """Send a message back over the connection ``peer`` (a received message's ``peer``); never blocks.
 
+        Call it from the thread that polls this subscription.
         What the kernel does not take at once waits in the connection's own queue and goes out as the peer
         reads; a peer that lets more than ``LIMITS.reply_queue`` bytes pile up is disconnected. Returns
         ``NOT_CONNECTED`` when that connection is gone.
@@ -434,14 +457,7 @@ class TcpSubscription(Subscription, _Reader):
                 return OfferStatus.NOT_CONNECTED
             if not conn.out:
                 self._epoll.modify(conn.fd, select.EPOLLIN | select.EPOLLOUT)
-            for p in parts:  # copies: the caller may reuse its arrays once reply returns
-                if sent >= len(p):
-                    sent -= len(p)
-                    continue
-                chunk = memoryview(bytes(memoryview(p)[sent:]))
-                sent = 0
-                conn.out.append(chunk)
-                conn.out_bytes += len(chunk)
+            conn.out_bytes += _copy_unsent(parts, sent, conn.out)
         return _OK
 
     def flush(self, timeout: float = 1.0) -> bool:
@@ -920,14 +936,7 @@ class TcpPublication(Publication):
         # Copy what the kernel did not take: the caller may reuse its arrays once offer returns.
         if not self._pending and not self._closed:
             _FLUSHER.add(self)
-        for p in parts:
-            if skip >= len(p):
-                skip -= len(p)
-                continue
-            chunk = memoryview(bytes(memoryview(p)[skip:]))
-            skip = 0
-            self._pending.append(chunk)
-            self._pending_bytes += len(chunk)
+        self._pending_bytes += _copy_unsent(parts, skip, self._pending)
 
     def _drain(self) -> bool:
         """Push buffered bytes to the kernel; False if the connection broke."""
