@@ -111,8 +111,10 @@ class StageServer:
             return self._next
         pub = self._replies.get(a)
         if pub is None:
-            # A client's reply address: a short connect, so an address nobody answers cannot hold the ring up.
-            pub = self._replies[a] = publication(a[0], a[1], connect_timeout=0.5)
+            # A client's reply address: over TCP a short connect, so an address nobody answers cannot hold the
+            # ring up.
+            tcp = a[0].startswith(("tcp://", "tcps://"))
+            pub = self._replies[a] = publication(a[0], a[1], **({"connect_timeout": 0.5} if tcp else {}))
         return pub
 
     def _close_gone_replies(self) -> None:
