@@ -51,8 +51,9 @@ class WireLimits:
     max_meta_depth: int = 64  # nesting the native MessagePack reader takes; deeper goes to the msgpack package
     read_chunk: int = 4096  # a connection's first read buffer: idle connections cost this much each
     read_chunk_max: int = 1024 * 1024  # the read buffer doubles while reads fill it, up to this
-    body_step: int = 64 * 1024  # a large frame's buffer grows from here, at most doubling per step as bytes
-    #                             arrive: memory is committed by bytes received, never by a header's promise
+    # A frame larger than read_chunk_max gets a buffer of its own that grows from what has arrived, at most
+    # doubling per step (and by at least body_step): memory follows the bytes received, never a header's promise.
+    body_step: int = 4096
     ready_high: int = 1024  # decoded messages waiting for the application before reading pauses
     reply_queue: int = 16 * 1024 * 1024  # replies queued for a peer that does not read them, before it is dropped
 
@@ -110,8 +111,8 @@ def _py_encode(meta: Mapping[str, Any] | None, arrays: Sequence[np.ndarray] = ()
     """
     if arrays:
         wire = [_wire_array(a) for a in arrays]
-        if len(wire) > 0xFFFF:
-            raise FrameError(f"{len(wire)} arrays in one message; at most 65535")
+        if len(wire) > LIMITS.max_arrays:
+            raise FrameError(f"{len(wire)} arrays in one message; at most {LIMITS.max_arrays}")
         descr: list[tuple[str, tuple[int, ...]]] = [(a.dtype.str, a.shape) for a in wire]
     else:
         wire, descr = [], []

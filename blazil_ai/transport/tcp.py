@@ -204,6 +204,8 @@ class _Reader:
                 else:
                     if conn.rend == len(conn.rbuf):
                         self._compact(conn)
+                        if conn.rend == len(conn.rbuf):  # full of one frame that is still arriving
+                            self._grow(conn)
                     room = len(conn.rbuf) - conn.rend
                     n = sock.recv_into(memoryview(conn.rbuf)[conn.rend:])
                     if n == room:
@@ -289,8 +291,9 @@ class _Reader:
                     return False
                 conn.header = None
                 continue
-            if body_len > len(buf) - HEADER_SIZE:
-                # Too large for the read buffer: read the rest straight into the frame's own buffer.
+            if body_len > LIMITS.read_chunk_max - HEADER_SIZE:
+                # Too large for the read buffer at its largest: read the rest straight into the frame's own
+                # buffer. (A smaller frame stays in the read buffer, which _read grows as the bytes arrive.)
                 conn.body = bytearray(buf[start:end])  # what has arrived; _grow_body adds room as more does
                 conn.body_filled = end - start
                 conn.rstart = conn.rend = 0
@@ -515,7 +518,7 @@ class TcpSubscription(Subscription, _Reader):
         start, end, n, err = _native_read(conn.fd, conn.rbuf, conn.rstart, conn.rend, self.max_message_size,
                                           conn.peer, self._ready, timeout_ms, listen_fd, _SPIN_NS)
         conn.rstart, conn.rend = start, end
-        if n > 0 and end == len(conn.rbuf):
+        if end == len(conn.rbuf):
             self._grow(conn)
         if err:
             self._read_failed(conn, err, os.strerror(err))
