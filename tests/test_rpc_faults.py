@@ -254,3 +254,29 @@ def test_a_stage_keeps_no_descriptor_for_clients_that_left(tiny):
                 assert pong is not None and pong.meta["nonce"] == n
         assert settle(lambda: fd_count(proc.pid), base, timeout=10) <= base
         assert pipe.client.ping(5.0)[0] is not None
+
+
+def test_over_aeron_a_server_answers_only_on_aeron_channels(tmp_path):
+    from blazil_ai.transport import aeron, publication
+
+    if not aeron.available().ok:
+        pytest.skip(f"Aeron is not built here: {aeron.available().reason}")
+    driver = aeron.MediaDriver()
+    driver.start()
+    srv = LedgerServer(tmp_path / "aeron-ledger", "aeron:ipc", metrics_port=None)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        with L.connect("aeron:ipc", timeout=10) as c:  # replies on an aeron channel of the client's own
+            assert c.create_accounts([L.Account(id=1, ledger=1, code=1)])[0].status == L.CreateAccountStatus.CREATED
+        with socket.create_server(("127.0.0.1", 0)) as victim, publication("aeron:ipc", 1) as pub:
+            victim.settimeout(1.0)
+            pub.send({"op": "lookup_accounts", "req": 1, "reply": f"tcp://127.0.0.1:{victim.getsockname()[1]}"},
+                     [np.zeros((1, 2), np.uint64)])
+            with pytest.raises(TimeoutError):
+                victim.accept()
+    finally:
+        srv.stop()
+        t.join(timeout=10)
+        srv.close()
+        driver.stop()
