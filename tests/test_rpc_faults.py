@@ -240,11 +240,14 @@ def test_pipelined_fraud_futures_fail_when_the_server_dies(fraud):
 
 def test_a_stage_keeps_no_descriptor_for_clients_that_left(tiny):
     from blazil_ai.pipeline.driver import LocalPipeline
+    from blazil_ai.pipeline.sampling import SamplingParams
     from blazil_ai.transport import publication, subscription
 
     with LocalPipeline(tiny, transport="tcp", threads=1, timeout=20, start_timeout=120) as pipe:
         proc = pipe.procs[0].proc
         assert proc is not None and pipe.client is not None
+        # One request round the ring first: every stage-to-stage connection is open before the baseline.
+        pipe.client.generate([1, 2, 3], SamplingParams(max_new_tokens=2, eos_token_ids=[-1]))
         assert pipe.client.ping(5.0)[0] is not None
         base = fd_count(proc.pid)
         for n in range(20):  # twenty short-lived clients, each listening on an address of its own
