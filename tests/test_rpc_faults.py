@@ -283,3 +283,18 @@ def test_over_aeron_a_server_answers_only_on_aeron_channels(tmp_path):
         t.join(timeout=10)
         srv.close()
         driver.stop()
+
+
+def test_a_peer_that_does_not_read_its_replies_is_dropped_not_waited_for():
+    from blazil_ai.transport import OfferStatus, subscription
+
+    with subscription("tcp://127.0.0.1:0") as sub, raw(sub.uri) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(hello() + request("stats"))
+        msg = sub.receive(timeout=5)
+        assert msg is not None
+        big = np.zeros(1 << 20, np.float32)  # 4 MiB a reply; the peer reads none of them
+        statuses = [sub.reply(msg.peer, {"n": i}, [big]) for i in range(12)]
+        assert statuses[0] == OfferStatus.OK
+        assert statuses[-1] == OfferStatus.NOT_CONNECTED  # dropped once the queue passed its limit
+        assert sub.peers == []
