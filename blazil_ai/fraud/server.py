@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 class FraudServer(RpcServer):
     """Serves a FraudService on a transport URI until ``stop()``."""
 
+    ops = ("submit", "decision", "decisions", "review", "stats", "create_accounts")
+
     def __init__(self, data: str | Path, model: str | Path, listen: str = DEFAULT_URI, *,
                  metrics_port: int | None = 0, metrics_host: str = metrics.DEFAULT_HOST,
                  **service_options: Any) -> None:

@@ -113,6 +113,8 @@ def decode_reply(op: str, arrays: list[np.ndarray]) -> Any:
 class LedgerServer(RpcServer):
     """Serves a ledger directory on a transport URI until ``stop()``."""
 
+    ops = _OPS
+
     def __init__(self, data: str | Path, listen: str, *, shards: int | None = None, metrics_port: int | None = 0,
                  metrics_host: str = metrics.DEFAULT_HOST, **ledger_options: Any) -> None:
         self.backend = open_embedded(data, shards=shards, **ledger_options)

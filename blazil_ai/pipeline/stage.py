@@ -119,8 +119,19 @@ class StageServer:
             return self._next
         pub = self._replies.get(a)
         if pub is None:
-            pub = self._replies[a] = publication(a[0], a[1])
+            # A client's reply address: over TCP a short connect, so an address nobody answers cannot hold the
+            # ring up.
+            tcp = a[0].startswith(("tcp://", "tcps://"))
+            pub = self._replies[a] = publication(a[0], a[1], **({"connect_timeout": 0.5} if tcp else {}))
         return pub
+
+    def _close_gone_replies(self) -> None:
+        """Close the reply channels of clients that have gone (each would otherwise keep a descriptor)."""
+        with self._send_lock:
+            for a, pub in list(self._replies.items()):
+                if a[0].startswith(("tcp://", "tcps://")) and not pub.is_connected:
+                    pub.close()
+                    del self._replies[a]
 
     def _send(self, a: Address, meta: dict[str, Any], arrays: list[np.ndarray] | None = None,
               timeout: float | None = None) -> OfferStatus:
@@ -174,9 +185,10 @@ class StageServer:
         beats.start()
         while self.running:
             self.do_work(wait=0.05)
-            if exit_with_parent and time.monotonic() > next_check:
+            if time.monotonic() > next_check:
                 next_check = time.monotonic() + 1.0
-                if os.getppid() != parent:  # the launcher died without stopping us: do not linger
+                self._close_gone_replies()
+                if exit_with_parent and os.getppid() != parent:  # the launcher died without stopping us: do not linger
                     log.warning("stage %d: launching process %d is gone; exiting", self.spec.stage, parent)
                     self.running = False
         beats.join()

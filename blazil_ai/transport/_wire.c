@@ -33,6 +33,8 @@ static PyObject *g_py_decode_body;  /* framing._py_decode_body */
 static PyObject *g_py_decode;       /* framing._py_decode */
 static long g_version;
 static Py_ssize_t g_join_below;     /* frames up to this size come back as one bytes object */
+static Py_ssize_t g_max_dims = 32;  /* framing.LIMITS.max_dims: more goes to the reference, which refuses it */
+static int g_max_depth = 64;        /* framing.LIMITS.max_meta_depth: deeper metadata goes to msgpack */
 
 static PyObject *s_append;
 static PyObject *g_slot_meta, *g_slot_arrays, *g_slot_peer;  /* Message's slot descriptors */
@@ -57,10 +59,13 @@ static PyObject *new_message(PyObject *meta, PyObject *arrays, PyObject *peer) {
 static PyObject *w_init(PyObject *self, PyObject *args) {
     PyObject *message, *dtypes, *py_encode, *py_decode_body, *py_decode;
     long version;
-    Py_ssize_t join_below;
-    if (!PyArg_ParseTuple(args, "OO!OOOln", &message, &PyDict_Type, &dtypes, &py_encode, &py_decode_body,
-                          &py_decode, &version, &join_below))
+    Py_ssize_t join_below, max_dims = 32;
+    int max_depth = 64;
+    if (!PyArg_ParseTuple(args, "OO!OOOln|ni", &message, &PyDict_Type, &dtypes, &py_encode, &py_decode_body,
+                          &py_decode, &version, &join_below, &max_dims, &max_depth))
         return NULL;
+    g_max_dims = max_dims < NPY_MAXDIMS ? max_dims : NPY_MAXDIMS;
+    g_max_depth = max_depth;
     Py_XSETREF(g_py_decode, Py_NewRef(py_decode));
     Py_XSETREF(g_message, Py_NewRef(message));
     Py_CLEAR(g_slot_meta);
@@ -117,7 +122,6 @@ static uint64_t get_u64(const unsigned char *p) {
  * decodes for those types. Anything else (ext types, subclasses, numpy scalars, invalid UTF-8, deep nesting)
  * makes them give up without an exception, and the caller falls back to the msgpack package. */
 
-#define MP_MAX_DEPTH 64
 
 typedef struct {
     char *buf;
@@ -184,7 +188,7 @@ static int wb_map_head(wbuf_t *w, uint64_t n) { return wb_sized(w, n, 0x80, 16, 
 
 /* 1 = written, 0 = not a type this writer takes (nothing usable written), -1 = error set */
 static int mp_write(wbuf_t *w, PyObject *o, int depth) {
-    if (depth > MP_MAX_DEPTH) return 0;
+    if (depth > g_max_depth) return 0;
     if (o == Py_None) return wb_head(w, 0xc0, 0, 0) < 0 ? -1 : 1;
     if (o == Py_True) return wb_head(w, 0xc3, 0, 0) < 0 ? -1 : 1;
     if (o == Py_False) return wb_head(w, 0xc2, 0, 0) < 0 ? -1 : 1;
@@ -270,7 +274,7 @@ static uint64_t rd_be(rd_t *r, int n) {
 
 /* A new object, or NULL: with an exception set for a real failure (no memory), without one to give up. */
 static PyObject *mp_read(rd_t *r, int depth) {
-    if (depth > MP_MAX_DEPTH || !rd_need(r, 1)) return NULL;
+    if (depth > g_max_depth || !rd_need(r, 1)) return NULL;
     unsigned char t = *r->p++;
     Py_ssize_t n;
     if (t <= 0x7f) return PyLong_FromLong(t);
@@ -569,7 +573,7 @@ static PyObject *fast_decode(Py_ssize_t n_arrays, Py_ssize_t meta_len, PyObject 
         }
         if (!PyArray_DescrCheck(dtype)) goto fallback;
         Py_ssize_t nd = PyList_GET_SIZE(shape);
-        if (nd > NPY_MAXDIMS) goto fallback;
+        if (nd > g_max_dims) goto fallback;
         npy_intp dims[NPY_MAXDIMS];
         Py_ssize_t itemsize = PyDataType_ELSIZE((PyArray_Descr *)dtype);
         if (itemsize <= 0) goto fallback;
@@ -598,7 +602,13 @@ static PyObject *fast_decode(Py_ssize_t n_arrays, Py_ssize_t meta_len, PyObject 
         PyObject *a = PyArray_NewFromDescr(&PyArray_Type, (PyArray_Descr *)dtype, (int)nd, dims, NULL,
                                            (void *)(data + offset),
                                            readonly ? NPY_ARRAY_CARRAY_RO : NPY_ARRAY_CARRAY, NULL);
-        if (a == NULL) goto error;
+        if (a == NULL) {
+            /* e.g. shape [0, 2**40, 2**40]: no bytes, yet more elements than numpy can index. Only running
+             * out of memory is an error of ours; the reference refuses the frame by name. */
+            if (PyErr_ExceptionMatches(PyExc_MemoryError)) goto error;
+            PyErr_Clear();
+            goto fallback;
+        }
         if (PyArray_SetBaseObject((PyArrayObject *)a, Py_NewRef(base)) < 0) {
             Py_DECREF(a);
             goto error;
@@ -622,6 +632,7 @@ error:
     Py_XDECREF(arrays);
     Py_XDECREF(base);
     if (!PyErr_Occurred()) PyErr_NoMemory();
+    else if (!PyErr_ExceptionMatches(PyExc_MemoryError)) PyErr_Clear();  /* the reference names the fault */
     return NULL;
 }
 

@@ -68,6 +68,16 @@ class Publication(ABC):
         if status != OfferStatus.OK:
             raise TransportError(f"{self.uri} stream {self.stream_id}: send failed: {status.name}", status)
 
+    supports_replies = False  # whether the subscriber can answer over this channel (see receive)
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        """Wait up to ``timeout`` s for a message the subscriber sent back over this channel (a reply).
+
+        Raises :class:`TransportError` when a connection was lost (what it still owed will not come), or
+        when the transport has no way back (``supports_replies`` is False).
+        """
+        raise TransportError(f"{self.uri}: this transport carries no replies back to the publication")
+
     @property
     @abstractmethod
     def is_connected(self) -> bool:
@@ -106,6 +116,12 @@ class Subscription(ABC):
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             idle.idle(n)
+
+    supports_replies = False  # whether reply() can answer a message over the connection it came on
+
+    def reply(self, peer: str, meta: Mapping[str, Any] | None = None, arrays: Sequence[np.ndarray] = ()) -> OfferStatus:
+        """Answer a received message over the connection it came on (``peer`` is the message's ``peer``)."""
+        raise TransportError(f"{self.uri}: this transport cannot reply over the connection a message came on")
 
     @abstractmethod
     def close(self) -> None:

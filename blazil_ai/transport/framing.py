@@ -32,8 +32,34 @@ MAGIC = b"BLZM"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHIQ")
 HEADER_SIZE = HEADER.size
-DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 JOIN_BELOW = 64 * 1024  # frames up to this size are encoded into one buffer (one copy beats an iovec list)
+
+
+@dataclass(frozen=True, slots=True)
+class WireLimits:
+    """Every limit a receiver applies to what a peer sends: the one place they are defined.
+
+    The decoders (this module and the native ``_wire``) and the TCP channels read them from ``LIMITS``;
+    a frame or a peer that breaks one is refused (``FrameError``, or the connection is closed), never
+    allowed to make the receiver allocate for it, raise anything else, or stop serving others.
+    """
+
+    max_message_size: int = 64 * 1024 * 1024  # whole frame, header included (a channel may set its own)
+    max_hello_size: int = 4096  # a connection's first frame, read before the peer has said who it is
+    max_arrays: int = 0xFFFF  # arrays per frame (the header's u16 field)
+    max_dims: int = 32  # dimensions per array (numpy's own cap is 64)
+    max_meta_depth: int = 64  # nesting the native MessagePack reader takes; deeper goes to the msgpack package
+    read_chunk: int = 4096  # a connection's first read buffer: idle connections cost this much each
+    read_chunk_max: int = 1024 * 1024  # the read buffer doubles while reads fill it, up to this
+    # A frame larger than read_chunk_max gets a buffer of its own that grows from what has arrived, at most
+    # doubling per step (and by at least body_step): memory follows the bytes received, never a header's promise.
+    body_step: int = 4096
+    ready_high: int = 1024  # decoded messages waiting for the application before reading pauses
+    reply_queue: int = 16 * 1024 * 1024  # replies queued for a peer that does not read them, before it is dropped
+
+
+LIMITS = WireLimits()
+DEFAULT_MAX_MESSAGE_SIZE = LIMITS.max_message_size
 _ALLOWED_KINDS = frozenset("biufcV")
 _PLAIN_KINDS = frozenset("biufc")
 
@@ -85,8 +111,8 @@ def _py_encode(meta: Mapping[str, Any] | None, arrays: Sequence[np.ndarray] = ()
     """
     if arrays:
         wire = [_wire_array(a) for a in arrays]
-        if len(wire) > 0xFFFF:
-            raise FrameError(f"{len(wire)} arrays in one message; at most 65535")
+        if len(wire) > LIMITS.max_arrays:
+            raise FrameError(f"{len(wire)} arrays in one message; at most {LIMITS.max_arrays}")
         descr: list[tuple[str, tuple[int, ...]]] = [(a.dtype.str, a.shape) for a in wire]
     else:
         wire, descr = [], []
@@ -163,19 +189,26 @@ def _py_decode_body(n_arrays: int, meta_len: int, body: bytes | bytearray | memo
         try:
             dtype_str, shape = d
             dtype = _DTYPES.get(dtype_str) or _wire_dtype(dtype_str)
+            if type(shape) is not list or any(type(n) is not int for n in shape):
+                raise ValueError(f"shape {shape!r} is not a list of integers")
+            if len(shape) > LIMITS.max_dims:
+                raise ValueError(f"{len(shape)} dimensions; at most {LIMITS.max_dims}")
+            if shape and min(shape) < 0:
+                raise ValueError(f"negative dimension in {shape!r}")
             count = math.prod(shape)
-            if type(count) is not int or count < 0 or (shape and min(shape) < 0):
-                raise ValueError(f"bad shape {shape!r}")
         except FrameError:
             raise
         except Exception as e:
-            raise FrameError(f"array {len(arrays)}: bad descriptor {d!r}: {e}") from e
+            raise FrameError(f"array {len(arrays)}: bad descriptor {_short(d)}: {e}") from e
         nbytes = count * dtype.itemsize
         if offset + nbytes > end:
-            raise FrameError(f"array {len(arrays)}: {dtype_str} x {tuple(shape)} needs {nbytes} bytes, "
+            raise FrameError(f"array {len(arrays)}: {dtype_str} x {_short(shape)} needs {nbytes} bytes, "
                              f"only {end - offset} remain in the frame")
-        a = np.frombuffer(view, dtype, count, offset)
-        arrays.append(a if len(shape) == 1 else a.reshape(shape))
+        try:
+            a = np.frombuffer(view, dtype, count, offset)
+            arrays.append(a if len(shape) == 1 else a.reshape(shape))
+        except Exception as e:  # e.g. shape [0, 2**40, 2**40]: no bytes, but more elements than numpy can index
+            raise FrameError(f"array {len(arrays)}: shape {_short(shape)} cannot be built: {e}") from e
         offset += nbytes
     if offset != end:
         raise FrameError(f"array byte counts ({offset - meta_len}) do not match the body "
@@ -183,14 +216,26 @@ def _py_decode_body(n_arrays: int, meta_len: int, body: bytes | bytearray | memo
     return Message(meta, arrays)
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """A peer's value for an error message, cut short (a hostile frame may hold megabytes of it)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 _DTYPES: dict[str, np.dtype] = {}
 
 
 def _wire_dtype(dtype_str: str) -> np.dtype:
     """Parse and check a dtype string from the wire (cached: a stream repeats a handful of them)."""
-    dtype = np.dtype(dtype_str)
-    if dtype.kind not in _ALLOWED_KINDS or dtype.hasobject or dtype.fields is not None:
-        raise FrameError(f"dtype {dtype_str!r} is not allowed on the wire")
+    if type(dtype_str) is not str:
+        raise FrameError(f"dtype {_short(dtype_str)} is not a string")
+    try:
+        dtype = np.dtype(dtype_str)
+    except Exception as e:
+        raise FrameError(f"dtype {_short(dtype_str)} is not a numpy dtype: {e}") from e
+    if (dtype.kind not in _ALLOWED_KINDS or dtype.hasobject or dtype.fields is not None
+            or dtype.subdtype is not None or dtype.itemsize == 0):
+        raise FrameError(f"dtype {_short(dtype_str)} is not allowed on the wire")
     if len(_DTYPES) < 256:
         _DTYPES[dtype_str] = dtype
     return dtype
@@ -215,7 +260,8 @@ def _native() -> Any:
         from blazil_ai.transport import _wire  # type: ignore[attr-defined]
     except ImportError:
         return None
-    _wire.init(Message, _DTYPES, _py_encode, _py_decode_body, _py_decode, VERSION, JOIN_BELOW)
+    _wire.init(Message, _DTYPES, _py_encode, _py_decode_body, _py_decode, VERSION, JOIN_BELOW, LIMITS.max_dims,
+               LIMITS.max_meta_depth)
     return _wire
 
 

@@ -1,10 +1,14 @@
 """Request/reply over the transport core: the one server loop and client that the ledger and fraud services share.
 
-The server subscribes on its listen URI; each client subscribes on a reply URI of its own and names it in
-every request (``meta["reply"]``); the server opens one publication back per reply URI (over ``tcps://``
-with the certificate settings of its own listen URI). A request carries ``op`` and a request number
-``req``; its reply carries ``req`` and ``ok``, then either the result (metadata and arrays) or ``error``
-and ``kind`` (``DataError`` travels as such, so a client raises the same error type the server did).
+The server subscribes on its listen URI and each client connects to it. Over ``tcp://`` and ``tcps://`` a
+reply goes back over the connection its request came on (encrypted when that one is): the server never
+connects anywhere a request names, a client that stops reading its replies is dropped rather than
+stalling the server, and a client learns at once that its connection is gone, so every request still
+waiting fails with an error that says so. Aeron channels have no way back: there a client subscribes on a
+reply channel of its own, named in every request (``meta["reply"]``), and the server answers only on
+``aeron:`` channels. A request carries ``op`` and a request number ``req``; its reply carries ``req`` and
+``ok``, then either the result (metadata and arrays) or ``error`` and ``kind`` (``DataError`` travels as
+such, so a client raises the same error type the server did).
 """
 
 from __future__ import annotations
@@ -12,10 +16,10 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import random
 import signal
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -24,12 +28,14 @@ import numpy as np
 
 from blazil_ai import metrics
 from blazil_ai.errors import BlazilError, ConfigError, DataError
-from blazil_ai.transport import Message, Publication, publication, subscription
+from blazil_ai.transport import Message, OfferStatus, Publication, TransportError, publication, subscription
 from blazil_ai.transport.idle import BackoffIdleStrategy
 
 log = logging.getLogger(__name__)
 
 Reply = tuple[dict[str, Any], list[np.ndarray]]
+_MAX_REPLY_CHANNELS = 256  # aeron reply channels a server keeps open (least recently opened closed first)
+_REPLY_TIMEOUT_S = 0.5  # how long an aeron reply may wait for room before it is dropped
 
 
 def then(fut: Future[Any], fn: Callable[[Any], Any]) -> Future[Any]:
@@ -49,16 +55,17 @@ def then(fut: Future[Any], fn: Callable[[Any], Any]) -> Future[Any]:
 class RpcServer:
     """Serves requests on ``listen`` until ``stop()``; a subclass answers them in ``dispatch``.
 
-    ``part`` names the metrics (``blazil_<part>_server_requests_total``, ``..._server_errors_total``).
+    ``part`` names the metrics (``blazil_<part>_server_requests_total``, ``..._server_errors_total``),
+    labelled by operation: one of ``ops``, or ``unknown`` (a peer cannot grow the metrics without bound).
     """
+
+    ops: tuple[str, ...] = ()
 
     def __init__(self, listen: str, *, part: str, metrics_port: int | None = 0,
                  metrics_host: str = metrics.DEFAULT_HOST) -> None:
         self.sub = subscription(listen)
         self.uri: str = getattr(self.sub, "uri", listen)
-        # Replies to tcps:// clients go out with this server's own certificate (clients require one).
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(listen).query)
-        self._tls = {k: v[0] for k, v in query.items() if k in ("certfile", "keyfile", "cafile")}
+        self._duplex = self.sub.supports_replies
         self._requests = metrics.counter(part, "server_requests", "total", "Requests served", labels=("op",))
         self._errors = metrics.counter(part, "server_errors", "total", "Requests answered with an error",
                                        labels=("op",))
@@ -67,9 +74,9 @@ class RpcServer:
         except BaseException:
             self.sub.close()
             raise
-        self._pubs: dict[str, Publication] = {}
+        self._pubs: dict[tuple[str, int], Publication] = {}
         # Filled by callbacks on other threads, drained by serve_forever: deque appends are atomic.
-        self._replies: collections.deque[tuple[str, dict[str, Any], list[np.ndarray]]] = collections.deque()
+        self._replies: collections.deque[tuple[Any, dict[str, Any], list[np.ndarray]]] = collections.deque()
         self._stop = threading.Event()
 
     def dispatch(self, op: str, meta: dict[str, Any], arrays: list[np.ndarray]) -> Reply | Future[Reply]:
@@ -77,17 +84,32 @@ class RpcServer:
         raise NotImplementedError
 
     def _handle(self, msg: Message) -> None:
+        try:
+            self._handle_one(msg)
+        except Exception:  # one peer's request must never stop the server
+            log.exception("request from %s could not be handled", msg.peer)
+
+    def _handle_one(self, msg: Message) -> None:
         meta = msg.meta
-        reply, req, op = meta.get("reply"), meta.get("req"), str(meta.get("op"))
-        if not isinstance(reply, str):
-            log.error("request from %s without a reply URI dropped", msg.peer)
-            return
+        req, op = meta.get("req"), meta.get("op")
+        op = op if isinstance(op, str) else repr(op)[:80]
+        reply: Any
+        if self._duplex:
+            reply = msg.peer  # back over the connection the request came on, never where the request says
+        else:
+            uri, stream = meta.get("reply"), meta.get("reply_stream", 1)
+            if not isinstance(uri, str) or not uri.startswith("aeron:") or type(stream) is not int:
+                log.error("request from %s dropped: its reply channel %.80r is not an aeron: channel", msg.peer,
+                          uri)
+                return
+            reply = (uri, stream)
+        label = op if op in self.ops else "unknown"
         try:
             answer = self.dispatch(op, meta, msg.arrays)
         except Exception as e:
-            self._error(reply, req, op, e)
+            self._error(reply, req, label, e)
             return
-        self._requests.labels(op).inc()
+        self._requests.labels(label).inc()
         if not isinstance(answer, Future):
             self._replies.append((reply, {"req": req, "ok": True, **answer[0]}, answer[1]))
             return
@@ -97,11 +119,11 @@ class RpcServer:
                 body, arrays = f.result()
                 self._replies.append((reply, {"req": req, "ok": True, **body}, arrays))
             except Exception as e:
-                self._error(reply, req, op, e)
+                self._error(reply, req, label, e)
 
         answer.add_done_callback(done)
 
-    def _error(self, reply: str, req: Any, op: str, e: BaseException) -> None:
+    def _error(self, reply: Any, req: Any, op: str, e: BaseException) -> None:
         self._errors.labels(op).inc()
         kind = "DataError" if isinstance(e, DataError) else type(e).__name__
         self._replies.append((reply, {"req": req, "ok": False, "error": str(e), "kind": kind}, []))
@@ -109,27 +131,46 @@ class RpcServer:
     def _send_replies(self) -> int:
         sent = 0
         while self._replies:
-            uri, meta, arrays = self._replies.popleft()
-            pub = self._pubs.get(uri)
+            to, meta, arrays = self._replies.popleft()
             try:
-                if pub is None:
-                    opts: dict[str, Any] = self._tls if uri.startswith("tcps://") else {}
-                    pub = self._pubs[uri] = publication(uri, **opts)
-                pub.send(meta, arrays, timeout=10.0)
-            except Exception as e:  # a client that went away must not stop the server
-                log.warning("reply to %s failed: %s", uri, e)
-                old = self._pubs.pop(uri, None)
-                if old is not None:
-                    old.close()
+                status = self._reply(to, meta, arrays)
+            except Exception as e:  # e.g. a result that cannot be encoded: the client still gets an answer
+                log.error("reply to %s failed: %s", to, e)
+                status = self._reply(to, {"req": meta.get("req"), "ok": False, "kind": type(e).__name__,
+                                          "error": f"the reply could not be sent: {e}"}, [])
+            if status != OfferStatus.OK:  # a client that went away must not stop the server
+                log.info("reply to %s dropped: %s", to, status.name)
             sent += 1
         return sent
+
+    def _reply(self, to: Any, meta: dict[str, Any], arrays: list[np.ndarray]) -> OfferStatus:
+        if self._duplex:
+            return self.sub.reply(to, meta, arrays)
+        pub = self._pubs.get(to)
+        try:
+            if pub is None:
+                while len(self._pubs) >= _MAX_REPLY_CHANNELS:  # the oldest client's channel goes first
+                    self._pubs.pop(next(iter(self._pubs))).close()
+                pub = self._pubs[to] = publication(to[0], to[1])
+            return pub.offer(meta, arrays, timeout=_REPLY_TIMEOUT_S)
+        except Exception as e:
+            log.warning("reply to %s failed: %s", to, e)
+            old = self._pubs.pop(to, None)
+            if old is not None:
+                old.close()
+            return OfferStatus.NOT_CONNECTED
 
     def serve_forever(self) -> None:
         """Poll requests and send replies until stop() is called, then answer what was accepted (<= 5 s)."""
         idle = BackoffIdleStrategy(max_park_s=1e-3)
         while not self._stop.is_set():
-            work = self.sub.poll(self._handle, limit=256)
-            work += self._send_replies()
+            try:
+                work = self.sub.poll(self._handle, limit=256)
+                work += self._send_replies()
+            except Exception:  # the transport drops a misbehaving peer itself; this is the last line of defence
+                log.exception("%s: serving round failed; serving on", self.uri)
+                work = 0
+                time.sleep(0.01)
             idle.idle(work)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
@@ -163,24 +204,34 @@ class RpcServer:
 
 
 class RpcClient:
-    """Sends requests to an :class:`RpcServer` and matches replies to them; requests may be pipelined."""
+    """Sends requests to an :class:`RpcServer` and matches replies to them; requests may be pipelined.
+
+    When the connection to the server is lost, every request still waiting fails at once with an error
+    that says so (it may or may not have been carried out); later requests go over a new connection.
+    """
 
     _counter = itertools.count(1)
 
     def __init__(self, uri: str, *, service: str, timeout: float = 30.0, reply_uri: str | None = None,
                  **transport_options: Any) -> None:
         self.service = service
+        self.uri = uri
         self.timeout = timeout
-        # Over tcps:// the replies come back over TLS too; the client's certificate then serves both ways.
-        if reply_uri is None:
-            reply_uri = "tcps://127.0.0.1:0" if uri.startswith("tcps://") else "tcp://127.0.0.1:0"
-        self._sub = subscription(reply_uri, **transport_options)
-        self.reply_uri: str = getattr(self._sub, "uri", reply_uri)
         try:
             self._pub = publication(uri, **transport_options)
         except Exception as e:
-            self._sub.close()
             raise ConfigError(f"cannot reach the {service} at {uri}: {e}") from e
+        # Over tcp:// and tcps:// replies come back over the same connection; only aeron needs a channel back.
+        self._sub = None
+        self.reply_uri: str | None = None
+        self._reply_stream = random.randrange(1 << 20, 1 << 30)  # an aeron reply stream of this client's own
+        if not self._pub.supports_replies:
+            try:
+                self._sub = subscription(reply_uri or "aeron:ipc", self._reply_stream, **transport_options)
+            except Exception:
+                self._pub.close()
+                raise
+            self.reply_uri = getattr(self._sub, "uri", reply_uri or "aeron:ipc")
         self._lock = threading.Lock()
         self._waiting: dict[int, tuple[Callable[[Message], Any], Future[Any]]] = {}
         self._closed = False
@@ -196,32 +247,45 @@ class RpcClient:
             if self._closed:
                 raise BlazilError(f"{self.service} client is closed")
             self._waiting[req] = (decode, fut)
+        head: dict[str, Any] = {"op": op, "req": req}
+        if self.reply_uri is not None:
+            head["reply"], head["reply_stream"] = self.reply_uri, self._reply_stream
         try:
-            self._pub.send({"op": op, "req": req, "reply": self.reply_uri, **(meta or {})}, arrays or [],
-                           timeout=self.timeout)
+            self._pub.send({**head, **(meta or {})}, arrays or [], timeout=self.timeout)
         except Exception as e:
             with self._lock:
                 self._waiting.pop(req, None)
-            raise BlazilError(f"cannot send to the {self.service}: {e}") from e
+            raise BlazilError(f"cannot send to the {self.service} at {self.uri}: {e}") from e
         return fut
 
     def _receive_loop(self) -> None:
+        source: Any = self._sub if self._sub is not None else self._pub
         while not self._closed:
             try:
-                msg = self._sub.receive(timeout=0.2)
-            except Exception:
+                msg = source.receive(timeout=0.2)
+            except TransportError as e:
                 if self._closed:
                     return
-                raise
+                self._fail_waiting(f"the connection to the {self.service} at {self.uri} was lost before the "
+                                   f"reply came ({e}); the request may or may not have been carried out")
+                continue
+            except Exception as e:
+                if self._closed:
+                    return
+                log.exception("%s client: reading replies failed", self.service)
+                self._fail_waiting(f"reading replies from the {self.service} at {self.uri} failed: {e}")
+                time.sleep(0.05)
+                continue
             if msg is None:
                 continue
+            req = msg.meta.get("req")
             with self._lock:
-                entry = self._waiting.pop(msg.meta.get("req"), None)  # type: ignore[arg-type]
+                entry = self._waiting.pop(req, None) if isinstance(req, int) else None
             if entry is None:
                 continue
             decode, fut = entry
             if not msg.meta.get("ok"):
-                err = msg.meta.get("error", "unknown error")
+                err = str(msg.meta.get("error", "unknown error"))
                 fut.set_exception(DataError(err) if msg.meta.get("kind") == "DataError" else BlazilError(err))
                 continue
             try:
@@ -229,13 +293,22 @@ class RpcClient:
             except Exception as e:
                 fut.set_exception(e)
 
+    def _fail_waiting(self, why: str) -> None:
+        with self._lock:
+            waiting = list(self._waiting.values())
+            self._waiting.clear()
+        if waiting:
+            log.warning("%s (%d requests unanswered)", why, len(waiting))
+        for _decode, fut in waiting:
+            if not fut.done():
+                fut.set_exception(BlazilError(why))
+
     def close(self) -> None:
-        """Close both channels; requests still waiting fail."""
+        """Close the channels; requests still waiting fail."""
         with self._lock:
             self._closed = True
         self._thread.join(timeout=2)
         self._pub.close()
-        self._sub.close()
-        for _decode, fut in self._waiting.values():
-            if not fut.done():
-                fut.set_exception(BlazilError(f"{self.service} client closed before the reply came"))
+        if self._sub is not None:
+            self._sub.close()
+        self._fail_waiting(f"{self.service} client closed before the reply came")

@@ -10,6 +10,12 @@ frame that breaks the wire format, or a client without a valid certificate close
 with a logged error naming the peer and the fault. The subscription keeps serving its other peers,
 and a frame is handed to the application only once it has arrived whole and decoded cleanly.
 
+A subscription may answer a message over the connection it came on (``reply``), and a publication reads
+those answers (``receive``), which also tells it when the connection is lost. Every limit applied to a
+peer is in ``framing.LIMITS``: before its hello a peer may send no frame larger than a hello, a large
+frame's buffer grows with the bytes that arrive, and running out of descriptors pauses accepting (with
+back-off) rather than stopping the subscription.
+
 TLS options (keyword arguments or URI query parameters): ``certfile``, ``keyfile``, ``cafile``. The
 subscription requires a client certificate signed by ``cafile``; the publication verifies the server
 against ``cafile`` (and its host name unless ``check_hostname=0``).
@@ -38,15 +44,12 @@ import numpy as np
 from blazil_ai import metrics
 from blazil_ai.transport import framing
 from blazil_ai.transport.base import OfferStatus, Publication, Subscription, TransportError
-from blazil_ai.transport.framing import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, FrameError, Message
+from blazil_ai.transport.framing import DEFAULT_MAX_MESSAGE_SIZE, HEADER_SIZE, LIMITS, FrameError, Message
 
 log = logging.getLogger(__name__)
 
 _HELLO_KEY = "$hello"
-_READ_CHUNK = 64 * 1024  # a connection's first read buffer; it doubles while reads fill it, up to the next
-_READ_CHUNK_MAX = 1024 * 1024
 _FULL_ROUND_S = 0.001  # poll() on a sole connection reads it directly, and looks at everything else this often
-_READY_HIGH = 1024  # stop reading once this many decoded messages wait for the application
 # receive() on a sole connection can poll it this long before it sleeps (opt-in): a message that arrives
 # meanwhile costs neither side a wake-up, which halves a ping-pong's round trip on loopback; but a spinning
 # reader of a busy stream reads one message per system call and slows a fast sender down (measured with
@@ -55,6 +58,8 @@ _SPIN_NS = int(float(os.environ.get("BLAZIL_TCP_SPIN_US", "0")) * 1000)
 _MAX_WAIT_MS = 2**31 - 1  # the native wait takes a C int
 _LIVENESS_CHECK_S = 0.01  # how often an idle-reading publication peeks for the peer having gone away
 _RECONNECT_BACKOFF_S = (0.05, 1.0)
+_ACCEPT_BACKOFF_S = (0.05, 1.0)  # out of descriptors: stop accepting this long (doubling), keep serving the rest
+_ACCEPT_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _IOV_MAX = 1024
 
 _native_read: Any = framing.native.read_frames if framing.native is not None else None
@@ -67,6 +72,8 @@ _sent = metrics.counter("transport", "messages_sent", "total", "Messages accepte
 _frame_errors = metrics.counter("transport", "frame_errors", "total",
                                 "Connections closed for a bad frame or handshake", ["transport", "fault"])
 _connections = metrics.gauge("transport", "connections", "", "Open inbound connections", ["transport"])
+_accept_paused = metrics.counter("transport", "accept_paused", "total",
+                                 "Times a listener stopped accepting for a while (out of descriptors)", ["transport"])
 
 
 @dataclass(slots=True)
@@ -129,15 +136,201 @@ class _Conn:
     fd: int  # the socket's descriptor: the key in TcpSubscription._conns and what the native read uses
     handshaking: bool = False
     hello_done: bool = False
-    rbuf: bytearray = field(default_factory=lambda: bytearray(_READ_CHUNK))
+    rbuf: bytearray = field(default_factory=lambda: bytearray(LIMITS.read_chunk))
     rstart: int = 0
     rend: int = 0
     header: tuple[int, int, int] | None = None
-    body: bytearray | None = None  # a frame too large for rbuf is read straight into its own buffer
+    # A frame too large for rbuf is read straight into its own buffer, which grows as the frame's bytes
+    # arrive (see _grow_body): a header alone never makes the receiver commit memory for what it promises.
+    body: bytearray | None = None
     body_filled: int = 0
+    out: collections.deque[memoryview] = field(default_factory=collections.deque)  # replies the kernel has not taken
+    out_bytes: int = 0
 
 
-class TcpSubscription(Subscription):
+def _copy_unsent(parts: Sequence[bytes | memoryview], skip: int, out: collections.deque[memoryview]) -> int:
+    """Queue copies of what the kernel did not take (the first ``skip`` bytes went); return the bytes queued.
+
+    Copies, because the caller may reuse its arrays once its send returns."""
+    queued = 0
+    for p in parts:
+        if skip >= len(p):
+            skip -= len(p)
+            continue
+        chunk = memoryview(bytes(memoryview(p)[skip:]))
+        skip = 0
+        out.append(chunk)
+        queued += len(chunk)
+    return queued
+
+
+def _grow_body(conn: _Conn) -> None:
+    """Make room in a large frame's buffer for its next bytes: at most double what has arrived."""
+    assert conn.body is not None and conn.header is not None
+    size = len(conn.body)
+    target = min(conn.header[2], max(2 * size, LIMITS.body_step))
+    conn.body.extend(bytes(target - size))
+
+
+class _Reader:
+    """Reading frames off connections: the receiving half both ends of a TCP channel share.
+
+    A subscription reads its publishers' frames with it, a publication the replies its subscriber sends
+    back. Subclasses say what a fault and a closed connection mean (``_fault``, ``_drop``).
+    """
+
+    uri: str
+    stream_id: int
+    max_message_size: int
+    _ready: collections.deque[Message]
+
+    def _fault(self, conn: _Conn, fault: str, detail: str) -> None:
+        raise NotImplementedError
+
+    def _drop(self, conn: _Conn) -> None:
+        raise NotImplementedError
+
+    def _read(self, conn: _Conn) -> None:
+        """Read what is available on one connection and decode every whole frame in it."""
+        sock = conn.sock
+        for _ in range(64):  # bounded, so one busy peer cannot starve the others
+            if len(self._ready) >= LIMITS.ready_high:
+                return  # the rest waits in the kernel (epoll reports it again): memory stays bounded
+            try:
+                if conn.body is not None:
+                    if conn.body_filled == len(conn.body):
+                        _grow_body(conn)
+                    n = sock.recv_into(memoryview(conn.body)[conn.body_filled:])
+                else:
+                    if conn.rend == len(conn.rbuf):
+                        self._compact(conn)
+                        if conn.rend == len(conn.rbuf):  # full of one frame that is still arriving
+                            self._grow(conn)
+                    room = len(conn.rbuf) - conn.rend
+                    n = sock.recv_into(memoryview(conn.rbuf)[conn.rend:])
+                    if n == room:
+                        self._grow(conn)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return
+            except (ssl.SSLError, OSError) as e:
+                self._read_failed(conn, e.errno if isinstance(e, OSError) else None, str(e))
+                return
+            if n == 0:
+                self._disconnected(conn)
+                return
+            if conn.body is not None:
+                conn.body_filled += n
+                assert conn.header is not None
+                if conn.body_filled == conn.header[2]:
+                    if not self._finish_frame(conn, conn.body):
+                        return
+                    conn.body, conn.header = None, None
+            else:
+                conn.rend += n
+                if not self._parse(conn):
+                    return
+            if conn.body is None and conn.rend - conn.rstart < HEADER_SIZE and n < len(conn.rbuf) // 2:
+                return  # drained what the kernel had
+
+    @staticmethod
+    def _grow(conn: _Conn) -> None:
+        """A read filled the buffer: a busy peer. Double it (up to the cap) to read more per system call."""
+        if len(conn.rbuf) < LIMITS.read_chunk_max:
+            conn.rbuf.extend(bytes(len(conn.rbuf)))
+
+    def _read_failed(self, conn: _Conn, err: int | None, detail: str) -> None:
+        if err in (errno.ECONNRESET, errno.EPIPE):
+            self._disconnected(conn)
+        else:
+            self._fault(conn, "io", f"read failed: {detail}")
+
+    def _disconnected(self, conn: _Conn) -> None:
+        partial = conn.body is not None or conn.rend > conn.rstart
+        if partial:
+            self._fault(conn, "truncated", "peer closed the connection in the middle of a frame")
+        else:
+            log.info("%s: %s disconnected", self.uri, conn.peer)
+            self._drop(conn)
+
+    @staticmethod
+    def _compact(conn: _Conn) -> None:
+        remaining = conn.rend - conn.rstart
+        conn.rbuf[:remaining] = conn.rbuf[conn.rstart:conn.rend]
+        conn.rstart, conn.rend = 0, remaining
+
+    def _parse(self, conn: _Conn) -> bool:
+        """Decode the whole frames in the read buffer; False if the connection was closed."""
+        buf = conn.rbuf
+        start, end = conn.rstart, conn.rend
+        unpack_header = framing.HEADER.unpack_from
+        max_size = self.max_message_size
+        while True:
+            if _native_parse is not None and conn.header is None and conn.hello_done:
+                # stops where Python must look
+                start = _native_parse(buf, start, end, max_size, conn.peer, self._ready)
+            if conn.header is None:
+                # Before its hello a peer has said nothing about itself: its frame may be no larger than a hello.
+                max_size = self.max_message_size if conn.hello_done else min(max_size, LIMITS.max_hello_size)
+                if end - start < HEADER_SIZE:
+                    break
+                magic, version, _flags, n_arrays, meta_len, body_len = unpack_header(buf, start)
+                if magic != framing.MAGIC or version != framing.VERSION or meta_len > body_len \
+                        or HEADER_SIZE + body_len > max_size:
+                    try:  # the checked decoder names the fault
+                        framing.decode_header(bytes(buf[start:start + HEADER_SIZE]), max_size)
+                    except FrameError as e:
+                        self._fault(conn, "header", str(e))
+                    return False
+                conn.header = (n_arrays, meta_len, body_len)
+                start += HEADER_SIZE
+            body_len = conn.header[2]
+            if end - start >= body_len:
+                body = buf[start:start + body_len]  # a bytearray copy the message's arrays can own
+                start += body_len
+                if not self._finish_frame(conn, body):
+                    return False
+                conn.header = None
+                continue
+            if body_len > LIMITS.read_chunk_max - HEADER_SIZE:
+                # Too large for the read buffer at its largest: read the rest straight into the frame's own
+                # buffer. (A smaller frame stays in the read buffer, which _read grows as the bytes arrive.)
+                conn.body = bytearray(buf[start:end])  # what has arrived; _grow_body adds room as more does
+                conn.body_filled = end - start
+                conn.rstart = conn.rend = 0
+                return True
+            break
+        conn.rstart, conn.rend = start, end
+        if start == end:
+            conn.rstart = conn.rend = 0
+        elif start > len(buf) // 2:
+            self._compact(conn)
+        return True
+
+    def _finish_frame(self, conn: _Conn, body: bytearray) -> bool:
+        assert conn.header is not None
+        n_arrays, meta_len, _ = conn.header
+        try:
+            msg = framing.decode_body(n_arrays, meta_len, body)
+        except FrameError as e:
+            self._fault(conn, "body", str(e))
+            return False
+        if not conn.hello_done:
+            hello = msg.meta.get(_HELLO_KEY)
+            if not isinstance(hello, dict):
+                self._fault(conn, "hello", "first frame is not a hello")
+                return False
+            if hello.get("stream_id") != self.stream_id:
+                self._fault(conn, "hello", f"publication is for stream {hello.get('stream_id')!r}, "
+                                           f"this subscription serves stream {self.stream_id}")
+                return False
+            conn.hello_done = True
+            return True
+        msg.peer = conn.peer
+        self._ready.append(msg)
+        return True
+
+
+class TcpSubscription(Subscription, _Reader):
     """The listening end of a TCP channel: several publishers, each delivered in its own order."""
 
     def __init__(self, uri: str, stream_id: int = 1, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -160,10 +353,13 @@ class TcpSubscription(Subscription):
         self._listen_fd = self._listener.fileno()
         self._m_received = _received.labels(self._kind)
         self._conns: dict[int, _Conn] = {}
+        self._by_peer: dict[str, _Conn] = {}
         self._ready: collections.deque[Message] = collections.deque()
         self._closed = False
         self._unreported = 0
         self._full_round_at = 0.0
+        self._accept_resume = 0.0  # while > 0, accepting is paused (out of descriptors) until this time
+        self._accept_backoff = _ACCEPT_BACKOFF_S[0]
 
     # -- the application's side -------------------------------------------------------------------
 
@@ -215,12 +411,67 @@ class TcpSubscription(Subscription):
         """Close every connection and the listening socket."""
         if self._closed:
             return
+        self.flush(timeout=1.0)
         self._closed = True
         self._report()
         for conn in list(self._conns.values()):
             self._drop(conn)
         self._epoll.close()
         self._listener.close()
+
+    supports_replies = True
+
+    def reply(self, peer: str, meta: Mapping[str, Any] | None = None, arrays: Sequence[np.ndarray] = ()) -> OfferStatus:
+        """Send a message back over the connection ``peer`` (a received message's ``peer``); never blocks.
+
+        Call it from the thread that polls this subscription.
+        What the kernel does not take at once waits in the connection's own queue and goes out as the peer
+        reads; a peer that lets more than ``LIMITS.reply_queue`` bytes pile up is disconnected. Returns
+        ``NOT_CONNECTED`` when that connection is gone.
+        """
+        conn = self._by_peer.get(peer)
+        if conn is None or not conn.hello_done or self._closed:
+            return OfferStatus.NOT_CONNECTED
+        sent = 0
+        if conn.out:
+            parts = framing.encode(meta, arrays, self.max_message_size)
+        elif self._ssl is None and _native_send is not None:
+            r = _native_send(conn.fd, meta, arrays, self.max_message_size)
+            if type(r) is int:
+                return _OK
+            parts, sent = r
+            sent = max(sent, 0)  # a failed send: the Python send below meets the error again and names it
+        else:
+            parts = framing.encode(meta, arrays, self.max_message_size)
+        if self._ssl is not None:
+            parts = [b"".join(parts)]  # TLS retries a write with the same buffer
+        size = sum(map(len, parts))
+        if not conn.out and sent == 0:
+            try:
+                sent = conn.sock.send(parts[0]) if self._ssl is not None else conn.sock.sendmsg(parts[:_IOV_MAX])
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0
+            except OSError as e:
+                self._read_failed(conn, e.errno, f"reply failed: {e}")
+                return OfferStatus.NOT_CONNECTED
+        if sent < size:
+            if conn.out and conn.out_bytes + size - sent > LIMITS.reply_queue:
+                self._fault(conn, "slow", f"peer does not read its replies ({conn.out_bytes} bytes waiting)")
+                return OfferStatus.NOT_CONNECTED
+            if not conn.out:
+                self._epoll.modify(conn.fd, select.EPOLLIN | select.EPOLLOUT)
+            conn.out_bytes += _copy_unsent(parts, sent, conn.out)
+        return _OK
+
+    def flush(self, timeout: float = 1.0) -> bool:
+        """Wait up to ``timeout`` s until every queued reply has been handed to the kernel."""
+        deadline = time.monotonic() + timeout
+        while not self._closed and any(c.out for c in self._conns.values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._pump(min(remaining, 0.05))
+        return True
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -249,16 +500,25 @@ class TcpSubscription(Subscription):
         if _native_read is None or self._ssl is not None or len(self._conns) != 1:
             return None
         for conn in self._conns.values():
-            if conn.hello_done and conn.header is None and conn.body is None:
+            if conn.hello_done and conn.header is None and conn.body is None and not conn.out:
                 return conn
         return None
 
     def _read_sole(self, conn: _Conn, timeout_ms: int) -> None:
         """Wait up to ``timeout_ms`` for the sole connection, read and decode natively; the rest is Python's."""
+        try:
+            self._read_sole_native(conn, timeout_ms)
+        except Exception as e:  # whatever one peer's bytes do, they close that connection, never the server
+            self._fault(conn, "internal", f"{type(e).__name__}: {e}")
+
+    def _read_sole_native(self, conn: _Conn, timeout_ms: int) -> None:
+        if self._accept_resume and timeout_ms != 0:
+            timeout_ms = 1 if timeout_ms < 0 else min(timeout_ms, 1000)  # come back to resume accepting
+        listen_fd = -1 if self._accept_resume else self._listen_fd
         start, end, n, err = _native_read(conn.fd, conn.rbuf, conn.rstart, conn.rend, self.max_message_size,
-                                          conn.peer, self._ready, timeout_ms, self._listen_fd, _SPIN_NS)
+                                          conn.peer, self._ready, timeout_ms, listen_fd, _SPIN_NS)
         conn.rstart, conn.rend = start, end
-        if n > 0 and end == len(conn.rbuf):
+        if end == len(conn.rbuf):
             self._grow(conn)
         if err:
             self._read_failed(conn, err, os.strerror(err))
@@ -279,18 +539,30 @@ class TcpSubscription(Subscription):
                 self._read(c)
             if pending_tls:
                 timeout = 0.0
+        if self._accept_resume:
+            wait = self._accept_resume - time.monotonic()
+            if wait <= 0:
+                self._resume_accept()
+            elif timeout is None or timeout > wait:
+                timeout = wait
         events = self._epoll.poll(-1 if timeout is None else timeout)
-        for fd, _ in events:
+        for fd, ev in events:
             if fd == self._listen_fd:
                 self._accept()
                 continue
             conn = self._conns.get(fd)
             if conn is None:
                 continue
-            if conn.handshaking:
-                self._handshake(conn)
-            else:
-                self._read(conn)
+            try:
+                if conn.handshaking:
+                    self._handshake(conn)
+                    continue
+                if ev & select.EPOLLOUT:
+                    self._send_queued(conn)
+                if ev & ~select.EPOLLOUT and conn.fd in self._conns:
+                    self._read(conn)
+            except Exception as e:  # whatever one peer's bytes do, they close that connection, never the server
+                self._fault(conn, "internal", f"{type(e).__name__}: {e}")
 
     def _accept(self) -> None:
         while True:
@@ -298,18 +570,65 @@ class TcpSubscription(Subscription):
                 sock, addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setblocking(False)
-            peer = f"{addr[0]}:{addr[1]}"
-            conn = _Conn(sock=sock, peer=peer, fd=sock.fileno())
-            if self._ssl is not None:
-                conn.sock = self._ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                conn.handshaking = True
+            except OSError as e:
+                if e.errno in _ACCEPT_ERRNOS:
+                    self._pause_accept(e)
+                    return
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # that one connection failed on its way in
+                log.error("%s: accept failed: %s", self.uri, e)
+                return
+            self._accept_backoff = _ACCEPT_BACKOFF_S[0]
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setblocking(False)
+                conn = _Conn(sock=sock, peer=peer, fd=sock.fileno())
+                if self._ssl is not None:
+                    conn.sock = self._ssl.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+                    conn.handshaking = True
+            except (OSError, ssl.SSLError) as e:
+                log.info("%s: connection from %s failed on its way in: %s", self.uri, peer, e)
+                sock.close()
+                continue
             self._conns[conn.fd] = conn
+            self._by_peer[conn.peer] = conn
             self._epoll.register(conn.fd, select.EPOLLIN)
             _connections.labels(self._kind).inc()
             if conn.handshaking:
                 self._handshake(conn)
+
+    def _pause_accept(self, e: OSError) -> None:
+        """Out of descriptors (or memory): stop accepting for a while and keep serving the open connections."""
+        if not self._accept_resume:
+            self._epoll.unregister(self._listen_fd)
+        self._accept_resume = time.monotonic() + self._accept_backoff
+        log.error("%s: cannot accept connections: %s (%d open); serving those, accepting again in %.2f s",
+                  self.uri, e.strerror or e, len(self._conns), self._accept_backoff)
+        _accept_paused.labels(self._kind).inc()
+        self._accept_backoff = min(self._accept_backoff * 2, _ACCEPT_BACKOFF_S[1])
+
+    def _resume_accept(self) -> None:
+        self._accept_resume = 0.0
+        self._epoll.register(self._listen_fd, select.EPOLLIN)
+
+    def _send_queued(self, conn: _Conn) -> None:
+        """Hand queued replies to the kernel as the peer reads them."""
+        while conn.out:
+            head = conn.out[0]
+            try:
+                n = conn.sock.send(head)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                return
+            except OSError as e:
+                self._read_failed(conn, e.errno, f"reply failed: {e}")
+                return
+            conn.out_bytes -= n
+            if n == len(head):
+                conn.out.popleft()
+            else:
+                conn.out[0] = head[n:]
+        self._epoll.modify(conn.fd, select.EPOLLIN)
 
     def _handshake(self, conn: _Conn) -> None:
         assert isinstance(conn.sock, ssl.SSLSocket)
@@ -331,142 +650,12 @@ class TcpSubscription(Subscription):
         fd = conn.fd
         if fd in self._conns:
             del self._conns[fd]
+            if self._by_peer.get(conn.peer) is conn:
+                del self._by_peer[conn.peer]
             self._epoll.unregister(fd)
             _connections.labels(self._kind).dec()
+        conn.out.clear()
         conn.sock.close()
-
-    def _read(self, conn: _Conn) -> None:
-        """Read what is available on one connection and decode every whole frame in it."""
-        sock = conn.sock
-        for _ in range(64):  # bounded, so one busy peer cannot starve the others
-            if len(self._ready) >= _READY_HIGH:
-                return  # the rest waits in the kernel (epoll reports it again): memory stays bounded
-            try:
-                if conn.body is not None:
-                    n = sock.recv_into(memoryview(conn.body)[conn.body_filled:])
-                else:
-                    if conn.rend == len(conn.rbuf):
-                        self._compact(conn)
-                    room = len(conn.rbuf) - conn.rend
-                    n = sock.recv_into(memoryview(conn.rbuf)[conn.rend:])
-                    if n == room:
-                        self._grow(conn)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                return
-            except (ssl.SSLError, OSError) as e:
-                self._read_failed(conn, e.errno if isinstance(e, OSError) else None, str(e))
-                return
-            if n == 0:
-                self._disconnected(conn)
-                return
-            if conn.body is not None:
-                conn.body_filled += n
-                if conn.body_filled == len(conn.body):
-                    if not self._finish_frame(conn, conn.body):
-                        return
-                    conn.body, conn.header = None, None
-            else:
-                conn.rend += n
-                if not self._parse(conn):
-                    return
-            if conn.body is None and conn.rend - conn.rstart < HEADER_SIZE and n < len(conn.rbuf) // 2:
-                return  # drained what the kernel had
-
-    @staticmethod
-    def _grow(conn: _Conn) -> None:
-        """A read filled the buffer: a busy peer. Double it (up to the cap) to read more per system call."""
-        if len(conn.rbuf) < _READ_CHUNK_MAX:
-            conn.rbuf.extend(bytes(len(conn.rbuf)))
-
-    def _read_failed(self, conn: _Conn, err: int | None, detail: str) -> None:
-        if err in (errno.ECONNRESET, errno.EPIPE):
-            self._disconnected(conn)
-        else:
-            self._fault(conn, "io", f"read failed: {detail}")
-
-    def _disconnected(self, conn: _Conn) -> None:
-        partial = conn.body is not None or conn.rend > conn.rstart
-        if partial:
-            self._fault(conn, "truncated", "peer closed the connection in the middle of a frame")
-        else:
-            log.info("%s: %s disconnected", self.uri, conn.peer)
-            self._drop(conn)
-
-    @staticmethod
-    def _compact(conn: _Conn) -> None:
-        remaining = conn.rend - conn.rstart
-        conn.rbuf[:remaining] = conn.rbuf[conn.rstart:conn.rend]
-        conn.rstart, conn.rend = 0, remaining
-
-    def _parse(self, conn: _Conn) -> bool:
-        """Decode the whole frames in the read buffer; False if the connection was closed."""
-        buf = conn.rbuf
-        start, end = conn.rstart, conn.rend
-        unpack_header = framing.HEADER.unpack_from
-        max_size = self.max_message_size
-        while True:
-            if _native_parse is not None and conn.header is None and conn.hello_done:
-                # stops where Python must look
-                start = _native_parse(buf, start, end, max_size, conn.peer, self._ready)
-            if conn.header is None:
-                if end - start < HEADER_SIZE:
-                    break
-                magic, version, _flags, n_arrays, meta_len, body_len = unpack_header(buf, start)
-                if magic != framing.MAGIC or version != framing.VERSION or meta_len > body_len \
-                        or HEADER_SIZE + body_len > max_size:
-                    try:  # the checked decoder names the fault
-                        framing.decode_header(bytes(buf[start:start + HEADER_SIZE]), max_size)
-                    except FrameError as e:
-                        self._fault(conn, "header", str(e))
-                    return False
-                conn.header = (n_arrays, meta_len, body_len)
-                start += HEADER_SIZE
-            body_len = conn.header[2]
-            if end - start >= body_len:
-                body = buf[start:start + body_len]  # a bytearray copy the message's arrays can own
-                start += body_len
-                if not self._finish_frame(conn, body):
-                    return False
-                conn.header = None
-                continue
-            if body_len > len(buf) - HEADER_SIZE:
-                # Too large for the read buffer: read the rest straight into the frame's own buffer.
-                conn.body = bytearray(body_len)
-                conn.body[:end - start] = buf[start:end]
-                conn.body_filled = end - start
-                conn.rstart = conn.rend = 0
-                return True
-            break
-        conn.rstart, conn.rend = start, end
-        if start == end:
-            conn.rstart = conn.rend = 0
-        elif start > len(buf) // 2:
-            self._compact(conn)
-        return True
-
-    def _finish_frame(self, conn: _Conn, body: bytearray) -> bool:
-        assert conn.header is not None
-        n_arrays, meta_len, _ = conn.header
-        try:
-            msg = framing.decode_body(n_arrays, meta_len, body)
-        except FrameError as e:
-            self._fault(conn, "body", str(e))
-            return False
-        if not conn.hello_done:
-            hello = msg.meta.get(_HELLO_KEY)
-            if not isinstance(hello, dict):
-                self._fault(conn, "hello", "first frame is not a hello")
-                return False
-            if hello.get("stream_id") != self.stream_id:
-                self._fault(conn, "hello", f"publication is for stream {hello.get('stream_id')!r}, "
-                                           f"this subscription serves stream {self.stream_id}")
-                return False
-            conn.hello_done = True
-            return True
-        msg.peer = conn.peer
-        self._ready.append(msg)
-        return True
-
 
 class _Flusher:
     """One daemon thread per process that drains publications whose socket buffer was full.
@@ -521,8 +710,28 @@ class _Flusher:
 _FLUSHER = _Flusher()
 
 
+class _ReplyReader(_Reader):
+    """A publication's reading half: the replies its subscriber sends back over the same connection."""
+
+    def __init__(self, pub: TcpPublication, sock: socket.socket) -> None:
+        self.uri, self.stream_id, self.max_message_size = pub.uri, pub.stream_id, pub.max_message_size
+        self._ready = collections.deque()
+        self.conn = _Conn(sock=sock, peer=pub.uri, fd=sock.fileno(), hello_done=True)
+        self.broken: str | None = None  # why the connection can no longer be read, once it cannot
+
+    def _fault(self, conn: _Conn, fault: str, detail: str) -> None:
+        log.error("%s: closing the connection: %s", self.uri, detail)
+        self.broken = self.broken or detail
+
+    def _drop(self, conn: _Conn) -> None:
+        self.broken = self.broken or "the subscriber closed the connection"
+
+
 class TcpPublication(Publication):
-    """The connecting end of a TCP channel. Not thread-safe: one sender per publication."""
+    """The connecting end of a TCP channel. Not thread-safe: one sender per publication (and one reader of
+    the replies, which may be another thread)."""
+
+    supports_replies = True
 
     def __init__(self, uri: str, stream_id: int = 1, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  buffer_limit: int = 4 * 1024 * 1024, connect_timeout: float = 2.0,
@@ -548,8 +757,44 @@ class TcpPublication(Publication):
         self._sent_unreported = 0
         self._handshaking = False
         self._fast_fd = -1  # the socket's descriptor while the native send path may use it
-        self._lock = threading.Lock()  # offer() vs the background flusher
+        self._lock = threading.Lock()  # offer() vs the background flusher vs the reader of replies
+        self._reader: _ReplyReader | None = None
+        self._lost: str | None = None  # a connection was lost since receive() last said so: why
         self._connect(self.connect_timeout)
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        """Wait up to ``timeout`` s (None = forever) for a message the subscriber sent back (a reply).
+
+        Raises :class:`TransportError` once for every connection that was lost: replies still owed on it
+        will never come (the publication itself reconnects on the next offer).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise TransportError(f"{self.uri}: publication is closed", OfferStatus.CLOSED)
+                reader, sock = self._reader, self._sock
+                if reader is not None and not reader._ready and sock is not None \
+                        and (not self._handshaking or self._handshake()):
+                    reader._read(reader.conn)
+                    if reader.broken is not None:
+                        self._disconnect(reader.broken)
+                if reader is not None and reader._ready:
+                    return reader._ready.popleft()
+                if self._lost is not None:
+                    why, self._lost = self._lost, None
+                    raise TransportError(f"{self.uri}: connection lost: {why}", OfferStatus.NOT_CONNECTED)
+                sock = self._sock
+            wait = 0.05 if deadline is None else min(0.05, deadline - time.monotonic())
+            if wait <= 0:
+                return None
+            if sock is None:
+                time.sleep(wait)
+                continue
+            try:
+                select.select([sock], [], [], wait)  # without the lock: the sender and flusher go on meanwhile
+            except (OSError, ValueError):
+                time.sleep(wait)  # closed meanwhile; the next round says so
 
     @property
     def is_connected(self) -> bool:
@@ -669,7 +914,7 @@ class TcpPublication(Publication):
             sent = 0
         except OSError as e:
             log.info("%s: connection lost: %s", self.uri, e)
-            self._disconnect()
+            self._disconnect(f"send failed: {e}")
             return OfferStatus.NOT_CONNECTED
         if sent < size:
             self._queue(parts, sent)
@@ -694,14 +939,7 @@ class TcpPublication(Publication):
         # Copy what the kernel did not take: the caller may reuse its arrays once offer returns.
         if not self._pending and not self._closed:
             _FLUSHER.add(self)
-        for p in parts:
-            if skip >= len(p):
-                skip -= len(p)
-                continue
-            chunk = memoryview(bytes(memoryview(p)[skip:]))
-            skip = 0
-            self._pending.append(chunk)
-            self._pending_bytes += len(chunk)
+        self._pending_bytes += _copy_unsent(parts, skip, self._pending)
 
     def _drain(self) -> bool:
         """Push buffered bytes to the kernel; False if the connection broke."""
@@ -714,7 +952,7 @@ class TcpPublication(Publication):
                 return True
             except OSError as e:
                 log.info("%s: connection lost: %s", self.uri, e)
-                self._disconnect()
+                self._disconnect(f"send failed: {e}")
                 return False
             self._pending_bytes -= n
             if n == len(head):
@@ -752,12 +990,12 @@ class TcpPublication(Publication):
                 data = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return True
-        except OSError:
-            self._disconnect()
+        except OSError as e:
+            self._disconnect(str(e))
             return False
         if data == b"":
             log.info("%s: subscriber closed the connection", self.uri)
-            self._disconnect()
+            self._disconnect("the subscriber closed the connection")
             return False
         return True
 
@@ -778,6 +1016,7 @@ class TcpPublication(Publication):
             self._connect_failed(f"connect failed: {e}")
             return False
         self._sock = sock
+        self._reader = _ReplyReader(self, sock)
         self._fast_fd = sock.fileno() if self._ssl is None and _native_send is not None else -1
         self._last_check = time.monotonic()
         hello = framing.encode_bytes({_HELLO_KEY: {"stream_id": self.stream_id, "version": framing.VERSION}})
@@ -798,16 +1037,19 @@ class TcpPublication(Publication):
             return False
         except (ssl.SSLError, OSError) as e:
             log.warning("%s: TLS handshake failed: %s", self.uri, e)
-            self._disconnect()
+            self._disconnect(f"TLS handshake failed: {e}")
             self._connect_failed(f"TLS handshake failed: {e}")
             return False
         self._handshaking = False
         self._backoff = _RECONNECT_BACKOFF_S[0]
         return True
 
-    def _disconnect(self) -> None:
+    def _disconnect(self, why: str = "connection closed") -> None:
         self._fast_fd = -1  # before the close: the descriptor's number may be reused at once
+        self._reader = None
         if self._sock is not None:
+            if not self._closed:
+                self._lost = why
             try:
                 self._sock.close()
             finally:
