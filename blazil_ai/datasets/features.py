@@ -202,6 +202,26 @@ def _is_number(v: Any) -> bool:
         return False
 
 
+_libc: Any = None
+
+
+def _release_freed() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed blocks of the sizes a row group decodes to, so
+    RSS would creep above the budget while live memory stays within it); a no-op elsewhere."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
 def _flag_label(name: str) -> bool:
     """A label named like a flag (``is_fraud``, ``has_chargeback``) holds 0/1 only."""
     return name.startswith(("is_", "has_"))
@@ -264,7 +284,7 @@ class FeaturesDataset(Dataset):
         src = None
         if self.format in ("parquet", "feather") and memory_budget is not None:
             src = BlockSource(path, self.format)
-            if int(src.block_bytes.sum()) * 2 <= memory_budget:
+            if int(src.block_bytes.sum()) * 4 <= memory_budget:  # Parquet's sizes are encoded: leave room
                 src = None  # fits: the whole table in memory is simpler and as fast
         if src is not None:
             self._init_blocks(src, numeric, categorical, method, nan_policy, val_fraction, transform, refit)
@@ -284,9 +304,11 @@ class FeaturesDataset(Dataset):
             if name not in cols:
                 raise DataError(f"numeric column {name!r} not in the table's columns {list(cols)}",
                                 path=str(self.path), field=name, **({"line": 1} if self.unit == "line" else {}))
+            if cols[name].dtype.kind != "f" and self.format != "csv":  # a typed column: its type is wrong
+                raise DataError(f"column {name!r}: expected a number, found string", path=str(self.path), field=name)
             if cols[name].dtype.kind != "f":
                 bad = next((i for i, v in enumerate(cols[name].tolist()) if not _is_number(v)), 0)
-                raise DataError(f"not a number: {cols[name][bad]!r}", path=str(self.path), field=name,
+                raise DataError(f"not a number: {cols[name].tolist()[bad]!r}", path=str(self.path), field=name,
                                 **table.where(bad))
         lines = table.lines
         keep = self._keep_mask(cols, num, cat, nan_policy, lines)
@@ -298,8 +320,10 @@ class FeaturesDataset(Dataset):
             raise DataError("no data rows left after skipping bad ones", path=str(self.path))
         n_train = n if val_fraction == 0 else max(1, int(math.floor(n * (1 - val_fraction))))
         rows = {"train": np.arange(n_train), "val": np.arange(n_train, n), "all": np.arange(n)}[split]
-        self._set_transform(transform, refit, lambda: {k: cols[k][:n_train] for k in num + cat + [label]},
-                            num, cat, method, nan_policy)
+        fit_policy = "impute" if nan_policy == "impute" else "error"
+        self._set_transform(transform, refit, lambda: FeatureTransform.fit(
+            {k: cols[k][:n_train] for k in num + cat + [label]}, numeric=num, categorical=cat, method=method,
+            nan_policy=fit_policy, label=label), nan_policy)
         used = self.transform.numeric + self.transform.categorical
         self.x = self.transform.transform({k: cols[k][rows] for k in used}, path=str(self.path), lines=lines[rows],
                                           unit=self.unit)
@@ -350,8 +374,7 @@ class FeaturesDataset(Dataset):
         return keep
 
     def _set_transform(self, transform: str | Path | FeatureTransform | None, refit: bool,
-                       train_cols: Callable[[], dict[str, np.ndarray]], num: list[str], cat: list[str], method: str,
-                       nan_policy: str) -> None:
+                       fit: Callable[[], FeatureTransform], nan_policy: str) -> None:
         from blazil_ai.datasets.tabular import check_fresh, source_fingerprint
 
         self.transform_path: Path | None = None
@@ -363,10 +386,8 @@ class FeaturesDataset(Dataset):
             check_fresh(self.transform.source, self.source, self.transform_path)
         else:
             # Fit on training rows only; "skip" was applied above, so fit sees what training sees.
-            fit_policy = "impute" if nan_policy == "impute" else "error"
             try:
-                self.transform = FeatureTransform.fit(train_cols(), numeric=num, categorical=cat, method=method,
-                                                      nan_policy=fit_policy, label=self.label)
+                self.transform = fit()
             except DataError as e:
                 if e.path is not None:
                     raise
@@ -503,17 +524,35 @@ class FeaturesDataset(Dataset):
             self._integral = yy.dtype.kind == "i"
         del ys, y_all
 
-        def fit_columns() -> dict[str, np.ndarray]:
-            out: dict[str, np.ndarray] = {}
-            tb = train_blocks()
-            for k in num:  # one numeric column of the training rows at a time
-                out[k] = np.concatenate([kept_column(k, b)[:m] for b, m in tb])
-            for k in cat:
-                out[k] = np.concatenate([kept_column(k, b, True)[:m] for b, m in tb])
-            out[label] = np.concatenate([kept_column(label, b, label_text)[:m] for b, m in tb])
-            return out
+        fit_policy = "impute" if nan_policy == "impute" else "error"
 
-        self._set_transform(transform, refit, fit_columns, num, cat, method, nan_policy)
+        def fit() -> FeatureTransform:
+            """The same fit as in memory, one column of the training rows at a time (categories counted per block)."""
+            tb = train_blocks()
+            t = FeatureTransform(numeric=list(num), categorical=list(cat), method=method, nan_policy=fit_policy,
+                                 label=label)
+            if method not in METHODS:
+                raise ConfigError(f"normalisation method must be one of {METHODS}, got {method!r}")
+            for k in num:
+                one = FeatureTransform.fit({k: np.concatenate([kept_column(k, b)[:m] for b, m in tb])}, numeric=[k],
+                                           categorical=[], method=method, nan_policy=fit_policy)
+                t.center += one.center
+                t.scale += one.scale
+                t.fill += one.fill
+            for k in cat:
+                counts: dict[str, int] = {}
+                for b, m in tb:
+                    vals, cnt = np.unique(kept_column(k, b, True)[:m], return_counts=True)
+                    for v, c in zip(vals.tolist(), cnt.tolist()):
+                        counts[v] = counts.get(v, 0) + c
+                values = np.asarray(sorted(counts), dtype=str)
+                order = np.argsort(-np.asarray([counts[v] for v in values.tolist()]), kind="stable")
+                t.categories[k] = sorted(str(v) for v in values[order][:64])
+            if label_text:
+                t.classes = sorted({str(v) for b, m in tb for v in kept_column(label, b, True)[:m].tolist()})
+            return t
+
+        self._set_transform(transform, refit, fit, nan_policy)
         self.classes = self._classes_num if self._integral is not None else self.transform.classes
         # Local index bounds of each block inside this split.
         bounds = np.clip(kept_start, lo, hi) - lo
@@ -538,22 +577,27 @@ class FeaturesDataset(Dataset):
         cols = arrow_columns(t, name=str(self.path), numeric=self.transform.numeric,
                              text=[*self.transform.categorical, *([self.label] if self._label_text else [])])
         del t
-        lines = src.row_labels(s, e)[keep]
-        cols = {k: v[keep] for k, v in cols.items()}
+        lines = src.row_labels(s, e)
+        if not keep.all():
+            lines = lines[keep]
+            cols = {k: v[keep] for k, v in cols.items()}
         x = self.transform.transform({k: cols[k] for k in used}, path=str(self.path), lines=lines, unit=self.unit)
         y_raw = cols[self.label]
         if y_raw.dtype.kind == "f":
             y = y_raw.astype(np.int64) if self._integral else y_raw.astype(np.float32)
         else:
             y, _ = class_ids(y_raw, self.transform.classes)
-        out = {"x": x, "y": y, "lines": lines}
+        out = {"x": x, "y": y}
         size = sum(v.nbytes for v in out.values())
-        budget = (self.memory_budget or 0) // 2
+        # A quarter of the budget for decoded blocks kept between batches; the rest is for decoding the next one
+        # (the Arrow table of a row group, its numpy columns and the feature matrix exist together for a moment).
+        budget = (self.memory_budget or 0) // 4
         while self._cache and self._cache_bytes + size > budget:
             _, old = self._cache.popitem(last=False)
             self._cache_bytes -= sum(v.nbytes for v in old.values())
         self._cache[b] = out
         self._cache_bytes += size
+        _release_freed()
         self.peak_cache_bytes = max(self.peak_cache_bytes, self._cache_bytes)
         return out
 

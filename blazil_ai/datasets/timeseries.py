@@ -81,7 +81,7 @@ class TimeSeriesDataset(Dataset):
         cols = table.columns
         self.unit = table.unit
         if features is None:
-            features = [k for k in table.numeric if k not in targets]
+            features = [k for k in table.numeric if k not in targets and k != timestamp]
         for name in [*features, *targets]:
             if name not in cols or cols[name].dtype.kind != "f":
                 raise DataError(f"column {name!r} is missing or not numeric", path=str(self.path), field=name,
