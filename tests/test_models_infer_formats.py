@@ -94,3 +94,16 @@ def test_bad_out_and_keep_are_named_and_write_nothing(built, tmp_path):
     with pytest.raises(ConfigError, match=r"--keep applies to table inputs"):
         blazil("infer", "--type", "audio", "--model", models, samples["audio"], "--keep", "x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dataframe_example_trains_and_writes_parquet(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "data_frame.py"
+    res = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "wrote predictions.parquet: 5000 rows" in res.stdout
+    t = pq.read_table(tmp_path / "predictions.parquet")
+    assert t.column_names == ["row", "score", "label", "transaction_id", "amount"] and t.num_rows == 5000
