@@ -150,8 +150,7 @@ class FeatureTransform:
         col = len(self.numeric)
         for name in self.categorical:
             cats = self.categories[name]
-            index = {c: i for i, c in enumerate(cats)}
-            ids = np.fromiter((index.get(v, len(cats)) for v in cols[name].astype(str).tolist()), np.int64, n)
+            ids = _category_ids(cols[name].astype(str), cats)
             out[np.arange(n), col + ids] = 1.0
             col += len(cats) + 1
         return out
@@ -192,6 +191,19 @@ class FeatureTransform:
         if len(t.center) != len(t.numeric) or len(t.scale) != len(t.numeric) or set(t.categories) != set(t.categorical):
             raise DataError("inconsistent transform file (lengths of numeric/center/scale differ)", path=str(path))
         return t
+
+
+def _category_ids(values: np.ndarray, cats: list[str]) -> np.ndarray:
+    """Position of each value in ``cats`` (``len(cats)``, the other slot, when absent), vectorised."""
+    if not cats:
+        return np.zeros(len(values), dtype=np.int64)
+    arr = np.asarray(cats, dtype=str)
+    order = np.argsort(arr, kind="stable")
+    ranked = arr[order]
+    pos = np.minimum(np.searchsorted(ranked, values), len(cats) - 1)
+    ids = order[pos].astype(np.int64)
+    ids[ranked[pos] != values] = len(cats)
+    return ids
 
 
 def _is_number(v: Any) -> bool:
