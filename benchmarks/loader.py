@@ -267,7 +267,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--big-mb", type=int, default=256, help="size of the large file for the dd comparison")
-    ap.add_argument("--parquet-rows", type=int, default=500_000, help="transactions in the Parquet file")
+    ap.add_argument("--parquet-rows", type=int, default=200_000, help="transactions in the Parquet file")
     ap.add_argument("--cases", default="wav_small,yolo,raw,parquet,parquet_budget")
     ap.add_argument("--modes", default="hot,cold")
     args = ap.parse_args()

@@ -77,6 +77,9 @@ def test_timeseries_identical_batches_across_formats(tmp_path):
     sources["typed"] = tmp_path / "typed.parquet"
     datasets = {name: open_dataset("timeseries", src, input_length=8, horizon=2) for name, src in sources.items()}
     _same_batches(datasets, len(datasets["csv"]))
+    named = {name: open_dataset("timeseries", sources[name], features=["a"], input_length=8, horizon=2)
+             for name in ("csv", "typed", "jsonl", "frame")}
+    _same_batches(named, len(datasets["csv"]))
 
 
 def test_text_identical_batches_across_formats(tmp_path):

@@ -505,9 +505,10 @@ def arrow_columns(table: Any, *, name: str, required: Sequence[str] = (), numeri
                     raise DataError(f"column {col_name!r}: expected a number, found {_type_name(field.type)}",
                                     path=name, field=col_name)
                 out[col_name] = _to_numpy(col, kind)
+            elif kind in ("text", "time"):  # a timestamp stays epoch seconds (time series read it so)
+                out[col_name] = _to_numpy(col, kind)
             else:
-                out[col_name] = _to_numpy(col, "text") if kind == "text" else \
-                    np.asarray([_num_text(v) for v in col.to_pylist()], dtype=str)
+                out[col_name] = np.asarray([_num_text(v) for v in col.to_pylist()], dtype=str)
             continue
         out[col_name] = _to_numpy(col, kind)
     return out
