@@ -17,7 +17,7 @@ from blazil_ai.datasets import Loader, open_dataset
 from blazil_ai.datasets.csvtable import write_csv
 from blazil_ai.datasets.samples import build_tokenizer
 from blazil_ai.datasets.transactions import simulate_transactions
-from blazil_ai.errors import DataError
+from blazil_ai.errors import ConfigError, DataError
 
 
 def _all_formats(tmp_path, csv, frame: pd.DataFrame) -> dict[str, object]:
@@ -202,6 +202,14 @@ def test_row_groups_bounded_memory_same_rows(big_parquet):
     # Row groups come whole: each batch of 512 needs at most two of them.
     for idx in seen:
         assert len(np.unique(np.searchsorted(streamed.blocks, idx, side="right"))) <= 2
+
+
+def test_row_group_larger_than_the_budget_is_refused(big_parquet, tmp_path):
+    _, table = big_parquet
+    pq.write_table(table, tmp_path / "fat.parquet", row_group_size=60_000)
+    with pytest.raises(ConfigError, match=r"fat\.parquet: row group 0 \(60000 rows\) decodes to about .* MiB, more "
+                                          r"than half of memory_budget=4\.0 MiB"):
+        open_dataset("features", tmp_path / "fat.parquet", memory_budget=BUDGET)
 
 
 def test_row_groups_shard_and_resume(big_parquet):

@@ -492,8 +492,22 @@ class FeaturesDataset(Dataset):
             return arrow_columns(t, name=str(self.path), text=[name] if text else (),
                                  numeric=None if text else [name])[name]
 
-        # Pass 1, one column at a time: rows to keep, and the label's type and values.
+        # A row group must fit the budget with room to decode the next: measure the largest one's decoded
+        # size from the first's bytes per row, and refuse rather than quietly exceed the budget.
         nb = src.num_blocks
+        used_cols = list(dict.fromkeys([*num, *cat, label]))
+        first = src.read_block(0, used_cols)
+        per_row = first.nbytes / max(1, first.num_rows)
+        del first
+        biggest = int(np.argmax(src.block_rows))
+        need = per_row * int(src.block_rows[biggest]) * 2  # the Arrow table and its numpy columns together
+        if need > self.memory_budget / 2:
+            raise ConfigError(
+                f"{self.path}: row group {biggest} ({int(src.block_rows[biggest])} rows) decodes to about "
+                f"{need / 2**20:.1f} MiB, more than half of memory_budget={self.memory_budget / 2**20:.1f} MiB; "
+                "raise the budget or rewrite the file with smaller row groups "
+                "(pyarrow.parquet.write_table(..., row_group_size=N))")
+        # Pass 1, one column at a time: rows to keep, and the label's type and values.
         keep = np.ones(src.num_rows, dtype=bool)
         for b in range(nb):
             s, e = int(src.block_start[b]), int(src.block_start[b + 1])
