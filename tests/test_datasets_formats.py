@@ -119,6 +119,16 @@ def test_truncated_and_corrupt_parquet_named(tmp_path):
     p.write_bytes(b"PAR1" + b"\x00" * 64)
     with pytest.raises(DataError, match=r"bad\.parquet: not a readable Parquet file"):
         open_dataset("features", p)
+    # One flipped bit in a data page of a file written with page checksums (as the project writes Parquet).
+    from blazil_ai.datasets.tabular import write_table
+
+    write_table(p, {"amount": np.arange(100.0), "is_fraud": np.zeros(100, dtype=np.int64)})
+    col = pq.ParquetFile(p).metadata.row_group(0).column(0)
+    data = bytearray(p.read_bytes())
+    data[col.data_page_offset + col.total_compressed_size - 5] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"bad\.parquet: cannot decode row group 0: .*CRC checksum"):
+        open_dataset("features", p)
 
 
 def test_nulls_named_by_row_and_nested_columns_by_name(tmp_path):

@@ -188,7 +188,9 @@ class BlockSource:
         self.schema = None
         for part in parts:
             try:
-                pf = pq.ParquetFile(pa.PythonFile(ReaderFile(part, self._reader), mode="r"), pre_buffer=True)
+                # Page checksums, where the writer stored them, are verified: flipped bits are named, not read.
+                pf = pq.ParquetFile(pa.PythonFile(ReaderFile(part, self._reader), mode="r"), pre_buffer=True,
+                                    page_checksum_verification=True)
                 schema = pf.schema_arrow
             except Exception as e:  # pyarrow raises ArrowInvalid / OSError for a damaged footer
                 raise _arrow_error(e, str(part), "not a readable Parquet file") from None
@@ -554,7 +556,7 @@ def write_table(path: str | Path, columns: Any, format: str | None = None) -> Pa
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, write_page_checksum=True)
         elif fmt == "feather":
             import pyarrow.feather as feather
 

@@ -76,7 +76,7 @@ class _Sink:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.Table.from_pylist(self.rows), self.parquet_path)
+            pq.write_table(pa.Table.from_pylist(self.rows), self.parquet_path, write_page_checksum=True)
 
 
 @contextmanager
