@@ -125,7 +125,8 @@ def test_truncated_and_corrupt_parquet_named(tmp_path):
     write_table(p, {"amount": np.arange(100.0), "is_fraud": np.zeros(100, dtype=np.int64)})
     col = pq.ParquetFile(p).metadata.row_group(0).column(0)
     data = bytearray(p.read_bytes())
-    data[col.data_page_offset + col.total_compressed_size - 5] ^= 0x01
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    data[start + col.total_compressed_size - 5] ^= 0x01
     p.write_bytes(bytes(data))
     with pytest.raises(DataError, match=r"bad\.parquet: cannot decode row group 0: .*CRC checksum"):
         open_dataset("features", p)
