@@ -22,8 +22,8 @@ from blazil_ai.models.infer import run_inference
 
 
 def main(root: Path) -> None:
-    history = pd.DataFrame(simulate_transactions(20_000, seed=0, fraud_rate=0.03))
-    today = pd.DataFrame(simulate_transactions(5_000, seed=7, fraud_rate=0.03))
+    history = pd.DataFrame(simulate_transactions(10_000, seed=0, fraud_rate=0.03))
+    today = pd.DataFrame(simulate_transactions(3_000, seed=7, fraud_rate=0.03))
     print(f"history: {len(history)} rows, {history['is_fraud'].mean():.1%} fraud")
 
     # The frame straight into the loader: normalised numeric columns + one-hot categories, in numpy batches.

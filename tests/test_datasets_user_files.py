@@ -3,6 +3,8 @@ bad layouts and labels named in one line, ``--on-error skip`` skipping what it s
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from blazil_ai.cli import main
 from blazil_ai.datasets import open_dataset
 from blazil_ai.datasets import samples as samples_mod
 from blazil_ai.datasets.csvtable import write_csv
@@ -19,9 +22,17 @@ from blazil_ai.datasets.transactions import simulate_transactions
 from blazil_ai.errors import ConfigError, DataError
 
 
-def cli(*argv: object, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(*argv: object) -> subprocess.CompletedProcess:
+    """The ``blazil`` command in this process (an exception it lets through fails the test, as a traceback would)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return subprocess.CompletedProcess(list(map(str, argv)), rc, out.getvalue(), err.getvalue())
+
+
+def cli_process(*argv: object) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "blazil_ai", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=120)
 
 
 def one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
@@ -81,7 +92,7 @@ def test_make_samples_parquet_format(tmp_path):
 def test_make_samples_onto_or_under_a_file(tmp_path):
     f = tmp_path / "file.txt"
     f.write_text("x")
-    one_line_error(cli("data", "make-samples", f, "--small"), "file.txt is a file")
+    one_line_error(cli_process("data", "make-samples", f, "--small"), "file.txt is a file")
     one_line_error(cli("data", "make-samples", f / "sub", "--small"), "which is a file")
     assert f.read_text() == "x"
 
@@ -90,7 +101,7 @@ def test_inspect_detection_on_an_image(tmp_path):
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
-    one_line_error(cli("data", "inspect", "--type", "detection", tmp_path / "x.png"), "x.png", "data.yaml")
+    one_line_error(cli_process("data", "inspect", "--type", "detection", tmp_path / "x.png"), "x.png", "data.yaml")
 
 
 # -- item 4: inspect writes nothing; stale transforms are refused ----------------------------------------------
