@@ -411,9 +411,9 @@ class FeaturesDataset(Dataset):
         # This data set's policy applies to its own rows; a copy leaves the caller's (or saved) transform as it was.
         self.transform = replace(self.transform, nan_policy="impute" if nan_policy == "impute" else "error")
 
-    def _labels(self, y: np.ndarray, lines: np.ndarray, classes: list[str] | None = None,
-                integral: bool | None = None) -> tuple[np.ndarray, list[str] | None]:
-        label, unit = self.label, getattr(self, "unit", "line")
+    def _labels(self, y: np.ndarray, lines: np.ndarray) -> tuple[np.ndarray, list[str] | None]:
+        """Labels as class ids (text), int64 (whole numbers) or float32, with the class names; a 0/1 flag checked."""
+        label, unit = self.label, self.unit
         if y.dtype.kind == "f":
             if not np.all(np.isfinite(y)):
                 i = int(np.argmax(~np.isfinite(y)))
@@ -423,11 +423,10 @@ class FeaturesDataset(Dataset):
                 i = int(np.argmax((y != 0) & (y != 1)))
                 raise DataError(f"label {label!r} is a 0/1 flag, found {y[i]:g}", path=str(self.path), field=label,
                                 **{unit: int(lines[i])})
-            whole = bool(np.all(y == np.round(y))) if integral is None else integral
-            out = y.astype(np.int64) if whole else y.astype(np.float32)
-            if classes is None and out.dtype.kind == "i":
-                classes = [str(c) for c in np.unique(out).tolist()]
-            return out, classes if out.dtype.kind == "i" else None
+            if not np.all(y == np.round(y)):
+                return y.astype(np.float32), None
+            out = y.astype(np.int64)
+            return out, [str(c) for c in np.unique(out).tolist()]
         return class_ids(y, self.transform.classes)
 
     def __len__(self) -> int:
@@ -501,10 +500,11 @@ class FeaturesDataset(Dataset):
         del first
         biggest = int(np.argmax(src.block_rows))
         need = per_row * int(src.block_rows[biggest]) * 2  # the Arrow table and its numpy columns together
-        if need > self.memory_budget / 2:
+        budget = self.memory_budget or 0
+        if need > budget / 2:
             raise ConfigError(
                 f"{self.path}: row group {biggest} ({int(src.block_rows[biggest])} rows) decodes to about "
-                f"{need / 2**20:.1f} MiB, more than half of memory_budget={self.memory_budget / 2**20:.1f} MiB; "
+                f"{need / 2**20:.1f} MiB, more than half of memory_budget={budget / 2**20:.1f} MiB; "
                 "raise the budget or rewrite the file with smaller row groups "
                 "(pyarrow.parquet.write_table(..., row_group_size=N))")
         # Pass 1, one column at a time: rows to keep, and the label's type and values.
@@ -582,9 +582,7 @@ class FeaturesDataset(Dataset):
         self.classes = self._classes_num if self._integral is not None else self.transform.classes
         # Local index bounds of each block inside this split.
         bounds = np.clip(kept_start, lo, hi) - lo
-        self._block_of_bound = np.flatnonzero(np.diff(bounds) > 0)
         self.blocks = np.concatenate([[0], bounds[1:][np.diff(bounds) > 0]]).astype(np.int64)
-        self.rows = np.arange(lo, hi, dtype=np.int64)  # kept-table positions of this split (as in memory)
         self._label_text = label_text
 
     def _decode_block(self, b: int) -> Batch:
