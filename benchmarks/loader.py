@@ -462,7 +462,7 @@ from blazil_ai.datasets import Loader, open_dataset
 import pyarrow as pa, pyarrow.parquet as pq, pandas as pd, torch.utils.data
 # warm every import and the reader on a small file first, so the growth measured is the data's
 small = bl.make_parquet(__import__("pathlib").Path({small!r}), 20_000)
-bl.run_blazil_parquet(small, 256, memory_budget=1 << 20)
+bl.run_blazil_parquet(small, 256, memory_budget=8 << 20)
 bl.run_pandas_torch(small, 256, 0)
 proc = psutil.Process()
 peak = [0]
