@@ -40,6 +40,8 @@ OUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": 
 
 def out_format(out: str | Path | None) -> str:
     """``jsonl``, ``csv`` or ``parquet`` by ``out``'s extension (stdout and no extension: JSONL)."""
+    if out is not None and Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a folder; name a file (.jsonl, .csv or .parquet)")
     if out is None or Path(out).suffix == "":
         return "jsonl"
     fmt = OUT_FORMATS.get(Path(out).suffix.lower())
@@ -89,7 +91,10 @@ def _output(out: str | Path | None, as_frame: bool = False) -> Iterator[_Sink]:
         yield _Sink(fmt, sys.stdout)
         return
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create {path.parent}: {e.strerror}") from None
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         if fmt == "parquet":
