@@ -278,3 +278,12 @@ print(decoded, budget, peak - base, len(ds.blocks) - 1)
     decoded, budget, grown, groups = (int(v) for v in out.stdout.split())
     assert decoded >= 4 * budget and groups == 24
     assert grown <= 1.5 * budget, f"RSS grew by {grown / 2**20:.1f} MiB for a {budget / 2**20:.0f} MiB budget"
+
+
+def test_pandas_and_pyarrow_are_imported_only_when_used():
+    code = ("import sys, blazil_ai.cli; blazil_ai.cli.build_parser(); import blazil_ai.pipeline, "
+            "blazil_ai.datasets.features, blazil_ai.datasets.timeseries, blazil_ai.datasets.text, "
+            "blazil_ai.models.infer; print(sorted(m for m in ('pandas', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
