@@ -337,11 +337,12 @@ class FeaturesDataset(Dataset):
             {k: cols[k][:n_train] for k in num + cat + [label]}, numeric=num, categorical=cat, method=method,
             nan_policy=fit_policy, label=label), nan_policy)
         used = self.transform.numeric + self.transform.categorical
-        self.x = self.transform.transform({k: cols[k][rows] for k in used}, path=str(self.path), lines=lines[rows],
+        part = slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) else slice(0, 0)  # contiguous: views
+        self.x = self.transform.transform({k: cols[k][part] for k in used}, path=str(self.path), lines=lines[part],
                                           unit=self.unit)
-        self.y, self.classes = self._labels(cols[label][rows], lines[rows])
+        self.y, self.classes = self._labels(cols[label][part], lines[part])
         self.rows = rows
-        self.lines = lines[rows]
+        self.lines = lines[part]
 
     # -- shared by both modes ------------------------------------------------------------------------
     def _select(self, cols: Mapping[str, Any], numeric: Sequence[str] | None,

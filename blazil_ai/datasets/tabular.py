@@ -440,7 +440,14 @@ def _to_numpy(col: Any, kind: str) -> np.ndarray:
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
     filled = pc.fill_null(col, "")
-    return np.asarray(filled.to_numpy(zero_copy_only=False), dtype=str)
+    if isinstance(filled, pa.ChunkedArray):
+        filled = filled.combine_chunks()
+    # Through a dictionary: the distinct strings become numpy text once, the rows are one gather.
+    enc = pc.dictionary_encode(filled)
+    words = np.asarray(enc.dictionary.to_numpy(zero_copy_only=False), dtype=str)
+    if len(words) == 0:
+        return np.asarray([""] * len(filled), dtype=str)
+    return words[np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
 
 
 def column_kinds(schema: Any, *, name: str, required: Sequence[str] = ()) -> dict[str, str]:
@@ -532,7 +539,9 @@ def read_table(source: Any, *, format: str | None = None, required: Sequence[str
     if fmt == "csv":
         return read_csv(source, required=required, numeric=numeric, text=text, on_error=on_error)
     src = BlockSource(source, fmt, reader)
-    table = src.read_all()
+    keep = set(required) | set(text) | set(numeric or ())
+    wanted = [c for c in src.columns if ignore is None or not ignore(c) or c in keep]
+    table = src.read_all(wanted)  # columns left out are never decoded
     columns = arrow_columns(table, name=src.name, required=required, numeric=numeric, text=text, ignore=ignore)
     return Table(path=Path(src.name), columns=columns, lines=src.row_labels(0, src.num_rows), unit=src.unit)
 
