@@ -243,6 +243,9 @@ def test_row_groups_shard_and_resume(big_parquet):
     again.reset(state)
     assert np.array_equal(again.next()["index"], want)
     again.close()
+    in_memory = Loader(open_dataset("features", path, split="train"), batch_size=700, shuffle=True, seed=2)
+    with pytest.raises(ConfigError, match=r"order='row_groups:40','rows'"):  # another order: refused, not resumed
+        in_memory.reset(state)
 
 
 def test_row_groups_peak_rss_within_budget(tmp_path):

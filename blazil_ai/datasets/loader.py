@@ -210,7 +210,11 @@ class Loader:
         """Where the loader stands: resuming from this state yields exactly the next batch."""
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "shuffle": self.shuffle,
                 "batch_size": self.batch_size, "drop_last": self.drop_last, "rank": self.rank,
-                "world_size": self.world_size, "samples": len(self.dataset)}
+                "world_size": self.world_size, "samples": len(self.dataset), "order": self._order_kind()}
+
+    def _order_kind(self) -> str:
+        blocks = getattr(self.dataset, "blocks", None)
+        return f"row_groups:{len(blocks) - 1}" if blocks is not None and len(blocks) > 2 else "rows"
 
     def reset(self, state: dict[str, Any] | None = None) -> None:
         """Go back to the start of epoch 0, or to ``state`` (from ``get_state``) when given."""
@@ -222,7 +226,8 @@ class Loader:
         if missing:
             raise ConfigError(f"loader state is missing {missing}")
         mine = self.get_state()
-        differ = {k: (state[k], mine[k]) for k in _STATE_KEYS[2:] if state[k] != mine[k]}
+        keys = [*_STATE_KEYS[2:], *(["order"] if "order" in state else [])]  # states saved before "order" lack it
+        differ = {k: (state[k], mine[k]) for k in keys if state[k] != mine[k]}
         if differ:
             # Resuming under other settings would silently give other batches; refuse instead.
             raise ConfigError("loader state was saved with other settings (saved, current): "
