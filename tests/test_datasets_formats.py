@@ -215,6 +215,26 @@ def test_row_groups_bounded_memory_same_rows(big_parquet):
         assert len(np.unique(np.searchsorted(streamed.blocks, idx, side="right"))) <= 2
 
 
+def test_row_groups_skip_policy_matches_memory(big_parquet, tmp_path):
+    _, table = big_parquet
+    part = table.slice(0, 20_000)
+    amount = part.column("amount").to_numpy().copy()
+    holes = np.array([5, 1999, 2000, 7777, 19_999])
+    mask = np.zeros(len(amount), dtype=bool)
+    mask[holes] = True
+    part = part.set_column(part.schema.get_field_index("amount"), "amount", pa.array(amount, mask=mask))
+    pq.write_table(part, tmp_path / "holes.parquet", row_group_size=1000)
+    whole = open_dataset("features", tmp_path / "holes.parquet", split="val", nan_policy="skip")
+    streamed = open_dataset("features", tmp_path / "holes.parquet", split="val", nan_policy="skip",
+                            memory_budget=1 << 20)
+    assert streamed.blocks is not None and len(streamed) == len(whole) == (20_000 - 5) - int((20_000 - 5) * 0.8)
+    assert [r.line for r in streamed.skipped] == holes.tolist() == [r.line for r in whole.skipped]
+    idx = np.arange(len(whole))
+    assert np.array_equal(streamed.get_batch(idx)["x"], whole.get_batch(idx)["x"])
+    rows = streamed.row_names(streamed.get_batch(idx)["index"])
+    assert np.array_equal(rows, whole.row_names(whole.get_batch(idx)["index"]))
+
+
 def test_row_group_larger_than_the_budget_is_refused(big_parquet, tmp_path):
     _, table = big_parquet
     pq.write_table(table, tmp_path / "fat.parquet", row_group_size=60_000)

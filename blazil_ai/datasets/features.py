@@ -508,20 +508,33 @@ class FeaturesDataset(Dataset):
                 f"{need / 2**20:.1f} MiB, more than half of memory_budget={budget / 2**20:.1f} MiB; "
                 "raise the budget or rewrite the file with smaller row groups "
                 "(pyarrow.parquet.write_table(..., row_group_size=N))")
-        # Pass 1, one column at a time: rows to keep, and the label's type and values.
-        keep = np.ones(src.num_rows, dtype=bool)
+        # Pass 1, block by block, a few columns at a time: rows to keep (only when a policy skips rows), and the
+        # label checked and typed as in memory (finite, 0/1 for a flag, whole numbers -> int64 classes).
+        skipping = nan_policy == "skip" or self.on_error == "skip"
+        keep = np.ones(src.num_rows, dtype=bool) if skipping else None
+        counts = []
+        whole, values = True, set()
         for b in range(nb):
             s, e = int(src.block_start[b]), int(src.block_start[b + 1])
-            cols = {k: column(k, b) for k in (num if nan_policy == "skip" or self.on_error == "skip" else [])}
+            cols = {k: column(k, b) for k in (num if skipping else [])}
             if self.on_error == "skip":
                 cols.update({k: column(k, b, True) for k in cat})
             cols[label] = column(label, b, label_text)
-            mask = self._keep_mask(cols, num, cat, nan_policy, src.row_labels(s, e))
-            if mask is not None:
+            lines_b = src.row_labels(s, e)
+            mask = self._keep_mask(cols, num, cat, nan_policy, lines_b) if skipping else None
+            y = cols[label]
+            if mask is not None and keep is not None:
                 keep[s:e] = mask
+                y, lines_b = y[mask], lines_b[mask]
+            if y.dtype.kind == "f":
+                out, _ = self._labels(y, lines_b)  # raises DataError naming the row
+                whole = whole and out.dtype.kind == "i"
+                if whole:
+                    values.update(np.unique(out).tolist())
+            counts.append(len(y))
+            del cols, y
         self._keep = keep
-        kept_start = np.concatenate([[0], np.cumsum([keep[int(src.block_start[b]):int(src.block_start[b + 1])].sum()
-                                                     for b in range(nb)])]).astype(np.int64)
+        kept_start = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._kept_start = kept_start
         n = int(kept_start[-1])
         if n == 0:
@@ -532,24 +545,17 @@ class FeaturesDataset(Dataset):
 
         def kept_column(name: str, b: int, text: bool = False) -> np.ndarray:
             s, e = int(src.block_start[b]), int(src.block_start[b + 1])
-            return column(name, b, text)[keep[s:e]]
+            col = column(name, b, text)
+            return col if keep is None else col[keep[s:e]]
 
         def train_blocks() -> list[tuple[int, int]]:
             """(block, kept rows of it that are training rows)."""
             return [(b, int(min(kept_start[b + 1], n_train) - kept_start[b])) for b in range(nb)
                     if kept_start[b] < n_train]
 
-        # The label: one type for all blocks, as in memory.
-        ys = [kept_column(label, b, label_text) for b in range(nb)]
-        y_all = np.concatenate(ys)
-        self._integral = None
-        self._classes_num: list[str] | None = None
-        if y_all.dtype.kind == "f":
-            lines = np.concatenate([src.row_labels(int(src.block_start[b]), int(src.block_start[b + 1]))[
-                keep[int(src.block_start[b]):int(src.block_start[b + 1])]] for b in range(nb)])
-            yy, self._classes_num = self._labels(y_all, lines)
-            self._integral = yy.dtype.kind == "i"
-        del ys, y_all
+        label_float = not label_text and kinds[label] in ("num", "time")
+        self._integral = whole if label_float else None
+        self._classes_num = [str(v) for v in sorted(values)] if label_float and whole else None
 
         fit_policy = "impute" if nan_policy == "impute" else "error"
 
@@ -596,14 +602,14 @@ class FeaturesDataset(Dataset):
             return hit
         src = self._src
         s, e = int(src.block_start[b]), int(src.block_start[b + 1])
-        keep = self._keep[s:e]
+        keep = self._keep[s:e] if self._keep is not None else None
         used = self.transform.numeric + self.transform.categorical
         t = src.read_block(b, list(dict.fromkeys([*used, self.label])))
         cols = arrow_columns(t, name=str(self.path), numeric=self.transform.numeric,
                              text=[*self.transform.categorical, *([self.label] if self._label_text else [])])
         del t
         lines = src.row_labels(s, e)
-        if not keep.all():
+        if keep is not None and not keep.all():
             lines = lines[keep]
             cols = {k: v[keep] for k, v in cols.items()}
         x = self.transform.transform({k: cols[k] for k in used}, path=str(self.path), lines=lines, unit=self.unit)
@@ -652,5 +658,6 @@ class FeaturesDataset(Dataset):
         for b in np.unique(blocks).tolist():
             sel = blocks == b
             s, e = int(self._src.block_start[b]), int(self._src.block_start[b + 1])
-            out[sel] = self._src.row_labels(s, e)[self._keep[s:e]][local[sel]]
+            names = self._src.row_labels(s, e)
+            out[sel] = (names if self._keep is None else names[self._keep[s:e]])[local[sel]]
         return out

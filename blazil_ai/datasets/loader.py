@@ -139,10 +139,11 @@ class Loader:
         within each block, so a batch needs one or two decoded blocks and memory stays bounded."""
         nb = len(bounds) - 1
         if not self.shuffle:
-            return np.arange(int(bounds[-1]), dtype=np.int64)
+            return np.arange(int(bounds[-1]), dtype=np.int32 if bounds[-1] < 2**31 else np.int64)
         rng = np.random.default_rng((self.seed, epoch))
-        return np.concatenate([bounds[b] + rng.permutation(int(bounds[b + 1] - bounds[b]))
-                               for b in rng.permutation(nb).tolist()]).astype(np.int64)
+        dtype = np.int32 if bounds[-1] < 2**31 else np.int64  # half the memory of the order for most tables
+        return np.concatenate([(bounds[b] + rng.permutation(int(bounds[b + 1] - bounds[b]))).astype(dtype)
+                               for b in rng.permutation(nb).tolist()])
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
