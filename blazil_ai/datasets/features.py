@@ -232,6 +232,9 @@ def _release_freed() -> None:
             _libc = False
     if _libc:
         _libc.malloc_trim(0)
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()  # mimalloc/jemalloc keep freed pages per thread otherwise
 
 
 def _flag_label(name: str) -> bool:
@@ -467,6 +470,7 @@ class FeaturesDataset(Dataset):
         from blazil_ai.datasets.tabular import arrow_columns, column_kinds
 
         self._src = src
+        src.use_threads = False
         self.unit = src.unit
         self.skipped = []
         kinds = column_kinds(src.schema, name=str(self.path), required=[self.label])
@@ -587,6 +591,7 @@ class FeaturesDataset(Dataset):
 
         self._set_transform(transform, refit, fit, nan_policy)
         self.classes = self._classes_num if self._integral is not None else self.transform.classes
+        _release_freed()
         # Local index bounds of each block inside this split.
         bounds = np.clip(kept_start, lo, hi) - lo
         self.blocks = np.concatenate([[0], bounds[1:][np.diff(bounds) > 0]]).astype(np.int64)

@@ -151,6 +151,9 @@ class BlockSource:
         self._table: Any = None
         self._files: list[tuple[Any, int, str]] = []  # per block: (opened file, index inside it, file name)
         self.lines: np.ndarray | None = None  # JSONL: file line of each row
+        # Decode a row group on Arrow's thread pool; a memory-bounded reader turns it off (each pool thread's
+        # allocator keeps its own freed pages, which a budget would have to count).
+        self.use_threads = True
         self.paths: list[Path] = []
         if self.format == FRAME:
             self._table = _frame_to_arrow(source)
@@ -252,7 +255,7 @@ class BlockSource:
         f, j, where = self._files[i]
         try:
             if self.format == "parquet":
-                return f.read_row_group(j, columns=cols)
+                return f.read_row_group(j, columns=cols, use_threads=self.use_threads)
             rb = f.get_batch(j)
             t = pa.Table.from_batches([rb])
             return t if cols is None else t.select(cols)
