@@ -86,6 +86,9 @@ def test_make_samples_parquet_format(tmp_path):
     assert len(ds) == 2400
     assert len(open_dataset("text", paths["text"])) == 400
     assert len(open_dataset("timeseries", paths["timeseries"])) > 1000
+    from blazil_ai.models.build import resolve_data
+
+    assert str(resolve_data("fraud", tmp_path / "s")) == paths["features"]  # models build --data finds them
 
 
 # -- item 8: tracebacks on paths -------------------------------------------------------------------------------
