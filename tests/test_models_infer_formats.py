@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pandas as pd
@@ -82,6 +83,10 @@ def test_timeseries_parquet_keeps_lists_and_the_forecast_row(built, tmp_path):
     first = t.to_pylist()[0]
     # pyarrow reads ISO 8601 text as a timestamp: the kept column is typed
     assert pd.Timestamp(first["timestamp"]) == pd.Timestamp(src["timestamp"].iloc[first["start"] + 24])
+    assert blazil("infer", "--type", "timeseries", "--model", models, samples["timeseries"], "--out",
+                  tmp_path / "f.jsonl", "--keep", "timestamp", "--limit", "5") == 0
+    line = json.loads((tmp_path / "f.jsonl").read_text().splitlines()[0])
+    assert pd.Timestamp(line["timestamp"]) == pd.Timestamp(first["timestamp"])  # ISO 8601 in JSON
 
 
 def test_bad_out_and_keep_are_named_and_write_nothing(built, tmp_path):

@@ -50,6 +50,11 @@ def out_format(out: str | Path | None) -> str:
     return fmt
 
 
+def _json_value(v: Any) -> Any:
+    """Kept input values JSON has no type for: timestamps and dates as ISO 8601, decimals and the rest as text."""
+    return v.isoformat() if hasattr(v, "isoformat") else str(v)
+
+
 class _Sink:
     """Where records go: JSON lines or CSV rows streamed, Parquet written once at the end, or kept for a frame."""
 
@@ -61,7 +66,7 @@ class _Sink:
     def write(self, records: list[dict[str, Any]]) -> None:
         if self.fmt == "jsonl" and self.f is not None:
             for rec in records:
-                self.f.write(json.dumps(rec) + "\n")
+                self.f.write(json.dumps(rec, default=_json_value) + "\n")
         elif self.fmt == "csv" and self.f is not None:
             import csv
 
