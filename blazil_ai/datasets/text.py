@@ -45,7 +45,8 @@ class TextDataset(Dataset):
             tok_default = self.path / "tokenizer.json"
         elif frame or self.path.exists():
             table = read_table(path, format=format, required=[text_column, label_column],
-                               text=[text_column, label_column], numeric=(), on_error=on_error)
+                               text=[text_column, label_column], numeric=(), on_error=on_error,
+                               ignore=lambda c: c not in (text_column, label_column))
             self.skipped = [f"{table.unit} {s.line}: {s.reason}" for s in table.skipped]
             texts = table.columns[text_column].tolist()
             labels = table.columns[label_column]
