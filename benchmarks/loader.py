@@ -10,6 +10,16 @@ Cases (one JSON line each, medians of interleaved repeats):
   so the ratio to it is the loader and reader alone.
 * ``yolo``: a YOLO image set (default 2,000 PNGs) decoded with Pillow and letterboxed to 256 px with
   its boxes; the same anchor with Pillow in ``__getitem__``.
+* ``parquet``: the features sample (simulated transactions, ``--parquet-rows``) as one Parquet file; the
+  Loader over ``open_dataset("features", FILE, split="all")`` (read through the reader, decoded by pyarrow,
+  normalised and one-hot encoded, shuffled batches as torch tensors) vs what a pandas + torch user writes:
+  ``pandas.read_parquet`` -> the same z-scores and one-hot columns -> ``TensorDataset`` -> ``DataLoader``
+  (same batch size, shuffle on; best of ``num_workers`` 0 and 2). A second anchor, ``torch_batched``, feeds
+  the DataLoader whole batches of indices (``BatchSampler``), the fastest DataLoader form over a frame.
+  Timed from opening the file to the last batch, so reading, decoding and encoding count on both sides.
+* ``parquet_budget``: the same file served with ``memory_budget`` = a quarter of its decoded size (one row
+  group at a time); peak RSS growth while loading, measured in a fresh process after its imports, against the
+  budget, and the anchor's (``read_parquet`` + DataLoader) growth.
 * ``raw_large_file``: one large file read into a preallocated buffer by the reader vs
   ``dd if=FILE of=/dev/null bs=1M``; hot rows also give a same-size RAM-to-RAM copy, the ceiling for
   any reader that fills a buffer of the file's size (dd's 1 MiB buffer stays in the CPU cache).
@@ -20,7 +30,8 @@ when that is not permitted the cold rows say so and are skipped). Data sets are 
 
 ``BLAZIL_IO=threads`` runs the same with the thread-pool reader instead of io_uring.
 
-Run: python benchmarks/loader.py [--samples 4000] [--yolo-samples 1000] [--repeats 3] [--cases wav_small,yolo,raw]
+Run: python benchmarks/loader.py [--samples 4000] [--yolo-samples 1000] [--repeats 3]
+     [--cases wav_small,yolo,raw,parquet,parquet_budget]
 """
 
 from __future__ import annotations
@@ -256,7 +267,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--big-mb", type=int, default=256, help="size of the large file for the dd comparison")
-    ap.add_argument("--cases", default="wav_small,yolo,raw")
+    ap.add_argument("--parquet-rows", type=int, default=200_000, help="transactions in the Parquet file")
+    ap.add_argument("--cases", default="wav_small,yolo,raw,parquet,parquet_budget")
     ap.add_argument("--modes", default="hot,cold")
     args = ap.parse_args()
     cache = Path(args.cache)
@@ -284,6 +296,10 @@ def main() -> None:
             emit(case_yolo(args, cache, mode))
         if "raw" in cases:
             emit(case_raw(args, cache, mode))
+        if "parquet" in cases:
+            emit(case_parquet(args, cache, mode))
+        if "parquet_budget" in cases:
+            emit(case_parquet_budget(args, cache, mode))
 
 
 def case_wav(args: argparse.Namespace, cache: Path, mode: str) -> dict:
@@ -353,6 +369,157 @@ def case_raw(args: argparse.Namespace, cache: Path, mode: str) -> dict:
         row.update({"memcpy_same_size_MB_per_s": round(mc / 1e6, 1), "ratio_vs_memcpy": round(mo / mc, 2)})
     row["runs_MB_per_s"] = {k: [round(x / 1e6) for x in v] for k, v in rates.items() if v}
     return row
+
+
+# -- Parquet ---------------------------------------------------------------------------------------------
+def make_parquet(root: Path, rows: int, group: int = 10_000) -> Path:
+    """The features sample as Parquet, row groups of ``group`` rows (10,000: ~1.6 MB decoded; written once)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from blazil_ai.datasets.transactions import simulate_transactions
+
+    path = root / f"transactions-{rows}-rg{group}.parquet"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(pa.table(simulate_transactions(rows, seed=0, fraud_rate=0.03)), tmp,
+                       row_group_size=group)
+        tmp.replace(path)
+    return path
+
+
+def run_blazil_parquet(path: Path, batch_size: int, **opts) -> int:
+    ds = open_dataset("features", path, split="all", **opts)
+    n = 0
+    with Loader(ds, batch_size, shuffle=True, seed=0) as loader:
+        for batch in loader.torch():
+            n += len(batch["y"])
+    return n
+
+
+def pandas_frame_tensors(path: Path):
+    """pandas.read_parquet, then the same features the data set builds: z-scores fitted on the first 80% of
+    rows (NaN filled with the median) and one-hot categories, as a pandas user writes them."""
+    import pandas as pd
+    import torch
+
+    from blazil_ai.datasets.transactions import CATEGORICAL_FEATURES, NUMERIC_FEATURES
+
+    df = pd.read_parquet(path)
+    train = df.iloc[: int(len(df) * 0.8)]
+    num = df[NUMERIC_FEATURES]
+    num = (num.fillna(train[NUMERIC_FEATURES].median()) - train[NUMERIC_FEATURES].mean()) / train[
+        NUMERIC_FEATURES].std(ddof=0)
+    cat = pd.get_dummies(df[CATEGORICAL_FEATURES], dtype="float32")
+    x = torch.from_numpy(np.hstack([num.to_numpy(np.float32), cat.to_numpy(np.float32)]))
+    y = torch.from_numpy(df["is_fraud"].to_numpy(np.int64).copy())
+    return x, y
+
+
+def run_pandas_torch(path: Path, batch_size: int, workers: int, batched: bool = False) -> int:
+    import torch
+    import torch.utils.data as tud
+
+    x, y = pandas_frame_tensors(path)
+    ds = tud.TensorDataset(x, y)
+    g = torch.Generator().manual_seed(0)
+    if batched:  # whole batches of indices per fetch: TensorDataset indexes them at once
+        sampler = tud.BatchSampler(tud.RandomSampler(ds, generator=g), batch_size, drop_last=False)
+        loader = tud.DataLoader(ds, sampler=sampler, batch_size=None, num_workers=workers)
+    else:
+        loader = tud.DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, num_workers=workers)
+    n = 0
+    for xb, _yb in loader:
+        n += len(xb)
+    return n
+
+
+def case_parquet(args: argparse.Namespace, cache: Path, mode: str) -> dict:
+    """The features sample as Parquet: our loader vs pandas.read_parquet + TensorDataset + DataLoader."""
+    path = make_parquet(cache / "parquet", args.parquet_rows)
+    bs = args.batch_size
+    runners = {
+        "blazil": lambda: run_blazil_parquet(path, bs),
+        "torch_w0": lambda: run_pandas_torch(path, bs, 0),
+        "torch_w2": lambda: run_pandas_torch(path, bs, 2),
+        "torch_batched_w0": lambda: run_pandas_torch(path, bs, 0, batched=True),
+    }
+    row = compare("parquet", mode, runners, [str(path)], args.repeats,
+                  {"rows": args.parquet_rows, "batch_size": bs, "file_bytes": path.stat().st_size})
+    med = row["all_medians"]
+    row["torch_batched_samples_per_s"] = med["torch_batched_w0"]
+    row["ratio_vs_batched"] = round(med["blazil"] / med["torch_batched_w0"], 2)
+    return row
+
+
+_RSS_SCRIPT = """
+import json, sys, time
+import numpy as np, psutil
+sys.path.insert(0, {root!r})
+import benchmarks.loader as bl
+from blazil_ai.datasets import Loader, open_dataset
+import pyarrow as pa, pyarrow.parquet as pq, pandas as pd, torch.utils.data
+# warm every import and the reader on a small file with small row groups first, so the growth measured is
+# the data's (imports and first-use set-up excluded, the decoding working set included)
+small = bl.make_parquet(__import__("pathlib").Path({small!r}), 5_000, 1_000)
+bl.run_blazil_parquet(small, 256, memory_budget=1 << 20)
+bl.run_pandas_torch(small, 256, 0)
+proc = psutil.Process()
+peak = [0]
+def sample():
+    peak[0] = max(peak[0], proc.memory_info().rss)
+base = proc.memory_info().rss
+t = time.perf_counter()
+if {who!r} == "blazil":
+    ds = open_dataset("features", {path!r}, split="all", memory_budget={budget})
+    sample()
+    n = 0
+    with Loader(ds, {bs}, shuffle=True, seed=0) as loader:
+        for b in loader.torch():
+            n += len(b["y"]); sample()
+    extra = {{"row_groups": len(ds.blocks) - 1 if ds.blocks is not None else 1}}
+else:
+    import torch
+    x, y = bl.pandas_frame_tensors(__import__("pathlib").Path({path!r}))
+    sample()
+    n = 0
+    for xb, yb in torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size={bs}, shuffle=True):
+        n += len(xb); sample()
+    extra = {{}}
+el = time.perf_counter() - t
+print(json.dumps({{"rss_growth": peak[0] - base, "samples_per_s": n / el, **extra}}))
+"""
+
+
+def case_parquet_budget(args: argparse.Namespace, cache: Path, mode: str) -> dict:
+    """Peak RSS growth while streaming the Parquet file with a budget of a quarter of its decoded size."""
+    import pyarrow.parquet as pq
+
+    path = make_parquet(cache / "parquet", args.parquet_rows)
+    decoded = pq.read_table(path).nbytes
+    budget = decoded // 4
+    results: dict[str, list[dict]] = {"blazil": [], "pandas_torch": []}
+    for _ in range(max(1, args.repeats)):
+        for who in results:
+            if mode == "cold":
+                drop_caches()
+            else:
+                warm([str(path)])
+            script = _RSS_SCRIPT.format(root=str(ROOT), small=str(cache / "parquet-small"), path=str(path),
+                                        budget=budget, bs=args.batch_size, who=who)
+            out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+            results[who].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {who: {k: statistics.median(r[k] for r in rs) for k in ("rss_growth", "samples_per_s")}
+           for who, rs in results.items()}
+    return {"bench": "loader", "case": "parquet_budget", "cache": mode, "rows": args.parquet_rows,
+            "decoded_bytes": decoded, "memory_budget": budget,
+            "row_groups": results["blazil"][0].get("row_groups"),
+            "blazil_peak_rss_growth_mb": round(med["blazil"]["rss_growth"] / 2**20, 1),
+            "ratio_rss_to_budget": round(med["blazil"]["rss_growth"] / budget, 2),
+            "blazil_samples_per_s": round(med["blazil"]["samples_per_s"], 1),
+            "pandas_torch_peak_rss_growth_mb": round(med["pandas_torch"]["rss_growth"] / 2**20, 1),
+            "pandas_torch_samples_per_s": round(med["pandas_torch"]["samples_per_s"], 1)}
 
 
 if __name__ == "__main__":

@@ -15,15 +15,18 @@ class DataError(BlazilError):
     """Bad input data; the message names the file, line and field where it was found."""
 
     def __init__(self, message: str, *, path: str | None = None, line: int | None = None,
-                 field: str | None = None) -> None:
+                 field: str | None = None, row: int | None = None) -> None:
         where = []
         if path is not None:
             where.append(str(path))
         if line is not None:
             where.append(f"line {line}")
+        if row is not None:  # tables without lines (Parquet, Arrow, a DataFrame): the 0-based row index
+            where.append(f"row {row}")
         if field is not None:
             where.append(f"field {field!r}")
         super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
         self.path = path
         self.line = line
+        self.row = row
         self.field = field

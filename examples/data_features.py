@@ -16,8 +16,9 @@ from blazil_ai.datasets import FeatureTransform, Loader, make_samples, open_data
 
 def main(root: Path) -> None:
     paths = make_samples(root, small=True)
-    train = open_dataset("features", paths["features"], method="robust", refit=True)  # fits + saves the JSON
-    val = open_dataset("features", paths["features"], split="val")  # reloads the saved transform
+    saved = root / "transactions.transform.json"  # asked for by path: fitted on the training rows, saved there
+    train = open_dataset("features", paths["features"], method="robust", transform=saved, refit=True)
+    val = open_dataset("features", paths["features"], split="val", transform=saved)  # reloads it (fingerprint checked)
     print(f"train {len(train)} rows, val {len(val)} rows, {train.transform.n_features} features")
     print(f"transform saved to {train.transform_path}")
 

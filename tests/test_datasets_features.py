@@ -68,14 +68,17 @@ def test_unseen_category_goes_to_other_slot():
 def test_features_dataset_fits_on_train_split_only(tmp_path):
     cols = simulate_transactions(2000, seed=6)
     csv = write_csv(tmp_path / "tx.csv", cols)
-    train = open_dataset("features", csv)
+    train = open_dataset("features", csv, transform=tmp_path / "tx.transform.json")  # asked for: saved there
     saved = json.loads((tmp_path / "tx.transform.json").read_text())
+    assert saved["source"]["path"] == str(csv.resolve()) and len(saved["source"]["sha256"]) == 64
     n_train = int(2000 * 0.8)
     assert len(train) == n_train
     assert saved["center"][0] == pytest.approx(float(np.mean(cols["amount"][:n_train])), rel=1e-6)
     assert "transaction_id" not in saved["numeric"] and "fraud_pattern" not in saved["categorical"]
-    val = open_dataset("features", csv, split="val")  # reloads the saved transform, does not refit
+    val = open_dataset("features", csv, split="val", transform=tmp_path / "tx.transform.json")  # reloads it
     assert len(val) == 400 and val.transform.center == train.transform.center
+    fitted = open_dataset("features", csv, split="val")  # no file: fitted on the same training rows in memory
+    assert fitted.transform.center == train.transform.center
     batch = val.get_batch(np.arange(5))
     assert batch["x"].shape == (5, train.transform.n_features) and batch["y"].dtype == np.int64
     assert np.array_equal(batch["y"], cols[LABEL][n_train:n_train + 5])

@@ -45,11 +45,14 @@ def test_windows_and_time_splits(tmp_path):
 def test_normalisation_fitted_on_train_only_and_reloaded(tmp_path):
     p = _series(tmp_path)
     open_dataset("timeseries", p)
+    assert not p.with_name("s.norm.json").exists()  # nothing written unless asked for
+    open_dataset("timeseries", p, normalization=p.with_name("s.norm.json"))
     saved = json.loads(p.with_name("s.norm.json").read_text())
-    assert saved["columns"] == ["a", "target"]
+    assert saved["columns"] == ["a", "target"] and saved["source"]["path"] == str(p.resolve())
     assert saved["mean"][0] == pytest.approx(np.arange(70).mean())
-    val = open_dataset("timeseries", p, split="val", input_length=3)
+    val = open_dataset("timeseries", p, split="val", input_length=3, normalization=p.with_name("s.norm.json"))
     assert val.mean[0] == pytest.approx(np.arange(70).mean())
+    assert open_dataset("timeseries", p, split="val", input_length=3).mean[0] == pytest.approx(np.arange(70).mean())
 
 
 def test_gap_policy(tmp_path):

@@ -141,21 +141,28 @@ class AudioDataset(Dataset):
         self.decoder = decoder
         if sample_rate < 1000 or duration <= 0:
             raise ConfigError(f"need sample_rate >= 1000 and duration > 0, got {sample_rate}, {duration}")
+        if on_error not in ("error", "skip"):
+            raise ConfigError(f"on_error must be error or skip, got {on_error!r}")
+        self.on_error = on_error
+        self.skipped: list[str] = []
+        self._reader = reader
+        self.sample_rate = sample_rate
         if self.path.is_dir():
             files, labels, sizes = self._scan_dirs()
         elif self.path.is_file():
             files, labels, sizes = self._read_manifest(on_error)
         else:
             raise DataError("no such file or directory", path=str(self.path))
+        if on_error == "skip" and files:
+            files, labels, sizes = self._drop_undecodable(files, labels, sizes)
         if not files:
-            raise DataError("no WAV files found", path=str(self.path))
+            raise DataError("no WAV files found" if not self.skipped else
+                            f"no readable WAV files ({len(self.skipped)} skipped)", path=str(self.path))
         self.files = files
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.labels, self.classes = class_ids(np.asarray(labels, dtype=str), classes)
-        self.sample_rate = sample_rate
         self.duration = duration
         self.frames = int(round(sample_rate * duration))
-        self._reader = reader
 
     @property
     def reader(self) -> Reader:
@@ -172,6 +179,8 @@ class AudioDataset(Dataset):
             for e in entries:
                 size = e.stat().st_size
                 if size < _WAV_HEADER:
+                    if self._skip(e.path, f"truncated WAV: {size} bytes is shorter than a WAV header"):
+                        continue
                     raise DataError(f"truncated WAV: {size} bytes is shorter than a WAV header", path=e.path)
                 files.append(e.path)
                 labels.append(d.name)
@@ -182,20 +191,53 @@ class AudioDataset(Dataset):
         table = read_csv(self.path, required=["path", "label"], text=["path", "label"], numeric=(),
                          on_error=on_error)
         files, labels, sizes = [], [], []
+        self.skipped += [f"{self.path}, line {r.line}: {r.reason}" for r in table.skipped]
         for rel, label, line in zip(table.columns["path"].tolist(), table.columns["label"].tolist(),
                                     table.lines.tolist()):
+            empty = "path" if not rel.strip() else ("label" if not label.strip() else None)
+            if empty is not None:
+                if self._skip(f"{self.path}, line {line}", f"field {empty!r}: empty field"):
+                    continue
+                raise DataError(f"empty {empty} (on_error='skip' leaves such rows out)", path=str(self.path),
+                                line=line, field=empty)
             full = (self.path.parent / rel) if not os.path.isabs(rel) else Path(rel)
             try:
                 size = full.stat().st_size
             except OSError as e:
+                if self._skip(f"{self.path}, line {line}", f"listed file {str(full)!r}: {e.strerror}"):
+                    continue
                 raise DataError(f"listed file {str(full)!r}: {e.strerror}", path=str(self.path), line=line,
                                 field="path") from None
             if size < _WAV_HEADER:
+                if self._skip(str(full), f"truncated WAV: {size} bytes is shorter than a WAV header"):
+                    continue
                 raise DataError(f"truncated WAV: {size} bytes is shorter than a WAV header", path=str(full))
             files.append(str(full))
             labels.append(label)
             sizes.append(size)
         return files, labels, sizes
+
+    def _skip(self, where: str, reason: str) -> bool:
+        """Under on_error='skip': record ``reason`` and tell the caller to leave the item out."""
+        if self.on_error != "skip":
+            return False
+        self.skipped.append(f"{where}: {reason}")
+        return True
+
+    def _drop_undecodable(self, files: list[str], labels: list[str],
+                          sizes: list[int]) -> tuple[list[str], list[str], list[int]]:
+        """Under on_error='skip': decode every clip once at open and leave out those that fail (counted)."""
+        keep = []
+        step = 256
+        for s in range(0, len(files), step):
+            batch = self.reader.read_files(files[s:s + step], sizes[s:s + step])
+            for k in range(len(batch)):
+                try:
+                    self.decode(batch[k], batch.paths[k])
+                    keep.append(s + k)
+                except DataError as e:
+                    self.skipped.append(str(e))
+        return [files[i] for i in keep], [labels[i] for i in keep], [sizes[i] for i in keep]
 
     def __len__(self) -> int:
         return len(self.files)
@@ -267,5 +309,6 @@ class AudioDataset(Dataset):
         s = super().summary()
         counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.classes))
         s.update({"classes": {c: int(n) for c, n in zip(self.classes, counts.tolist())},
-                  "sample_rate": self.sample_rate, "duration": self.duration, "bytes": int(self.sizes.sum())})
+                  "sample_rate": self.sample_rate, "duration": self.duration, "bytes": int(self.sizes.sum()),
+                  "skipped": {"count": len(self.skipped), "first": self.skipped[:5]}})
         return s

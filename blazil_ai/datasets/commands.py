@@ -21,19 +21,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     mk = dsub.add_parser("make-samples", help="write small realistic sample sets of all five types",
                          description="Write seeded sample sets under DIR: text/messages.csv (+ tokenizer.json), "
                                      "timeseries/series.csv, features/transactions.csv (simulated payments with "
-                                     "labelled fraud patterns), audio/<class>/*.wav (+ manifest.csv), "
-                                     "detection/ (YOLO layout with data.yaml).")
-    mk.add_argument("dir", metavar="DIR", help="output directory (created if missing)")
+                                     "labelled fraud patterns; .parquet with --format parquet), audio/<class>/*.wav "
+                                     "(+ manifest.csv), detection/ (YOLO layout with data.yaml). Written into a "
+                                     "temporary folder and moved in when complete.")
+    mk.add_argument("dir", metavar="DIR", help="output folder: new, empty, or written by make-samples before "
+                                               "(a folder with other files is refused unless --force)")
+    mk.add_argument("--format", choices=("csv", "parquet"), default="csv",
+                    help="file format of the tables (messages, series, transactions; default csv)")
+    mk.add_argument("--force", action="store_true",
+                    help="write into a non-empty folder make-samples did not create, replacing its text/, "
+                         "timeseries/, features/, audio/ and detection/ folders (other files are left alone)")
     mk.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files; default 0)")
     mk.add_argument("--small", action="store_true", help="a quick, small version (seconds), as the tests use")
     mk.add_argument("--json", action="store_true", help="print the written paths as JSON")
     mk.set_defaults(func=_make_samples)
 
-    ins = dsub.add_parser("inspect", help="validate a data set and print its summary",
+    ins = dsub.add_parser("inspect", help="validate a data set and print its summary (writes nothing)",
                           description="Open a data set of the given type, decode every sample, and print counts, "
                                       "shapes, classes and skipped rows. Exits 1 with the error (file, line, "
-                                      "field) on bad input.")
-    ins.add_argument("path", metavar="PATH", help="the data set: a CSV, a directory, or a data.yaml")
+                                      "field) on bad input. Writes nothing: a transform or normalisation named with "
+                                      "-o transform=PATH / -o normalization=PATH must exist, and is checked "
+                                      "against the data's fingerprint.")
+    ins.add_argument("path", metavar="PATH", help="the data set: a CSV, Parquet (file or folder of parts), "
+                                                  "Feather/Arrow or JSONL file, a directory, or a data.yaml")
     ins.add_argument("--type", "-t", required=True, choices=TYPE_NAMES, help="dataset type")
     ins.add_argument("--on-error", choices=("error", "skip"), default=None,
                      help="CSV rows with bad fields: stop with an error (default) or skip and count them")
@@ -47,7 +57,7 @@ def _make_samples(args: argparse.Namespace) -> int:
     from blazil_ai.datasets.samples import make_samples
 
     print(f"writing sample sets to {args.dir} ...", file=sys.stderr)
-    paths = make_samples(args.dir, seed=args.seed, small=args.small)
+    paths = make_samples(args.dir, seed=args.seed, small=args.small, format=args.format, force=args.force)
     if args.json:
         print(json.dumps({k: str(v) for k, v in paths.items()}))
     else:
@@ -71,10 +81,19 @@ def _parse_opts(pairs: list[str]) -> dict[str, Any]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from blazil_ai.datasets.base import open_dataset
     from blazil_ai.errors import ConfigError
 
     opts = _parse_opts(args.opt)
+    for key in ("transform", "normalization"):  # a validation command writes nothing
+        if key in opts and (opts.get("refit") or not Path(str(opts[key])).is_file()):
+            raise ConfigError(f"-o {key}={opts[key]}: inspect writes nothing, so the file must exist and refit is "
+                              "not allowed; fit it by training (blazil models build) or from Python with "
+                              f"{key}=PATH")
+    if opts.get("refit"):
+        raise ConfigError("-o refit: inspect writes nothing and fits in memory anyway")
     if args.on_error:
         if args.type in ("detection",):
             raise ConfigError("--on-error applies to CSV-based types only")

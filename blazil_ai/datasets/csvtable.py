@@ -9,6 +9,7 @@ skipped) like any other.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from blazil_ai.datasets.reader import default_reader
 from blazil_ai.errors import DataError
 
 ON_ERROR = ("error", "skip")
@@ -38,11 +40,16 @@ class Table:
 
     path: Path
     columns: dict[str, np.ndarray]
-    lines: np.ndarray  # file line of each kept row, so later checks can still name the line
+    lines: np.ndarray  # file line of each kept row (or its row index), so later checks can still name it
     skipped: list[SkippedRow] = field(default_factory=list)
+    unit: str = "line"  # "line" for text files (CSV, JSONL), "row" (0-based index) for Parquet, Arrow, frames
 
     def __len__(self) -> int:
         return len(self.lines)
+
+    def where(self, i: int) -> dict[str, int]:
+        """``line=`` or ``row=`` of kept row ``i``, for DataError."""
+        return {self.unit: int(self.lines[i])}
 
     @property
     def numeric(self) -> list[str]:
@@ -57,6 +64,16 @@ class Table:
     def skipped_summary(self, limit: int = 5) -> dict:
         """Count of skipped rows and the first few with their reasons."""
         return {"count": len(self.skipped), "first": [f"line {s.line}: {s.reason}" for s in self.skipped[:limit]]}
+
+
+def _decode_utf8(data: np.ndarray, path: str) -> str:
+    """The bytes of a text file as str; bytes that are not UTF-8 are named by line."""
+    raw = data.tobytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"not UTF-8 text: {e.reason} at byte {e.start}", path=path, line=line) from None
 
 
 def _to_float(text: str) -> float:
@@ -82,40 +99,40 @@ def read_csv(path: str | Path, *, required: Sequence[str] = (), numeric: Iterabl
         raise DataError(f"on_error must be one of {ON_ERROR}, got {on_error!r}", path=str(path))
     if not path.is_file():
         raise DataError("no such file", path=str(path))
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise DataError("empty file (no header row)", path=str(path), line=1) from None
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise DataError(f"unreadable header: {e}", path=str(path), line=1) from None
-        header = [h.strip() for h in header]
-        if len(set(header)) != len(header):
-            raise DataError(f"duplicate column names in header {header}", path=str(path), line=1)
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise DataError(f"missing column(s) {missing}; header has {header}", path=str(path), line=1,
-                            field=missing[0])
-        rows: list[list[str]] = []
-        lines: list[int] = []
-        skipped: list[SkippedRow] = []
-        width = len(header)
-        try:
-            for row in reader:
-                line = reader.line_num
-                if not row:
-                    continue
-                if len(row) != width:
-                    reason = f"expected {width} fields, found {len(row)}"
-                    if on_error == "error":
-                        raise DataError(reason, path=str(path), line=line)
-                    skipped.append(SkippedRow(line, reason))
-                    continue
-                rows.append(row)
-                lines.append(line)
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise DataError(f"malformed CSV: {e}", path=str(path), line=reader.line_num) from None
+    f = io.StringIO(_decode_utf8(default_reader().read_file(path), str(path)), newline="")
+    reader = csv.reader(f)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError("empty file (no header row)", path=str(path), line=1) from None
+    except csv.Error as e:
+        raise DataError(f"unreadable header: {e}", path=str(path), line=1) from None
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header):
+        raise DataError(f"duplicate column names in header {header}", path=str(path), line=1)
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"missing column(s) {missing}; header has {header}", path=str(path), line=1,
+                        field=missing[0])
+    rows: list[list[str]] = []
+    lines: list[int] = []
+    skipped: list[SkippedRow] = []
+    width = len(header)
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not row:
+                continue
+            if len(row) != width:
+                reason = f"expected {width} fields, found {len(row)}"
+                if on_error == "error":
+                    raise DataError(reason, path=str(path), line=line)
+                skipped.append(SkippedRow(line, reason))
+                continue
+            rows.append(row)
+            lines.append(line)
+    except csv.Error as e:
+        raise DataError(f"malformed CSV: {e}", path=str(path), line=reader.line_num) from None
     text_cols = set(text)
     if numeric is None:
         probe = rows[:_INFER_ROWS]

@@ -100,8 +100,13 @@ class DetectionDataset(Dataset):
         yaml_path = self.path / "data.yaml" if self.path.is_dir() else self.path
         if not yaml_path.is_file():
             raise DataError("no data.yaml (YOLO layout expected)", path=str(yaml_path))
+        if yaml_path.suffix.lower() not in (".yaml", ".yml"):
+            raise DataError("expected a YOLO data.yaml or a folder holding one (images/, labels/, data.yaml)",
+                            path=str(yaml_path))
         try:
-            meta = yaml.safe_load(yaml_path.read_text())
+            meta = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read: {e}", path=str(yaml_path)) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             raise DataError(f"invalid YAML: {e}", path=str(yaml_path),
@@ -118,6 +123,11 @@ class DetectionDataset(Dataset):
             self.classes = [str(n) for n in names]
         else:
             raise DataError("names must be a list or a mapping id -> name", path=str(yaml_path), field="names")
+        if "nc" in meta:
+            nc = meta["nc"]
+            if not isinstance(nc, int) or isinstance(nc, bool) or nc != len(self.classes):
+                raise DataError(f"nc is {nc!r} but names lists {len(self.classes)} classes {self.classes}",
+                                path=str(yaml_path), field="nc")
         if split not in meta:
             have = [k for k in ("train", "val", "test") if k in meta]
             raise ConfigError(f"split {split!r} not in {yaml_path} (it has {have})")
@@ -142,6 +152,13 @@ class DetectionDataset(Dataset):
             else:
                 self.labels.append(np.zeros((0, 5)))
                 self.unlabelled += 1
+        label_dir = _label_path(image_dir / "x.png").parent
+        if label_dir.is_dir() and label_dir != image_dir:
+            stems = {Path(p).stem for p in self.images}
+            orphans = sorted(p for p in label_dir.glob("*.txt") if p.stem not in stems)
+            if orphans:
+                raise DataError(f"label file has no image (no {orphans[0].stem}.* with an image extension in "
+                                f"{image_dir}); {len(orphans)} such label file(s)", path=str(orphans[0]))
         self.image_size = image_size
         self.split = split
         self._reader = reader

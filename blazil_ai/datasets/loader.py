@@ -10,6 +10,11 @@ order each epoch). With ``world_size`` > 1 (read from ``RANK`` / ``WORLD_SIZE`` 
 when not given), rank ``r`` takes every ``world_size``-th index of that order, padded by wrapping around
 so all ranks get the same number of batches (like ``DistributedSampler``), or truncated with ``drop_last``.
 
+A data set served block by block (``dataset.blocks``: index bounds of Parquet row groups, e.g.
+``FeaturesDataset(memory_budget=...)``) is shuffled in two levels instead: the blocks in a seeded order, the
+rows within each block; rank ``r`` takes the ``r``-th contiguous share of that order, so each rank decodes
+about ``1/world_size`` of the row groups and only one or two blocks are needed per batch.
+
 Batches are built in a background thread (``prefetch`` batches ahead) by one ``dataset.get_batch`` call
 each, which is where file-backed types issue all their reads at once; an error there is raised by the
 ``next()`` that would have returned that batch, and the loader stays on that batch.
@@ -109,9 +114,17 @@ class Loader:
         if epoch == self._order_epoch and self._order is not None:
             return self._order
         n = len(self.dataset)
-        order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
+        blocks = getattr(self.dataset, "blocks", None)
+        if blocks is not None and len(blocks) > 2:
+            order = self._block_order(epoch, np.asarray(blocks, dtype=np.int64))
+        else:
+            order = np.random.default_rng((self.seed, epoch)).permutation(n) if self.shuffle else np.arange(n)
         ws = self.world_size
-        if ws > 1:
+        if ws > 1 and blocks is not None and len(blocks) > 2:
+            # Contiguous shares of the block order: each rank reads about 1/world_size of the row groups.
+            m = n // ws if self.drop_last else -(-n // ws)
+            order = np.resize(order, m * ws)[self.rank * m:(self.rank + 1) * m]
+        elif ws > 1:
             if self.drop_last:
                 order = order[: (n // ws) * ws]
             elif n % ws:
@@ -120,6 +133,17 @@ class Loader:
             order = order[self.rank::ws]
         self._order, self._order_epoch = order, epoch
         return order
+
+    def _block_order(self, epoch: int, bounds: np.ndarray) -> np.ndarray:
+        """A data set served block by block (Parquet row groups): blocks in a seeded random order, rows shuffled
+        within each block, so a batch needs one or two decoded blocks and memory stays bounded."""
+        nb = len(bounds) - 1
+        if not self.shuffle:
+            return np.arange(int(bounds[-1]), dtype=np.int32 if bounds[-1] < 2**31 else np.int64)
+        rng = np.random.default_rng((self.seed, epoch))
+        dtype = np.int32 if bounds[-1] < 2**31 else np.int64  # half the memory of the order for most tables
+        return np.concatenate([(bounds[b] + rng.permutation(int(bounds[b + 1] - bounds[b]))).astype(dtype)
+                               for b in rng.permutation(nb).tolist()])
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -187,7 +211,11 @@ class Loader:
         """Where the loader stands: resuming from this state yields exactly the next batch."""
         return {"epoch": self.epoch, "batch": self.batch, "seed": self.seed, "shuffle": self.shuffle,
                 "batch_size": self.batch_size, "drop_last": self.drop_last, "rank": self.rank,
-                "world_size": self.world_size, "samples": len(self.dataset)}
+                "world_size": self.world_size, "samples": len(self.dataset), "order": self._order_kind()}
+
+    def _order_kind(self) -> str:
+        blocks = getattr(self.dataset, "blocks", None)
+        return f"row_groups:{len(blocks) - 1}" if blocks is not None and len(blocks) > 2 else "rows"
 
     def reset(self, state: dict[str, Any] | None = None) -> None:
         """Go back to the start of epoch 0, or to ``state`` (from ``get_state``) when given."""
@@ -199,7 +227,8 @@ class Loader:
         if missing:
             raise ConfigError(f"loader state is missing {missing}")
         mine = self.get_state()
-        differ = {k: (state[k], mine[k]) for k in _STATE_KEYS[2:] if state[k] != mine[k]}
+        keys = [*_STATE_KEYS[2:], *(["order"] if "order" in state else [])]  # states saved before "order" lack it
+        differ = {k: (state[k], mine[k]) for k in keys if state[k] != mine[k]}
         if differ:
             # Resuming under other settings would silently give other batches; refuse instead.
             raise ConfigError("loader state was saved with other settings (saved, current): "

@@ -57,11 +57,11 @@ def _open_target(path: str | Path, out: np.ndarray | None) -> tuple[str, int, in
     return name, fd, size, out, out.reshape(-1).view(np.uint8).data
 
 
-def _is_cached(fd: int, mv: memoryview, size: int) -> bool:
-    """Whether the file's first block is in the page cache (RWF_NOWAIT read); the probe's bytes are kept."""
+def _is_cached(fd: int, mv: memoryview, size: int, base: int = 0) -> bool:
+    """Whether the span's first block is in the page cache (RWF_NOWAIT read); the probe's bytes are kept."""
     n = min(size, _BLOCK)
     try:
-        return n == 0 or os.preadv(fd, [mv[:n]], 0, os.RWF_NOWAIT) == n
+        return n == 0 or os.preadv(fd, [mv[:n]], base, os.RWF_NOWAIT) == n
     except (BlockingIOError, OSError, AttributeError):
         return False
 
@@ -121,6 +121,33 @@ class Reader:
 
     def read_file(self, path: str | Path, out: np.ndarray | None = None) -> np.ndarray:
         """One file into ``out`` (or a new uint8 array), read in 8 MiB blocks, several in flight."""
+        name, fd, size, out, mv = _open_target(path, out)
+        try:
+            self._read_span(name, fd, 0, size, mv)
+            return out
+        finally:
+            os.close(fd)
+
+    def read_range(self, path: str | Path, offset: int, size: int) -> np.ndarray:
+        """``size`` bytes of a file from ``offset`` (a Parquet row group, an Arrow record batch) as a new uint8 array.
+
+        Reading past the end of the file is an error naming the file (a truncated file), never a short array.
+        """
+        name = os.fspath(path)
+        if offset < 0 or size < 0:
+            raise ValueError(f"bad range offset={offset} size={size}")
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise DataError(f"cannot open: {e.strerror}", path=name) from None
+        try:
+            out = np.empty(size, dtype=np.uint8)
+            self._read_span(name, fd, offset, size, out.data)
+            return out
+        finally:
+            os.close(fd)
+
+    def _read_span(self, name: str, fd: int, base: int, size: int, mv: memoryview) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -172,20 +199,15 @@ class ThreadReader(Reader):
             f.result()  # re-raises the DataError of the first failing file, in file order
         return FileBatch(names, buf, offsets)
 
-    def read_file(self, path: str | Path, out: np.ndarray | None = None) -> np.ndarray:
-        """One file: 8 MiB blocks on the pool when cached; otherwise in order so the kernel's read-ahead works."""
-        name, fd, size, out, mv = _open_target(path, out)
-        try:
-            if not _is_cached(fd, mv, size):
-                self._read_one(name, mv[:size], 0, fd)  # in order: the kernel's read-ahead does the rest
-                return out
-            futures = [self._pool.submit(self._read_one, name, mv[o:min(o + _BLOCK, size)], o, fd)
-                       for o in range(_BLOCK, size, _BLOCK)]  # block 0 came with the probe
-            for f in futures:
-                f.result()
-            return out
-        finally:
-            os.close(fd)
+    def _read_span(self, name: str, fd: int, base: int, size: int, mv: memoryview) -> None:
+        """8 MiB blocks on the pool when cached; otherwise in order so the kernel's read-ahead works."""
+        if not _is_cached(fd, mv, size, base):
+            self._read_one(name, mv[:size], base, fd)  # in order: the kernel's read-ahead does the rest
+            return
+        futures = [self._pool.submit(self._read_one, name, mv[o:min(o + _BLOCK, size)], base + o, fd)
+                   for o in range(_BLOCK, size, _BLOCK)]  # block 0 came with the probe
+        for f in futures:
+            f.result()
 
     def close(self) -> None:
         """Stop the pool."""
@@ -331,59 +353,54 @@ class UringReader(Reader):
                 errors[i] = f"short read: got {got} of {want} bytes (file truncated or changed while reading)"
         del keep
 
-    def read_file(self, path: str | Path, out: np.ndarray | None = None) -> np.ndarray:
-        """One file: 8 MiB blocks, 4 in flight, when cached; otherwise in order so the kernel's read-ahead works."""
+    def _read_span(self, name: str, fd: int, base: int, size: int, mv: memoryview) -> None:
+        """8 MiB blocks, 4 in flight, when cached; otherwise in order so the kernel's read-ahead works."""
         L, ring = self._L, self._ring
-        name, fd, size, out, mv = _open_target(path, out)
-        try:
-            hot = _is_cached(fd, mv, size)
-            block, depth = (_BLOCK, min(self.depth, _FILE_DEPTH)) if hot else (_COLD_BLOCK, _COLD_DEPTH)
-            blocks = list(range(0, size, block))
-            iovs: dict[int, object] = {}
-            failed: list[str] = []
-            completed = [0]
-            in_flight = 0
-            nxt = 1 if hot and size else 0  # the probe already read block 0
+        hot = _is_cached(fd, mv, size, base)
+        block, depth = (_BLOCK, min(self.depth, _FILE_DEPTH)) if hot else (_COLD_BLOCK, _COLD_DEPTH)
+        blocks = list(range(0, size, block))
+        iovs: dict[int, object] = {}
+        failed: list[str] = []
+        completed = [0]
+        in_flight = 0
+        nxt = 1 if hot and size else 0  # the probe already read block 0
 
-            def on_done(ud: int, res: int) -> None:
-                completed[0] += 1
-                want = min(block, size - blocks[ud])
-                if res < 0:
-                    failed.append(f"cannot read at offset {blocks[ud]}: {os.strerror(-res)}")
-                elif res < want:
-                    failed.append(f"short read at offset {blocks[ud]}: got {res} of {want} bytes")
-                iovs.pop(ud, None)
+        def on_done(ud: int, res: int) -> None:
+            completed[0] += 1
+            want = min(block, size - blocks[ud])
+            if res < 0:
+                failed.append(f"cannot read at offset {base + blocks[ud]}: {os.strerror(-res)}")
+            elif res < want:
+                failed.append(f"short read at offset {base + blocks[ud]}: got {res} of {want} bytes")
+            iovs.pop(ud, None)
 
-            with self._lock:
-                while nxt < len(blocks) or in_flight:
-                    queued = 0
-                    while nxt < len(blocks) and in_flight + queued < depth:
-                        o = blocks[nxt]
-                        iov = L.Iovec([mv[o:min(o + block, size)]])
-                        iovs[nxt] = iov
-                        sqe = L.io_uring_get_sqe(ring)
-                        L.io_uring_prep_readv(sqe, fd, iov, o)
-                        sqe.user_data = nxt
-                        nxt += 1
-                        queued += 1
-                    if queued:
-                        L.io_uring_submit(ring)
-                        in_flight += queued
-                    # Reap at least one (and whatever else is ready), then refill the queue.
-                    completed[0] = 0
-                    try:
-                        self._reap(1, on_done)
-                    except BaseException:
-                        left = in_flight - completed[0]
-                        if left > 0:  # reads still target `out`, which may be freed once we raise
-                            self._reap(left, on_done)
-                        raise
-                    in_flight -= completed[0]
-            if failed:
-                raise DataError(failed[0], path=name)
-            return out
-        finally:
-            os.close(fd)
+        with self._lock:
+            while nxt < len(blocks) or in_flight:
+                queued = 0
+                while nxt < len(blocks) and in_flight + queued < depth:
+                    o = blocks[nxt]
+                    iov = L.Iovec([mv[o:min(o + block, size)]])
+                    iovs[nxt] = iov
+                    sqe = L.io_uring_get_sqe(ring)
+                    L.io_uring_prep_readv(sqe, fd, iov, base + o)
+                    sqe.user_data = nxt
+                    nxt += 1
+                    queued += 1
+                if queued:
+                    L.io_uring_submit(ring)
+                    in_flight += queued
+                # Reap at least one (and whatever else is ready), then refill the queue.
+                completed[0] = 0
+                try:
+                    self._reap(1, on_done)
+                except BaseException:
+                    left = in_flight - completed[0]
+                    if left > 0:  # reads still target `out`, which may be freed once we raise
+                        self._reap(left, on_done)
+                    raise
+                in_flight -= completed[0]
+        if failed:
+            raise DataError(failed[0], path=name)
 
     def close(self) -> None:
         """Tear the ring down."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from blazil_ai.datasets.csvtable import write_csv
 from blazil_ai.datasets.transactions import simulate_transactions
+from blazil_ai.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,20 @@ AUDIO_CLASSES = ["tone", "chirp", "noise_burst", "two_tone"]
 SHAPES = ["rectangle", "circle"]
 
 
-def _write_text(root: Path, rng: np.random.Generator, n: int) -> Path:
+MARKER = ".blazil-samples.json"  # written last into a folder make_samples created; it may rewrite such a folder
+SAMPLE_DIRS = ("text", "timeseries", "features", "audio", "detection")
+TABLE_FORMATS = ("csv", "parquet")
+
+
+def _table(path: Path, columns: dict, fmt: str) -> Path:
+    if fmt == "csv":
+        return write_csv(path, columns)
+    from blazil_ai.datasets.tabular import write_table
+
+    return write_table(path.with_suffix(".parquet"), columns)
+
+
+def _write_text(root: Path, rng: np.random.Generator, n: int, fmt: str = "csv") -> Path:
     import re
 
     classes = sorted(TEXT_CLASSES)
@@ -62,7 +76,7 @@ def _write_text(root: Path, rng: np.random.Generator, n: int) -> Path:
         text = re.sub(r"\{(\w+)\}", lambda m: _FILL[m.group(1)][rng.integers(len(_FILL[m.group(1)]))], template)
         texts.append(" ".join(text.split()))
         labels.append(label)
-    path = write_csv(root / "text" / "messages.csv", {"text": texts, "label": labels})
+    path = _table(root / "text" / "messages.csv", {"text": texts, "label": labels}, fmt)
     build_tokenizer(texts, root / "text" / "tokenizer.json")
     return path
 
@@ -85,7 +99,7 @@ def build_tokenizer(texts: list[str], path: Path, vocab_size: int = 2000) -> Pat
     return path
 
 
-def _write_timeseries(root: Path, rng: np.random.Generator, n: int) -> Path:
+def _write_timeseries(root: Path, rng: np.random.Generator, n: int, fmt: str = "csv") -> Path:
     hours = np.arange(n)
     start = dt.datetime(2025, 1, 1, tzinfo=dt.UTC)
     stamps = [(start + dt.timedelta(hours=int(h))).strftime("%Y-%m-%dT%H:%M:%SZ") for h in hours]
@@ -100,14 +114,14 @@ def _write_timeseries(root: Path, rng: np.random.Generator, n: int) -> Path:
     load = 100 + 20 * np.sin(day - 1.5) + 8 * np.sin(week) - 0.8 * (temperature - 12) + noise
     target = np.roll(load, -1)  # next hour's load
     target[-1] = load[-1]
-    return write_csv(root / "timeseries" / "series.csv",
-                     {"timestamp": stamps, "temperature": temperature, "price": price, "load": load,
-                      "target": target})
+    return _table(root / "timeseries" / "series.csv",
+                  {"timestamp": stamps, "temperature": temperature, "price": price, "load": load, "target": target},
+                  fmt)
 
 
-def _write_features(root: Path, seed: int, n: int) -> Path:
+def _write_features(root: Path, seed: int, n: int, fmt: str = "csv") -> Path:
     cols = simulate_transactions(n, seed=seed, fraud_rate=0.03)
-    return write_csv(root / "features" / "transactions.csv", cols)
+    return _table(root / "features" / "transactions.csv", cols, fmt)
 
 
 def _synth_audio(kind: str, rng: np.random.Generator, sr: int) -> np.ndarray:
@@ -194,14 +208,71 @@ def _write_detection(root: Path, rng: np.random.Generator, n_train: int, n_val: 
     return base
 
 
-def make_samples(root: str | Path, *, seed: int = 0, small: bool = False) -> dict[str, Path]:
-    """Write all five sample sets under ``root``; returns their paths by type (``small``: a few seconds' worth)."""
+def _check_target(root: Path, force: bool) -> bool:
+    """Whether ``root`` exists and may be written; ConfigError for a file, a file above it, or a folder of the
+    user's that is not empty (unless ``force``)."""
+    for parent in [root, *root.parents]:
+        if parent.exists() and not parent.is_dir():
+            what = "is a file, not a folder" if parent == root else f"is under {parent}, which is a file"
+            raise ConfigError(f"{root} {what}")
+        if parent.exists():
+            break
+    if not root.exists():
+        return False
+    if (root / MARKER).is_file() or force or not any(root.iterdir()):
+        return True
+    raise ConfigError(f"{root} is not empty and was not written by make-samples; choose an empty or new folder, "
+                      "or pass --force (force=True) to replace its sample folders (text/, timeseries/, features/, "
+                      "audio/, detection/)")
+
+
+def make_samples(root: str | Path, *, seed: int = 0, small: bool = False, format: str = "csv",
+                 force: bool = False) -> dict[str, Path]:
+    """Write all five sample sets under ``root``; returns their paths by type (``small``: a few seconds' worth).
+
+    ``format``: ``csv`` or ``parquet`` for the tables (messages, series, transactions). ``root`` must be new,
+    empty, or written by an earlier make_samples (it carries a marker file); a folder of the user's with files
+    in it is refused unless ``force``. Everything is written into a temporary folder beside ``root`` first and
+    moved in only when complete, so a failed run leaves ``root`` as it was.
+    """
+    import json
+    import os
+    import tempfile
+
+    if format not in TABLE_FORMATS:
+        raise ConfigError(f"format must be one of {', '.join(TABLE_FORMATS)}, got {format!r}")
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    return {
-        "text": _write_text(root, np.random.default_rng([seed, 1]), 400 if small else 4000),
-        "timeseries": _write_timeseries(root, np.random.default_rng([seed, 2]), 1500 if small else 20000),
-        "features": _write_features(root, seed, 3000 if small else 50000),
-        "audio": _write_audio(root, np.random.default_rng([seed, 4]), 8 if small else 100),
-        "detection": _write_detection(root, np.random.default_rng([seed, 5]), *((24, 8) if small else (300, 60))),
-    }
+    exists = _check_target(root, force)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    except OSError as e:
+        raise ConfigError(f"cannot write under {root.parent}: {e.strerror}") from None
+    try:
+        made = {
+            "text": _write_text(tmp, np.random.default_rng([seed, 1]), 400 if small else 4000, format),
+            "timeseries": _write_timeseries(tmp, np.random.default_rng([seed, 2]), 1500 if small else 20000, format),
+            "features": _write_features(tmp, seed, 3000 if small else 50000, format),
+            "audio": _write_audio(tmp, np.random.default_rng([seed, 4]), 8 if small else 100),
+            "detection": _write_detection(tmp, np.random.default_rng([seed, 5]), *((24, 8) if small else (300, 60))),
+        }
+        (tmp / MARKER).write_text(json.dumps({"seed": seed, "small": small, "format": format}) + "\n")
+        if not exists:
+            os.replace(tmp, root)  # one rename: the folder appears complete or not at all
+        else:
+            for name in [*SAMPLE_DIRS, MARKER]:
+                target = root / name
+                old = root / f".{name}.old-{os.getpid()}"
+                if target.exists():
+                    os.replace(target, old)
+                os.replace(tmp / name, target)
+                if old.is_dir():
+                    shutil.rmtree(old)
+                elif old.exists():
+                    old.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write the samples into {root}: {e}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {kind: root / p.relative_to(tmp) for kind, p in made.items()}

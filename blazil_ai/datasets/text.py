@@ -3,7 +3,9 @@
 Layouts:
 
 * ``messages.csv`` with a header naming the text and label columns (``text``, ``label`` by default);
-* ``dir/<class>/*.txt``: one sample per file, the class is the subdirectory's name.
+* ``dir/<class>/*.txt``: one sample per file, the class is the subdirectory's name;
+* the same two columns in Parquet (file or directory of parts), Feather/Arrow, JSONL, or a
+  ``pandas.DataFrame`` / ``pyarrow.Table`` (by extension or ``format=``).
 
 Texts are tokenised once at open with a Hugging Face ``tokenizers`` ``tokenizer.json`` (given, or found
 next to the CSV / inside the directory), truncated and padded to ``max_length``. Batches:
@@ -18,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from blazil_ai.datasets.base import Batch, Dataset, class_ids
-from blazil_ai.datasets.csvtable import read_csv
 from blazil_ai.errors import ConfigError, DataError
 
 
@@ -27,28 +28,41 @@ class TextDataset(Dataset):
 
     kind = "text"
 
-    def __init__(self, path: str | Path, *, tokenizer: str | Path | None = None, text_column: str = "text",
+    def __init__(self, path: Any, *, tokenizer: str | Path | None = None, text_column: str = "text",
                  label_column: str = "label", max_length: int = 64, on_error: str = "error",
-                 classes: list[str] | None = None) -> None:
+                 classes: list[str] | None = None, format: str | None = None) -> None:
         from tokenizers import Tokenizer
 
-        self.path = Path(path)
+        from blazil_ai.datasets.tabular import _parts, is_frame, read_table, source_name
+
+        self.path = Path(source_name(path))
         if max_length < 2:
             raise ConfigError(f"max_length must be >= 2, got {max_length}")
         self.skipped: list[str] = []
-        if self.path.is_dir():
+        frame = is_frame(path)
+        if not frame and format is None and self.path.is_dir() and not _parts(self.path):
             texts, labels = self._read_dir()
             tok_default = self.path / "tokenizer.json"
-        elif self.path.is_file():
-            table = read_csv(self.path, required=[text_column, label_column], text=[text_column, label_column],
-                             numeric=(), on_error=on_error)
-            self.skipped = [f"line {s.line}: {s.reason}" for s in table.skipped]
+        elif frame or self.path.exists():
+            table = read_table(path, format=format, required=[text_column, label_column],
+                               text=[text_column, label_column], numeric=(), on_error=on_error,
+                               ignore=lambda c: c not in (text_column, label_column))
+            self.skipped = [f"{table.unit} {s.line}: {s.reason}" for s in table.skipped]
             texts = table.columns[text_column].tolist()
             labels = table.columns[label_column]
-            empty = np.flatnonzero(np.char.str_len(labels.astype(str)) == 0)
-            if len(empty):
-                raise DataError("empty label", path=str(self.path), line=int(table.lines[empty[0]]), field=label_column)
-            tok_default = self.path.with_name("tokenizer.json")
+            empty = (np.char.str_len(labels.astype(str)) == 0) | (np.char.str_len(np.char.strip(
+                table.columns[text_column].astype(str))) == 0)
+            if empty.any() and on_error == "skip":  # empty text or label: left out and counted
+                for i in np.flatnonzero(empty).tolist():
+                    which = label_column if not labels[i] else text_column
+                    self.skipped.append(f"{table.unit} {int(table.lines[i])}: field {which!r}: empty field")
+                texts = [t for t, e in zip(texts, empty.tolist()) if not e]
+                labels = labels[~empty]
+            elif (np.char.str_len(labels.astype(str)) == 0).any():  # an empty text is a text; no label is an error
+                i = int(np.argmax(np.char.str_len(labels.astype(str)) == 0))
+                raise DataError("empty label (on_error='skip' leaves such rows out)", path=str(self.path),
+                                field=label_column, **table.where(i))
+            tok_default = (self.path if self.path.is_dir() else self.path.parent) / "tokenizer.json"
         else:
             raise DataError("no such file or directory", path=str(self.path))
         if not texts:

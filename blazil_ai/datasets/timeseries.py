@@ -6,8 +6,13 @@ seconds, strictly increasing. Each sample is a window: ``x`` holds ``input_lengt
 every ``stride`` rows.
 
 Splits are by time: the first ``1 - val_fraction - test_fraction`` of the rows train, then validation,
-then test; no window crosses a split boundary. Z-score normalisation is fitted on the training rows only
-and saved as JSON (default ``<name>.norm.json`` next to the CSV), reloaded by the other splits.
+then test; no window crosses a split boundary. Z-score normalisation is fitted on the training rows only;
+``normalization=None`` fits it in memory and writes nothing, a path loads it (refused by name when fitted on an
+earlier version of this same source) or fits and saves it there with the source's fingerprint, and a mapping
+read from such a file (a model's ``timeseries.norm.json``) is applied as given.
+
+Sources: a CSV, Parquet (file or directory of parts), Feather/Arrow or JSONL file, or a ``pandas.DataFrame`` /
+``pyarrow.Table``; a timestamp column may be text (ISO 8601 or epoch seconds), a number, or a timestamp type.
 
 Stated policies: ``missing`` (empty or NaN cells): ``error`` (default, names line and field), ``ffill``
 (carry the last value forward) or ``interpolate`` (linear in time). ``gaps`` (a step more than 1.5x the
@@ -18,14 +23,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from blazil_ai.datasets.base import Batch, Dataset
-from blazil_ai.datasets.csvtable import read_csv
 from blazil_ai.errors import ConfigError, DataError
 
 MISSING = ("error", "ffill", "interpolate")
@@ -49,12 +53,17 @@ class TimeSeriesDataset(Dataset):
 
     kind = "timeseries"
 
-    def __init__(self, path: str | Path, *, timestamp: str = "timestamp", target: str | Sequence[str] = "target",
+    def __init__(self, path: Any, *, timestamp: str = "timestamp", target: str | Sequence[str] = "target",
                  features: Sequence[str] | None = None, input_length: int = 24, horizon: int = 1, stride: int = 1,
                  split: str = "train", val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 missing: str = "error", gaps: str = "error", normalization: str | Path | None = None,
-                 refit: bool = False, on_error: str = "error") -> None:
-        self.path = Path(path)
+                 missing: str = "error", gaps: str = "error",
+                 normalization: str | Path | Mapping[str, Any] | None = None,
+                 refit: bool = False, on_error: str = "error", format: str | None = None) -> None:
+        from blazil_ai.datasets.tabular import detect_format, read_table, source_name
+
+        self.source = path
+        self.format = detect_format(path, format)
+        self.path = Path(source_name(path))
         if missing not in MISSING:
             raise ConfigError(f"missing must be one of {MISSING}, got {missing!r}")
         if gaps not in GAPS:
@@ -66,37 +75,46 @@ class TimeSeriesDataset(Dataset):
         if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
             raise ConfigError("val_fraction and test_fraction must be >= 0 and sum to less than 1")
         targets = [target] if isinstance(target, str) else list(target)
-        table = read_csv(self.path, required=[timestamp, *targets], text=[timestamp],
-                         numeric=None if features is None else [*features, *targets], on_error=on_error)
+        table = read_table(path, format=self.format, required=[timestamp, *targets],
+                           text=[timestamp] if self.format == "csv" else (),
+                           numeric=None if features is None else [*features, *targets], on_error=on_error)
         cols = table.columns
+        self.unit = table.unit
         if features is None:
-            features = [k for k in table.numeric if k not in targets]
+            features = [k for k in table.numeric if k not in targets and k != timestamp]
         for name in [*features, *targets]:
             if name not in cols or cols[name].dtype.kind != "f":
-                raise DataError(f"column {name!r} is missing or not numeric", path=str(self.path), line=1, field=name)
+                raise DataError(f"column {name!r} is missing or not numeric", path=str(self.path), field=name,
+                                **({"line": 1} if self.unit == "line" else {}))
         lines = table.lines
         n = len(lines)
         if n == 0:
             raise DataError("no data rows", path=str(self.path))
-        times = np.empty(n)
-        for i, text in enumerate(cols[timestamp].tolist()):
-            try:
-                times[i] = _parse_time(text)
-            except ValueError:
-                raise DataError(f"not a timestamp: {text!r}", path=str(self.path), line=int(lines[i]),
-                                field=timestamp) from None
+        if cols[timestamp].dtype.kind == "f":  # a number or a timestamp type: epoch seconds already
+            times = cols[timestamp]
+            if not np.all(np.isfinite(times)):
+                i = int(np.argmax(~np.isfinite(times)))
+                raise DataError("empty timestamp", path=str(self.path), field=timestamp, **table.where(i))
+        else:
+            times = np.empty(n)
+            for i, text in enumerate(cols[timestamp].tolist()):
+                try:
+                    times[i] = _parse_time(text)
+                except ValueError:
+                    raise DataError(f"not a timestamp: {text!r}", path=str(self.path), field=timestamp,
+                                    **table.where(i)) from None
         steps = np.diff(times)
         if (steps <= 0).any():
             i = int(np.argmax(steps <= 0)) + 1
             raise DataError("timestamp does not increase (duplicate or out of order)", path=str(self.path),
-                            line=int(lines[i]), field=timestamp)
+                            field=timestamp, **table.where(i))
         step = float(np.median(steps)) if len(steps) else 1.0
         gap_after = np.flatnonzero(steps > 1.5 * step)
         if len(gap_after) and gaps == "error":
             i = int(gap_after[0]) + 1
             raise DataError(f"gap in the series: {steps[i - 1]:.0f} s after the previous row, usual step {step:.0f} s "
                             "(gaps='split' keeps windows inside the unbroken stretches)",
-                            path=str(self.path), line=int(lines[i]), field=timestamp)
+                            path=str(self.path), field=timestamp, **table.where(i))
         inputs = [*features, *targets]
         values = np.stack([cols[k] for k in inputs], axis=1)  # (n, F)
         bad = ~np.isfinite(values)
@@ -104,16 +122,18 @@ class TimeSeriesDataset(Dataset):
             if missing == "error":
                 i, j = (int(a[0]) for a in np.nonzero(bad))
                 raise DataError("missing or non-finite value (missing='ffill' or 'interpolate' to fill it)",
-                                path=str(self.path), line=int(lines[i]), field=inputs[j])
+                                path=str(self.path), field=inputs[j], **table.where(i))
             values = self._fill(values, bad, times, missing)
         self.missing_filled = int(bad.sum())
         n_train = int(n * (1 - val_fraction - test_fraction))
         n_val = int(n * val_fraction)
         bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n),
                   "all": (0, n)}[split]
-        self.norm_path = Path(normalization) if normalization is not None else \
-            self.path.with_name(self.path.stem + ".norm.json")
-        if self.norm_path.exists() and not refit:
+        self.norm_path: Path | None = None
+        if isinstance(normalization, Mapping):
+            mean, std = self._check_norm(normalization, inputs, "the given normalization")
+        elif normalization is not None and Path(normalization).exists() and not refit:
+            self.norm_path = Path(normalization)
             mean, std = self._load_norm(inputs)
         else:
             train = values[:n_train]
@@ -122,7 +142,9 @@ class TimeSeriesDataset(Dataset):
                                 path=str(self.path))
             mean, std = train.mean(axis=0), train.std(axis=0)
             std = np.where(std > 1e-12, std, 1.0)
-            self._save_norm(inputs, mean, std)
+            if normalization is not None:  # asked for by path: save it, with what it was fitted on
+                self.norm_path = Path(normalization)
+                self._save_norm(inputs, mean, std)
         self.mean, self.std = mean, std
         self.values = ((values - mean) / std).astype(np.float32)
         # Window starts: the whole window (input + horizon) stays in one split and one unbroken stretch.
@@ -161,24 +183,41 @@ class TimeSeriesDataset(Dataset):
         return values
 
     def _save_norm(self, inputs: list[str], mean: np.ndarray, std: np.ndarray) -> None:
+        from blazil_ai.datasets.tabular import source_fingerprint
+
+        assert self.norm_path is not None
         data = {"format": "blazil-timeseries-norm", "version": 1, "columns": inputs,
-                "mean": mean.tolist(), "std": std.tolist()}
+                "mean": mean.tolist(), "std": std.tolist(), "source": source_fingerprint(self.source, self.format)}
         self.norm_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.norm_path.with_suffix(self.norm_path.suffix + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
         tmp.replace(self.norm_path)
 
     def _load_norm(self, inputs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        from blazil_ai.datasets.tabular import check_fresh
+
+        assert self.norm_path is not None
         try:
             data = json.loads(self.norm_path.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"not valid JSON: {e.msg}", path=str(self.norm_path), line=e.lineno) from None
-        if data.get("format") != "blazil-timeseries-norm":
-            raise DataError("not a time series normalisation file", path=str(self.norm_path))
+        except OSError as e:
+            raise DataError(f"cannot read: {e.strerror}", path=str(self.norm_path)) from None
+        out = self._check_norm(data, inputs, str(self.norm_path))
+        check_fresh(data.get("source"), self.source, self.norm_path)
+        return out
+
+    @staticmethod
+    def _check_norm(data: Any, inputs: list[str], where: str) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(data, Mapping) or data.get("format") != "blazil-timeseries-norm":
+            raise DataError("not a time series normalisation file", path=where)
         if data.get("columns") != inputs:
             raise DataError(f"normalisation was fitted for columns {data.get('columns')}, data has {inputs} "
-                            "(refit=True fits anew)", path=str(self.norm_path), field="columns")
-        return np.asarray(data["mean"], dtype=np.float64), np.asarray(data["std"], dtype=np.float64)
+                            "(refit=True fits anew)", path=where, field="columns")
+        mean, std = np.asarray(data["mean"], dtype=np.float64), np.asarray(data["std"], dtype=np.float64)
+        if mean.shape != (len(inputs),) or std.shape != (len(inputs),) or not np.all(np.isfinite(std)):
+            raise DataError("mean/std do not match the columns", path=where, field="mean")
+        return mean, std
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -201,5 +240,5 @@ class TimeSeriesDataset(Dataset):
         s.update({"split": self.split, "rows": len(self.values), "inputs": self.inputs, "targets": self.targets,
                   "input_length": self.input_length, "horizon": self.horizon, "stride": self.stride,
                   "step_seconds": self.step_seconds, "gaps": self.gaps_found, "missing_filled": self.missing_filled,
-                  "normalization_file": str(self.norm_path)})
+                  "format": self.format, "normalization_file": str(self.norm_path) if self.norm_path else None})
         return s

@@ -43,6 +43,8 @@ def resolve_data(model_type: str, data: str | Path | None, seed: int = 0) -> Pat
         raise ConfigError(f"--data {p} does not exist")
     if p.is_dir() and (p / rel).exists():
         return p / rel
+    if p.is_dir() and rel.endswith(".csv") and (p / rel).with_suffix(".parquet").exists():
+        return (p / rel).with_suffix(".parquet")  # a samples root written with --format parquet
     return p
 
 

@@ -43,17 +43,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=_info)
     models.set_defaults(func=lambda args: (models.print_help(), 2)[1])
 
-    inf = sub.add_parser("infer", help="run a model over a dataset, writing predictions as JSONL",
+    inf = sub.add_parser("infer", help="run a model over a dataset, writing predictions (JSONL, CSV or Parquet)",
                          description="Read DATA with the dataset loader, run the model with onnxruntime or tract, and "
-                                     "write one JSON line per item (to --out or stdout), with a progress bar on stderr "
-                                     "and a summary at the end.")
+                                     "write one record per item (to --out or stdout), with a progress bar on stderr "
+                                     "and a summary at the end. DATA for fraud, text and timeseries may be CSV, "
+                                     "Parquet (file or directory of parts), Feather/Arrow or JSONL.")
     inf.add_argument("--type", required=True, choices=(*TYPES, "features"),
                      help="dataset and model type (features = fraud)")
     inf.add_argument("--model", help="ONNX file or models directory (default $BLAZIL_HOME/models/TYPE.onnx)")
     inf.add_argument("data", help="the dataset: a file or directory in the type's layout")
     inf.add_argument("--backend", choices=("onnxruntime", "tract"), default="onnxruntime",
                      help="inference engine (default onnxruntime)")
-    inf.add_argument("--out", help="JSONL output file (default stdout), written only when the run succeeds")
+    inf.add_argument("--out", help="output file, format by extension: .jsonl, .csv (nested values as JSON text) or "
+                                   ".parquet; written to a temporary name and renamed on success (default: JSONL "
+                                   "to stdout)")
+    inf.add_argument("--keep", action="append", default=[], metavar="COL",
+                     help="copy input column COL into each record (repeatable; fraud, text and timeseries), e.g. "
+                          "--keep transaction_id --keep amount")
     inf.add_argument("--force", action="store_true", help="replace --out if it exists")
     inf.add_argument("--batch-size", type=int, default=64, help="items per batch (default 64)")
     inf.add_argument("--limit", type=nonneg_int, help="stop after this many items")
@@ -124,7 +130,7 @@ def _infer(args: argparse.Namespace) -> int:
 
     summary = run_inference(args.type, args.data, model=args.model, backend=args.backend, out=args.out,
                             batch_size=args.batch_size, limit=args.limit, threads=args.threads,
-                            conf=args.conf, iou=args.iou, force=args.force)
+                            conf=args.conf, iou=args.iou, keep=args.keep, force=args.force)
     text = " ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict | list))
     if args.json:
         print(json.dumps(summary, sort_keys=True), file=sys.stderr if args.out is None else sys.stdout)

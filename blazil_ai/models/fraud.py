@@ -66,7 +66,7 @@ def quality(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, f
     }
 
 
-def train_fraud_model(features_csv: str | Path, out_dir: str | Path | None = None, seed: int = 0, *,
+def train_fraud_model(features_csv: Any, out_dir: str | Path | None = None, seed: int = 0, *,
                       kind: str = "mlp", label: str = "is_fraud", val_fraction: float = 0.2) -> Path:
     """Train on ``features_csv`` and write fraud.onnx + fraud.norm.json + fraud.metrics.json; returns fraud.onnx."""
     from skl2onnx import to_onnx
@@ -86,7 +86,7 @@ def train_fraud_model(features_csv: str | Path, out_dir: str | Path | None = Non
         classes = np.unique(ds.y)
         if len(classes) != 2 or not set(classes.tolist()) <= {0, 1}:
             raise DataError(f"the {name} split needs labels 0 and 1 in column {label!r}, found {classes.tolist()}",
-                            path=str(features_csv), field=label)
+                            path=str(train.path), field=label)
     clf = _classifier(kind, seed)
     clf.fit(train.x, train.y)
     train_s = time.perf_counter() - t0
@@ -108,7 +108,7 @@ def train_fraud_model(features_csv: str | Path, out_dir: str | Path | None = Non
     # The exported graph must agree with the fitted estimator (skl2onnx uses float32 thresholds).
     sk_diff = float(np.abs(p_val - clf.predict_proba(val.x)[:, 1]).max())
     write_json(sidecar(onnx_path, "metrics"), {
-        "model": kind, "source": str(features_csv), "seed": seed, "held_out": metrics,
+        "model": kind, "source": str(train.path), "seed": seed, "held_out": metrics,
         "train": quality(train.y, scorer.score(train.x)),
         "rows": {"train": int(len(train)), "held_out": int(len(val)),
                  "train_positives": int(train.y.sum()), "held_out_positives": int(val.y.sum())},
