@@ -158,10 +158,6 @@ def assert_refused(code: int, err: str, command: str, names: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------------- the table
 
-ITEM2 = "issue 16 item 2 (data engineer): make-samples must not replace the user's CSVs"
-ITEM4 = "issue 16 item 4 (data engineer): data inspect must write no transform file"
-ITEM8_DATA = "issue 16 item 8 (data engineer): make-samples onto or under a file, checked before it starts"
-ITEM8_DATA_INSPECT = "issue 16 item 8 (data engineer): data inspect --type detection x.png ends in a traceback"
 
 
 def case(command: str, argv: str, names: str = "", xfail: str | None = None, id: str | None = None) -> object:  # noqa: A002
@@ -260,10 +256,10 @@ CASES = [
     case("ledger repair", "{missing}", "{missing}"),
     case("ledger repair", "{empty}", "{empty}"),
     # data
-    case("data make-samples", "{afile} --small", "{afile}", xfail=ITEM8_DATA),
-    case("data make-samples", "{afile}/sub --small", "{afile}", xfail=ITEM8_DATA),
-    case("data make-samples", "{user} --small", "{user}", xfail=ITEM2),
-    case("data inspect", "--type detection {png}", "{png}", xfail=ITEM8_DATA_INSPECT),
+    case("data make-samples", "{afile} --small", "{afile}"),
+    case("data make-samples", "{afile}/sub --small", "{afile}"),
+    case("data make-samples", "{user} --small", "{user}"),
+    case("data inspect", "--type detection {png}", "{png}"),
     case("data inspect", "--type features {missing}", "{missing}"),
     case("data inspect", "--type features {bad_csv}", "{bad_csv}|amount"),
     case("data inspect", "--type features {features} --opt nokey", "--opt"),
@@ -429,7 +425,6 @@ def test_a_refused_connection_fails_at_once(assets):
     assert_refused(code, err, "transfer stats", ["refused"])
 
 
-@pytest.mark.xfail(reason=ITEM4, strict=True)
 def test_data_inspect_writes_nothing_next_to_a_valid_csv(scratch, assets):
     csv = scratch["scratch"] / "mine.csv"
     shutil.copyfile(assets["features"], csv)

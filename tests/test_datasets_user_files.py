@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -40,7 +41,7 @@ def one_line_error(res: subprocess.CompletedProcess, *needles: str) -> str:
     assert "Traceback" not in res.stderr
     lines = [ln for ln in res.stderr.splitlines() if not ln.startswith("writing sample sets")]
     assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("blazil data: error: "), lines[0]
+    assert re.match(r"blazil data [a-z-]+: error: ", lines[0]), lines[0]
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]

@@ -97,7 +97,7 @@ def test_bad_out_and_keep_are_named_and_write_nothing(built, tmp_path):
         blazil("infer", "--type", "fraud", "--model", models, samples["features"], "--out", tmp_path / "p.parquet",
                "--keep", "nope")
     (tmp_path / "dir").mkdir()
-    with pytest.raises(ConfigError, match=r"--out .*dir is a folder"):
+    with pytest.raises(ConfigError, match=r"--out .*dir:? is a folder"):
         blazil("infer", "--type", "fraud", "--model", models, samples["features"], "--out", tmp_path / "dir")
     (tmp_path / "dir").rmdir()
     with pytest.raises(ConfigError, match=r"--keep applies to table inputs"):

@@ -54,8 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _make_samples(args: argparse.Namespace) -> int:
-    from blazil_ai.datasets.samples import make_samples
+    from pathlib import Path
 
+    from blazil_ai.datasets.samples import check_target, make_samples
+
+    check_target(Path(args.dir), args.force)  # a wrong target is the only line printed
     print(f"writing sample sets to {args.dir} ...", file=sys.stderr)
     paths = make_samples(args.dir, seed=args.seed, small=args.small, format=args.format, force=args.force)
     if args.json:

@@ -208,7 +208,7 @@ def _write_detection(root: Path, rng: np.random.Generator, n_train: int, n_val: 
     return base
 
 
-def _check_target(root: Path, force: bool) -> bool:
+def check_target(root: Path, force: bool) -> bool:
     """Whether ``root`` exists and may be written; ConfigError for a file, a file above it, or a folder of the
     user's that is not empty (unless ``force``)."""
     for parent in [root, *root.parents]:
@@ -242,7 +242,7 @@ def make_samples(root: str | Path, *, seed: int = 0, small: bool = False, format
     if format not in TABLE_FORMATS:
         raise ConfigError(f"format must be one of {', '.join(TABLE_FORMATS)}, got {format!r}")
     root = Path(root)
-    exists = _check_target(root, force)
+    exists = check_target(root, force)
     try:
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
