@@ -40,3 +40,17 @@ def _process_gone(pid: int) -> bool:
 def process_gone():
     """``process_gone(pid)``: whether that process has exited (for tests that kill things)."""
     return _process_gone
+
+
+@pytest.fixture(scope="session")
+def tigerbeetle(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh single-replica TigerBeetle cluster (formatted in a temp dir) when BLAZIL_TIGERBEETLE_BIN names the
+    server binary; the test is skipped, with that reason, otherwise. Yields the running replica (``.address``)."""
+    from blazil_ai.ledger.tigerbeetle_replica import ENV_BINARY, TigerBeetleReplica, binary_from_env
+
+    binary = binary_from_env()
+    if binary is None:
+        pytest.skip(f"{ENV_BINARY} is not set: no TigerBeetle server binary to start a replica from "
+                    "(.ci/run sets it when ../shared/tigerbeetle/tigerbeetle exists)")
+    with TigerBeetleReplica(binary, tmp_path_factory.mktemp("tigerbeetle")) as replica:
+        yield replica

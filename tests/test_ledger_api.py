@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -187,13 +186,8 @@ def test_cli_serve_help_and_inspect(tmp_path):
 # ------------------------------------------------------------------ TigerBeetle cluster
 
 
-TB_ADDRESS = os.environ.get("BLAZIL_TIGERBEETLE_ADDRESS")
-
-
-@pytest.mark.skipif(not TB_ADDRESS, reason="BLAZIL_TIGERBEETLE_ADDRESS is not set: no TigerBeetle cluster to test "
-                                           "against (set it to host:port of a running cluster)")
-def test_tigerbeetle_cluster_backend():
-    with L.connect(f"tigerbeetle://{TB_ADDRESS}") as c:
+def test_tigerbeetle_cluster_backend(tigerbeetle):
+    with L.connect(f"tigerbeetle://{tigerbeetle.address}") as c:
         a, b, t = L.id(), L.id(), L.id()
         res = c.create_accounts([L.Account(id=a, ledger=1, code=1), L.Account(id=b, ledger=1, code=1)])
         assert [r.status for r in res] == [L.CreateAccountStatus.CREATED] * 2
