@@ -125,9 +125,15 @@ def test_precedence(client, kw, expected):
     assert one(client, **kw) == expected
 
 
-def test_imported_events_are_not_offered(client):
-    # The engine assigns every timestamp itself; the imported flag is refused as reserved.
-    assert one(client, flags=TF.IMPORTED) == CT.RESERVED_FLAG
+def test_imported_event_timestamp_checks(client):
+    # Imported events carry their own timestamp (tests/test_ledger_differences.py covers the rest).
+    assert one(client, flags=TF.IMPORTED) == CT.IMPORTED_EVENT_TIMESTAMP_OUT_OF_RANGE
+    assert one(client, flags=TF.IMPORTED, timestamp=1 << 62) == CT.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_ADVANCE
+    assert one(client, flags=TF.IMPORTED, timestamp=1) == CT.IMPORTED_EVENT_TIMESTAMP_MUST_POSTDATE_DEBIT_ACCOUNT
+    assert one(client) == CT.CREATED
+    assert one(client, flags=TF.IMPORTED, timestamp=1) == CT.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_REGRESS
+    assert statuses(client, [T(flags=TF.IMPORTED, timestamp=1), T()])[1] == CT.IMPORTED_EVENT_EXPECTED
+    assert statuses(client, [T(), T(flags=TF.IMPORTED, timestamp=1)])[1] == CT.IMPORTED_EVENT_NOT_EXPECTED
 
 
 # ------------------------------------------------------------------ idempotency
@@ -488,9 +494,10 @@ def test_create_accounts_linked(client):
 
 
 def test_every_transfer_status_is_covered():
-    # Guard: this file names every status the engine can return (imported-event ones are not offered).
+    # Guard: this file (with test_ledger_differences.py for imported events) names every status the engine returns.
     import pathlib
-    text = pathlib.Path(__file__).read_text()
-    offered = [s for s in CT if not s.name.startswith("IMPORTED") and s != CT.CREATED]
+    here = pathlib.Path(__file__)
+    text = here.read_text() + (here.parent / "test_ledger_differences.py").read_text()
+    offered = [s for s in CT if s != CT.CREATED]
     missing = [s.name for s in offered if f"CT.{s.name}" not in text]
     assert missing == []

@@ -41,7 +41,20 @@ import numpy as np
 
 from blazil_ai.errors import ConfigError, DataError
 from blazil_ai.ledger.client import completed_future
-from blazil_ai.ledger.engine import CREATED, EXPIRED, PENDING, POSTED, VOIDED, Engine, _columns, key64, key64_int
+from blazil_ai.ledger.engine import (
+    CREATED,
+    EXPIRED,
+    PENDING,
+    POSTED,
+    VOIDED,
+    AccountView,
+    Engine,
+    _columns,
+    key64,
+    key64_int,
+    resolved_record,
+    validate_transfer,
+)
 from blazil_ai.ledger.store import LocalLedger
 from blazil_ai.ledger.types import (
     ACCOUNT_DTYPE,
@@ -98,9 +111,9 @@ def shard_of(account_id: int, n: int) -> int:
     return key64_int(account_id) % n
 
 
-def clearing_id(shard: int, ledger: int) -> int:
-    """The clearing account of one shard and ledger."""
-    return (CLEARING_HI << 64) | (ledger << 16) | shard
+def clearing_id(shard: int, ledger: int, generation: int = 0) -> int:
+    """The clearing account of one shard and ledger (a new generation replaces one whose totals are full)."""
+    return (CLEARING_HI << 64) | (generation << 48) | (ledger << 16) | shard
 
 
 def leg_id(tid: int, leg: str, attempt: int) -> int:
@@ -135,13 +148,36 @@ class ShardedLedger:
         self.shards = [LocalLedger(self.directory / f"shard-{i:03d}", clock=clock, fsync=fsync, **options)
                        for i in range(self.n)]
         self.cross = Engine(clock=clock)  # the coordinator's record of cross-shard transfers and burned ids
-        self.clearing: set[tuple[int, int]] = set()
-        self.attempts: dict[int, int] = {}  # cross-shard pending transfer id -> attempt whose legs hold it
+        self.clearing: dict[tuple[int, int], int] = {}  # (shard, ledger) -> generation of its clearing account
+        self.attempts: dict[int, int] = {}  # cross-shard transfer id -> attempt whose legs carry it
+        self.next_attempt = 1  # each try of a cross-shard transfer has its own legs (ids from the attempt)
+        self._clock = clock
+        for sh in self.shards:  # accounts of one request take timestamps after every shard's last one
+            sh.engine.clock = self._shared_clock
         self._lock = threading.RLock()
         self.coord = WriteAheadLog(self.directory / "coordinator", fsync=fsync)
         self.coord_seq = 0
+        self._find_clearing()
         self._recover()
         self.coord.open_segment(self.coord_seq + 1)
+
+    def _shared_clock(self) -> int:
+        return max(int(self._clock()), *(sh.engine.last_timestamp + 1 for sh in self.shards))
+
+    def _find_clearing(self) -> None:
+        for s, sh in enumerate(self.shards):
+            e = sh.engine
+            ids = e.accounts["id"][: e.n_accounts]
+            for lo in ids[ids[:, 1] == CLEARING_HI][:, 0].tolist():
+                ledger, gen = (lo >> 16) & 0xFFFF_FFFF, lo >> 48
+                self.clearing[(s, ledger)] = max(gen, self.clearing.get((s, ledger), 0))
+
+    def _has_history(self, account_id: int) -> bool:
+        view = self._account_view(account_id) if account_id not in (0, U128_MAX) else None
+        return view is not None and bool(view.flags & AccountFlags.HISTORY)
+
+    def _account_view(self, account_id: int) -> AccountView | None:
+        return self.shards[shard_of(account_id, self.n)].engine.account_view(account_id)
 
     # ---------------------------------------------------------------- interface of LocalLedger
 
@@ -190,18 +226,24 @@ class ShardedLedger:
             i = int(np.nonzero(_is_clearing(batch["id"]))[0][0])
             raise DataError(f"event {i}: account ids with high word {CLEARING_HI:#x} are reserved for "
                             "clearing accounts in a sharded ledger", field="account.id")
+        _refuse_imported(batch, int(AccountFlags.IMPORTED), "account")
         home = (key64(batch["id"]) % np.uint64(self.n)).astype(np.int64)
         self._check_chains(batch["flags"], home, "account")
         status = np.full(n, CREATED, dtype=np.uint32)
         stamps = np.zeros(n, dtype=np.uint64)
-        futs = {}
-        for s in range(self.n):
-            idx = np.nonzero(home == s)[0]
-            if len(idx):
-                futs[s] = (idx, self.shards[s].submit("create_accounts", batch[idx]))
-        for idx, fut in futs.values():
-            st, ts = fut.result()
-            status[idx], stamps[idx] = st, ts
+        # Runs of consecutive events on one shard, each stamped from the batch's own timestamps (event i gets
+        # base + i on whichever shard it lives), so accounts are queried in the order they were created.
+        base = self._shared_clock()
+        futs = []
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and home[j] == home[i]:
+                j += 1
+            futs.append((i, j, self.shards[int(home[i])].submit("create_accounts", batch[i:j], base + i)))
+            i = j
+        for i, j, fut in futs:
+            status[i:j], stamps[i:j] = fut.result()
         return status, stamps
 
     @staticmethod
@@ -284,6 +326,7 @@ class ShardedLedger:
         stamps = np.zeros(n, dtype=np.uint64)
         if n == 0:
             return status, stamps
+        _refuse_imported(batch, int(TransferFlags.IMPORTED), "transfer")
         start = 0
         while start < n:
             # An id seen earlier in the batch may now exist, be burned, or still be free: only the earlier
@@ -330,76 +373,53 @@ class ShardedLedger:
     # ---------------------------------------------------------------- cross-shard two-phase commit
 
     def _precheck(self, t: dict[str, int]) -> int:
-        """TigerBeetle's checks up to the balance-dependent ones, for an event whose accounts are on two shards."""
-        flags = t["flags"]
-        if t["timestamp"] != 0:
-            return CT.TIMESTAMP_MUST_BE_ZERO
-        if flags & ~int(sum(int(f) for f in TransferFlags)) or flags & TransferFlags.IMPORTED:
-            return CT.RESERVED_FLAG
-        tid = t["id"]
-        if tid == 0:
-            return CT.ID_MUST_NOT_BE_ZERO
-        if tid == U128_MAX:
-            return CT.ID_MUST_NOT_BE_INT_MAX
-        row = self.cross.transfer_row(tid)
-        if row is not None:
-            return self.cross._transfer_exists(t, row)[0]
-        if tid in self.cross.failed_ids:
-            return CT.ID_ALREADY_FAILED
-        if t["pending_id"] != 0:
-            return CT.PENDING_ID_MUST_BE_ZERO
-        if not flags & TransferFlags.PENDING:
-            if t["timeout"] != 0:
-                return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER
-            if flags & (TransferFlags.CLOSING_DEBIT | TransferFlags.CLOSING_CREDIT):
-                return CT.CLOSING_TRANSFER_MUST_BE_PENDING
-        if t["ledger"] == 0:
-            return CT.LEDGER_MUST_NOT_BE_ZERO
-        if t["code"] == 0:
-            return CT.CODE_MUST_NOT_BE_ZERO
-        dr_eng = self.shards[shard_of(t["debit_account_id"], self.n)].engine
-        cr_eng = self.shards[shard_of(t["credit_account_id"], self.n)].engine
-        dr = dr_eng.account_rows.get(t["debit_account_id"])
-        if dr is None:
-            return CT.DEBIT_ACCOUNT_NOT_FOUND
-        cr = cr_eng.account_rows.get(t["credit_account_id"])
-        if cr is None:
-            return CT.CREDIT_ACCOUNT_NOT_FOUND
-        dr_ledger, cr_ledger = int(dr_eng.accounts["ledger"][dr]), int(cr_eng.accounts["ledger"][cr])
-        if dr_ledger != cr_ledger:
-            return CT.ACCOUNTS_MUST_HAVE_THE_SAME_LEDGER
-        if t["ledger"] != dr_ledger:
-            return CT.TRANSFER_MUST_HAVE_THE_SAME_LEDGER_AS_ACCOUNTS
-        if int(dr_eng.accounts["flags"][dr]) & AccountFlags.CLOSED:
-            return CT.DEBIT_ACCOUNT_ALREADY_CLOSED
-        if int(cr_eng.accounts["flags"][cr]) & AccountFlags.CLOSED:
-            return CT.CREDIT_ACCOUNT_ALREADY_CLOSED
-        return CREATED
+        """TigerBeetle's checks of a transfer whose accounts are on two shards, by the engine's own validator
+        over the accounts where they live (balances as they are before this event's legs)."""
+        first = self.cross.check_transfer_id(t)
+        if first is not None:
+            return first[0]
+        return validate_transfer(t, self.cross.clock(), self._account_view, self.cross.timeline)[0]
 
     def _fail(self, tid: int, code: int) -> None:
         if code in TRANSIENT_TRANSFER_STATUSES:
             self.cross.failed_ids.add(tid)
             self.cross.failed_keys.add(key64_int(tid))
 
+    def _new_attempt(self) -> int:
+        self.next_attempt += 1
+        return self.next_attempt - 1
+
+    def _answer(self, t: dict[str, int], code: int, index: int, status: np.ndarray, stamps: np.ndarray) -> None:
+        """Record a failed cross-shard event: its status, and its timestamp (the object's for EXISTS)."""
+        self._fail(t["id"], code)
+        status[index] = code
+        row = self.cross.transfer_row(t["id"]) if code == CT.EXISTS else None
+        stamps[index] = self.cross.transfers["timestamp"][row] if row is not None else self.cross.next_timestamps(1)
+
     def _cross_run(self, batch: np.ndarray, i: int, j: int, status: np.ndarray, stamps: np.ndarray) -> None:
         events = _columns(batch[i:j])
         go: list[int] = []
         go_ids: set[int] = set()
+        touched: set[int] = set()  # accounts with history that the group's events move
         for k, t in enumerate(events):
             resolving = bool(t["flags"] & _POST_VOID)
-            # An id repeated inside this run, or a post/void, is judged after what came before is done.
-            if t["id"] in go_ids or resolving:
-                self._run_group(events, batch, i, go, status, stamps, attempt=0)
-                go, go_ids = [], set()
+            mine = {a for a in (t["debit_account_id"], t["credit_account_id"]) if self._has_history(a)}
+            # An id repeated inside this run, or a post/void, is judged after what came before is done; so is an
+            # event on an account with history that the group moves (each transfer gets its own balances row).
+            if t["id"] in go_ids or resolving or not touched.isdisjoint(mine):
+                self._run_group(events, batch, i, go, status, stamps, attempt=self._new_attempt())
+                go, go_ids, touched = [], set(), set()
+            touched |= mine
             if resolving:
                 self._resolve_cross(t, i + k, status, stamps)
                 continue
             code = self._precheck(t)
+            if code in _BALANCE_CODES and go:  # the events before it may change the balances it is judged by
+                self._run_group(events, batch, i, go, status, stamps, attempt=self._new_attempt())
+                go, go_ids, touched = [], set(), set(mine)
+                code = self._precheck(t)
             if code != CREATED:
-                self._fail(t["id"], code)
-                status[i + k] = code
-                if code == CT.EXISTS:
-                    stamps[i + k] = self.cross.transfers["timestamp"][self.cross.transfer_row(t["id"])]
+                self._answer(t, code, i + k, status, stamps)
                 continue
             if t["flags"] not in (0, int(TransferFlags.PENDING)):
                 raise DataError(f"event {i + k}: transfer {t['id']} moves money between shards with flags "
@@ -407,50 +427,28 @@ class ShardedLedger:
                                 "(no linked, balancing or closing flags)")
             go.append(k)
             go_ids.add(t["id"])
-        self._run_group(events, batch, i, go, status, stamps, attempt=0)
+        self._run_group(events, batch, i, go, status, stamps, attempt=self._new_attempt())
 
     def _record_cross(self, rec: dict[str, int], attempt: int) -> None:
         row = self.cross._insert_transfer(rec)
+        self.attempts[rec["id"]] = attempt
+        self.next_attempt = max(self.next_attempt, attempt + 1)
         if rec["flags"] & TransferFlags.PENDING:
-            self.attempts[rec["id"]] = attempt
             if rec["timeout"]:
                 heapq.heappush(self.cross.expiry, (rec["timestamp"] + rec["timeout"] * 1_000_000_000, row))
 
-    def _precheck_resolve(self, t: dict[str, int]) -> tuple[int, int]:
-        """TigerBeetle's checks for a post/void of a cross-shard pending transfer: (status, amount to post)."""
-        first = self.cross._check_transfer_id(t)
-        if first is not None:
-            return first
-        code, prow = self.cross._check_post_or_void(t, None)
-        if code != CREATED:
-            return code, 0
-        post = bool(t["flags"] & TransferFlags.POST_PENDING_TRANSFER)
-        p = self.cross.transfers[prow]
-        p_dr, p_cr, p_amount = _u(p["debit_account_id"]), _u(p["credit_account_id"]), _u(p["amount"])
-        amount = t["amount"]
-        if post:
-            for aid, code in ((p_dr, CT.DEBIT_ACCOUNT_ALREADY_CLOSED), (p_cr, CT.CREDIT_ACCOUNT_ALREADY_CLOSED)):
-                eng = self.shards[shard_of(aid, self.n)].engine
-                if int(eng.accounts["flags"][eng.account_rows[aid]]) & AccountFlags.CLOSED:
-                    return code, 0
-        return CREATED, (p_amount if amount == AMOUNT_MAX else amount) if post else p_amount
-
     def _resolve_cross(self, t: dict[str, int], index: int, status: np.ndarray, stamps: np.ndarray) -> None:
         """Post or void a cross-shard pending transfer: both legs, logged so a crash finishes the job."""
-        code, actual = self._precheck_resolve(t)
-        if code != CREATED:
-            self._fail(t["id"], code)
-            status[index] = code
-            if code == CT.EXISTS:
-                stamps[index] = self.cross.transfers["timestamp"][self.cross.transfer_row(t["id"])]
+        first = self.cross.check_transfer_id(t)
+        if first is not None:
+            self._answer(t, first[0], index, status, stamps)
             return
-        p = self.cross.transfers[self.cross.transfer_row(t["pending_id"])]
-        rec = dict(t, debit_account_id=_u(p["debit_account_id"]), credit_account_id=_u(p["credit_account_id"]),
-                   amount=actual, ledger=int(p["ledger"]), code=int(p["code"]),
-                   timestamp=self.cross.next_timestamps(1))
-        for name in ("user_data_128", "user_data_64", "user_data_32"):
-            if not rec[name]:  # zero user data inherits the pending transfer's
-                rec[name] = _u(p[name]) if name == "user_data_128" else int(p[name])
+        ts = self.cross.next_timestamps(1)
+        code, prow, actual, _ = self.cross.check_post_or_void(t, ts, self._account_view)
+        if code != CREATED:
+            self._answer(t, code, index, status, stamps)
+            return
+        rec = resolved_record(t, self.cross.transfers[prow], actual, ts)
         attempt = self.attempts[t["pending_id"]]
         intent = transfers_to_array([_Rec(rec)])  # type: ignore[list-item]
         decision = np.zeros(1, dtype=DECISION_DTYPE)
@@ -519,15 +517,18 @@ class ShardedLedger:
             self._void_legs(_u(self.cross.transfers["id"][row]), "x")
             self.cross.pending_state[row] = EXPIRED
 
-    def _ensure_clearing(self, shard: int, ledger: int) -> None:
-        if (shard, ledger) in self.clearing:
-            return
+    def _ensure_clearing(self, shard: int, ledger: int, generation: int = 0) -> int:
+        """The clearing account of (shard, ledger), created at ``generation`` (or the current one) if missing."""
+        current = self.clearing.get((shard, ledger))
+        if current is not None and current >= generation:
+            return clearing_id(shard, ledger, current)
         a = np.zeros(1, dtype=ACCOUNT_DTYPE)
-        cid = clearing_id(shard, ledger)
+        cid = clearing_id(shard, ledger, generation)
         a["id"][0] = (cid & M64, cid >> 64)
         a["ledger"], a["code"] = ledger, 1
-        st, _ = self.shards[shard].create_accounts(a)
-        self.clearing.add((shard, ledger))
+        self.shards[shard].create_accounts(a)
+        self.clearing[(shard, ledger)] = generation
+        return cid
 
     def _legs(self, events: list[dict[str, int]], group: list[int], attempt: int, kind: str) -> dict[int, np.ndarray]:
         """Leg transfers of a group per shard: kind "prepare", "post" or "void"."""
@@ -537,19 +538,20 @@ class ShardedLedger:
             a, b = shard_of(t["debit_account_id"], self.n), shard_of(t["credit_account_id"], self.n)
             for leg, s in (("a", a), ("b", b)):
                 if kind == "prepare":
-                    self._ensure_clearing(s, t["ledger"])
+                    cid = self._ensure_clearing(s, t["ledger"])
                     # Legs never time out on their own: the coordinator expires a cross-shard pending transfer.
                     rec = dict(t, id=leg_id(t["id"], leg, attempt), flags=int(TransferFlags.PENDING), timestamp=0,
                                timeout=0)
                     if leg == "a":
-                        rec["credit_account_id"] = clearing_id(s, t["ledger"])
+                        rec["credit_account_id"] = cid
                     else:
-                        rec["debit_account_id"] = clearing_id(s, t["ledger"])
+                        rec["debit_account_id"] = cid
                 else:
                     flag = (TransferFlags.POST_PENDING_TRANSFER if kind == "post"
                             else TransferFlags.VOID_PENDING_TRANSFER)
                     rec = dict(id=leg_id(t["id"], kind[0] + leg, attempt), debit_account_id=0, credit_account_id=0,
-                               amount=AMOUNT_MAX, pending_id=leg_id(t["id"], leg, attempt), user_data_128=0,
+                               amount=AMOUNT_MAX if kind == "post" else 0,  # both mean "the pending amount"
+                               pending_id=leg_id(t["id"], leg, attempt), user_data_128=0,
                                user_data_64=0, user_data_32=0, timeout=0, ledger=0, code=0, flags=int(flag),
                                timestamp=0)
                 per.setdefault(s, []).append(rec)
@@ -564,7 +566,7 @@ class ShardedLedger:
         self.coord.sync()
 
     def _run_group(self, events: list[dict[str, int]], batch: np.ndarray, offset: int, group: list[int],
-                   status: np.ndarray, stamps: np.ndarray, attempt: int) -> None:
+                   status: np.ndarray, stamps: np.ndarray, attempt: int, retries: int = 0) -> None:
         if not group:
             return
         base = self.cross.next_timestamps(len(group))
@@ -606,17 +608,33 @@ class ShardedLedger:
             self._finish(events, group, attempt, "void")
             self._log(KIND_DONE, attempt, decision)
             for k in group:  # redo one by one, so only the events that really fail do
-                self._run_group(events, batch, offset, [k], status, stamps, attempt + 1)
+                self._run_group(events, batch, offset, [k], status, stamps, self._new_attempt())
             return
         k = group[0]
         failures = [c for c in per_event[k] if c != CREATED]
         code = min(failures, key=lambda c: TRANSFER_PRECEDENCE[c])
-        decision["status"] = code
+        decision["status"] = ABORTED
         self._log(KIND_DECISION, attempt, decision)
         self._finish(events, group, attempt, "void")
-        self._fail(events[k]["id"], code)
-        status[offset + k] = code
+        # The legs are voided: the accounts are as before. TigerBeetle's answer is the validator's; if it has
+        # none, only a clearing account refused (its totals near 2^128): a new generation takes over.
+        actual = self._precheck(events[k])
+        if actual != CREATED:
+            decision["status"] = actual  # logged, so recovery burns the id of a transient failure again
+            self._log(KIND_DECISION, attempt, decision)
         self._log(KIND_DONE, attempt, decision)
+        if actual == CREATED and code in _BALANCE_CODES and retries < 4:
+            t = events[k]
+            for s in {shard_of(t["debit_account_id"], self.n), shard_of(t["credit_account_id"], self.n)}:
+                self._ensure_clearing(s, t["ledger"], self.clearing.get((s, t["ledger"]), 0) + 1)
+            self._run_group(events, batch, offset, group, status, stamps, self._new_attempt(), retries + 1)
+            return
+        if actual == CREATED:
+            raise DataError(f"event {offset + k}: cross-shard transfer {events[k]['id']} was refused by its legs "
+                            f"({CT(code).name}) though its accounts allow it")
+        self._fail(events[k]["id"], actual)
+        status[offset + k] = actual
+        stamps[offset + k] = intent["timestamp"][0]
 
     def _finish(self, events: list[dict[str, int]], group: list[int], attempt: int, kind: str) -> None:
         legs = self._legs(events, group, attempt, kind)
@@ -632,6 +650,7 @@ class ShardedLedger:
         for entry in self.coord.recover(0):
             self.coord_seq = entry.seq
             recs = np.frombuffer(entry.payload, dtype=np.uint8).reshape(-1, 128).view("V128").ravel()
+            self.next_attempt = max(self.next_attempt, entry.timestamp + 1)
             if entry.kind == KIND_INTENT:
                 for ev in _columns(recs.view(TRANSFER_DTYPE)):
                     intents[(entry.timestamp, ev["id"])] = ev
@@ -714,7 +733,36 @@ class ShardedLedger:
         return self._merge(parts, bool(int(f.flags) & AccountFilterFlags.REVERSED), f.limit)
 
     def _get_account_balances(self, f: AccountFilter) -> list[tuple[int, ...]]:
-        return self.shards[shard_of(f.account_id, self.n)].call("get_account_balances", f)  # type: ignore[no-any-return]
+        """One row per transfer the user sees (a cross-shard transfer's legs are internal): the account's
+        balances after the leg that carried it on the account's shard, with the transfer's timestamp."""
+        self._settle()
+        eng = self.shards[shard_of(f.account_id, self.n)].engine
+        row = eng.account_rows.get(f.account_id)
+        if row is None or not int(eng.accounts["flags"][row]) & AccountFlags.HISTORY:
+            return []
+        after = {h[0]: h[1:] for h in eng.history.get(row, [])}
+        wide = AccountFilter(f.account_id, f.user_data_128, f.user_data_64, f.user_data_32, f.code, f.timestamp_min,
+                             f.timestamp_max, BATCH_MAX, f.flags & ~AccountFilterFlags.REVERSED)
+        out: list[tuple[int, ...]] = []
+        for t in self._get_account_transfers(wide):
+            trow = eng.transfer_row(self._carrier(t, f.account_id))
+            if trow is not None and trow in after:
+                out.append((*after[trow], int(t["timestamp"])))
+        if int(f.flags) & AccountFilterFlags.REVERSED:
+            out.reverse()
+        return out[: f.limit]
+
+    def _carrier(self, t: np.ndarray, account_id: int) -> int:
+        """The id of the transfer that moved ``t``'s money on ``account_id``'s shard: ``t`` itself, or a leg."""
+        tid = _u(t["id"])
+        if self.cross.transfer_row(tid) is None:
+            return tid
+        leg = "a" if _u(t["debit_account_id"]) == account_id else "b"
+        flags = int(t["flags"])
+        if flags & _POST_VOID:
+            return leg_id(tid, ("p" if flags & TransferFlags.POST_PENDING_TRANSFER else "v") + leg, 0)
+        attempt = self.attempts.get(tid, 0)
+        return leg_id(tid, leg if flags & TransferFlags.PENDING else "p" + leg, attempt)
 
     def _query_accounts(self, f: QueryFilter) -> np.ndarray:
         wide = QueryFilter(f.user_data_128, f.user_data_64, f.user_data_32, f.ledger, f.code, f.timestamp_min,
@@ -794,3 +842,17 @@ def _segment_end(batch: np.ndarray) -> int:
 def _ids(batch: np.ndarray, field: str = "id") -> list[int]:
     w = batch[field]
     return [int(lo) | (int(hi) << 64) for lo, hi in w.tolist()]
+
+
+# Failures that depend on balances: an earlier event of the same request may change them.
+_BALANCE_CODES = frozenset({
+    CT.OVERFLOWS_DEBITS_PENDING, CT.OVERFLOWS_CREDITS_PENDING, CT.OVERFLOWS_DEBITS_POSTED,
+    CT.OVERFLOWS_CREDITS_POSTED, CT.OVERFLOWS_DEBITS, CT.OVERFLOWS_CREDITS, CT.EXCEEDS_CREDITS, CT.EXCEEDS_DEBITS,
+})
+
+
+def _refuse_imported(batch: np.ndarray, bit: int, kind: str) -> None:
+    imported = np.nonzero(batch["flags"] & bit)[0]
+    if len(imported):
+        raise DataError(f"event {int(imported[0])}: imported {kind}s (flags.imported) are not supported by a sharded "
+                        "ledger; import into a single-shard ledger or a TigerBeetle cluster")

@@ -87,7 +87,7 @@ class LocalLedger:
         self.checkpoint_bytes = checkpoint_bytes
         self._failed: BaseException | None = None
         self._closed = False
-        self._ring: RingBuffer[tuple[str, Any, Future[Any], float]] = RingBuffer(ring_size)
+        self._ring: RingBuffer[tuple[str, Any, Future[Any], float, int | None]] = RingBuffer(ring_size)
         self._log_ring: RingBuffer[tuple[list[Any], list[tuple[Future[Any], Any, str, float, int]]]] = \
             RingBuffer(ring_size)
         self._wal_lock = threading.Lock()
@@ -98,8 +98,9 @@ class LocalLedger:
 
     # ---------------------------------------------------------------- requests
 
-    def submit(self, op: str, arg: Any) -> Future[Any]:
-        """Queue one request; the future completes once it (and everything before it) is durable."""
+    def submit(self, op: str, arg: Any, timestamp: int | None = None) -> Future[Any]:
+        """Queue one request; the future completes once it (and everything before it) is durable. A write may
+        name its first timestamp (a sharded ledger stamps one request's events across shards in its order)."""
         if self._failed is not None:
             raise LedgerClosed(f"ledger failed: {self._failed}")
         if self._closed:
@@ -111,7 +112,7 @@ class LocalLedger:
             raise ValueError(f"unknown ledger operation {op!r}")
         fut: Future[Any] = Future()
         try:
-            self._ring.publish((op, arg, fut, time.perf_counter()))
+            self._ring.publish((op, arg, fut, time.perf_counter(), timestamp))
         except RingClosed as e:
             raise LedgerClosed("ledger is closed") from e
         return fut
@@ -145,10 +146,10 @@ class LocalLedger:
                 continue
             parts: list[Any] = []
             done: list[tuple[Future[Any], Any, str, float, int]] = []
-            for op, arg, fut, t0 in reqs:
+            for op, arg, fut, t0, stamp in reqs:
                 try:
                     if op in WRITE_OPS:
-                        base = eng.next_timestamps(len(arg))
+                        base = eng.next_timestamps(len(arg)) if stamp is None else max(stamp, eng.last_timestamp + 1)
                         if op == "create_transfers":
                             result = eng.create_transfers(arg, base)
                         else:
