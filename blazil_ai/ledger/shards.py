@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from blazil_ai.errors import ConfigError, DataError
-from blazil_ai.ledger.client import completed_future
+from blazil_ai.ledger.base import completed_future
 from blazil_ai.ledger.engine import (
     CREATED,
     EXPIRED,
