@@ -605,7 +605,7 @@ class Engine:
             elif broken:
                 code = enum.LINKED_EVENT_FAILED
             else:
-                code = _check_event_timestamp(e, imported_bit, batch_imported, last, enum)
+                code = check_event_timestamp(e, imported_bit, batch_imported, last, enum)
                 if code == CREATED:
                     code, when = create(e, ts)
                     if code != CREATED and code != enum.EXISTS:
@@ -1018,7 +1018,7 @@ class EngineTimeline:
         return (e.n_transfers > 0 and ts <= int(e.transfers["timestamp"][e.n_transfers - 1])) or e.account_at(ts)
 
 
-def _check_event_timestamp(e: dict[str, int], imported_bit: int, batch_imported: bool, last: int, enum: Any) -> int:
+def check_event_timestamp(e: dict[str, int], imported_bit: int, batch_imported: bool, last: int, enum: Any) -> int:
     """TigerBeetle's batch-level checks of an event's timestamp (the first event decides whether the batch
     imports): CREATED to go on, or the result."""
     imported = bool(e["flags"] & imported_bit)

@@ -50,6 +50,7 @@ from blazil_ai.ledger.engine import (
     AccountView,
     Engine,
     _columns,
+    check_event_timestamp,
     key64,
     key64_int,
     resolved_record,
@@ -375,6 +376,9 @@ class ShardedLedger:
     def _precheck(self, t: dict[str, int]) -> int:
         """TigerBeetle's checks of a transfer whose accounts are on two shards, by the engine's own validator
         over the accounts where they live (balances as they are before this event's legs)."""
+        code = check_event_timestamp(t, int(TransferFlags.IMPORTED), False, 0, CT)  # imported: refused before
+        if code != CREATED:
+            return code
         first = self.cross.check_transfer_id(t)
         if first is not None:
             return first[0]
@@ -440,6 +444,8 @@ class ShardedLedger:
     def _resolve_cross(self, t: dict[str, int], index: int, status: np.ndarray, stamps: np.ndarray) -> None:
         """Post or void a cross-shard pending transfer: both legs, logged so a crash finishes the job."""
         first = self.cross.check_transfer_id(t)
+        if t["timestamp"] != 0:
+            first = CT.TIMESTAMP_MUST_BE_ZERO, 0
         if first is not None:
             self._answer(t, first[0], index, status, stamps)
             return
