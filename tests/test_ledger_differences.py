@@ -297,3 +297,20 @@ def test_numpy_account_with_reserved_field_is_refused(backend):
     arr["reserved"] = 0
     assert b.c.create_accounts(arr).tolist() == [0]
     assert np.array_equal(b.c.create_accounts(arr), [int(CA.EXISTS)])
+
+
+def test_sharded_timestamps_follow_the_request_and_survive_a_restart(tmp_path):
+    # Events of one request are stamped by their place in it on whichever shard they land (the write-ahead log
+    # keeps each event's offset), so queries list them in request order, before and after reopening.
+    ids = list(range(1, 41))
+    with L.connect(tmp_path / "s", shards=SHARDS) as c:
+        c.create_accounts([L.Account(id=i, ledger=1, code=1) for i in ids])
+        res = c.create_transfers([L.Transfer(id=100 + i, debit_account_id=i, credit_account_id=i % 40 + 1, amount=1,
+                                             ledger=1, code=1) for i in ids])
+        stamps = [r.timestamp for r in res]
+        assert stamps == sorted(stamps) and stamps[-1] - stamps[0] == len(ids) - 1
+        q = L.QueryFilter(0, 0, 0, 1, 0, 0, 0, 100, L.QueryFilterFlags.NONE)
+        before = (c.query_accounts(q), c.query_transfers(q))
+    assert [a.id for a in before[0]] == ids and [t.id for t in before[1]] == [100 + i for i in ids]
+    with L.connect(tmp_path / "s") as c:
+        assert (c.query_accounts(q), c.query_transfers(q)) == before

@@ -367,8 +367,8 @@ def run_seed(seed: int, sides: list[Side], report: Report, *, nonce: int, import
     """Send one seed's batches to every side and record each difference."""
     w = World(seed, nonce, imported=imported, sharded=any(s.name == "sharded" for s in sides))
     ref = sides[0]
-    for s in sides:
-        s.sync()
+    for side in sides:
+        side.sync()
     for k, b in enumerate(w.batches(batches)):
         answers = [s.run(b) for s in sides]
         report.batches += 1
@@ -389,10 +389,10 @@ def run_seed(seed: int, sides: list[Side], report: Report, *, nonce: int, import
                                           f"{s.name} {mine}")
                 return
     states = [_state(s, w) for s in sides]
-    for s, st in zip(sides[1:], states[1:]):
+    for s, state in zip(sides[1:], states[1:]):
         for key, value in states[0].items():
-            if st[key] != value:
-                report.differences.append(f"seed {seed}: {key}: {ref.name} {value}, {s.name} {st[key]}")
+            if state[key] != value:
+                report.differences.append(f"seed {seed}: {key}: {ref.name} {value}, {s.name} {state[key]}")
                 break
 
 

@@ -292,24 +292,28 @@ class Engine:
         ok = (self._acc_keys[pos] == q) & (ids[:, 0] == words[:, 0]) & (ids[:, 1] == words[:, 1])
         return np.where(ok, rows, -1)
 
-    def _stamp_batch(self, n: int, what: str, timestamp: int | None) -> int:
-        """Check a batch's size and take its n timestamps (or adopt the replayed ones); the first of them."""
+    def _stamp_batch(self, n: int, what: str, timestamp: int | None, offsets: np.ndarray | None) -> np.ndarray:
+        """Check a batch's size and take its timestamps (or adopt the replayed ones): event i gets the first one
+        plus i, or plus ``offsets[i]`` (increasing) when the batch is part of a larger one spread over shards."""
         if n > BATCH_MAX:
             raise DataError(f"batch of {n} {what} exceeds the limit of {BATCH_MAX} events")
-        base = self.next_timestamps(n) if timestamp is None else timestamp
-        self.last_timestamp = max(self.last_timestamp, base + n - 1)
-        return base
+        span = n if offsets is None or n == 0 else int(offsets[-1]) + 1
+        base = self.next_timestamps(span) if timestamp is None else timestamp
+        self.last_timestamp = max(self.last_timestamp, base + span - 1)
+        steps = np.arange(n, dtype=np.uint64) if offsets is None else offsets.astype(np.uint64)
+        return np.uint64(base) + steps
 
     # ---------------------------------------------------------------- accounts
 
-    def create_accounts(self, batch: np.ndarray, timestamp: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def create_accounts(self, batch: np.ndarray, timestamp: int | None = None,
+                        offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Create accounts; returns (status u32 per event, engine codes, and timestamp u64 per event)."""
         n = len(batch)
-        base = self._stamp_batch(n, "accounts", timestamp)
+        times = self._stamp_batch(n, "accounts", timestamp, offsets)
         status = np.full(n, CREATED, dtype=np.uint32)
         stamps = np.zeros(n, dtype=np.uint64)
         ev = _columns(batch)
-        self._run_chains(n, ev, base, status, stamps, self._create_account, CA)
+        self._run_chains(n, ev, times, status, stamps, self._create_account, CA)
         return status, stamps
 
     def _create_account(self, e: dict[str, int], ts: int) -> tuple[int, int]:
@@ -376,23 +380,24 @@ class Engine:
 
     # ---------------------------------------------------------------- transfers
 
-    def create_transfers(self, batch: np.ndarray, timestamp: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def create_transfers(self, batch: np.ndarray, timestamp: int | None = None,
+                         offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Create transfers; returns (status u32 per event, engine codes, and timestamp u64 per event)."""
         n = len(batch)
-        base = self._stamp_batch(n, "transfers", timestamp)
-        self.expire_pending(base)
-        if n and self._try_fast(batch, base):
+        times = self._stamp_batch(n, "transfers", timestamp, offsets)
+        if n:
+            self.expire_pending(int(times[0]))
+        if n and self._try_fast(batch, times):
             self.fast_batches += 1
-            return (np.full(n, CREATED, dtype=np.uint32),
-                    np.arange(base, base + n, dtype=np.uint64))
+            return np.full(n, CREATED, dtype=np.uint32), times
         self.slow_batches += 1
         status = np.full(n, CREATED, dtype=np.uint32)
         stamps = np.zeros(n, dtype=np.uint64)
         ev = _columns(batch)
-        self._run_chains(n, ev, base, status, stamps, self._create_transfer, CT)
+        self._run_chains(n, ev, times, status, stamps, self._create_transfer, CT)
         return status, stamps
 
-    def _try_fast(self, batch: np.ndarray, base: int) -> bool:
+    def _try_fast(self, batch: np.ndarray, times: np.ndarray) -> bool:
         """Apply a whole batch with array operations when every event is sure to succeed; False otherwise.
 
         Two shapes qualify: events that create (plain or pending, no other flag) and events that post or
@@ -419,9 +424,9 @@ class Engine:
         # Written in place past the last row: nothing is visible until n_transfers moves.
         dst = self.transfers[start: start + n]
         if resolve.all():
-            stored = self._fast_resolve(batch, base, dst)
+            stored = self._fast_resolve(batch, times, dst)
         elif not (flags & np.uint16(0xFFFF ^ int(_TF.PENDING))).any():
-            stored = self._fast_create(batch, base, dst)
+            stored = self._fast_create(batch, times, dst)
         else:
             return False
         if stored is None:
@@ -432,7 +437,7 @@ class Engine:
         self.transfer_keys.commit(new_keys)
         timed = np.nonzero(pend & (stored["timeout"] > 0))[0]
         for i in timed.tolist():
-            heapq.heappush(self.expiry, (base + i + int(stored["timeout"][i]) * 1_000_000_000, start + i))
+            heapq.heappush(self.expiry, (int(times[i]) + int(stored["timeout"][i]) * 1_000_000_000, start + i))
         return True
 
     def _fast_accounts(self, dr_w: np.ndarray, cr_w: np.ndarray, ledger: np.ndarray | None
@@ -459,8 +464,7 @@ class Engine:
                 return None
         return dr, cr
 
-    def _fast_create(self, batch: np.ndarray, base: int, dst: np.ndarray) -> np.ndarray | None:
-        n = len(batch)
+    def _fast_create(self, batch: np.ndarray, times: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
         amt = batch["amount"][:, 0]
         pend = batch["flags"] == int(_TF.PENDING)
         timeout = batch["timeout"]
@@ -468,7 +472,7 @@ class Engine:
             return None
         if batch["amount"][:, 1].any() or (timeout[~pend] != 0).any() or int(amt.max()) >= _FAST_AMOUNT_LIMIT:
             return None
-        if pend.any() and base + n + int(timeout.max()) * 1_000_000_000 >= 1 << 63:
+        if pend.any() and int(times[-1]) + int(timeout.max()) * 1_000_000_000 >= 1 << 63:
             return None
         rows = self._fast_accounts(batch["debit_account_id"], batch["credit_account_id"], batch["ledger"])
         if rows is None:
@@ -482,10 +486,10 @@ class Engine:
             self._add_words("debits_pending", dr[pend], amount[pend])
             self._add_words("credits_pending", cr[pend], amount[pend])
         dst[:] = batch
-        dst["timestamp"] = np.arange(base, base + n, dtype=np.uint64)
+        dst["timestamp"] = times
         return dst
 
-    def _fast_resolve(self, batch: np.ndarray, base: int, dst: np.ndarray) -> np.ndarray | None:
+    def _fast_resolve(self, batch: np.ndarray, times: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
         n = len(batch)
         pid = batch["pending_id"]
         ids = batch["id"]
@@ -504,7 +508,7 @@ class Engine:
             return None
         if (self.pending_state[prow] != PENDING).any():
             return None
-        ts = np.arange(base, base + n, dtype=np.uint64)
+        ts = times
         timed = p["timeout"] > 0
         if timed.any():
             expires = p["timestamp"][timed] + p["timeout"][timed].astype(np.uint64) * np.uint64(1_000_000_000)
@@ -581,7 +585,7 @@ class Engine:
             col[uniq, 0] = new
             col[uniq, 1] -= (new > lo).astype(np.uint64)
 
-    def _run_chains(self, n: int, ev: list[dict[str, int]], base: int, status: np.ndarray, stamps: np.ndarray,
+    def _run_chains(self, n: int, ev: list[dict[str, int]], times: np.ndarray, status: np.ndarray, stamps: np.ndarray,
                     create: Callable[[dict[str, int], int], tuple[int, int]], enum: Any) -> None:
         """TigerBeetle's execute_create: linked chains, the imported-batch and timestamp checks, then ``create``
         per event. Every result carries a timestamp: the object's for CREATED/EXISTS, the event's otherwise."""
@@ -590,7 +594,7 @@ class Engine:
         undo: list[tuple[Any, ...]] = []
         imported_bit = int(TransferFlags.IMPORTED if enum is CT else AccountFlags.IMPORTED)
         batch_imported = n > 0 and bool(ev[0]["flags"] & imported_bit)
-        last = base + n - 1  # the batch's timestamp: an imported event must come before it
+        last = int(times[-1]) if n else 0  # the batch's timestamp: an imported event must come before it
         for i in range(n):
             e = ev[i]
             linked = bool(e["flags"] & 1)
@@ -598,7 +602,7 @@ class Engine:
                 chain_start = i
                 undo = []
             self._undo = undo if chain_start is not None else None
-            ts = base + i
+            ts = int(times[i])
             when = ts
             if linked and i == n - 1:
                 code = enum.LINKED_EVENT_CHAIN_OPEN

@@ -153,8 +153,9 @@ class ShardedLedger:
         self.attempts: dict[int, int] = {}  # cross-shard transfer id -> attempt whose legs carry it
         self.next_attempt = 1  # each try of a cross-shard transfer has its own legs (ids from the attempt)
         self._clock = clock
-        for sh in self.shards:  # accounts of one request take timestamps after every shard's last one
+        for sh in self.shards:  # one request's events take timestamps after every shard's last one
             sh.engine.clock = self._shared_clock
+        self.cross.clock = self._shared_clock
         self._lock = threading.RLock()
         self.coord = WriteAheadLog(self.directory / "coordinator", fsync=fsync)
         self.coord_seq = 0
@@ -163,7 +164,21 @@ class ShardedLedger:
         self.coord.open_segment(self.coord_seq + 1)
 
     def _shared_clock(self) -> int:
-        return max(int(self._clock()), *(sh.engine.last_timestamp + 1 for sh in self.shards))
+        return max(int(self._clock()), self.cross.last_timestamp + 1,
+                   *(sh.engine.last_timestamp + 1 for sh in self.shards))
+
+    def _spread(self, op: str, batch: np.ndarray, home: np.ndarray, i: int, j: int
+                ) -> list[tuple[np.ndarray, Future[Any]]]:
+        """Submit events i..j to their shards, event k stamped ``base + (k - i)`` wherever it lands, so the
+        request's events keep its order in timestamps (and queries) as on one cluster."""
+        base = self._shared_clock()
+        futs = []
+        for s in range(self.n):
+            idx = i + np.nonzero(home[i:j] == s)[0]
+            if len(idx):
+                first = int(idx[0])
+                futs.append((idx, self.shards[s].submit(op, batch[idx], base + first - i, idx - first)))
+        return futs
 
     def _find_clearing(self) -> None:
         for s, sh in enumerate(self.shards):
@@ -232,19 +247,8 @@ class ShardedLedger:
         self._check_chains(batch["flags"], home, "account")
         status = np.full(n, CREATED, dtype=np.uint32)
         stamps = np.zeros(n, dtype=np.uint64)
-        # Runs of consecutive events on one shard, each stamped from the batch's own timestamps (event i gets
-        # base + i on whichever shard it lives), so accounts are queried in the order they were created.
-        base = self._shared_clock()
-        futs = []
-        i = 0
-        while i < n:
-            j = i + 1
-            while j < n and home[j] == home[i]:
-                j += 1
-            futs.append((i, j, self.shards[int(home[i])].submit("create_accounts", batch[i:j], base + i)))
-            i = j
-        for i, j, fut in futs:
-            status[i:j], stamps[i:j] = fut.result()
+        for idx, fut in self._spread("create_accounts", batch, home, 0, n):
+            status[idx], stamps[idx] = fut.result()
         return status, stamps
 
     @staticmethod
@@ -362,14 +366,8 @@ class ShardedLedger:
 
     def _local_run(self, batch: np.ndarray, home: np.ndarray, i: int, j: int, status: np.ndarray,
                    stamps: np.ndarray) -> None:
-        futs = []
-        for s in range(self.n):
-            idx = i + np.nonzero(home[i:j] == s)[0]
-            if len(idx):
-                futs.append((idx, self.shards[s].submit("create_transfers", batch[idx])))
-        for idx, fut in futs:
-            st, ts = fut.result()
-            status[idx], stamps[idx] = st, ts
+        for idx, fut in self._spread("create_transfers", batch, home, i, j):
+            status[idx], stamps[idx] = fut.result()
 
     # ---------------------------------------------------------------- cross-shard two-phase commit
 
