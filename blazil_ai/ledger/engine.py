@@ -31,19 +31,21 @@ from blazil_ai.ledger.types import (
     BATCH_MAX,
     TRANSFER_DTYPE,
     TRANSIENT_TRANSFER_STATUSES,
+    U64_MASK,
+    U128_MAX,
     AccountFilter,
     AccountFilterFlags,
     AccountFlags,
     QueryFilter,
     QueryFilterFlags,
     TransferFlags,
+    set_u128,
+    u128,
     u128_from_words,
 )
 from blazil_ai.ledger.types import CreateAccountStatus as CA
 from blazil_ai.ledger.types import CreateTransferStatus as CT
 
-U128_MAX = AMOUNT_MAX
-M64 = (1 << 64) - 1
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 CREATED = 0xFFFFFFFF
 
@@ -65,21 +67,14 @@ def key64(words: np.ndarray) -> np.ndarray:
 
 def key64_int(value: int) -> int:
     """``key64`` of one Python int."""
-    return (value & M64) ^ (((value >> 64) * 0x9E3779B97F4A7C15) & M64)
+    return (value & U64_MASK) ^ (((value >> 64) * 0x9E3779B97F4A7C15) & U64_MASK)
 
 
 def _valid_ids(w: np.ndarray) -> bool:
     """No id in an ``(n, 2)`` word array is 0 or 2^128 - 1."""
-    return bool((w[:, 0] | w[:, 1]).all() and ((w[:, 0] & w[:, 1]) != M64).all())
+    return bool((w[:, 0] | w[:, 1]).all() and ((w[:, 0] & w[:, 1]) != U64_MASK).all())
 
 
-def _u(row: np.ndarray) -> int:
-    return int(row[0]) | (int(row[1]) << 64)
-
-
-def _set(arr: np.ndarray, field: str, row: int, value: int) -> None:
-    arr[field][row, 0] = value & M64
-    arr[field][row, 1] = value >> 64
 
 
 class KeyIndex:
@@ -104,7 +99,7 @@ class KeyIndex:
         return sum(len(d) for d in self.parts)
 
     def _part(self, k: int) -> dict[int, int]:
-        return self.parts[self._SLOT_LIST[((k * 0x9E3779B97F4A7C15) & M64) >> 52]]
+        return self.parts[self._SLOT_LIST[((k * 0x9E3779B97F4A7C15) & U64_MASK) >> 52]]
 
     def __contains__(self, k: int) -> bool:
         return k in self._part(k)
@@ -221,7 +216,7 @@ class Engine:
         row = self.transfer_keys.get(key64_int(tid))
         if row is None:
             return None
-        if _u(self.transfers["id"][row]) == tid:
+        if u128(self.transfers["id"][row]) == tid:
             return row
         return self.transfer_collisions.get(tid)
 
@@ -237,12 +232,12 @@ class Engine:
         i = int(np.searchsorted(col, np.uint64(ts)))
         return i < len(col) and int(col[i]) == ts
 
-    def _insert_transfer(self, rec: dict[str, int]) -> int:
+    def insert_transfer(self, rec: dict[str, int]) -> int:
         self._grow_transfers(1)
         row = self.n_transfers
         t = self.transfers
         for name in ("id", "debit_account_id", "credit_account_id", "amount", "pending_id", "user_data_128"):
-            _set(t, name, row, rec[name])
+            set_u128(t, name, row, rec[name])
         for name in ("user_data_64", "user_data_32", "timeout", "ledger", "code", "flags", "timestamp"):
             t[name][row] = rec[name]
         self.pending_state[row] = PENDING if rec["flags"] & _TF.PENDING else NOT_PENDING
@@ -312,7 +307,7 @@ class Engine:
         times = self._stamp_batch(n, "accounts", timestamp, offsets)
         status = np.full(n, CREATED, dtype=np.uint32)
         stamps = np.zeros(n, dtype=np.uint64)
-        ev = _columns(batch)
+        ev = event_dicts(batch)
         self._run_chains(n, ev, times, status, stamps, self._create_account, CA)
         return status, stamps
 
@@ -332,7 +327,7 @@ class Engine:
             x = self.accounts[row]
             if int(x["flags"]) != flags:
                 return CA.EXISTS_WITH_DIFFERENT_FLAGS, 0
-            if _u(x["user_data_128"]) != e["user_data_128"]:
+            if u128(x["user_data_128"]) != e["user_data_128"]:
                 return CA.EXISTS_WITH_DIFFERENT_USER_DATA_128, 0
             if int(x["user_data_64"]) != e["user_data_64"]:
                 return CA.EXISTS_WITH_DIFFERENT_USER_DATA_64, 0
@@ -366,8 +361,8 @@ class Engine:
         row = self.n_accounts
         a = self.accounts
         a[row] = np.zeros((), dtype=ACCOUNT_DTYPE)
-        _set(a, "id", row, aid)
-        _set(a, "user_data_128", row, e["user_data_128"])
+        set_u128(a, "id", row, aid)
+        set_u128(a, "user_data_128", row, e["user_data_128"])
         for name in ("user_data_64", "user_data_32", "ledger", "code", "flags"):
             a[name][row] = e[name]
         a["timestamp"][row] = ts
@@ -393,7 +388,7 @@ class Engine:
         self.slow_batches += 1
         status = np.full(n, CREATED, dtype=np.uint32)
         stamps = np.zeros(n, dtype=np.uint64)
-        ev = _columns(batch)
+        ev = event_dicts(batch)
         self._run_chains(n, ev, times, status, stamps, self._create_transfer, CT)
         return status, stamps
 
@@ -528,7 +523,7 @@ class Engine:
         t_amt = batch["amount"]
         post = batch["flags"] == int(_TF.POST_PENDING_TRANSFER)
         # A post of AMOUNT_MAX moves the full pending amount (a void of AMOUNT_MAX exceeds it: not fast).
-        everything = post & (t_amt[:, 0] == M64) & (t_amt[:, 1] == M64)
+        everything = post & (t_amt[:, 0] == U64_MASK) & (t_amt[:, 1] == U64_MASK)
         if (~everything & (t_amt[:, 1] != 0)).any():
             return None
         asked = np.where(everything, p_amt[:, 0], t_amt[:, 0])
@@ -631,7 +626,7 @@ class Engine:
             kind = entry[0]
             if kind == "balance":
                 _, row, field, old = entry
-                _set(self.accounts, field, row, old)
+                set_u128(self.accounts, field, row, old)
             elif kind == "aflags":
                 self.accounts["flags"][entry[1]] = entry[2]
             elif kind == "state":
@@ -656,12 +651,12 @@ class Engine:
                 self._index_dirty = True
 
     def _balance(self, row: int, field: str) -> int:
-        return _u(self.accounts[field][row])
+        return u128(self.accounts[field][row])
 
     def _set_balance(self, row: int, field: str, value: int) -> None:
         if self._undo is not None:
             self._undo.append(("balance", row, field, self._balance(row, field)))
-        _set(self.accounts, field, row, value)
+        set_u128(self.accounts, field, row, value)
 
     def _set_account_flags(self, row: int, flags: int) -> None:
         if self._undo is not None:
@@ -732,7 +727,7 @@ class Engine:
         rec = dict(t)
         rec["amount"] = amount
         rec["timestamp"] = ts
-        trow = self._insert_transfer(rec)
+        trow = self.insert_transfer(rec)
         b = self._balance
         if pending:
             self._set_balance(dr, "debits_pending", b(dr, "debits_pending") + amount)
@@ -779,15 +774,15 @@ class Engine:
         p = self.transfers[prow]
         if not int(p["flags"]) & _TF.PENDING:
             return CT.PENDING_TRANSFER_NOT_PENDING, *fail
-        if t["debit_account_id"] and t["debit_account_id"] != _u(p["debit_account_id"]):
+        if t["debit_account_id"] and t["debit_account_id"] != u128(p["debit_account_id"]):
             return CT.PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID, *fail
-        if t["credit_account_id"] and t["credit_account_id"] != _u(p["credit_account_id"]):
+        if t["credit_account_id"] and t["credit_account_id"] != u128(p["credit_account_id"]):
             return CT.PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID, *fail
         if t["ledger"] and t["ledger"] != int(p["ledger"]):
             return CT.PENDING_TRANSFER_HAS_DIFFERENT_LEDGER, *fail
         if t["code"] and t["code"] != int(p["code"]):
             return CT.PENDING_TRANSFER_HAS_DIFFERENT_CODE, *fail
-        amount, p_amount = t["amount"], _u(p["amount"])
+        amount, p_amount = t["amount"], u128(p["amount"])
         # A void of 0 and a post of AMOUNT_MAX mean "the pending amount"; any other amount is taken as asked.
         if (void and amount == 0) or (post and amount == AMOUNT_MAX):
             amount = p_amount
@@ -811,7 +806,7 @@ class Engine:
             ts_actual = t["timestamp"]
         if post:  # the only movement a closed account allows is voiding a pending transfer
             find = account or self.account_view
-            dr, cr = find(_u(p["debit_account_id"])), find(_u(p["credit_account_id"]))
+            dr, cr = find(u128(p["debit_account_id"])), find(u128(p["credit_account_id"]))
             if dr is not None and dr.flags & AccountFlags.CLOSED:
                 return CT.DEBIT_ACCOUNT_ALREADY_CLOSED, *fail
             if cr is not None and cr.flags & AccountFlags.CLOSED:
@@ -825,11 +820,11 @@ class Engine:
         post = bool(t["flags"] & _TF.POST_PENDING_TRANSFER)
         p = self.transfers[prow]
         p_flags = int(p["flags"])
-        p_dr, p_cr, p_amount = _u(p["debit_account_id"]), _u(p["credit_account_id"]), _u(p["amount"])
+        p_dr, p_cr, p_amount = u128(p["debit_account_id"]), u128(p["credit_account_id"]), u128(p["amount"])
         dr = self.account_rows[p_dr]
         cr = self.account_rows[p_cr]
         rec = resolved_record(t, p, actual, ts)
-        trow = self._insert_transfer(rec)
+        trow = self.insert_transfer(rec)
         self._release_pending(prow, dr, cr, p_amount)
         if post:
             self._set_balance(dr, "debits_posted", self._balance(dr, "debits_posted") + actual)
@@ -859,7 +854,7 @@ class Engine:
         flags = t["flags"]
         if flags != int(e["flags"]):
             return CT.EXISTS_WITH_DIFFERENT_FLAGS, 0
-        if t["pending_id"] != _u(e["pending_id"]):
+        if t["pending_id"] != u128(e["pending_id"]):
             return CT.EXISTS_WITH_DIFFERENT_PENDING_ID, 0
         if t["timeout"] != int(e["timeout"]):
             return CT.EXISTS_WITH_DIFFERENT_TIMEOUT, 0
@@ -869,9 +864,9 @@ class Engine:
             return _resolve_exists(t, e, self.transfers[prow])
         for name, code in (("debit_account_id", CT.EXISTS_WITH_DIFFERENT_DEBIT_ACCOUNT_ID),
                            ("credit_account_id", CT.EXISTS_WITH_DIFFERENT_CREDIT_ACCOUNT_ID)):
-            if t[name] != _u(e[name]):
+            if t[name] != u128(e[name]):
                 return code, 0
-        amount, e_amount = t["amount"], _u(e["amount"])
+        amount, e_amount = t["amount"], u128(e["amount"])
         if flags & (_TF.BALANCING_DEBIT | _TF.BALANCING_CREDIT):
             if amount < e_amount:
                 return CT.EXISTS_WITH_DIFFERENT_AMOUNT, 0
@@ -894,9 +889,9 @@ class Engine:
             if row >= self.n_transfers or self.pending_state[row] != PENDING:
                 continue
             p = self.transfers[row]
-            dr = self.account_rows[_u(p["debit_account_id"])]
-            cr = self.account_rows[_u(p["credit_account_id"])]
-            self._release_pending(row, dr, cr, _u(p["amount"]))
+            dr = self.account_rows[u128(p["debit_account_id"])]
+            cr = self.account_rows[u128(p["credit_account_id"])]
+            self._release_pending(row, dr, cr, u128(p["amount"]))
             self._reopen_closed(int(p["flags"]), dr, cr)
             self.pending_state[row] = EXPIRED
             done += 1
@@ -929,7 +924,7 @@ class Engine:
         if f.limit == 0 or (f.timestamp_max and f.timestamp_min > f.timestamp_max):
             return np.zeros(0, dtype=np.int64)
         t = self.transfers[: self.n_transfers]
-        lo, hi = f.account_id & M64, f.account_id >> 64
+        lo, hi = f.account_id & U64_MASK, f.account_id >> 64
 
         def match(part: np.ndarray) -> np.ndarray:
             mask = np.zeros(len(part), dtype=bool)
@@ -984,7 +979,7 @@ TIMESTAMP_MAX = (1 << 63) - 1  # TigerBeetle's largest timestamp (the top bit of
 
 def _field(rec: np.ndarray, name: str) -> int:
     v = rec[name]
-    return _u(v) if v.shape == (2,) else int(v)
+    return u128(v) if v.shape == (2,) else int(v)
 
 
 class AccountView(NamedTuple):
@@ -1125,7 +1120,7 @@ def resolved_record(t: dict[str, int], p: np.ndarray, amount: int, ts: int) -> d
     """The stored form of a post/void ``t`` of pending transfer ``p``: the pending transfer's accounts, ledger
     and code; its user data where ``t`` gives none; the amount moved; no timeout."""
     rec = dict(t)
-    rec.update(debit_account_id=_u(p["debit_account_id"]), credit_account_id=_u(p["credit_account_id"]),
+    rec.update(debit_account_id=u128(p["debit_account_id"]), credit_account_id=u128(p["credit_account_id"]),
                amount=amount, ledger=int(p["ledger"]), code=int(p["code"]), timeout=0, timestamp=ts)
     for name, _ in _USER_DATA:
         if not rec[name]:
@@ -1137,9 +1132,9 @@ def _resolve_exists(t: dict[str, int], e: np.ndarray, p: np.ndarray) -> tuple[in
     """TigerBeetle's post_or_void_pending_transfer_exists: fields left zero mean "as the pending transfer"."""
     for name, code in (("debit_account_id", CT.EXISTS_WITH_DIFFERENT_DEBIT_ACCOUNT_ID),
                        ("credit_account_id", CT.EXISTS_WITH_DIFFERENT_CREDIT_ACCOUNT_ID)):
-        if t[name] != 0 and t[name] != _u(e[name]):
+        if t[name] != 0 and t[name] != u128(e[name]):
             return code, 0
-    amount, e_amount, p_amount = t["amount"], _u(e["amount"]), _u(p["amount"])
+    amount, e_amount, p_amount = t["amount"], u128(e["amount"]), u128(p["amount"])
     everything = (amount == 0) if t["flags"] & _TF.VOID_PENDING_TRANSFER else (amount == AMOUNT_MAX)
     if (e_amount != p_amount) if everything else (amount != e_amount):
         return CT.EXISTS_WITH_DIFFERENT_AMOUNT, 0
@@ -1157,7 +1152,7 @@ def _common_mask(t: np.ndarray, ud128: int, ud64: int, ud32: int, ledger: int, c
                  tmax: int) -> np.ndarray:
     mask = np.ones(len(t), dtype=bool)
     if ud128:
-        mask &= (t["user_data_128"][:, 0] == ud128 & M64) & (t["user_data_128"][:, 1] == ud128 >> 64)
+        mask &= (t["user_data_128"][:, 0] == ud128 & U64_MASK) & (t["user_data_128"][:, 1] == ud128 >> 64)
     if ud64:
         mask &= t["user_data_64"] == ud64
     if ud32:
@@ -1211,7 +1206,7 @@ def _query(records: np.ndarray, f: QueryFilter) -> np.ndarray:
     return recs[rows[: min(f.limit, BATCH_MAX)]].copy()
 
 
-def _columns(batch: np.ndarray) -> list[dict[str, int]]:
+def event_dicts(batch: np.ndarray) -> list[dict[str, int]]:
     names = batch.dtype.names or ()
     cols: dict[str, list[int]] = {}
     for name in names:

@@ -49,8 +49,8 @@ from blazil_ai.ledger.engine import (
     VOIDED,
     AccountView,
     Engine,
-    _columns,
     check_event_timestamp,
+    event_dicts,
     key64,
     key64_int,
     resolved_record,
@@ -64,6 +64,8 @@ from blazil_ai.ledger.types import (
     TRANSFER_DTYPE,
     TRANSFER_PRECEDENCE,
     TRANSIENT_TRANSFER_STATUSES,
+    U64_MASK,
+    U128_MAX,
     AccountFilter,
     AccountFilterFlags,
     AccountFlags,
@@ -73,6 +75,8 @@ from blazil_ai.ledger.types import (
     as_account_array,
     as_transfer_array,
     transfers_to_array,
+    u128,
+    u128_column,
 )
 from blazil_ai.ledger.types import CreateTransferStatus as CT
 from blazil_ai.ledger.wal import WriteAheadLog, encode
@@ -82,8 +86,6 @@ CLEARING_HI = 0xFFFF_FFFF_FFFF_FFFE  # high word of clearing-account ids (reserv
 KIND_INTENT, KIND_DECISION, KIND_DONE, KIND_EXPIRE = 3, 4, 5, 6
 ABORTED = 0  # decision code of an attempt that was rolled back and retried event by event
 DECISION_DTYPE = np.dtype([("id", "<u8", (2,)), ("status", "<u4"), ("attempt", "<u4"), ("pad", "V104")])
-M64 = (1 << 64) - 1
-U128_MAX = AMOUNT_MAX
 _POST_VOID = int(TransferFlags.POST_PENDING_TRANSFER | TransferFlags.VOID_PENDING_TRANSFER)
 
 
@@ -277,7 +279,7 @@ class ShardedLedger:
         cr_home = (key64(cr) % nn).astype(np.int64)
 
         def valid(w: np.ndarray) -> np.ndarray:
-            return ((w[:, 0] | w[:, 1]) != 0) & ~((w[:, 0] == M64) & (w[:, 1] == M64))
+            return ((w[:, 0] | w[:, 1]) != 0) & ~((w[:, 0] == U64_MASK) & (w[:, 1] == U64_MASK))
         flags = batch["flags"].astype(np.int64)
         post_void = (flags & _POST_VOID) != 0
         cross = valid(dr) & valid(cr) & (home != cr_home) & ~post_void
@@ -289,7 +291,7 @@ class ShardedLedger:
         for s, eng in stores:
             if eng.transfer_keys.isdisjoint(keys) and eng.failed_keys.isdisjoint(keys):
                 continue
-            ids = ids or _ids(batch)
+            ids = ids or u128_column(batch)
             for i, k in enumerate(keys):
                 if (k in eng.transfer_keys and eng.transfer_row(ids[i]) is not None) or \
                         (k in eng.failed_keys and ids[i] in eng.failed_ids):
@@ -299,8 +301,8 @@ class ShardedLedger:
         # A post/void goes where its pending transfer is; one created earlier in this segment, where that
         # event goes; one found nowhere, to the shard its id hashes to (all answer "not found" alike).
         if post_void.any():
-            ids = ids or _ids(batch)
-            pids = _ids(batch, "pending_id")
+            ids = ids or u128_column(batch)
+            pids = u128_column(batch, "pending_id")
             pos = {tid: i for i, tid in reversed(list(enumerate(ids)))}
             for i in np.nonzero(post_void & ~pinned)[0].tolist():
                 pid = pids[i]
@@ -399,7 +401,7 @@ class ShardedLedger:
         stamps[index] = self.cross.transfers["timestamp"][row] if row is not None else self.cross.next_timestamps(1)
 
     def _cross_run(self, batch: np.ndarray, i: int, j: int, status: np.ndarray, stamps: np.ndarray) -> None:
-        events = _columns(batch[i:j])
+        events = event_dicts(batch[i:j])
         go: list[int] = []
         go_ids: set[int] = set()
         touched: set[int] = set()  # accounts with history that the group's events move
@@ -432,7 +434,7 @@ class ShardedLedger:
         self._run_group(events, batch, i, go, status, stamps, attempt=self._new_attempt())
 
     def _record_cross(self, rec: dict[str, int], attempt: int) -> None:
-        row = self.cross._insert_transfer(rec)
+        row = self.cross.insert_transfer(rec)
         self.attempts[rec["id"]] = attempt
         self.next_attempt = max(self.next_attempt, attempt + 1)
         if rec["flags"] & TransferFlags.PENDING:
@@ -466,7 +468,7 @@ class ShardedLedger:
         stamps[index] = rec["timestamp"]
 
     def _record_resolve(self, rec: dict[str, int]) -> None:
-        self.cross._insert_transfer(dict(rec))
+        self.cross.insert_transfer(dict(rec))
         prow = self.cross.transfer_row(rec["pending_id"])
         assert prow is not None
         post = rec["flags"] & TransferFlags.POST_PENDING_TRANSFER
@@ -481,9 +483,9 @@ class ShardedLedger:
         for leg, aid in (("a", rec["debit_account_id"]), ("b", rec["credit_account_id"])):
             arr = np.zeros(1, dtype=TRANSFER_DTYPE)
             lid, lpid = leg_id(rec["id"], kind + leg, 0), leg_id(pid, leg, attempt)
-            arr["id"][0] = (lid & M64, lid >> 64)
-            arr["pending_id"][0] = (lpid & M64, lpid >> 64)
-            arr["amount"][0] = (rec["amount"] & M64, rec["amount"] >> 64) if post else (0, 0)
+            arr["id"][0] = (lid & U64_MASK, lid >> 64)
+            arr["pending_id"][0] = (lpid & U64_MASK, lpid >> 64)
+            arr["amount"][0] = (rec["amount"] & U64_MASK, rec["amount"] >> 64) if post else (0, 0)
             arr["flags"] = int(TransferFlags.POST_PENDING_TRANSFER if post else TransferFlags.VOID_PENDING_TRANSFER)
             futs.append(self.shards[shard_of(aid, self.n)].submit("create_transfers", arr))
         for f in futs:
@@ -498,10 +500,10 @@ class ShardedLedger:
         for leg, field in (("a", "debit_account_id"), ("b", "credit_account_id")):
             arr = np.zeros(1, dtype=TRANSFER_DTYPE)
             lid, lpid = leg_id(tid, kind + leg, 0), leg_id(tid, leg, attempt)
-            arr["id"][0] = (lid & M64, lid >> 64)
-            arr["pending_id"][0] = (lpid & M64, lpid >> 64)
+            arr["id"][0] = (lid & U64_MASK, lid >> 64)
+            arr["pending_id"][0] = (lpid & U64_MASK, lpid >> 64)
             arr["flags"] = int(TransferFlags.VOID_PENDING_TRANSFER)
-            futs.append(self.shards[shard_of(_u(p[field]), self.n)].submit("create_transfers", arr))
+            futs.append(self.shards[shard_of(u128(p[field]), self.n)].submit("create_transfers", arr))
         for f in futs:
             f.result()
 
@@ -518,7 +520,7 @@ class ShardedLedger:
             return
         self._log(KIND_EXPIRE, 0, self.cross.transfers[due].copy())
         for row in due:
-            self._void_legs(_u(self.cross.transfers["id"][row]), "x")
+            self._void_legs(u128(self.cross.transfers["id"][row]), "x")
             self.cross.pending_state[row] = EXPIRED
 
     def _ensure_clearing(self, shard: int, ledger: int, generation: int = 0) -> int:
@@ -528,7 +530,7 @@ class ShardedLedger:
             return clearing_id(shard, ledger, current)
         a = np.zeros(1, dtype=ACCOUNT_DTYPE)
         cid = clearing_id(shard, ledger, generation)
-        a["id"][0] = (cid & M64, cid >> 64)
+        a["id"][0] = (cid & U64_MASK, cid >> 64)
         a["ledger"], a["code"] = ledger, 1
         self.shards[shard].create_accounts(a)
         self.clearing[(shard, ledger)] = generation
@@ -656,12 +658,12 @@ class ShardedLedger:
             recs = np.frombuffer(entry.payload, dtype=np.uint8).reshape(-1, 128).view("V128").ravel()
             self.next_attempt = max(self.next_attempt, entry.timestamp + 1)
             if entry.kind == KIND_INTENT:
-                for ev in _columns(recs.view(TRANSFER_DTYPE)):
+                for ev in event_dicts(recs.view(TRANSFER_DTYPE)):
                     intents[(entry.timestamp, ev["id"])] = ev
                     last_ts = max(last_ts, ev["timestamp"])
             elif entry.kind == KIND_DECISION:
                 d = recs.view(DECISION_DTYPE)
-                for tid, code in zip(_ids(d), d["status"].tolist()):
+                for tid, code in zip(u128_column(d), d["status"].tolist()):
                     decided[(entry.timestamp, tid)] = code
                     ev = intents[(entry.timestamp, tid)]
                     if code == CREATED and ev["flags"] & _POST_VOID:
@@ -671,14 +673,14 @@ class ShardedLedger:
                     elif code != ABORTED:
                         self._fail(tid, code)
             elif entry.kind == KIND_EXPIRE:
-                for tid in _ids(recs.view(TRANSFER_DTYPE)):
+                for tid in u128_column(recs.view(TRANSFER_DTYPE)):
                     row = self.cross.transfer_row(tid)
                     if row is not None:
                         self.cross.pending_state[row] = EXPIRED
                         expired.append(tid)
             elif entry.kind == KIND_DONE:
                 d = recs.view(DECISION_DTYPE)
-                for tid in _ids(d):
+                for tid in u128_column(d):
                     intents.pop((entry.timestamp, tid), None)
                     decided.pop((entry.timestamp, tid), None)
         self.cross.last_timestamp = max(self.cross.last_timestamp, last_ts)
@@ -703,7 +705,7 @@ class ShardedLedger:
             mine = [i for i in ids if shard_of(i, self.n) == s]
             if mine:
                 for rec in self.shards[s].call("lookup_accounts", mine):
-                    found[_u(rec["id"])] = rec
+                    found[u128(rec["id"])] = rec
         rows = [found[i] for i in ids if i in found]
         return np.array(rows, dtype=ACCOUNT_DTYPE) if rows else np.zeros(0, dtype=ACCOUNT_DTYPE)
 
@@ -717,7 +719,7 @@ class ShardedLedger:
                                                       for s in self.shards]
         for part in parts:
             for rec in part:
-                found.setdefault(_u(rec["id"]), rec)
+                found.setdefault(u128(rec["id"]), rec)
         rows = [found[i] for i in ids if i in found]
         return np.array(rows, dtype=TRANSFER_DTYPE) if rows else np.zeros(0, dtype=TRANSFER_DTYPE)
 
@@ -758,10 +760,10 @@ class ShardedLedger:
 
     def _carrier(self, t: np.ndarray, account_id: int) -> int:
         """The id of the transfer that moved ``t``'s money on ``account_id``'s shard: ``t`` itself, or a leg."""
-        tid = _u(t["id"])
+        tid = u128(t["id"])
         if self.cross.transfer_row(tid) is None:
             return tid
-        leg = "a" if _u(t["debit_account_id"]) == account_id else "b"
+        leg = "a" if u128(t["debit_account_id"]) == account_id else "b"
         flags = int(t["flags"])
         if flags & _POST_VOID:
             return leg_id(tid, ("p" if flags & TransferFlags.POST_PENDING_TRANSFER else "v") + leg, 0)
@@ -814,9 +816,6 @@ class _Rec:
         self.__dict__.update(d)
 
 
-def _u(words: np.ndarray) -> int:
-    return int(words[0]) | (int(words[1]) << 64)
-
 
 def _segment_end(batch: np.ndarray) -> int:
     """Length of the longest prefix without a repeated id (a linked chain is never split)."""
@@ -826,7 +825,7 @@ def _segment_end(batch: np.ndarray) -> int:
     seen: set[int] = set()
     linked = (batch["flags"] & 1).astype(bool).tolist()
     chain_start = None
-    for k, tid in enumerate(_ids(batch)):
+    for k, tid in enumerate(u128_column(batch)):
         if chain_start is None and linked[k]:
             chain_start = k
         if tid in seen and k > 0:
@@ -842,10 +841,6 @@ def _segment_end(batch: np.ndarray) -> int:
             chain_start = None
     return n
 
-
-def _ids(batch: np.ndarray, field: str = "id") -> list[int]:
-    w = batch[field]
-    return [int(lo) | (int(hi) << 64) for lo, hi in w.tolist()]
 
 
 # Failures that depend on balances: an earlier event of the same request may change them.

@@ -502,7 +502,7 @@ class DecodeGraphs:
         self.use_graphs = use_graphs
         self._graphs: dict[tuple[int, int], dict[str, Any]] = {}
         self._generation = -1
-        self._columns: torch.Tensor | None = None
+        self.event_dicts: torch.Tensor | None = None
         self._pool: Any = torch.cuda.graph_pool_handle() if use_graphs else None
         # One warm-up stream for every capture: each new stream would get its own cuBLAS workspace.
         self._warmup_stream: Any = torch.cuda.Stream() if use_graphs else None
@@ -525,9 +525,9 @@ class DecodeGraphs:
         if m.kv.generation != self._generation:  # the caches were reallocated: graphs hold the old ones
             self._graphs.clear()
             self._generation = m.kv.generation
-            self._columns = torch.arange(m.kv.capacity, device=m.device_)
+            self.event_dicts = torch.arange(m.kv.capacity, device=m.device_)
         if not self.use_graphs:
-            return _decode_layers(m, x, cos, sin, _Masked(m.kv, slots, position_ids[:, 0], width, self._columns))
+            return _decode_layers(m, x, cos, sin, _Masked(m.kv, slots, position_ids[:, 0], width, self.event_dicts))
         g = self._graphs.get((bsz, width))
         inputs = {"x": x, "cos": cos, "sin": sin, "slots": slots, "pos": position_ids[:, 0]}
         if g is None:
@@ -548,7 +548,7 @@ class DecodeGraphs:
         g: dict[str, Any] = {name: t.clone() for name, t in inputs.items()}
 
         def step() -> torch.Tensor:
-            attention = _Masked(m.kv, g["slots"], g["pos"], width, self._columns)
+            attention = _Masked(m.kv, g["slots"], g["pos"], width, self.event_dicts)
             return _decode_layers(m, g["x"], g["cos"], g["sin"], attention)
 
         # The warm-up runs are this step for real (the same keys/values land in the same places each
