@@ -453,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--first-seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--batches", type=int, default=16, help="batches per seed (default 16)")
     p.add_argument("--tigerbeetle", help="TigerBeetle server binary (a replica is formatted in a temp dir)")
+    p.add_argument("--address", help="host:port of a running TigerBeetle replica to use instead")
     p.add_argument("--no-sharded", action="store_true", help="leave the sharded ledger out")
     p.add_argument("--max-seconds", type=float, help="stop starting seeds after this long")
     p.add_argument("--json", action="store_true", help="print one JSON line")
@@ -461,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress(r: Report) -> None:
         if not args.json and r.seeds % 50 == 0:
             print(f"{r.seeds} seeds, {r.events} events, {len(r.differences)} differences", file=sys.stderr)
-    rep = run(range(args.first_seed, args.first_seed + args.seeds), tigerbeetle=args.tigerbeetle,
+    rep = run(range(args.first_seed, args.first_seed + args.seeds), tigerbeetle=args.tigerbeetle, address=args.address,
               sharded=not args.no_sharded, batches=args.batches, deadline_s=args.max_seconds, progress=progress)
     out = rep.as_dict()
     if args.json:
