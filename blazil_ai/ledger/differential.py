@@ -41,6 +41,7 @@ SHARDS = 4
 CREATED = 0xFFFFFFFF
 FAR_FUTURE = 1 << 62
 OUT_OF_RANGE = 1 << 63
+MARKER_LEDGER = 0x7FFF_FFFF  # above every seed's ledgers
 
 
 @dataclass
@@ -285,6 +286,21 @@ class Side:
         self.newest = 0
         self.newest_transfer = 0
 
+    def mark(self, w: World) -> None:
+        """Create two accounts and a transfer (in a ledger of their own) before a seed's batches: on every side the
+        seed's symbolic timestamps then resolve against objects newer than anything another seed left."""
+        accs = np.zeros(2, dtype=T.ACCOUNT_DTYPE)
+        accs["id"] = T.u128_to_words([w.prefix | 0xFFFF_FFF0, w.prefix | 0xFFFF_FFF1])
+        accs["ledger"], accs["code"] = MARKER_LEDGER, 1
+        tr = np.zeros(1, dtype=T.TRANSFER_DTYPE)
+        tr["id"] = T.u128_to_words([w.prefix | 0xFFFF_FFF2])
+        tr["debit_account_id"], tr["credit_account_id"] = accs["id"][:1], accs["id"][1:]
+        tr["ledger"], tr["code"] = MARKER_LEDGER, 1
+        for op, arr in (("create_accounts", accs), ("create_transfers", tr)):
+            status, _ = self.c._call(op, arr)
+            if (status != CREATED).any():
+                raise RuntimeError(f"{self.name}: marker {op} failed: {status.tolist()}")
+
     def sync(self) -> None:
         """Read the newest account and transfer timestamps (a cluster may hold other seeds' and tests' objects)."""
         q = T.QueryFilter(0, 0, 0, 0, 0, 0, 0, 1, T.QueryFilterFlags.REVERSED)
@@ -376,6 +392,7 @@ def run_seed(seed: int, sides: list[Side], report: Report, *, nonce: int, import
     w = World(seed, nonce, imported=imported, sharded=any(s.name == "sharded" for s in sides))
     ref = sides[0]
     for side in sides:
+        side.mark(w)
         side.sync()
     for k, b in enumerate(w.batches(batches)):
         answers = [s.run(b) for s in sides]
