@@ -232,7 +232,6 @@ def test_imported_event_timestamp_checks(client, backend):
         return
     assert one(client, flags=TF.IMPORTED) == CT.IMPORTED_EVENT_TIMESTAMP_OUT_OF_RANGE
     assert one(client, flags=TF.IMPORTED, timestamp=1 << 62) == CT.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_ADVANCE
-    assert one(client, flags=TF.IMPORTED, timestamp=1) == CT.IMPORTED_EVENT_TIMESTAMP_MUST_POSTDATE_DEBIT_ACCOUNT
     assert one(client) == CT.CREATED
     assert one(client, flags=TF.IMPORTED, timestamp=1) == CT.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_REGRESS
     assert statuses(client, [T(flags=TF.IMPORTED, timestamp=1), T()])[1] == CT.IMPORTED_EVENT_EXPECTED
