@@ -39,7 +39,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -93,11 +95,7 @@ def open_ledger(root: Path, shards: int, n_accounts: int, capacity: int) -> L.Le
     if root.exists():
         shutil.rmtree(root)
     c = L.connect(root, **({"shards": shards} if shards > 1 else {"capacity": capacity}))
-    accs = np.zeros(n_accounts, dtype=L.ACCOUNT_DTYPE)
-    accs["id"][:, 0] = np.arange(1, n_accounts + 1)
-    accs["ledger"], accs["code"] = 1, 1
-    for k in range(0, n_accounts, BATCH):
-        assert (c.create_accounts(accs[k: k + BATCH]) == 0).all()
+    open_accounts(c, n_accounts, 0)
     return c
 
 
@@ -134,19 +132,24 @@ def run_numpy_on(c: L.LedgerClient, batches: list[np.ndarray], depth: int) -> di
 def run_dataclass(root: Path, batches: list[np.ndarray], n_accounts: int, shards: int = 1) -> dict[str, float]:
     lists = [L.array_to_transfers(b) for b in batches]  # the caller's objects exist before timing starts
     c = open_ledger(root, shards, n_accounts, capacity=sum(len(b) for b in batches) + BATCH)
+    try:
+        return run_lists(c.create_transfers, lists, L.CreateTransferStatus.CREATED)
+    finally:
+        c.close()
+
+
+def run_lists(create: Callable[[list[Any]], list[Any]], lists: list[list[Any]], created: Any) -> dict[str, float]:
+    """Send lists of transfer objects one request at a time; wall and CPU time, batch latency percentiles."""
     lat = []
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    try:
-        for items in lists:
-            ts = time.perf_counter()
-            res = c.create_transfers(items)
-            lat.append(time.perf_counter() - ts)
-            assert res[-1].status == L.CreateTransferStatus.CREATED
-        dt = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
-    finally:
-        c.close()
+    for items in lists:
+        ts = time.perf_counter()
+        res = create(items)
+        lat.append(time.perf_counter() - ts)
+        assert res[-1].status == created
+    dt = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     return {"seconds": dt, "cpu": cpu, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
 
 
@@ -168,7 +171,8 @@ def tb_batches(batches: list[np.ndarray], id_hi: int, acct_hi: int) -> list[np.n
     return out
 
 
-def tb_open_accounts(client: L.LedgerClient, n_accounts: int, acct_hi: int) -> None:
+def open_accounts(client: L.LedgerClient, n_accounts: int, acct_hi: int) -> None:
+    """Accounts 1..n_accounts (high word ``acct_hi``) on ledger 1."""
     accs = np.zeros(n_accounts, dtype=L.ACCOUNT_DTYPE)
     accs["id"][:, 0] = np.arange(1, n_accounts + 1)
     accs["id"][:, 1] = acct_hi
@@ -182,18 +186,8 @@ def run_tb_official(address: str, batches: list[np.ndarray]) -> dict[str, float]
 
     lists = [[tb.Transfer(**{k: getattr(t, k) for k in t.__slots__ if k != "flags"}, flags=tb.TransferFlags(0))
               for t in L.array_to_transfers(b)] for b in batches]  # the caller's objects exist before timing
-    lat = []
     with tb.ClientSync(cluster_id=0, replica_addresses=address) as c:
-        cpu0 = time.process_time()
-        t0 = time.perf_counter()
-        for items in lists:
-            ts = time.perf_counter()
-            res = c.create_transfers(items)
-            lat.append(time.perf_counter() - ts)
-            assert res[-1].status == tb.CreateTransferStatus.CREATED
-        dt = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
-    return {"seconds": dt, "cpu": cpu, "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99))}
+        return run_lists(c.create_transfers, lists, tb.CreateTransferStatus.CREATED)
 
 
 def run_tb_fast(address: str, batches: list[np.ndarray], depth: int) -> dict[str, float]:
@@ -311,7 +305,7 @@ def main() -> int:
         replica = TigerBeetleReplica(binary, base / "tigerbeetle")
         acct_hi = int(np.random.default_rng().integers(1, 1 << 62))
         with L.connect(f"tigerbeetle://{replica.address}") as c:
-            tb_open_accounts(c, n_acc, acct_hi)
+            open_accounts(c, n_acc, acct_hi)
         tb_source = make_batches(args.tb_transfers, n_acc, 4, 0)
         id_hi = iter(range(int(np.random.default_rng().integers(1, 1 << 60)), 1 << 62))
     results: dict[str, list[dict[str, float]]] = {c: [] for c in cases}
