@@ -83,6 +83,7 @@ class World:
         self.transfer_ids: list[int] = []
         self.pending: list[tuple[int, dict[str, int]]] = []
         self.sent: list[dict[str, int]] = []
+        self.sent_ids: set[int] = set()  # ids of events sent in earlier batches
         self.next_tid = self.prefix | (1 << 20)
 
     def tid(self) -> int:
@@ -204,6 +205,7 @@ class World:
                     events[k]["flags"] &= ~int(TF.LINKED)
         for e in events:
             self.sent.append(e)
+            self.sent_ids.add(e["id"])
             if e["flags"] & TF.PENDING and not e["flags"] & (TF.POST_PENDING_TRANSFER | TF.VOID_PENDING_TRANSFER):
                 self.pending.append((e["id"], e))
         return Batch("transfers", events, stamps)
@@ -223,6 +225,9 @@ class World:
         return dr in self.accounts and cr in self.accounts and _shard(dr) == _shard(cr)
 
     def same_home(self, a: dict[str, int], b: dict[str, int]) -> bool:
+        # A retried id is answered where it already lives, which may be another shard: it ends a chain.
+        if any(e["id"] in self.sent_ids for e in (a, b)):
+            return False
         return self.local_ok(a) and self.local_ok(b) and \
             _shard(a["debit_account_id"]) == _shard(b["debit_account_id"]) and \
             not (a["flags"] | b["flags"]) & (TF.POST_PENDING_TRANSFER | TF.VOID_PENDING_TRANSFER)
