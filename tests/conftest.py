@@ -55,3 +55,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tigerbeetle(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh single-replica TigerBeetle cluster (formatted in a temp dir) when BLAZIL_TIGERBEETLE_BIN names the
+    server binary; the test is skipped, with that reason, otherwise. Yields the running replica (``.address``)."""
+    from blazil_ai.ledger.tigerbeetle_replica import ENV_BINARY, TigerBeetleReplica, binary_from_env
+
+    binary = binary_from_env()
+    if binary is None:
+        pytest.skip(f"{ENV_BINARY} is not set: no TigerBeetle server binary to start a replica from "
+                    "(.ci/run sets it when ../shared/tigerbeetle/tigerbeetle exists)")
+    with TigerBeetleReplica(binary, tmp_path_factory.mktemp("tigerbeetle")) as replica:
+        yield replica

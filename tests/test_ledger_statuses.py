@@ -1,4 +1,5 @@
-"""One test per create_transfers / create_accounts result, in TigerBeetle's precedence.
+"""One test per create_transfers / create_accounts result, in TigerBeetle's precedence, on each backend: the
+embedded engine, a 4-shard ledger and (when BLAZIL_TIGERBEETLE_BIN names the server) a real TigerBeetle replica.
 
 Each case follows the result's description in TigerBeetle's docs/reference/requests/create_transfers.md
 and create_accounts.md (and the two-phase-transfer and linked-events pages), through the public
@@ -7,16 +8,22 @@ and create_accounts.md (and the two-phase-transfer and linked-events pages), thr
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 
 from blazil_ai import ledger as L
+from blazil_ai.errors import DataError
 from blazil_ai.ledger import AMOUNT_MAX
 from blazil_ai.ledger import AccountFlags as AF
 from blazil_ai.ledger import CreateAccountStatus as CA
 from blazil_ai.ledger import CreateTransferStatus as CT
 from blazil_ai.ledger import TransferFlags as TF
+from blazil_ai.ledger.base import LedgerClient
+from blazil_ai.ledger.shards import shard_of
+from blazil_ai.ledger.types import u128_from_words, u128_to_words
 
 S = 1_000_000_000  # one second in engine-clock nanoseconds
 
@@ -36,9 +43,102 @@ def clock() -> Clock:
     return Clock()
 
 
+class Shifted(LedgerClient):
+    """A cluster client that moves this test's small ids (and ledgers 1, 2) into a range of their own, so the
+    tests below run unchanged on a TigerBeetle replica that other tests share; records outside it are hidden."""
+
+    def __init__(self, inner: LedgerClient) -> None:
+        self.inner = inner
+        self.base = (L.id() >> 64) << 64
+        self.ledger = 1 + L.id() % (1 << 30)
+
+    def _id(self, v: int) -> int:
+        return v + self.base if 0 < v < 1 << 64 else v
+
+    def _ours(self, v: int) -> int:
+        return v - self.base if self.base <= v < self.base + (1 << 64) else v
+
+    def _own(self, v: int) -> bool:
+        return self.base <= v < self.base + (1 << 64)
+
+    def _ledger(self, v: int, back: bool = False) -> int:
+        if back:
+            return v - self.ledger + 1 if v in (self.ledger, self.ledger + 1) else v
+        return v + self.ledger - 1 if v in (1, 2) else v
+
+    def _records(self, arr: np.ndarray, back: bool, hide: bool = False) -> np.ndarray:
+        arr = arr.copy()
+        if back and hide:  # other tests' records on the shared cluster
+            arr = arr[[self._own(v) for v in u128_from_words(arr["id"])]]
+        fn = self._ours if back else self._id
+        for name in ("id", "debit_account_id", "credit_account_id", "pending_id"):
+            if name in (arr.dtype.names or ()) and len(arr):
+                arr[name] = u128_to_words([fn(v) for v in u128_from_words(arr[name])])
+        arr["ledger"] = [self._ledger(int(v), back) for v in arr["ledger"]]
+        return arr
+
+    def _call(self, op: str, arg):
+        if op in ("create_accounts", "create_transfers"):
+            return self.inner._call(op, self._records(arg, back=False))
+        if op in ("lookup_accounts", "lookup_transfers"):
+            return self._records(self.inner._call(op, [self._id(i) for i in arg]), back=True)  # as asked
+        if isinstance(arg, L.AccountFilter):
+            arg = dataclasses.replace(arg, account_id=self._id(arg.account_id))
+        else:
+            arg = dataclasses.replace(arg, ledger=self._ledger(arg.ledger))
+        out = self.inner._call(op, arg)
+        return out if op == "get_account_balances" else self._records(out, back=True, hide=True)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class OneShard(Shifted):
+    """A sharded ledger whose test accounts all live on one shard (linked chains, balancing and closing transfers
+    are refused across shards by design; the cross-shard path has its own tests)."""
+
+    def __init__(self, inner: LedgerClient) -> None:
+        self.inner = inner
+        self.base, self.ledger = 0, 1
+        self.to: dict[int, int] = {}
+        self.back: dict[int, int] = {}
+        self.next = 1 << 40
+
+    def _id(self, v: int) -> int:
+        if not 0 < v < 1 << 20:
+            return v
+        if v not in self.to:
+            while shard_of(self.next, 4) != 0:
+                self.next += 1
+            self.to[v], self.back[self.next] = self.next, v
+            self.next += 1
+        return self.to[v]
+
+    def _ours(self, v: int) -> int:
+        return self.back.get(v, v)
+
+    def _own(self, v: int) -> bool:
+        return True
+
+
+@pytest.fixture(params=["embedded", "sharded", "tigerbeetle"])
+def backend(request):
+    return request.param
+
+
 @pytest.fixture
-def client(tmp_path, clock):
-    with L.connect(tmp_path / "ledger", clock=clock, fsync=False, create=True) as c:
+def client(request, tmp_path, clock, backend):
+    if backend == "tigerbeetle":
+        if "clock" in request.function.__code__.co_varnames[:request.function.__code__.co_argcount]:
+            pytest.skip("needs the engine's settable clock (a replica keeps its own time)")
+        replica = request.getfixturevalue("tigerbeetle")
+        cm = Shifted(L.connect(f"tigerbeetle://{replica.address}"))
+    else:
+        cm = L.connect(tmp_path / "ledger", clock=clock, fsync=False, create=True,
+                       shards=4 if backend == "sharded" else None)
+        if backend == "sharded":
+            cm = OneShard(cm)
+    with cm as c:
         # 1, 2, 3: plain on ledger 1; 4: ledger 2; 5: debits limited; 6: credits limited; 7: history
         c.create_accounts([L.Account(id=1, ledger=1, code=10), L.Account(id=2, ledger=1, code=10),
                            L.Account(id=3, ledger=1, code=10), L.Account(id=4, ledger=2, code=10),
@@ -125,9 +225,18 @@ def test_precedence(client, kw, expected):
     assert one(client, **kw) == expected
 
 
-def test_imported_events_are_not_offered(client):
-    # The engine assigns every timestamp itself; the imported flag is refused as reserved.
-    assert one(client, flags=TF.IMPORTED) == CT.RESERVED_FLAG
+def test_imported_event_timestamp_checks(client, backend):
+    # Imported events carry their own timestamp (tests/test_ledger_differences.py covers the rest).
+    if backend == "sharded":  # refused by name: a sharded ledger does not import
+        with pytest.raises(DataError, match="imported"):
+            one(client, flags=TF.IMPORTED, timestamp=1)
+        return
+    assert one(client, flags=TF.IMPORTED) == CT.IMPORTED_EVENT_TIMESTAMP_OUT_OF_RANGE
+    assert one(client, flags=TF.IMPORTED, timestamp=1 << 62) == CT.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_ADVANCE
+    assert one(client) == CT.CREATED
+    assert one(client, flags=TF.IMPORTED, timestamp=1) == CT.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_REGRESS
+    assert statuses(client, [T(flags=TF.IMPORTED, timestamp=1), T()])[1] == CT.IMPORTED_EVENT_EXPECTED
+    assert statuses(client, [T(), T(flags=TF.IMPORTED, timestamp=1)])[1] == CT.IMPORTED_EVENT_NOT_EXPECTED
 
 
 # ------------------------------------------------------------------ idempotency
@@ -488,9 +597,10 @@ def test_create_accounts_linked(client):
 
 
 def test_every_transfer_status_is_covered():
-    # Guard: this file names every status the engine can return (imported-event ones are not offered).
+    # Guard: this file (with test_ledger_differences.py for imported events) names every status the engine returns.
     import pathlib
-    text = pathlib.Path(__file__).read_text()
-    offered = [s for s in CT if not s.name.startswith("IMPORTED") and s != CT.CREATED]
+    here = pathlib.Path(__file__)
+    text = here.read_text() + (here.parent / "test_ledger_differences.py").read_text()
+    offered = [s for s in CT if s != CT.CREATED]
     missing = [s.name for s in offered if f"CT.{s.name}" not in text]
     assert missing == []

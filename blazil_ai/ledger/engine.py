@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -31,19 +31,21 @@ from blazil_ai.ledger.types import (
     BATCH_MAX,
     TRANSFER_DTYPE,
     TRANSIENT_TRANSFER_STATUSES,
+    U64_MASK,
+    U128_MAX,
     AccountFilter,
     AccountFilterFlags,
     AccountFlags,
     QueryFilter,
     QueryFilterFlags,
     TransferFlags,
+    set_u128,
+    u128,
     u128_from_words,
 )
 from blazil_ai.ledger.types import CreateAccountStatus as CA
 from blazil_ai.ledger.types import CreateTransferStatus as CT
 
-U128_MAX = AMOUNT_MAX
-M64 = (1 << 64) - 1
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 CREATED = 0xFFFFFFFF
 
@@ -65,21 +67,14 @@ def key64(words: np.ndarray) -> np.ndarray:
 
 def key64_int(value: int) -> int:
     """``key64`` of one Python int."""
-    return (value & M64) ^ (((value >> 64) * 0x9E3779B97F4A7C15) & M64)
+    return (value & U64_MASK) ^ (((value >> 64) * 0x9E3779B97F4A7C15) & U64_MASK)
 
 
 def _valid_ids(w: np.ndarray) -> bool:
     """No id in an ``(n, 2)`` word array is 0 or 2^128 - 1."""
-    return bool((w[:, 0] | w[:, 1]).all() and ((w[:, 0] & w[:, 1]) != M64).all())
+    return bool((w[:, 0] | w[:, 1]).all() and ((w[:, 0] & w[:, 1]) != U64_MASK).all())
 
 
-def _u(row: np.ndarray) -> int:
-    return int(row[0]) | (int(row[1]) << 64)
-
-
-def _set(arr: np.ndarray, field: str, row: int, value: int) -> None:
-    arr[field][row, 0] = value & M64
-    arr[field][row, 1] = value >> 64
 
 
 class KeyIndex:
@@ -104,7 +99,7 @@ class KeyIndex:
         return sum(len(d) for d in self.parts)
 
     def _part(self, k: int) -> dict[int, int]:
-        return self.parts[self._SLOT_LIST[((k * 0x9E3779B97F4A7C15) & M64) >> 52]]
+        return self.parts[self._SLOT_LIST[((k * 0x9E3779B97F4A7C15) & U64_MASK) >> 52]]
 
     def __contains__(self, k: int) -> bool:
         return k in self._part(k)
@@ -185,6 +180,7 @@ class Engine:
         self.expiry: list[tuple[int, int]] = []  # (expires_at, row) heap of pending transfers with timeouts
         self.history: dict[int, list[tuple[int, int, int, int, int]]] = {}  # account row -> balances
         self._undo: list[tuple[Any, ...]] | None = None
+        self.timeline: Timeline = EngineTimeline(self)  # a sharded ledger puts its global one here
         self.fast_batches = 0
         self.slow_batches = 0
 
@@ -220,16 +216,28 @@ class Engine:
         row = self.transfer_keys.get(key64_int(tid))
         if row is None:
             return None
-        if _u(self.transfers["id"][row]) == tid:
+        if u128(self.transfers["id"][row]) == tid:
             return row
         return self.transfer_collisions.get(tid)
 
-    def _insert_transfer(self, rec: dict[str, int]) -> int:
+    def transfer_at(self, ts: int) -> bool:
+        """Whether a stored transfer has timestamp ``ts`` (rows are in timestamp order)."""
+        col = self.transfers["timestamp"][: self.n_transfers]
+        i = int(np.searchsorted(col, np.uint64(ts)))
+        return i < len(col) and int(col[i]) == ts
+
+    def account_at(self, ts: int) -> bool:
+        """Whether a stored account has timestamp ``ts`` (rows are in timestamp order)."""
+        col = self.accounts["timestamp"][: self.n_accounts]
+        i = int(np.searchsorted(col, np.uint64(ts)))
+        return i < len(col) and int(col[i]) == ts
+
+    def insert_transfer(self, rec: dict[str, int]) -> int:
         self._grow_transfers(1)
         row = self.n_transfers
         t = self.transfers
         for name in ("id", "debit_account_id", "credit_account_id", "amount", "pending_id", "user_data_128"):
-            _set(t, name, row, rec[name])
+            set_u128(t, name, row, rec[name])
         for name in ("user_data_64", "user_data_32", "timeout", "ledger", "code", "flags", "timestamp"):
             t[name][row] = rec[name]
         self.pending_state[row] = PENDING if rec["flags"] & _TF.PENDING else NOT_PENDING
@@ -279,35 +287,35 @@ class Engine:
         ok = (self._acc_keys[pos] == q) & (ids[:, 0] == words[:, 0]) & (ids[:, 1] == words[:, 1])
         return np.where(ok, rows, -1)
 
-    def _stamp_batch(self, n: int, what: str, timestamp: int | None) -> int:
-        """Check a batch's size and take its n timestamps (or adopt the replayed ones); the first of them."""
+    def _stamp_batch(self, n: int, what: str, timestamp: int | None, offsets: np.ndarray | None) -> np.ndarray:
+        """Check a batch's size and take its timestamps (or adopt the replayed ones): event i gets the first one
+        plus i, or plus ``offsets[i]`` (increasing) when the batch is part of a larger one spread over shards."""
         if n > BATCH_MAX:
             raise DataError(f"batch of {n} {what} exceeds the limit of {BATCH_MAX} events")
-        base = self.next_timestamps(n) if timestamp is None else timestamp
-        self.last_timestamp = max(self.last_timestamp, base + n - 1)
-        return base
+        span = n if offsets is None or n == 0 else int(offsets[-1]) + 1
+        base = self.next_timestamps(span) if timestamp is None else timestamp
+        self.last_timestamp = max(self.last_timestamp, base + span - 1)
+        steps = np.arange(n, dtype=np.uint64) if offsets is None else offsets.astype(np.uint64)
+        return np.uint64(base) + steps
 
     # ---------------------------------------------------------------- accounts
 
-    def create_accounts(self, batch: np.ndarray, timestamp: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def create_accounts(self, batch: np.ndarray, timestamp: int | None = None,
+                        offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Create accounts; returns (status u32 per event, engine codes, and timestamp u64 per event)."""
         n = len(batch)
-        base = self._stamp_batch(n, "accounts", timestamp)
+        times = self._stamp_batch(n, "accounts", timestamp, offsets)
         status = np.full(n, CREATED, dtype=np.uint32)
         stamps = np.zeros(n, dtype=np.uint64)
-        ev = _columns(batch)
-        self._run_chains(n, ev, base, status, stamps, self._create_account, CA)
+        ev = event_dicts(batch)
+        self._run_chains(n, ev, times, status, stamps, self._create_account, CA)
         return status, stamps
 
     def _create_account(self, e: dict[str, int], ts: int) -> tuple[int, int]:
-        if e["timestamp"] != 0:
-            return CA.TIMESTAMP_MUST_BE_ZERO, 0
         if e["reserved"] != 0:
             return CA.RESERVED_FIELD, 0
         flags = e["flags"]
-        if flags & ~_KNOWN_ACCOUNT_FLAGS or flags & AccountFlags.IMPORTED:
-            # Importing (user-supplied timestamps) is not offered by this engine; TigerBeetle answers
-            # IMPORTED_EVENT_* for it, this engine treats the bit as reserved.
+        if flags & ~_KNOWN_ACCOUNT_FLAGS:
             return CA.RESERVED_FLAG, 0
         aid = e["id"]
         if aid == 0:
@@ -319,7 +327,7 @@ class Engine:
             x = self.accounts[row]
             if int(x["flags"]) != flags:
                 return CA.EXISTS_WITH_DIFFERENT_FLAGS, 0
-            if _u(x["user_data_128"]) != e["user_data_128"]:
+            if u128(x["user_data_128"]) != e["user_data_128"]:
                 return CA.EXISTS_WITH_DIFFERENT_USER_DATA_128, 0
             if int(x["user_data_64"]) != e["user_data_64"]:
                 return CA.EXISTS_WITH_DIFFERENT_USER_DATA_64, 0
@@ -344,12 +352,17 @@ class Engine:
             return CA.LEDGER_MUST_NOT_BE_ZERO, 0
         if e["code"] == 0:
             return CA.CODE_MUST_NOT_BE_ZERO, 0
+        if flags & AccountFlags.IMPORTED:
+            # After the idempotency checks, so an import can be retried and answered EXISTS.
+            if self.timeline.account_regresses(e["timestamp"]):
+                return CA.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_REGRESS, 0
+            ts = e["timestamp"]
         self._grow_accounts(1)
         row = self.n_accounts
         a = self.accounts
         a[row] = np.zeros((), dtype=ACCOUNT_DTYPE)
-        _set(a, "id", row, aid)
-        _set(a, "user_data_128", row, e["user_data_128"])
+        set_u128(a, "id", row, aid)
+        set_u128(a, "user_data_128", row, e["user_data_128"])
         for name in ("user_data_64", "user_data_32", "ledger", "code", "flags"):
             a[name][row] = e[name]
         a["timestamp"][row] = ts
@@ -362,23 +375,24 @@ class Engine:
 
     # ---------------------------------------------------------------- transfers
 
-    def create_transfers(self, batch: np.ndarray, timestamp: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def create_transfers(self, batch: np.ndarray, timestamp: int | None = None,
+                         offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Create transfers; returns (status u32 per event, engine codes, and timestamp u64 per event)."""
         n = len(batch)
-        base = self._stamp_batch(n, "transfers", timestamp)
-        self.expire_pending(base)
-        if n and self._try_fast(batch, base):
+        times = self._stamp_batch(n, "transfers", timestamp, offsets)
+        if n:
+            self.expire_pending(int(times[0]))
+        if n and self._try_fast(batch, times):
             self.fast_batches += 1
-            return (np.full(n, CREATED, dtype=np.uint32),
-                    np.arange(base, base + n, dtype=np.uint64))
+            return np.full(n, CREATED, dtype=np.uint32), times
         self.slow_batches += 1
         status = np.full(n, CREATED, dtype=np.uint32)
         stamps = np.zeros(n, dtype=np.uint64)
-        ev = _columns(batch)
-        self._run_chains(n, ev, base, status, stamps, self._create_transfer, CT)
+        ev = event_dicts(batch)
+        self._run_chains(n, ev, times, status, stamps, self._create_transfer, CT)
         return status, stamps
 
-    def _try_fast(self, batch: np.ndarray, base: int) -> bool:
+    def _try_fast(self, batch: np.ndarray, times: np.ndarray) -> bool:
         """Apply a whole batch with array operations when every event is sure to succeed; False otherwise.
 
         Two shapes qualify: events that create (plain or pending, no other flag) and events that post or
@@ -405,9 +419,9 @@ class Engine:
         # Written in place past the last row: nothing is visible until n_transfers moves.
         dst = self.transfers[start: start + n]
         if resolve.all():
-            stored = self._fast_resolve(batch, base, dst)
+            stored = self._fast_resolve(batch, times, dst)
         elif not (flags & np.uint16(0xFFFF ^ int(_TF.PENDING))).any():
-            stored = self._fast_create(batch, base, dst)
+            stored = self._fast_create(batch, times, dst)
         else:
             return False
         if stored is None:
@@ -418,7 +432,7 @@ class Engine:
         self.transfer_keys.commit(new_keys)
         timed = np.nonzero(pend & (stored["timeout"] > 0))[0]
         for i in timed.tolist():
-            heapq.heappush(self.expiry, (base + i + int(stored["timeout"][i]) * 1_000_000_000, start + i))
+            heapq.heappush(self.expiry, (int(times[i]) + int(stored["timeout"][i]) * 1_000_000_000, start + i))
         return True
 
     def _fast_accounts(self, dr_w: np.ndarray, cr_w: np.ndarray, ledger: np.ndarray | None
@@ -445,8 +459,7 @@ class Engine:
                 return None
         return dr, cr
 
-    def _fast_create(self, batch: np.ndarray, base: int, dst: np.ndarray) -> np.ndarray | None:
-        n = len(batch)
+    def _fast_create(self, batch: np.ndarray, times: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
         amt = batch["amount"][:, 0]
         pend = batch["flags"] == int(_TF.PENDING)
         timeout = batch["timeout"]
@@ -454,7 +467,7 @@ class Engine:
             return None
         if batch["amount"][:, 1].any() or (timeout[~pend] != 0).any() or int(amt.max()) >= _FAST_AMOUNT_LIMIT:
             return None
-        if pend.any() and base + n + int(timeout.max()) * 1_000_000_000 >= 1 << 63:
+        if pend.any() and int(times[-1]) + int(timeout.max()) * 1_000_000_000 >= 1 << 63:
             return None
         rows = self._fast_accounts(batch["debit_account_id"], batch["credit_account_id"], batch["ledger"])
         if rows is None:
@@ -468,10 +481,10 @@ class Engine:
             self._add_words("debits_pending", dr[pend], amount[pend])
             self._add_words("credits_pending", cr[pend], amount[pend])
         dst[:] = batch
-        dst["timestamp"] = np.arange(base, base + n, dtype=np.uint64)
+        dst["timestamp"] = times
         return dst
 
-    def _fast_resolve(self, batch: np.ndarray, base: int, dst: np.ndarray) -> np.ndarray | None:
+    def _fast_resolve(self, batch: np.ndarray, times: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
         n = len(batch)
         pid = batch["pending_id"]
         ids = batch["id"]
@@ -490,7 +503,7 @@ class Engine:
             return None
         if (self.pending_state[prow] != PENDING).any():
             return None
-        ts = np.arange(base, base + n, dtype=np.uint64)
+        ts = times
         timed = p["timeout"] > 0
         if timed.any():
             expires = p["timestamp"][timed] + p["timeout"][timed].astype(np.uint64) * np.uint64(1_000_000_000)
@@ -508,10 +521,11 @@ class Engine:
         if p_amt[:, 1].any() or int(p_amt[:, 0].max()) >= _FAST_AMOUNT_LIMIT:
             return None
         t_amt = batch["amount"]
-        everything = (t_amt[:, 0] == M64) & (t_amt[:, 1] == M64)  # AMOUNT_MAX: the full pending amount
+        post = batch["flags"] == int(_TF.POST_PENDING_TRANSFER)
+        # A post of AMOUNT_MAX moves the full pending amount (a void of AMOUNT_MAX exceeds it: not fast).
+        everything = post & (t_amt[:, 0] == U64_MASK) & (t_amt[:, 1] == U64_MASK)
         if (~everything & (t_amt[:, 1] != 0)).any():
             return None
-        post = batch["flags"] == int(_TF.POST_PENDING_TRANSFER)
         asked = np.where(everything, p_amt[:, 0], t_amt[:, 0])
         if (post & (asked > p_amt[:, 0])).any():
             return None
@@ -566,11 +580,16 @@ class Engine:
             col[uniq, 0] = new
             col[uniq, 1] -= (new > lo).astype(np.uint64)
 
-    def _run_chains(self, n: int, ev: list[dict[str, int]], base: int, status: np.ndarray, stamps: np.ndarray,
+    def _run_chains(self, n: int, ev: list[dict[str, int]], times: np.ndarray, status: np.ndarray, stamps: np.ndarray,
                     create: Callable[[dict[str, int], int], tuple[int, int]], enum: Any) -> None:
+        """TigerBeetle's execute_create: linked chains, the imported-batch and timestamp checks, then ``create``
+        per event. Every result carries a timestamp: the object's for CREATED/EXISTS, the event's otherwise."""
         chain_start: int | None = None
         broken = False
         undo: list[tuple[Any, ...]] = []
+        imported_bit = int(TransferFlags.IMPORTED if enum is CT else AccountFlags.IMPORTED)
+        batch_imported = n > 0 and bool(ev[0]["flags"] & imported_bit)
+        last = int(times[-1]) if n else 0  # the batch's timestamp: an imported event must come before it
         for i in range(n):
             e = ev[i]
             linked = bool(e["flags"] & 1)
@@ -578,23 +597,27 @@ class Engine:
                 chain_start = i
                 undo = []
             self._undo = undo if chain_start is not None else None
-            ts = base + i
-            if broken:
-                code, when = enum.LINKED_EVENT_FAILED, 0
-            elif linked and i == n - 1:
-                code, when = enum.LINKED_EVENT_CHAIN_OPEN, 0
+            ts = int(times[i])
+            when = ts
+            if linked and i == n - 1:
+                code = enum.LINKED_EVENT_CHAIN_OPEN
+            elif broken:
+                code = enum.LINKED_EVENT_FAILED
             else:
-                code, when = create(e, ts)
+                code = check_event_timestamp(e, imported_bit, batch_imported, last, enum)
+                if code == CREATED:
+                    code, when = create(e, ts)
+                    if code != CREATED and code != enum.EXISTS:
+                        when = ts
             self._undo = None
             if code != CREATED and chain_start is not None and not broken:
                 broken = True
                 self._rollback(undo)
                 for j in range(chain_start, i):
-                    status[j] = enum.LINKED_EVENT_FAILED
-                    stamps[j] = 0
+                    status[j] = enum.LINKED_EVENT_FAILED  # their timestamps stay those they were created with
             status[i] = code
             stamps[i] = when
-            if not linked and chain_start is not None:
+            if chain_start is not None and (not linked or code == enum.LINKED_EVENT_CHAIN_OPEN):
                 chain_start = None
                 broken = False
 
@@ -603,7 +626,7 @@ class Engine:
             kind = entry[0]
             if kind == "balance":
                 _, row, field, old = entry
-                _set(self.accounts, field, row, old)
+                set_u128(self.accounts, field, row, old)
             elif kind == "aflags":
                 self.accounts["flags"][entry[1]] = entry[2]
             elif kind == "state":
@@ -628,12 +651,12 @@ class Engine:
                 self._index_dirty = True
 
     def _balance(self, row: int, field: str) -> int:
-        return _u(self.accounts[field][row])
+        return u128(self.accounts[field][row])
 
     def _set_balance(self, row: int, field: str, value: int) -> None:
         if self._undo is not None:
             self._undo.append(("balance", row, field, self._balance(row, field)))
-        _set(self.accounts, field, row, value)
+        set_u128(self.accounts, field, row, value)
 
     def _set_account_flags(self, row: int, flags: int) -> None:
         if self._undo is not None:
@@ -661,14 +684,11 @@ class Engine:
             self.failed_keys.add(key64_int(t["id"]))
         return code, when
 
-    def _check_transfer_id(self, t: dict[str, int]) -> tuple[int, int] | None:
-        """TigerBeetle's first checks of a new transfer (timestamp, flags, id, existing or failed id): the
-        result, or None to go on."""
-        flags = t["flags"]
-        if t["timestamp"] != 0:
-            return CT.TIMESTAMP_MUST_BE_ZERO, 0
-        if flags & ~_KNOWN_TRANSFER_FLAGS or flags & _TF.IMPORTED:
-            return CT.RESERVED_FLAG, 0  # importing is not offered (see _create_account)
+    def check_transfer_id(self, t: dict[str, int]) -> tuple[int, int] | None:
+        """TigerBeetle's first checks of a transfer after the batch-level ones (flags, id, an existing or
+        failed id): the result, or None to go on."""
+        if t["flags"] & ~_KNOWN_TRANSFER_FLAGS:
+            return CT.RESERVED_FLAG, 0
         tid = t["id"]
         if tid == 0:
             return CT.ID_MUST_NOT_BE_ZERO, 0
@@ -676,179 +696,135 @@ class Engine:
             return CT.ID_MUST_NOT_BE_INT_MAX, 0
         row = self.transfer_row(tid)
         if row is not None:
-            return self._transfer_exists(t, row)
+            return self.transfer_exists(t, row)
         if tid in self.failed_ids:
             return CT.ID_ALREADY_FAILED, 0
         return None
 
+    def account_view(self, account_id: int) -> AccountView | None:
+        """The fields of an account that TigerBeetle's transfer checks read, or None if it does not exist."""
+        row = self.account_rows.get(account_id)
+        if row is None:
+            return None
+        a = self.accounts
+        return AccountView(int(a["ledger"][row]), int(a["flags"][row]), int(a["timestamp"][row]),
+                           self._balance(row, "debits_pending"), self._balance(row, "debits_posted"),
+                           self._balance(row, "credits_pending"), self._balance(row, "credits_posted"))
+
     def _create_transfer_inner(self, t: dict[str, int], ts: int) -> tuple[int, int]:
-        first = self._check_transfer_id(t)
+        first = self.check_transfer_id(t)
         if first is not None:
             return first
-        flags = t["flags"]
-        post_void = flags & (_TF.POST_PENDING_TRANSFER | _TF.VOID_PENDING_TRANSFER)
-        if post_void:
+        if t["flags"] & (_TF.POST_PENDING_TRANSFER | _TF.VOID_PENDING_TRANSFER):
             return self._post_or_void(t, ts)
-        dr_id, cr_id = t["debit_account_id"], t["credit_account_id"]
-        if dr_id == 0:
-            return CT.DEBIT_ACCOUNT_ID_MUST_NOT_BE_ZERO, 0
-        if dr_id == U128_MAX:
-            return CT.DEBIT_ACCOUNT_ID_MUST_NOT_BE_INT_MAX, 0
-        if cr_id == 0:
-            return CT.CREDIT_ACCOUNT_ID_MUST_NOT_BE_ZERO, 0
-        if cr_id == U128_MAX:
-            return CT.CREDIT_ACCOUNT_ID_MUST_NOT_BE_INT_MAX, 0
-        if dr_id == cr_id:
-            return CT.ACCOUNTS_MUST_BE_DIFFERENT, 0
-        if t["pending_id"] != 0:
-            return CT.PENDING_ID_MUST_BE_ZERO, 0
+        code, amount, ts = validate_transfer(t, ts, self.account_view, self.timeline)
+        if code != CREATED:
+            return code, 0
+        flags = t["flags"]
         pending = bool(flags & _TF.PENDING)
-        if not pending:
-            if t["timeout"] != 0:
-                return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER, 0
-            if flags & (_TF.CLOSING_DEBIT | _TF.CLOSING_CREDIT):
-                return CT.CLOSING_TRANSFER_MUST_BE_PENDING, 0
-        if t["ledger"] == 0:
-            return CT.LEDGER_MUST_NOT_BE_ZERO, 0
-        if t["code"] == 0:
-            return CT.CODE_MUST_NOT_BE_ZERO, 0
-        dr = self.account_rows.get(dr_id)
-        if dr is None:
-            return CT.DEBIT_ACCOUNT_NOT_FOUND, 0
-        cr = self.account_rows.get(cr_id)
-        if cr is None:
-            return CT.CREDIT_ACCOUNT_NOT_FOUND, 0
-        a = self.accounts
-        if a["ledger"][dr] != a["ledger"][cr]:
-            return CT.ACCOUNTS_MUST_HAVE_THE_SAME_LEDGER, 0
-        if t["ledger"] != a["ledger"][dr]:
-            return CT.TRANSFER_MUST_HAVE_THE_SAME_LEDGER_AS_ACCOUNTS, 0
-        dr_flags, cr_flags = int(a["flags"][dr]), int(a["flags"][cr])
-        if dr_flags & AccountFlags.CLOSED:
-            return CT.DEBIT_ACCOUNT_ALREADY_CLOSED, 0
-        if cr_flags & AccountFlags.CLOSED:
-            return CT.CREDIT_ACCOUNT_ALREADY_CLOSED, 0
-        b = self._balance
-        dr_dp, dr_dpo, dr_cpo = b(dr, "debits_pending"), b(dr, "debits_posted"), b(dr, "credits_posted")
-        cr_cp, cr_cpo, cr_dpo = b(cr, "credits_pending"), b(cr, "credits_posted"), b(cr, "debits_posted")
-        amount = t["amount"]
-        if flags & _TF.BALANCING_DEBIT:
-            amount = min(amount, max(0, dr_cpo - (dr_dpo + dr_dp)))
-        if flags & _TF.BALANCING_CREDIT:
-            amount = min(amount, max(0, cr_dpo - (cr_cpo + cr_cp)))
-        if pending:
-            if amount + dr_dp > U128_MAX:
-                return CT.OVERFLOWS_DEBITS_PENDING, 0
-            if amount + cr_cp > U128_MAX:
-                return CT.OVERFLOWS_CREDITS_PENDING, 0
-        if amount + dr_dpo > U128_MAX:
-            return CT.OVERFLOWS_DEBITS_POSTED, 0
-        if amount + cr_cpo > U128_MAX:
-            return CT.OVERFLOWS_CREDITS_POSTED, 0
-        if amount + dr_dp + dr_dpo > U128_MAX:
-            return CT.OVERFLOWS_DEBITS, 0
-        if amount + cr_cp + cr_cpo > U128_MAX:
-            return CT.OVERFLOWS_CREDITS, 0
-        if pending and ts + t["timeout"] * 1_000_000_000 >= (1 << 63):
-            return CT.OVERFLOWS_TIMEOUT, 0
-        if dr_flags & AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS and dr_dp + dr_dpo + amount > dr_cpo:
-            return CT.EXCEEDS_CREDITS, 0
-        if cr_flags & AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS and cr_cp + cr_cpo + amount > cr_dpo:
-            return CT.EXCEEDS_DEBITS, 0
+        dr = self.account_rows[t["debit_account_id"]]
+        cr = self.account_rows[t["credit_account_id"]]
         rec = dict(t)
         rec["amount"] = amount
         rec["timestamp"] = ts
-        trow = self._insert_transfer(rec)
+        trow = self.insert_transfer(rec)
+        b = self._balance
         if pending:
-            self._set_balance(dr, "debits_pending", dr_dp + amount)
-            self._set_balance(cr, "credits_pending", cr_cp + amount)
+            self._set_balance(dr, "debits_pending", b(dr, "debits_pending") + amount)
+            self._set_balance(cr, "credits_pending", b(cr, "credits_pending") + amount)
             if t["timeout"]:
                 heapq.heappush(self.expiry, (ts + t["timeout"] * 1_000_000_000, trow))
         else:
-            self._set_balance(dr, "debits_posted", dr_dpo + amount)
-            self._set_balance(cr, "credits_posted", cr_cpo + amount)
+            self._set_balance(dr, "debits_posted", b(dr, "debits_posted") + amount)
+            self._set_balance(cr, "credits_posted", b(cr, "credits_posted") + amount)
         if flags & _TF.CLOSING_DEBIT:
-            self._set_account_flags(dr, dr_flags | AccountFlags.CLOSED)
+            self._set_account_flags(dr, int(self.accounts["flags"][dr]) | AccountFlags.CLOSED)
         if flags & _TF.CLOSING_CREDIT:
-            self._set_account_flags(cr, int(a["flags"][cr]) | AccountFlags.CLOSED)
+            self._set_account_flags(cr, int(self.accounts["flags"][cr]) | AccountFlags.CLOSED)
         self._record_history(dr, trow)
         self._record_history(cr, trow)
         return CREATED, ts
 
-    def _check_post_or_void(self, t: dict[str, int], ts: int | None) -> tuple[int, int]:
-        """TigerBeetle's checks of a post/void against the pending transfer it names, in its order, up to the
-        accounts: ``(CREATED, row of the pending transfer)`` or ``(result code, -1)``. ``ts`` is the time to
-        judge expiry by; None reads the clock, and only when the pending transfer has a timeout."""
+    def check_post_or_void(self, t: dict[str, int], ts: int | None,
+                           account: Callable[[int], AccountView | None] | None = None,
+                           timeline: Timeline | None = None) -> tuple[int, int, int, int]:
+        """TigerBeetle's checks of a post/void (after ``check_transfer_id``) against the pending transfer it
+        names, in its order: ``(CREATED, row of the pending transfer, amount to move, timestamp)`` or
+        ``(result code, -1, 0, 0)``. ``ts`` is the event's timestamp (None: the clock, read only when the
+        pending transfer has a timeout); ``account`` and ``timeline`` default to this engine's."""
+        fail = -1, 0, 0
         flags = t["flags"]
         post = bool(flags & _TF.POST_PENDING_TRANSFER)
         void = bool(flags & _TF.VOID_PENDING_TRANSFER)
         if (post and void) or flags & (_TF.PENDING | _TF.BALANCING_DEBIT | _TF.BALANCING_CREDIT
                                        | _TF.CLOSING_DEBIT | _TF.CLOSING_CREDIT):
-            return CT.FLAGS_ARE_MUTUALLY_EXCLUSIVE, -1
+            return CT.FLAGS_ARE_MUTUALLY_EXCLUSIVE, *fail
         pid = t["pending_id"]
         if pid == 0:
-            return CT.PENDING_ID_MUST_NOT_BE_ZERO, -1
+            return CT.PENDING_ID_MUST_NOT_BE_ZERO, *fail
         if pid == U128_MAX:
-            return CT.PENDING_ID_MUST_NOT_BE_INT_MAX, -1
+            return CT.PENDING_ID_MUST_NOT_BE_INT_MAX, *fail
         if pid == t["id"]:
-            return CT.PENDING_ID_MUST_BE_DIFFERENT, -1
+            return CT.PENDING_ID_MUST_BE_DIFFERENT, *fail
         if t["timeout"] != 0:
-            return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER, -1
+            return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER, *fail
         prow = self.transfer_row(pid)
         if prow is None:
-            return CT.PENDING_TRANSFER_NOT_FOUND, -1
+            return CT.PENDING_TRANSFER_NOT_FOUND, *fail
         p = self.transfers[prow]
         if not int(p["flags"]) & _TF.PENDING:
-            return CT.PENDING_TRANSFER_NOT_PENDING, -1
-        if t["debit_account_id"] and t["debit_account_id"] != _u(p["debit_account_id"]):
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID, -1
-        if t["credit_account_id"] and t["credit_account_id"] != _u(p["credit_account_id"]):
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID, -1
+            return CT.PENDING_TRANSFER_NOT_PENDING, *fail
+        if t["debit_account_id"] and t["debit_account_id"] != u128(p["debit_account_id"]):
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_DEBIT_ACCOUNT_ID, *fail
+        if t["credit_account_id"] and t["credit_account_id"] != u128(p["credit_account_id"]):
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CREDIT_ACCOUNT_ID, *fail
         if t["ledger"] and t["ledger"] != int(p["ledger"]):
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_LEDGER, -1
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_LEDGER, *fail
         if t["code"] and t["code"] != int(p["code"]):
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CODE, -1
-        amount, p_amount = t["amount"], _u(p["amount"])
-        if amount > p_amount and amount != AMOUNT_MAX:
-            return CT.EXCEEDS_PENDING_TRANSFER_AMOUNT, -1
-        if void and 0 < amount < p_amount:
-            return CT.PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT, -1
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_CODE, *fail
+        amount, p_amount = t["amount"], u128(p["amount"])
+        # A void of 0 and a post of AMOUNT_MAX mean "the pending amount"; any other amount is taken as asked.
+        if (void and amount == 0) or (post and amount == AMOUNT_MAX):
+            amount = p_amount
+        if amount > p_amount:
+            return CT.EXCEEDS_PENDING_TRANSFER_AMOUNT, *fail
+        if void and amount < p_amount:
+            return CT.PENDING_TRANSFER_HAS_DIFFERENT_AMOUNT, *fail
         state = int(self.pending_state[prow])
         if state == POSTED:
-            return CT.PENDING_TRANSFER_ALREADY_POSTED, -1
+            return CT.PENDING_TRANSFER_ALREADY_POSTED, *fail
         if state == VOIDED:
-            return CT.PENDING_TRANSFER_ALREADY_VOIDED, -1
+            return CT.PENDING_TRANSFER_ALREADY_VOIDED, *fail
         timeout = int(p["timeout"])
         if state == EXPIRED or (timeout and int(p["timestamp"]) + timeout * 1_000_000_000
                                 <= (self.clock() if ts is None else ts)):
-            return CT.PENDING_TRANSFER_EXPIRED, -1
-        return CREATED, prow
+            return CT.PENDING_TRANSFER_EXPIRED, *fail
+        ts_actual = ts or 0
+        if flags & _TF.IMPORTED:
+            if (timeline or self.timeline).transfer_regresses(t["timestamp"]):
+                return CT.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_REGRESS, *fail
+            ts_actual = t["timestamp"]
+        if post:  # the only movement a closed account allows is voiding a pending transfer
+            find = account or self.account_view
+            dr, cr = find(u128(p["debit_account_id"])), find(u128(p["credit_account_id"]))
+            if dr is not None and dr.flags & AccountFlags.CLOSED:
+                return CT.DEBIT_ACCOUNT_ALREADY_CLOSED, *fail
+            if cr is not None and cr.flags & AccountFlags.CLOSED:
+                return CT.CREDIT_ACCOUNT_ALREADY_CLOSED, *fail
+        return CREATED, prow, amount, ts_actual
 
     def _post_or_void(self, t: dict[str, int], ts: int) -> tuple[int, int]:
-        code, prow = self._check_post_or_void(t, ts)
+        code, prow, actual, ts = self.check_post_or_void(t, ts)
         if code != CREATED:
             return code, 0
         post = bool(t["flags"] & _TF.POST_PENDING_TRANSFER)
         p = self.transfers[prow]
         p_flags = int(p["flags"])
-        p_dr, p_cr, p_amount = _u(p["debit_account_id"]), _u(p["credit_account_id"]), _u(p["amount"])
-        amount = t["amount"]
+        p_dr, p_cr, p_amount = u128(p["debit_account_id"]), u128(p["credit_account_id"]), u128(p["amount"])
         dr = self.account_rows[p_dr]
         cr = self.account_rows[p_cr]
-        if post:
-            if int(self.accounts["flags"][dr]) & AccountFlags.CLOSED and not p_flags & _TF.CLOSING_DEBIT:
-                return CT.DEBIT_ACCOUNT_ALREADY_CLOSED, 0
-            if int(self.accounts["flags"][cr]) & AccountFlags.CLOSED and not p_flags & _TF.CLOSING_CREDIT:
-                return CT.CREDIT_ACCOUNT_ALREADY_CLOSED, 0
-        actual = (p_amount if amount == AMOUNT_MAX else amount) if post else p_amount
-        rec = dict(t)
-        rec.update(debit_account_id=p_dr, credit_account_id=p_cr, amount=actual, ledger=int(p["ledger"]),
-                   code=int(p["code"]), timestamp=ts)
-        for name in ("user_data_128", "user_data_64", "user_data_32"):
-            if not rec[name]:  # zero user data inherits the pending transfer's
-                v = p[name]
-                rec[name] = _u(v) if name == "user_data_128" else int(v)
-        trow = self._insert_transfer(rec)
+        rec = resolved_record(t, p, actual, ts)
+        trow = self.insert_transfer(rec)
         self._release_pending(prow, dr, cr, p_amount)
         if post:
             self._set_balance(dr, "debits_posted", self._balance(dr, "debits_posted") + actual)
@@ -871,39 +847,37 @@ class Engine:
         if p_flags & _TF.CLOSING_CREDIT:
             self._set_account_flags(cr, int(self.accounts["flags"][cr]) & ~AccountFlags.CLOSED)
 
-    def _transfer_exists(self, t: dict[str, int], row: int) -> tuple[int, int]:
+    def transfer_exists(self, t: dict[str, int], row: int) -> tuple[int, int]:
+        """The answer to a transfer whose id exists at ``row``: EXISTS (with the stored timestamp) or the first
+        field that differs, as TigerBeetle compares them."""
         e = self.transfers[row]
         flags = t["flags"]
         if flags != int(e["flags"]):
             return CT.EXISTS_WITH_DIFFERENT_FLAGS, 0
-        if t["pending_id"] != _u(e["pending_id"]):
+        if t["pending_id"] != u128(e["pending_id"]):
             return CT.EXISTS_WITH_DIFFERENT_PENDING_ID, 0
         if t["timeout"] != int(e["timeout"]):
             return CT.EXISTS_WITH_DIFFERENT_TIMEOUT, 0
-        post_void = flags & (_TF.POST_PENDING_TRANSFER | _TF.VOID_PENDING_TRANSFER)
+        if flags & (_TF.POST_PENDING_TRANSFER | _TF.VOID_PENDING_TRANSFER):
+            prow = self.transfer_row(t["pending_id"])
+            assert prow is not None
+            return _resolve_exists(t, e, self.transfers[prow])
         for name, code in (("debit_account_id", CT.EXISTS_WITH_DIFFERENT_DEBIT_ACCOUNT_ID),
                            ("credit_account_id", CT.EXISTS_WITH_DIFFERENT_CREDIT_ACCOUNT_ID)):
-            if t[name] != _u(e[name]) and not (post_void and t[name] == 0):
+            if t[name] != u128(e[name]):
                 return code, 0
-        amount, e_amount = t["amount"], _u(e["amount"])
+        amount, e_amount = t["amount"], u128(e["amount"])
         if flags & (_TF.BALANCING_DEBIT | _TF.BALANCING_CREDIT):
             if amount < e_amount:
                 return CT.EXISTS_WITH_DIFFERENT_AMOUNT, 0
-        elif post_void:
-            # Post/void store the amount actually moved; AMOUNT_MAX (and 0 for a void) asked for "all".
-            if amount != e_amount and amount != AMOUNT_MAX and not (flags & _TF.VOID_PENDING_TRANSFER and amount == 0):
-                return CT.EXISTS_WITH_DIFFERENT_AMOUNT, 0
         elif amount != e_amount:
             return CT.EXISTS_WITH_DIFFERENT_AMOUNT, 0
-        for name, code in (("user_data_128", CT.EXISTS_WITH_DIFFERENT_USER_DATA_128),
-                           ("user_data_64", CT.EXISTS_WITH_DIFFERENT_USER_DATA_64),
-                           ("user_data_32", CT.EXISTS_WITH_DIFFERENT_USER_DATA_32)):
-            ev = _u(e[name]) if name == "user_data_128" else int(e[name])
-            if t[name] != ev and not (post_void and t[name] == 0):
+        for name, code in _USER_DATA:
+            if t[name] != _field(e, name):
                 return code, 0
-        if t["ledger"] != int(e["ledger"]) and not (post_void and t["ledger"] == 0):
+        if t["ledger"] != int(e["ledger"]):
             return CT.EXISTS_WITH_DIFFERENT_LEDGER, 0
-        if t["code"] != int(e["code"]) and not (post_void and t["code"] == 0):
+        if t["code"] != int(e["code"]):
             return CT.EXISTS_WITH_DIFFERENT_CODE, 0
         return CT.EXISTS, int(e["timestamp"])
 
@@ -915,9 +889,9 @@ class Engine:
             if row >= self.n_transfers or self.pending_state[row] != PENDING:
                 continue
             p = self.transfers[row]
-            dr = self.account_rows[_u(p["debit_account_id"])]
-            cr = self.account_rows[_u(p["credit_account_id"])]
-            self._release_pending(row, dr, cr, _u(p["amount"]))
+            dr = self.account_rows[u128(p["debit_account_id"])]
+            cr = self.account_rows[u128(p["credit_account_id"])]
+            self._release_pending(row, dr, cr, u128(p["amount"]))
             self._reopen_closed(int(p["flags"]), dr, cr)
             self.pending_state[row] = EXPIRED
             done += 1
@@ -950,7 +924,7 @@ class Engine:
         if f.limit == 0 or (f.timestamp_max and f.timestamp_min > f.timestamp_max):
             return np.zeros(0, dtype=np.int64)
         t = self.transfers[: self.n_transfers]
-        lo, hi = f.account_id & M64, f.account_id >> 64
+        lo, hi = f.account_id & U64_MASK, f.account_id >> 64
 
         def match(part: np.ndarray) -> np.ndarray:
             mask = np.zeros(len(part), dtype=bool)
@@ -997,11 +971,188 @@ class Engine:
                                                          "credits_posted")}
 
 
+_USER_DATA = (("user_data_128", CT.EXISTS_WITH_DIFFERENT_USER_DATA_128),
+              ("user_data_64", CT.EXISTS_WITH_DIFFERENT_USER_DATA_64),
+              ("user_data_32", CT.EXISTS_WITH_DIFFERENT_USER_DATA_32))
+TIMESTAMP_MAX = (1 << 63) - 1  # TigerBeetle's largest timestamp (the top bit of the u64 is a tombstone)
+
+
+def _field(rec: np.ndarray, name: str) -> int:
+    v = rec[name]
+    return u128(v) if v.shape == (2,) else int(v)
+
+
+class AccountView(NamedTuple):
+    """The fields of an account that TigerBeetle's transfer checks read."""
+
+    ledger: int
+    flags: int
+    timestamp: int
+    debits_pending: int
+    debits_posted: int
+    credits_pending: int
+    credits_posted: int
+
+
+class Timeline(Protocol):
+    """Where an imported event's timestamp may go: after every object of its kind, on no other object's."""
+
+    def account_regresses(self, ts: int) -> bool: ...
+
+    def transfer_regresses(self, ts: int) -> bool: ...
+
+
+class EngineTimeline:
+    """The timeline of one engine: rows of each kind are stored in timestamp order."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def account_regresses(self, ts: int) -> bool:
+        e = self.engine
+        return (e.n_accounts > 0 and ts <= int(e.accounts["timestamp"][e.n_accounts - 1])) or e.transfer_at(ts)
+
+    def transfer_regresses(self, ts: int) -> bool:
+        e = self.engine
+        return (e.n_transfers > 0 and ts <= int(e.transfers["timestamp"][e.n_transfers - 1])) or e.account_at(ts)
+
+
+def check_event_timestamp(e: dict[str, int], imported_bit: int, batch_imported: bool, last: int, enum: Any) -> int:
+    """TigerBeetle's batch-level checks of an event's timestamp (the first event decides whether the batch
+    imports): CREATED to go on, or the result."""
+    imported = bool(e["flags"] & imported_bit)
+    if imported != batch_imported:
+        return int(enum.IMPORTED_EVENT_NOT_EXPECTED if imported else enum.IMPORTED_EVENT_EXPECTED)
+    if imported:
+        if not 1 <= e["timestamp"] <= TIMESTAMP_MAX:
+            return int(enum.IMPORTED_EVENT_TIMESTAMP_OUT_OF_RANGE)
+        if e["timestamp"] >= last:
+            return int(enum.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_ADVANCE)
+    elif e["timestamp"] != 0:
+        return int(enum.TIMESTAMP_MUST_BE_ZERO)
+    return CREATED
+
+
+def validate_transfer(t: dict[str, int], ts: int, account: Callable[[int], AccountView | None],
+                      timeline: Timeline) -> tuple[int, int, int]:
+    """TigerBeetle's checks of a new transfer (not a post/void) after ``check_transfer_id``, in its order:
+    ``(CREATED, amount to move, timestamp)`` or ``(result code, 0, 0)``. ``account(id)`` reads an account
+    (from one engine, or from the shard that owns it); ``timeline`` judges imported timestamps. The one
+    place these rules live: the engine and the sharded coordinator both call it."""
+    flags = t["flags"]
+    dr_id, cr_id = t["debit_account_id"], t["credit_account_id"]
+    if dr_id == 0:
+        return CT.DEBIT_ACCOUNT_ID_MUST_NOT_BE_ZERO, 0, 0
+    if dr_id == U128_MAX:
+        return CT.DEBIT_ACCOUNT_ID_MUST_NOT_BE_INT_MAX, 0, 0
+    if cr_id == 0:
+        return CT.CREDIT_ACCOUNT_ID_MUST_NOT_BE_ZERO, 0, 0
+    if cr_id == U128_MAX:
+        return CT.CREDIT_ACCOUNT_ID_MUST_NOT_BE_INT_MAX, 0, 0
+    if dr_id == cr_id:
+        return CT.ACCOUNTS_MUST_BE_DIFFERENT, 0, 0
+    if t["pending_id"] != 0:
+        return CT.PENDING_ID_MUST_BE_ZERO, 0, 0
+    pending = bool(flags & _TF.PENDING)
+    if not pending:
+        if t["timeout"] != 0:
+            return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER, 0, 0
+        if flags & (_TF.CLOSING_DEBIT | _TF.CLOSING_CREDIT):
+            return CT.CLOSING_TRANSFER_MUST_BE_PENDING, 0, 0
+    if t["ledger"] == 0:
+        return CT.LEDGER_MUST_NOT_BE_ZERO, 0, 0
+    if t["code"] == 0:
+        return CT.CODE_MUST_NOT_BE_ZERO, 0, 0
+    dr = account(dr_id)
+    if dr is None:
+        return CT.DEBIT_ACCOUNT_NOT_FOUND, 0, 0
+    cr = account(cr_id)
+    if cr is None:
+        return CT.CREDIT_ACCOUNT_NOT_FOUND, 0, 0
+    if dr.ledger != cr.ledger:
+        return CT.ACCOUNTS_MUST_HAVE_THE_SAME_LEDGER, 0, 0
+    if t["ledger"] != dr.ledger:
+        return CT.TRANSFER_MUST_HAVE_THE_SAME_LEDGER_AS_ACCOUNTS, 0, 0
+    if flags & _TF.IMPORTED:
+        ts = t["timestamp"]
+        if timeline.transfer_regresses(ts):
+            return CT.IMPORTED_EVENT_TIMESTAMP_MUST_NOT_REGRESS, 0, 0
+        if ts <= dr.timestamp:
+            return CT.IMPORTED_EVENT_TIMESTAMP_MUST_POSTDATE_DEBIT_ACCOUNT, 0, 0
+        if ts <= cr.timestamp:
+            return CT.IMPORTED_EVENT_TIMESTAMP_MUST_POSTDATE_CREDIT_ACCOUNT, 0, 0
+        if t["timeout"] != 0:
+            return CT.IMPORTED_EVENT_TIMEOUT_MUST_BE_ZERO, 0, 0
+    if dr.flags & AccountFlags.CLOSED:
+        return CT.DEBIT_ACCOUNT_ALREADY_CLOSED, 0, 0
+    if cr.flags & AccountFlags.CLOSED:
+        return CT.CREDIT_ACCOUNT_ALREADY_CLOSED, 0, 0
+    amount = t["amount"]
+    if flags & _TF.BALANCING_DEBIT:
+        amount = min(amount, max(0, dr.credits_posted - (dr.debits_posted + dr.debits_pending)))
+    if flags & _TF.BALANCING_CREDIT:
+        amount = min(amount, max(0, cr.debits_posted - (cr.credits_posted + cr.credits_pending)))
+    if pending:
+        if amount + dr.debits_pending > U128_MAX:
+            return CT.OVERFLOWS_DEBITS_PENDING, 0, 0
+        if amount + cr.credits_pending > U128_MAX:
+            return CT.OVERFLOWS_CREDITS_PENDING, 0, 0
+    if amount + dr.debits_posted > U128_MAX:
+        return CT.OVERFLOWS_DEBITS_POSTED, 0, 0
+    if amount + cr.credits_posted > U128_MAX:
+        return CT.OVERFLOWS_CREDITS_POSTED, 0, 0
+    if amount + dr.debits_pending + dr.debits_posted > U128_MAX:
+        return CT.OVERFLOWS_DEBITS, 0, 0
+    if amount + cr.credits_pending + cr.credits_posted > U128_MAX:
+        return CT.OVERFLOWS_CREDITS, 0, 0
+    if ts + t["timeout"] * 1_000_000_000 > TIMESTAMP_MAX:
+        return CT.OVERFLOWS_TIMEOUT, 0, 0
+    if dr.flags & AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS and \
+            dr.debits_pending + dr.debits_posted + amount > dr.credits_posted:
+        return CT.EXCEEDS_CREDITS, 0, 0
+    if cr.flags & AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS and \
+            cr.credits_pending + cr.credits_posted + amount > cr.debits_posted:
+        return CT.EXCEEDS_DEBITS, 0, 0
+    return CREATED, amount, ts
+
+
+def resolved_record(t: dict[str, int], p: np.ndarray, amount: int, ts: int) -> dict[str, int]:
+    """The stored form of a post/void ``t`` of pending transfer ``p``: the pending transfer's accounts, ledger
+    and code; its user data where ``t`` gives none; the amount moved; no timeout."""
+    rec = dict(t)
+    rec.update(debit_account_id=u128(p["debit_account_id"]), credit_account_id=u128(p["credit_account_id"]),
+               amount=amount, ledger=int(p["ledger"]), code=int(p["code"]), timeout=0, timestamp=ts)
+    for name, _ in _USER_DATA:
+        if not rec[name]:
+            rec[name] = _field(p, name)
+    return rec
+
+
+def _resolve_exists(t: dict[str, int], e: np.ndarray, p: np.ndarray) -> tuple[int, int]:
+    """TigerBeetle's post_or_void_pending_transfer_exists: fields left zero mean "as the pending transfer"."""
+    for name, code in (("debit_account_id", CT.EXISTS_WITH_DIFFERENT_DEBIT_ACCOUNT_ID),
+                       ("credit_account_id", CT.EXISTS_WITH_DIFFERENT_CREDIT_ACCOUNT_ID)):
+        if t[name] != 0 and t[name] != u128(e[name]):
+            return code, 0
+    amount, e_amount, p_amount = t["amount"], u128(e["amount"]), u128(p["amount"])
+    everything = (amount == 0) if t["flags"] & _TF.VOID_PENDING_TRANSFER else (amount == AMOUNT_MAX)
+    if (e_amount != p_amount) if everything else (amount != e_amount):
+        return CT.EXISTS_WITH_DIFFERENT_AMOUNT, 0
+    for name, code in _USER_DATA:
+        if _field(e, name) != (t[name] or _field(p, name)):
+            return code, 0
+    if t["ledger"] != 0 and t["ledger"] != int(e["ledger"]):
+        return CT.EXISTS_WITH_DIFFERENT_LEDGER, 0
+    if t["code"] != 0 and t["code"] != int(e["code"]):
+        return CT.EXISTS_WITH_DIFFERENT_CODE, 0
+    return CT.EXISTS, int(e["timestamp"])
+
+
 def _common_mask(t: np.ndarray, ud128: int, ud64: int, ud32: int, ledger: int, code: int, tmin: int,
                  tmax: int) -> np.ndarray:
     mask = np.ones(len(t), dtype=bool)
     if ud128:
-        mask &= (t["user_data_128"][:, 0] == ud128 & M64) & (t["user_data_128"][:, 1] == ud128 >> 64)
+        mask &= (t["user_data_128"][:, 0] == ud128 & U64_MASK) & (t["user_data_128"][:, 1] == ud128 >> 64)
     if ud64:
         mask &= t["user_data_64"] == ud64
     if ud32:
@@ -1055,7 +1206,7 @@ def _query(records: np.ndarray, f: QueryFilter) -> np.ndarray:
     return records[rows].copy()
 
 
-def _columns(batch: np.ndarray) -> list[dict[str, int]]:
+def event_dicts(batch: np.ndarray) -> list[dict[str, int]]:
     names = batch.dtype.names or ()
     cols: dict[str, list[int]] = {}
     for name in names:

@@ -24,7 +24,8 @@ import numpy as np
 
 from blazil_ai import metrics
 from blazil_ai.errors import DataError
-from blazil_ai.ledger.client import LedgerClient, open_embedded
+from blazil_ai.ledger.base import LedgerClient
+from blazil_ai.ledger.embedded import open_embedded
 from blazil_ai.ledger.types import (
     ACCOUNT_DTYPE,
     TRANSFER_DTYPE,

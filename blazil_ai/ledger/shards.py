@@ -50,8 +50,22 @@ from typing import Any
 import numpy as np
 
 from blazil_ai.errors import ConfigError, DataError
-from blazil_ai.ledger.client import completed_future
-from blazil_ai.ledger.engine import CREATED, EXPIRED, PENDING, POSTED, VOIDED, Engine, _columns, key64, key64_int
+from blazil_ai.ledger.base import completed_future
+from blazil_ai.ledger.engine import (
+    CREATED,
+    EXPIRED,
+    PENDING,
+    POSTED,
+    VOIDED,
+    AccountView,
+    Engine,
+    check_event_timestamp,
+    event_dicts,
+    key64,
+    key64_int,
+    resolved_record,
+    validate_transfer,
+)
 from blazil_ai.ledger.store import LocalLedger
 from blazil_ai.ledger.types import (
     ACCOUNT_DTYPE,
@@ -60,6 +74,8 @@ from blazil_ai.ledger.types import (
     TRANSFER_DTYPE,
     TRANSFER_PRECEDENCE,
     TRANSIENT_TRANSFER_STATUSES,
+    U64_MASK,
+    U128_MAX,
     AccountFilter,
     AccountFilterFlags,
     AccountFlags,
@@ -69,6 +85,8 @@ from blazil_ai.ledger.types import (
     as_account_array,
     as_transfer_array,
     transfers_to_array,
+    u128,
+    u128_column,
 )
 from blazil_ai.ledger.types import CreateTransferStatus as CT
 from blazil_ai.ledger.wal import WriteAheadLog
@@ -78,8 +96,6 @@ CLEARING_HI = 0xFFFF_FFFF_FFFF_FFFE  # high word of clearing-account ids (reserv
 KIND_INTENT, KIND_DECISION, KIND_DONE, KIND_EXPIRE = 3, 4, 5, 6
 ABORTED = 0  # decision code of an attempt that was rolled back and retried event by event
 DECISION_DTYPE = np.dtype([("id", "<u8", (2,)), ("status", "<u4"), ("attempt", "<u4"), ("pad", "V104")])
-M64 = (1 << 64) - 1
-U128_MAX = AMOUNT_MAX
 _POST_VOID = int(TransferFlags.POST_PENDING_TRANSFER | TransferFlags.VOID_PENDING_TRANSFER)
 
 
@@ -175,9 +191,9 @@ def shard_of(account_id: int, n: int) -> int:
     return key64_int(account_id) % n
 
 
-def clearing_id(shard: int, ledger: int) -> int:
-    """The clearing account of one shard and ledger."""
-    return (CLEARING_HI << 64) | (ledger << 16) | shard
+def clearing_id(shard: int, ledger: int, generation: int = 0) -> int:
+    """The clearing account of one shard and ledger (a new generation replaces one whose totals are full)."""
+    return (CLEARING_HI << 64) | (generation << 48) | (ledger << 16) | shard
 
 
 def leg_id(tid: int, leg: str, attempt: int) -> int:
@@ -223,8 +239,13 @@ class ShardedLedger:
                 s.close()
             raise
         self.cross = Engine(clock=clock)  # the coordinator's record of cross-shard transfers and burned ids
-        self.clearing: set[tuple[int, int]] = set()
-        self.attempts: dict[int, int] = {}  # cross-shard pending transfer id -> attempt whose legs hold it
+        self.clearing: dict[tuple[int, int], int] = {}  # (shard, ledger) -> generation of its clearing account
+        self.attempts: dict[int, int] = {}  # cross-shard transfer id -> attempt whose legs carry it
+        self.next_attempt = 1  # each try of a cross-shard transfer has its own legs (ids from the attempt)
+        self._clock = clock
+        for sh in self.shards:  # one request's events take timestamps after every shard's last one
+            sh.engine.clock = self._shared_clock
+        self.cross.clock = self._shared_clock
         self._lock = threading.RLock()
         coord_dir = self.directory / "coordinator"
         self._coord_lock = -1
@@ -234,6 +255,7 @@ class ShardedLedger:
             self.coord = WriteAheadLog(coord_dir, fsync=fsync, writable=not read_only)
             self.coord_seq = 0
             self.unfinished = 0  # cross-shard attempts a read-only open left unfinished
+            self._find_clearing()
             self._recover(mf.read(coord_dir).segments)
             if not read_only:
                 self.coord.open_segment()
@@ -243,6 +265,38 @@ class ShardedLedger:
             for s in self.shards:
                 s.close()
             raise
+
+    def _shared_clock(self) -> int:
+        return max(int(self._clock()), self.cross.last_timestamp + 1,
+                   *(sh.engine.last_timestamp + 1 for sh in self.shards))
+
+    def _spread(self, op: str, batch: np.ndarray, home: np.ndarray, i: int, j: int
+                ) -> list[tuple[np.ndarray, Future[Any]]]:
+        """Submit events i..j to their shards, event k stamped ``base + (k - i)`` wherever it lands, so the
+        request's events keep its order in timestamps (and queries) as on one cluster."""
+        base = self._shared_clock()
+        futs = []
+        for s in range(self.n):
+            idx = i + np.nonzero(home[i:j] == s)[0]
+            if len(idx):
+                first = int(idx[0])
+                futs.append((idx, self.shards[s].submit(op, batch[idx], base + first - i, idx - first)))
+        return futs
+
+    def _find_clearing(self) -> None:
+        for s, sh in enumerate(self.shards):
+            e = sh.engine
+            ids = e.accounts["id"][: e.n_accounts]
+            for lo in ids[ids[:, 1] == CLEARING_HI][:, 0].tolist():
+                ledger, gen = (lo >> 16) & 0xFFFF_FFFF, lo >> 48
+                self.clearing[(s, ledger)] = max(gen, self.clearing.get((s, ledger), 0))
+
+    def _has_history(self, account_id: int) -> bool:
+        view = self._account_view(account_id) if account_id not in (0, U128_MAX) else None
+        return view is not None and bool(view.flags & AccountFlags.HISTORY)
+
+    def _account_view(self, account_id: int) -> AccountView | None:
+        return self.shards[shard_of(account_id, self.n)].engine.account_view(account_id)
 
     # ---------------------------------------------------------------- interface of LocalLedger
 
@@ -295,18 +349,13 @@ class ShardedLedger:
             i = int(np.nonzero(_is_clearing(batch["id"]))[0][0])
             raise DataError(f"event {i}: account ids with high word {CLEARING_HI:#x} are reserved for "
                             "clearing accounts in a sharded ledger", field="account.id")
+        _refuse_imported(batch, int(AccountFlags.IMPORTED), "account")
         home = (key64(batch["id"]) % np.uint64(self.n)).astype(np.int64)
         self._check_chains(batch["flags"], home, "account")
         status = np.full(n, CREATED, dtype=np.uint32)
         stamps = np.zeros(n, dtype=np.uint64)
-        futs = {}
-        for s in range(self.n):
-            idx = np.nonzero(home == s)[0]
-            if len(idx):
-                futs[s] = (idx, self.shards[s].submit("create_accounts", batch[idx]))
-        for idx, fut in futs.values():
-            st, ts = fut.result()
-            status[idx], stamps[idx] = st, ts
+        for idx, fut in self._spread("create_accounts", batch, home, 0, n):
+            status[idx], stamps[idx] = fut.result()
         return status, stamps
 
     @staticmethod
@@ -335,7 +384,7 @@ class ShardedLedger:
         cr_home = (key64(cr) % nn).astype(np.int64)
 
         def valid(w: np.ndarray) -> np.ndarray:
-            return ((w[:, 0] | w[:, 1]) != 0) & ~((w[:, 0] == M64) & (w[:, 1] == M64))
+            return ((w[:, 0] | w[:, 1]) != 0) & ~((w[:, 0] == U64_MASK) & (w[:, 1] == U64_MASK))
         flags = batch["flags"].astype(np.int64)
         post_void = (flags & _POST_VOID) != 0
         cross = valid(dr) & valid(cr) & (home != cr_home) & ~post_void
@@ -347,7 +396,7 @@ class ShardedLedger:
         for s, eng in stores:
             if eng.transfer_keys.isdisjoint(keys) and eng.failed_keys.isdisjoint(keys):
                 continue
-            ids = ids or _ids(batch)
+            ids = ids or u128_column(batch)
             for i, k in enumerate(keys):
                 if (k in eng.transfer_keys and eng.transfer_row(ids[i]) is not None) or \
                         (k in eng.failed_keys and ids[i] in eng.failed_ids):
@@ -357,8 +406,8 @@ class ShardedLedger:
         # A post/void goes where its pending transfer is; one created earlier in this segment, where that
         # event goes; one found nowhere, to the shard its id hashes to (all answer "not found" alike).
         if post_void.any():
-            ids = ids or _ids(batch)
-            pids = _ids(batch, "pending_id")
+            ids = ids or u128_column(batch)
+            pids = u128_column(batch, "pending_id")
             pos = {tid: i for i, tid in reversed(list(enumerate(ids)))}
             for i in np.nonzero(post_void & ~pinned)[0].tolist():
                 pid = pids[i]
@@ -389,6 +438,7 @@ class ShardedLedger:
         stamps = np.zeros(n, dtype=np.uint64)
         if n == 0:
             return status, stamps
+        _refuse_imported(batch, int(TransferFlags.IMPORTED), "transfer")
         start = 0
         while start < n:
             # An id seen earlier in the batch may now exist, be burned, or still be free: only the earlier
@@ -423,88 +473,62 @@ class ShardedLedger:
 
     def _local_run(self, batch: np.ndarray, home: np.ndarray, i: int, j: int, status: np.ndarray,
                    stamps: np.ndarray) -> None:
-        futs = []
-        for s in range(self.n):
-            idx = i + np.nonzero(home[i:j] == s)[0]
-            if len(idx):
-                futs.append((idx, self.shards[s].submit("create_transfers", batch[idx])))
-        for idx, fut in futs:
-            st, ts = fut.result()
-            status[idx], stamps[idx] = st, ts
+        for idx, fut in self._spread("create_transfers", batch, home, i, j):
+            status[idx], stamps[idx] = fut.result()
 
     # ---------------------------------------------------------------- cross-shard two-phase commit
 
     def _precheck(self, t: dict[str, int]) -> int:
-        """TigerBeetle's checks up to the balance-dependent ones, for an event whose accounts are on two shards."""
-        flags = t["flags"]
-        if t["timestamp"] != 0:
-            return CT.TIMESTAMP_MUST_BE_ZERO
-        if flags & ~int(sum(int(f) for f in TransferFlags)) or flags & TransferFlags.IMPORTED:
-            return CT.RESERVED_FLAG
-        tid = t["id"]
-        if tid == 0:
-            return CT.ID_MUST_NOT_BE_ZERO
-        if tid == U128_MAX:
-            return CT.ID_MUST_NOT_BE_INT_MAX
-        row = self.cross.transfer_row(tid)
-        if row is not None:
-            return self.cross._transfer_exists(t, row)[0]
-        if tid in self.cross.failed_ids:
-            return CT.ID_ALREADY_FAILED
-        if t["pending_id"] != 0:
-            return CT.PENDING_ID_MUST_BE_ZERO
-        if not flags & TransferFlags.PENDING:
-            if t["timeout"] != 0:
-                return CT.TIMEOUT_RESERVED_FOR_PENDING_TRANSFER
-            if flags & (TransferFlags.CLOSING_DEBIT | TransferFlags.CLOSING_CREDIT):
-                return CT.CLOSING_TRANSFER_MUST_BE_PENDING
-        if t["ledger"] == 0:
-            return CT.LEDGER_MUST_NOT_BE_ZERO
-        if t["code"] == 0:
-            return CT.CODE_MUST_NOT_BE_ZERO
-        dr_eng = self.shards[shard_of(t["debit_account_id"], self.n)].engine
-        cr_eng = self.shards[shard_of(t["credit_account_id"], self.n)].engine
-        dr = dr_eng.account_rows.get(t["debit_account_id"])
-        if dr is None:
-            return CT.DEBIT_ACCOUNT_NOT_FOUND
-        cr = cr_eng.account_rows.get(t["credit_account_id"])
-        if cr is None:
-            return CT.CREDIT_ACCOUNT_NOT_FOUND
-        dr_ledger, cr_ledger = int(dr_eng.accounts["ledger"][dr]), int(cr_eng.accounts["ledger"][cr])
-        if dr_ledger != cr_ledger:
-            return CT.ACCOUNTS_MUST_HAVE_THE_SAME_LEDGER
-        if t["ledger"] != dr_ledger:
-            return CT.TRANSFER_MUST_HAVE_THE_SAME_LEDGER_AS_ACCOUNTS
-        if int(dr_eng.accounts["flags"][dr]) & AccountFlags.CLOSED:
-            return CT.DEBIT_ACCOUNT_ALREADY_CLOSED
-        if int(cr_eng.accounts["flags"][cr]) & AccountFlags.CLOSED:
-            return CT.CREDIT_ACCOUNT_ALREADY_CLOSED
-        return CREATED
+        """TigerBeetle's checks of a transfer whose accounts are on two shards, by the engine's own validator
+        over the accounts where they live (balances as they are before this event's legs)."""
+        code = check_event_timestamp(t, int(TransferFlags.IMPORTED), False, 0, CT)  # imported: refused before
+        if code != CREATED:
+            return code
+        first = self.cross.check_transfer_id(t)
+        if first is not None:
+            return first[0]
+        return validate_transfer(t, self.cross.clock(), self._account_view, self.cross.timeline)[0]
 
     def _fail(self, tid: int, code: int) -> None:
         if code in TRANSIENT_TRANSFER_STATUSES:
             self.cross.failed_ids.add(tid)
             self.cross.failed_keys.add(key64_int(tid))
 
+    def _new_attempt(self) -> int:
+        self.next_attempt += 1
+        return self.next_attempt - 1
+
+    def _answer(self, t: dict[str, int], code: int, index: int, status: np.ndarray, stamps: np.ndarray) -> None:
+        """Record a failed cross-shard event: its status, and its timestamp (the object's for EXISTS)."""
+        self._fail(t["id"], code)
+        status[index] = code
+        row = self.cross.transfer_row(t["id"]) if code == CT.EXISTS else None
+        stamps[index] = self.cross.transfers["timestamp"][row] if row is not None else self.cross.next_timestamps(1)
+
     def _cross_run(self, batch: np.ndarray, i: int, j: int, status: np.ndarray, stamps: np.ndarray) -> None:
-        events = _columns(batch[i:j])
+        events = event_dicts(batch[i:j])
         go: list[int] = []
         go_ids: set[int] = set()
+        touched: set[int] = set()  # accounts with history that the group's events move
         for k, t in enumerate(events):
             resolving = bool(t["flags"] & _POST_VOID)
-            # An id repeated inside this run, or a post/void, is judged after what came before is done.
-            if t["id"] in go_ids or resolving:
-                self._run_group(events, batch, i, go, status, stamps, attempt=0)
-                go, go_ids = [], set()
+            mine = {a for a in (t["debit_account_id"], t["credit_account_id"]) if self._has_history(a)}
+            # An id repeated inside this run, or a post/void, is judged after what came before is done; so is an
+            # event on an account with history that the group moves (each transfer gets its own balances row).
+            if t["id"] in go_ids or resolving or not touched.isdisjoint(mine):
+                self._run_group(events, batch, i, go, status, stamps, attempt=self._new_attempt())
+                go, go_ids, touched = [], set(), set()
+            touched |= mine
             if resolving:
                 self._resolve_cross(t, i + k, status, stamps)
                 continue
             code = self._precheck(t)
+            if code in _BALANCE_CODES and go:  # the events before it may change the balances it is judged by
+                self._run_group(events, batch, i, go, status, stamps, attempt=self._new_attempt())
+                go, go_ids, touched = [], set(), set(mine)
+                code = self._precheck(t)
             if code != CREATED:
-                self._fail(t["id"], code)
-                status[i + k] = code
-                if code == CT.EXISTS:
-                    stamps[i + k] = self.cross.transfers["timestamp"][self.cross.transfer_row(t["id"])]
+                self._answer(t, code, i + k, status, stamps)
                 continue
             if t["flags"] not in (0, int(TransferFlags.PENDING)):
                 raise DataError(f"event {i + k}: transfer {t['id']} moves money between shards with flags "
@@ -512,50 +536,30 @@ class ShardedLedger:
                                 "(no linked, balancing or closing flags)")
             go.append(k)
             go_ids.add(t["id"])
-        self._run_group(events, batch, i, go, status, stamps, attempt=0)
+        self._run_group(events, batch, i, go, status, stamps, attempt=self._new_attempt())
 
     def _record_cross(self, rec: dict[str, int], attempt: int) -> None:
-        row = self.cross._insert_transfer(rec)
+        row = self.cross.insert_transfer(rec)
+        self.attempts[rec["id"]] = attempt
+        self.next_attempt = max(self.next_attempt, attempt + 1)
         if rec["flags"] & TransferFlags.PENDING:
-            self.attempts[rec["id"]] = attempt
             if rec["timeout"]:
                 heapq.heappush(self.cross.expiry, (rec["timestamp"] + rec["timeout"] * 1_000_000_000, row))
 
-    def _precheck_resolve(self, t: dict[str, int]) -> tuple[int, int]:
-        """TigerBeetle's checks for a post/void of a cross-shard pending transfer: (status, amount to post)."""
-        first = self.cross._check_transfer_id(t)
-        if first is not None:
-            return first
-        code, prow = self.cross._check_post_or_void(t, None)
-        if code != CREATED:
-            return code, 0
-        post = bool(t["flags"] & TransferFlags.POST_PENDING_TRANSFER)
-        p = self.cross.transfers[prow]
-        p_dr, p_cr, p_amount = _u(p["debit_account_id"]), _u(p["credit_account_id"]), _u(p["amount"])
-        amount = t["amount"]
-        if post:
-            for aid, code in ((p_dr, CT.DEBIT_ACCOUNT_ALREADY_CLOSED), (p_cr, CT.CREDIT_ACCOUNT_ALREADY_CLOSED)):
-                eng = self.shards[shard_of(aid, self.n)].engine
-                if int(eng.accounts["flags"][eng.account_rows[aid]]) & AccountFlags.CLOSED:
-                    return code, 0
-        return CREATED, (p_amount if amount == AMOUNT_MAX else amount) if post else p_amount
-
     def _resolve_cross(self, t: dict[str, int], index: int, status: np.ndarray, stamps: np.ndarray) -> None:
         """Post or void a cross-shard pending transfer: both legs, logged so a crash finishes the job."""
-        code, actual = self._precheck_resolve(t)
-        if code != CREATED:
-            self._fail(t["id"], code)
-            status[index] = code
-            if code == CT.EXISTS:
-                stamps[index] = self.cross.transfers["timestamp"][self.cross.transfer_row(t["id"])]
+        first = self.cross.check_transfer_id(t)
+        if t["timestamp"] != 0:
+            first = CT.TIMESTAMP_MUST_BE_ZERO, 0
+        if first is not None:
+            self._answer(t, first[0], index, status, stamps)
             return
-        p = self.cross.transfers[self.cross.transfer_row(t["pending_id"])]
-        rec = dict(t, debit_account_id=_u(p["debit_account_id"]), credit_account_id=_u(p["credit_account_id"]),
-                   amount=actual, ledger=int(p["ledger"]), code=int(p["code"]),
-                   timestamp=self.cross.next_timestamps(1))
-        for name in ("user_data_128", "user_data_64", "user_data_32"):
-            if not rec[name]:  # zero user data inherits the pending transfer's
-                rec[name] = _u(p[name]) if name == "user_data_128" else int(p[name])
+        ts = self.cross.next_timestamps(1)
+        code, prow, actual, _ = self.cross.check_post_or_void(t, ts, self._account_view)
+        if code != CREATED:
+            self._answer(t, code, index, status, stamps)
+            return
+        rec = resolved_record(t, self.cross.transfers[prow], actual, ts)
         attempt = self.attempts[t["pending_id"]]
         intent = transfers_to_array([_Rec(rec)])  # type: ignore[list-item]
         decision = np.zeros(1, dtype=DECISION_DTYPE)
@@ -569,7 +573,7 @@ class ShardedLedger:
         stamps[index] = rec["timestamp"]
 
     def _record_resolve(self, rec: dict[str, int]) -> None:
-        self.cross._insert_transfer(dict(rec))
+        self.cross.insert_transfer(dict(rec))
         prow = self.cross.transfer_row(rec["pending_id"])
         assert prow is not None
         post = rec["flags"] & TransferFlags.POST_PENDING_TRANSFER
@@ -584,9 +588,9 @@ class ShardedLedger:
         for leg, aid in (("a", rec["debit_account_id"]), ("b", rec["credit_account_id"])):
             arr = np.zeros(1, dtype=TRANSFER_DTYPE)
             lid, lpid = leg_id(rec["id"], kind + leg, 0), leg_id(pid, leg, attempt)
-            arr["id"][0] = (lid & M64, lid >> 64)
-            arr["pending_id"][0] = (lpid & M64, lpid >> 64)
-            arr["amount"][0] = (rec["amount"] & M64, rec["amount"] >> 64) if post else (0, 0)
+            arr["id"][0] = (lid & U64_MASK, lid >> 64)
+            arr["pending_id"][0] = (lpid & U64_MASK, lpid >> 64)
+            arr["amount"][0] = (rec["amount"] & U64_MASK, rec["amount"] >> 64) if post else (0, 0)
             arr["flags"] = int(TransferFlags.POST_PENDING_TRANSFER if post else TransferFlags.VOID_PENDING_TRANSFER)
             futs.append(self.shards[shard_of(aid, self.n)].submit("create_transfers", arr))
         for f in futs:
@@ -601,10 +605,10 @@ class ShardedLedger:
         for leg, field in (("a", "debit_account_id"), ("b", "credit_account_id")):
             arr = np.zeros(1, dtype=TRANSFER_DTYPE)
             lid, lpid = leg_id(tid, kind + leg, 0), leg_id(tid, leg, attempt)
-            arr["id"][0] = (lid & M64, lid >> 64)
-            arr["pending_id"][0] = (lpid & M64, lpid >> 64)
+            arr["id"][0] = (lid & U64_MASK, lid >> 64)
+            arr["pending_id"][0] = (lpid & U64_MASK, lpid >> 64)
             arr["flags"] = int(TransferFlags.VOID_PENDING_TRANSFER)
-            futs.append(self.shards[shard_of(_u(p[field]), self.n)].submit("create_transfers", arr))
+            futs.append(self.shards[shard_of(u128(p[field]), self.n)].submit("create_transfers", arr))
         for f in futs:
             f.result()
 
@@ -621,18 +625,21 @@ class ShardedLedger:
             return
         self._log(KIND_EXPIRE, 0, self.cross.transfers[due].copy())
         for row in due:
-            self._void_legs(_u(self.cross.transfers["id"][row]), "x")
+            self._void_legs(u128(self.cross.transfers["id"][row]), "x")
             self.cross.pending_state[row] = EXPIRED
 
-    def _ensure_clearing(self, shard: int, ledger: int) -> None:
-        if (shard, ledger) in self.clearing:
-            return
+    def _ensure_clearing(self, shard: int, ledger: int, generation: int = 0) -> int:
+        """The clearing account of (shard, ledger), created at ``generation`` (or the current one) if missing."""
+        current = self.clearing.get((shard, ledger))
+        if current is not None and current >= generation:
+            return clearing_id(shard, ledger, current)
         a = np.zeros(1, dtype=ACCOUNT_DTYPE)
-        cid = clearing_id(shard, ledger)
-        a["id"][0] = (cid & M64, cid >> 64)
+        cid = clearing_id(shard, ledger, generation)
+        a["id"][0] = (cid & U64_MASK, cid >> 64)
         a["ledger"], a["code"] = ledger, 1
-        st, _ = self.shards[shard].create_accounts(a)
-        self.clearing.add((shard, ledger))
+        self.shards[shard].create_accounts(a)
+        self.clearing[(shard, ledger)] = generation
+        return cid
 
     def _legs(self, events: list[dict[str, int]], group: list[int], attempt: int, kind: str) -> dict[int, np.ndarray]:
         """Leg transfers of a group per shard: kind "prepare", "post" or "void"."""
@@ -642,19 +649,20 @@ class ShardedLedger:
             a, b = shard_of(t["debit_account_id"], self.n), shard_of(t["credit_account_id"], self.n)
             for leg, s in (("a", a), ("b", b)):
                 if kind == "prepare":
-                    self._ensure_clearing(s, t["ledger"])
+                    cid = self._ensure_clearing(s, t["ledger"])
                     # Legs never time out on their own: the coordinator expires a cross-shard pending transfer.
                     rec = dict(t, id=leg_id(t["id"], leg, attempt), flags=int(TransferFlags.PENDING), timestamp=0,
                                timeout=0)
                     if leg == "a":
-                        rec["credit_account_id"] = clearing_id(s, t["ledger"])
+                        rec["credit_account_id"] = cid
                     else:
-                        rec["debit_account_id"] = clearing_id(s, t["ledger"])
+                        rec["debit_account_id"] = cid
                 else:
                     flag = (TransferFlags.POST_PENDING_TRANSFER if kind == "post"
                             else TransferFlags.VOID_PENDING_TRANSFER)
                     rec = dict(id=leg_id(t["id"], kind[0] + leg, attempt), debit_account_id=0, credit_account_id=0,
-                               amount=AMOUNT_MAX, pending_id=leg_id(t["id"], leg, attempt), user_data_128=0,
+                               amount=AMOUNT_MAX if kind == "post" else 0,  # both mean "the pending amount"
+                               pending_id=leg_id(t["id"], leg, attempt), user_data_128=0,
                                user_data_64=0, user_data_32=0, timeout=0, ledger=0, code=0, flags=int(flag),
                                timestamp=0)
                 per.setdefault(s, []).append(rec)
@@ -668,7 +676,7 @@ class ShardedLedger:
         self.coord.commit(kind, self.coord_seq, header_ts, records)
 
     def _run_group(self, events: list[dict[str, int]], batch: np.ndarray, offset: int, group: list[int],
-                   status: np.ndarray, stamps: np.ndarray, attempt: int) -> None:
+                   status: np.ndarray, stamps: np.ndarray, attempt: int, retries: int = 0) -> None:
         if not group:
             return
         base = self.cross.next_timestamps(len(group))
@@ -710,17 +718,33 @@ class ShardedLedger:
             self._finish(events, group, attempt, "void")
             self._log(KIND_DONE, attempt, decision)
             for k in group:  # redo one by one, so only the events that really fail do
-                self._run_group(events, batch, offset, [k], status, stamps, attempt + 1)
+                self._run_group(events, batch, offset, [k], status, stamps, self._new_attempt())
             return
         k = group[0]
         failures = [c for c in per_event[k] if c != CREATED]
         code = min(failures, key=lambda c: TRANSFER_PRECEDENCE[c])
-        decision["status"] = code
+        decision["status"] = ABORTED
         self._log(KIND_DECISION, attempt, decision)
         self._finish(events, group, attempt, "void")
-        self._fail(events[k]["id"], code)
-        status[offset + k] = code
+        # The legs are voided: the accounts are as before. TigerBeetle's answer is the validator's; if it has
+        # none, only a clearing account refused (its totals near 2^128): a new generation takes over.
+        actual = self._precheck(events[k])
+        if actual != CREATED:
+            decision["status"] = actual  # logged, so recovery burns the id of a transient failure again
+            self._log(KIND_DECISION, attempt, decision)
         self._log(KIND_DONE, attempt, decision)
+        if actual == CREATED and code in _BALANCE_CODES and retries < 4:
+            t = events[k]
+            for s in {shard_of(t["debit_account_id"], self.n), shard_of(t["credit_account_id"], self.n)}:
+                self._ensure_clearing(s, t["ledger"], self.clearing.get((s, t["ledger"]), 0) + 1)
+            self._run_group(events, batch, offset, group, status, stamps, self._new_attempt(), retries + 1)
+            return
+        if actual == CREATED:
+            raise DataError(f"event {offset + k}: cross-shard transfer {events[k]['id']} was refused by its legs "
+                            f"({CT(code).name}) though its accounts allow it")
+        self._fail(events[k]["id"], actual)
+        status[offset + k] = actual
+        stamps[offset + k] = intent["timestamp"][0]
 
     def _finish(self, events: list[dict[str, int]], group: list[int], attempt: int, kind: str) -> None:
         legs = self._legs(events, group, attempt, kind)
@@ -736,13 +760,14 @@ class ShardedLedger:
         for entry in self.coord.recover(0, segments):
             self.coord_seq = entry.seq
             recs = np.frombuffer(entry.payload, dtype=np.uint8).reshape(-1, 128).view("V128").ravel()
+            self.next_attempt = max(self.next_attempt, entry.timestamp + 1)
             if entry.kind == KIND_INTENT:
-                for ev in _columns(recs.view(TRANSFER_DTYPE)):
+                for ev in event_dicts(recs.view(TRANSFER_DTYPE)):
                     intents[(entry.timestamp, ev["id"])] = ev
                     last_ts = max(last_ts, ev["timestamp"])
             elif entry.kind == KIND_DECISION:
                 d = recs.view(DECISION_DTYPE)
-                for tid, code in zip(_ids(d), d["status"].tolist()):
+                for tid, code in zip(u128_column(d), d["status"].tolist()):
                     decided[(entry.timestamp, tid)] = code
                     ev = intents[(entry.timestamp, tid)]
                     if code == CREATED and ev["flags"] & _POST_VOID:
@@ -752,14 +777,14 @@ class ShardedLedger:
                     elif code != ABORTED:
                         self._fail(tid, code)
             elif entry.kind == KIND_EXPIRE:
-                for tid in _ids(recs.view(TRANSFER_DTYPE)):
+                for tid in u128_column(recs.view(TRANSFER_DTYPE)):
                     row = self.cross.transfer_row(tid)
                     if row is not None:
                         self.cross.pending_state[row] = EXPIRED
                         expired.append(tid)
             elif entry.kind == KIND_DONE:
                 d = recs.view(DECISION_DTYPE)
-                for tid in _ids(d):
+                for tid in u128_column(d):
                     intents.pop((entry.timestamp, tid), None)
                     decided.pop((entry.timestamp, tid), None)
         self.cross.last_timestamp = max(self.cross.last_timestamp, last_ts)
@@ -787,7 +812,7 @@ class ShardedLedger:
             mine = [i for i in ids if shard_of(i, self.n) == s]
             if mine:
                 for rec in self.shards[s].call("lookup_accounts", mine):
-                    found[_u(rec["id"])] = rec
+                    found[u128(rec["id"])] = rec
         rows = [found[i] for i in ids if i in found]
         return np.array(rows, dtype=ACCOUNT_DTYPE) if rows else np.zeros(0, dtype=ACCOUNT_DTYPE)
 
@@ -801,7 +826,7 @@ class ShardedLedger:
                                                       for s in self.shards]
         for part in parts:
             for rec in part:
-                found.setdefault(_u(rec["id"]), rec)
+                found.setdefault(u128(rec["id"]), rec)
         rows = [found[i] for i in ids if i in found]
         return np.array(rows, dtype=TRANSFER_DTYPE) if rows else np.zeros(0, dtype=TRANSFER_DTYPE)
 
@@ -821,7 +846,36 @@ class ShardedLedger:
         return self._merge(parts, bool(int(f.flags) & AccountFilterFlags.REVERSED), f.limit)
 
     def _get_account_balances(self, f: AccountFilter) -> list[tuple[int, ...]]:
-        return self.shards[shard_of(f.account_id, self.n)].call("get_account_balances", f)  # type: ignore[no-any-return]
+        """One row per transfer the user sees (a cross-shard transfer's legs are internal): the account's
+        balances after the leg that carried it on the account's shard, with the transfer's timestamp."""
+        self._settle()
+        eng = self.shards[shard_of(f.account_id, self.n)].engine
+        row = eng.account_rows.get(f.account_id)
+        if row is None or not int(eng.accounts["flags"][row]) & AccountFlags.HISTORY:
+            return []
+        after = {h[0]: h[1:] for h in eng.history.get(row, [])}
+        wide = AccountFilter(f.account_id, f.user_data_128, f.user_data_64, f.user_data_32, f.code, f.timestamp_min,
+                             f.timestamp_max, BATCH_MAX, f.flags & ~AccountFilterFlags.REVERSED)
+        out: list[tuple[int, ...]] = []
+        for t in self._get_account_transfers(wide):
+            trow = eng.transfer_row(self._carrier(t, f.account_id))
+            if trow is not None and trow in after:
+                out.append((*after[trow], int(t["timestamp"])))
+        if int(f.flags) & AccountFilterFlags.REVERSED:
+            out.reverse()
+        return out[: f.limit]
+
+    def _carrier(self, t: np.ndarray, account_id: int) -> int:
+        """The id of the transfer that moved ``t``'s money on ``account_id``'s shard: ``t`` itself, or a leg."""
+        tid = u128(t["id"])
+        if self.cross.transfer_row(tid) is None:
+            return tid
+        leg = "a" if u128(t["debit_account_id"]) == account_id else "b"
+        flags = int(t["flags"])
+        if flags & _POST_VOID:
+            return leg_id(tid, ("p" if flags & TransferFlags.POST_PENDING_TRANSFER else "v") + leg, 0)
+        attempt = self.attempts.get(tid, 0)
+        return leg_id(tid, leg if flags & TransferFlags.PENDING else "p" + leg, attempt)
 
     def _query_accounts(self, f: QueryFilter) -> np.ndarray:
         wide = QueryFilter(f.user_data_128, f.user_data_64, f.user_data_32, f.ledger, f.code, f.timestamp_min,
@@ -869,9 +923,6 @@ class _Rec:
         self.__dict__.update(d)
 
 
-def _u(words: np.ndarray) -> int:
-    return int(words[0]) | (int(words[1]) << 64)
-
 
 def _segment_end(batch: np.ndarray) -> int:
     """Length of the longest prefix without a repeated id (a linked chain is never split)."""
@@ -881,7 +932,7 @@ def _segment_end(batch: np.ndarray) -> int:
     seen: set[int] = set()
     linked = (batch["flags"] & 1).astype(bool).tolist()
     chain_start = None
-    for k, tid in enumerate(_ids(batch)):
+    for k, tid in enumerate(u128_column(batch)):
         if chain_start is None and linked[k]:
             chain_start = k
         if tid in seen and k > 0:
@@ -898,6 +949,16 @@ def _segment_end(batch: np.ndarray) -> int:
     return n
 
 
-def _ids(batch: np.ndarray, field: str = "id") -> list[int]:
-    w = batch[field]
-    return [int(lo) | (int(hi) << 64) for lo, hi in w.tolist()]
+
+# Failures that depend on balances: an earlier event of the same request may change them.
+_BALANCE_CODES = frozenset({
+    CT.OVERFLOWS_DEBITS_PENDING, CT.OVERFLOWS_CREDITS_PENDING, CT.OVERFLOWS_DEBITS_POSTED,
+    CT.OVERFLOWS_CREDITS_POSTED, CT.OVERFLOWS_DEBITS, CT.OVERFLOWS_CREDITS, CT.EXCEEDS_CREDITS, CT.EXCEEDS_DEBITS,
+})
+
+
+def _refuse_imported(batch: np.ndarray, bit: int, kind: str) -> None:
+    imported = np.nonzero(batch["flags"] & bit)[0]
+    if len(imported):
+        raise DataError(f"event {int(imported[0])}: imported {kind}s (flags.imported) are not supported by a sharded "
+                        "ledger; import into a single-shard ledger or a TigerBeetle cluster")

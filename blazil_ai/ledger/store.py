@@ -42,6 +42,24 @@ from blazil_ai.ledger.ring import RingBuffer, RingClosed
 from blazil_ai.ledger.types import as_account_array, as_transfer_array
 from blazil_ai.ledger.wal import KIND_ACCOUNTS, KIND_TRANSFERS, WriteAheadLog, encode_entries
 
+# A write spread over shards: its records, then each event's timestamp offset (u32), the count in the last 4 bytes.
+SPREAD = 6
+KIND_ACCOUNTS_SPREAD, KIND_TRANSFERS_SPREAD = KIND_ACCOUNTS + SPREAD, KIND_TRANSFERS + SPREAD
+
+
+def _spread(records: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    n = len(records)
+    tail = np.zeros(-(-(4 * n + 4) // 128) * 128, dtype=np.uint8)
+    tail[: 4 * n] = offsets.astype("<u4").view(np.uint8)
+    tail[-4:] = np.array([n], dtype="<u4").view(np.uint8)
+    return np.concatenate([np.ascontiguousarray(records).view(np.uint8).ravel(), tail]).view("V128")
+
+
+def _unspread(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = rows.reshape(-1)
+    n = int(flat[-4:].view("<u4")[0])
+    return rows[:n], flat[n * 128: n * 128 + 4 * n].view("<u4").astype(np.int64)
+
 log = logging.getLogger(__name__)
 
 _BATCH_SECONDS = metrics.histogram("ledger", "batch_latency", "seconds", "Request latency, submit to durable ack",
@@ -84,10 +102,15 @@ class LocalLedger:
             replayed = 0
             for entry in self.wal.recover(self.seq, self.manifest.segments):
                 records = np.frombuffer(entry.payload, dtype=np.uint8).reshape(-1, 128)
-                if entry.kind == KIND_ACCOUNTS:
-                    self.engine.create_accounts(as_account_array(records.view("V128").ravel()), entry.timestamp)
+                offsets = None
+                if entry.kind in (KIND_ACCOUNTS_SPREAD, KIND_TRANSFERS_SPREAD):
+                    records, offsets = _unspread(records)
+                if entry.kind in (KIND_ACCOUNTS, KIND_ACCOUNTS_SPREAD):
+                    self.engine.create_accounts(as_account_array(records.view("V128").ravel()), entry.timestamp,
+                                                offsets)
                 else:
-                    self.engine.create_transfers(as_transfer_array(records.view("V128").ravel()), entry.timestamp)
+                    self.engine.create_transfers(as_transfer_array(records.view("V128").ravel()), entry.timestamp,
+                                                 offsets)
                 self.seq = entry.seq
                 replayed += 1
             _REPLAYED.inc(replayed)
@@ -101,7 +124,7 @@ class LocalLedger:
         self.checkpoint_bytes = checkpoint_bytes
         self._failed: BaseException | None = None
         self._closed = False
-        self._ring: RingBuffer[tuple[str, Any, Future[Any], float]] = RingBuffer(ring_size)
+        self._ring: RingBuffer[tuple[str, Any, Future[Any], float, tuple[Any, Any]]] = RingBuffer(ring_size)
         self._log_ring: RingBuffer[tuple[list[Any], list[tuple[Future[Any], Any, str, float, int]]]] = \
             RingBuffer(ring_size)
         self._wal_lock = threading.Lock()
@@ -112,8 +135,11 @@ class LocalLedger:
 
     # ---------------------------------------------------------------- requests
 
-    def submit(self, op: str, arg: Any) -> Future[Any]:
-        """Queue one request; the future completes once it (and everything before it) is durable."""
+    def submit(self, op: str, arg: Any, timestamp: int | None = None, offsets: np.ndarray | None = None
+               ) -> Future[Any]:
+        """Queue one request; the future completes once it (and everything before it) is durable. A write may
+        name its first timestamp and each event's offset from it (a sharded ledger stamps each event of one
+        request by its place in the request, whichever shard it lands on)."""
         if self._failed is not None:
             raise LedgerClosed(f"ledger failed: {self._failed}")
         if self._closed:
@@ -127,7 +153,7 @@ class LocalLedger:
             raise ValueError(f"unknown ledger operation {op!r}")
         fut: Future[Any] = Future()
         try:
-            self._ring.publish((op, arg, fut, time.perf_counter()))
+            self._ring.publish((op, arg, fut, time.perf_counter(), (timestamp, offsets)))
         except RingClosed as e:
             raise LedgerClosed("ledger is closed") from e
         return fut
@@ -161,16 +187,21 @@ class LocalLedger:
                 continue
             parts: list[Any] = []
             done: list[tuple[Future[Any], Any, str, float, int]] = []
-            for op, arg, fut, t0 in reqs:
+            for op, arg, fut, t0, stamp in reqs:
                 try:
                     if op in WRITE_OPS:
-                        base = eng.next_timestamps(len(arg))
+                        first, offsets = stamp
+                        span = len(arg) if offsets is None or not len(arg) else int(offsets[-1]) + 1
+                        base = eng.next_timestamps(span) if first is None else max(first, eng.last_timestamp + 1)
                         if op == "create_transfers":
-                            result = eng.create_transfers(arg, base)
+                            result = eng.create_transfers(arg, base, offsets)
                         else:
-                            result = eng.create_accounts(arg, base)
+                            result = eng.create_accounts(arg, base, offsets)
                         self.seq += 1
-                        parts.append((WRITE_OPS[op], self.seq, base, arg))  # encoded (crc32) by the log thread
+                        if offsets is None:  # encoded (crc32) by the log thread
+                            parts.append((WRITE_OPS[op], self.seq, base, arg))
+                        else:
+                            parts.append((WRITE_OPS[op] + SPREAD, self.seq, base, _spread(arg, offsets)))
                         done.append((fut, result, op, t0, len(arg)))
                     elif op == "checkpoint":
                         ahead, parts, done = (parts, done), [], []

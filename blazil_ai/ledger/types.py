@@ -272,10 +272,85 @@ ACCOUNT_DTYPE = np.dtype([
 ])
 assert TRANSFER_DTYPE.itemsize == 128 and ACCOUNT_DTYPE.itemsize == 128
 
+RESULT_DTYPE = np.dtype([("timestamp", "<u8"), ("status", "<u4"), ("reserved", "<u4")])  # create_* results
+BALANCE_DTYPE = np.dtype([("debits_pending", _U128), ("debits_posted", _U128), ("credits_pending", _U128),
+                          ("credits_posted", _U128), ("timestamp", "<u8"), ("reserved", "V56")])
+ID_DTYPE = np.dtype(("<u8", (2,)))  # one u128 id: (low, high) words
+assert RESULT_DTYPE.itemsize == 16 and BALANCE_DTYPE.itemsize == 128
+
+
+class Operation(enum.IntEnum):
+    """The ledger's operations, numbered as in TigerBeetle's client protocol (``tigerbeetle.bindings.Operation``).
+
+    ``OPERATIONS[op]`` says what each one takes and answers; layers dispatch on this table, and the lower-case
+    name (``op.key``, e.g. "create_transfers") is the name used on the wire and in the write-ahead log.
+    """
+
+    LOOKUP_ACCOUNTS = 140
+    LOOKUP_TRANSFERS = 141
+    GET_ACCOUNT_TRANSFERS = 142
+    GET_ACCOUNT_BALANCES = 143
+    QUERY_ACCOUNTS = 144
+    QUERY_TRANSFERS = 145
+    CREATE_ACCOUNTS = 146
+    CREATE_TRANSFERS = 147
+
+    @property
+    def key(self) -> str:
+        """The operation's name as the client API spells it ("create_transfers")."""
+        return self.name.lower()
+
+    @classmethod
+    def of(cls, op: str | int) -> Operation:
+        """The operation named by ``op`` (its name or number); ValueError for anything else."""
+        if isinstance(op, str):
+            try:
+                return cls[op.upper()]
+            except KeyError:
+                raise ValueError(f"unknown ledger operation {op!r}") from None
+        return cls(op)
+
+
+@dataclass(frozen=True)
+class OperationKind:
+    """What one operation takes (event) and answers (result): a record dtype, or the name of a filter type."""
+
+    event: Any  # np.dtype of the request's records, or "AccountFilter" / "QueryFilter"
+    result: np.dtype
+    writes: bool
+
+
+OPERATIONS: dict[Operation, OperationKind] = {
+    Operation.CREATE_ACCOUNTS: OperationKind(ACCOUNT_DTYPE, RESULT_DTYPE, True),
+    Operation.CREATE_TRANSFERS: OperationKind(TRANSFER_DTYPE, RESULT_DTYPE, True),
+    Operation.LOOKUP_ACCOUNTS: OperationKind(ID_DTYPE, ACCOUNT_DTYPE, False),
+    Operation.LOOKUP_TRANSFERS: OperationKind(ID_DTYPE, TRANSFER_DTYPE, False),
+    Operation.GET_ACCOUNT_TRANSFERS: OperationKind("AccountFilter", TRANSFER_DTYPE, False),
+    Operation.QUERY_ACCOUNTS: OperationKind("QueryFilter", ACCOUNT_DTYPE, False),
+    Operation.QUERY_TRANSFERS: OperationKind("QueryFilter", TRANSFER_DTYPE, False),
+    Operation.GET_ACCOUNT_BALANCES: OperationKind("AccountFilter", BALANCE_DTYPE, False),
+}
+
 _WIDTHS: dict[str, int] = {
     name: (128 if dt[name].shape == (2,) else dt[name].base.itemsize * 8)
     for dt in (TRANSFER_DTYPE, ACCOUNT_DTYPE) for name in dt.names or ()
 }
+
+
+def u128(words: np.ndarray) -> int:
+    """The Python int of one u128 stored as (low, high) u64 words."""
+    return int(words[0]) | (int(words[1]) << 64)
+
+
+def set_u128(arr: np.ndarray, field: str, row: int, value: int) -> None:
+    """Store ``value`` into ``arr[field][row]`` as (low, high) u64 words."""
+    arr[field][row, 0] = value & U64_MASK
+    arr[field][row, 1] = value >> 64
+
+
+def u128_column(batch: np.ndarray, field: str = "id") -> list[int]:
+    """Python ints of one u128 column of a record array."""
+    return [int(lo) | (int(hi) << 64) for lo, hi in batch[field].tolist()]
 
 
 def u128_from_words(words: np.ndarray) -> list[int]:
@@ -443,10 +518,11 @@ def id() -> int:  # noqa: A001 - same name as tigerbeetle.id()
 
 
 __all__ = [
-    "ACCOUNT_DTYPE", "AMOUNT_MAX", "BATCH_MAX", "STATUS_OK", "TRANSFER_DTYPE", "Account", "AccountBalance",
-    "AccountFilter", "AccountFilterFlags", "AccountFlags", "CreateAccountResult", "CreateAccountStatus",
-    "CreateTransferResult", "CreateTransferStatus", "QueryFilter", "QueryFilterFlags", "Transfer",
-    "TransferFlags", "account_results", "accounts_to_array", "array_to_accounts", "array_to_transfers",
-    "as_account_array", "as_transfer_array", "id", "numpy_status", "transfer_results", "transfers_to_array",
-    "u128_from_words", "u128_to_words",
+    "ACCOUNT_DTYPE", "AMOUNT_MAX", "BALANCE_DTYPE", "BATCH_MAX", "ID_DTYPE", "OPERATIONS", "RESULT_DTYPE",
+    "STATUS_OK", "TRANSFER_DTYPE", "U128_MAX", "U64_MASK", "Account", "AccountBalance", "AccountFilter",
+    "AccountFilterFlags", "AccountFlags", "CreateAccountResult", "CreateAccountStatus", "CreateTransferResult",
+    "CreateTransferStatus", "Operation", "OperationKind", "QueryFilter", "QueryFilterFlags", "Transfer",
+    "TransferFlags", "account_results", "set_u128", "u128", "u128_column", "accounts_to_array",
+    "array_to_accounts", "array_to_transfers", "as_account_array", "as_transfer_array", "id", "numpy_status",
+    "transfer_results", "transfers_to_array", "u128_from_words", "u128_to_words",
 ]
