@@ -304,7 +304,7 @@ class Api:
             return JSONResponse({**base, "status": "unavailable", "reason": f"ping failed: {e}"}, status_code=503)
         addrs = self.engine.client.stage_addrs
         silent = [f"stage {i + 1} ({addrs[i][0]})" for i, a in enumerate(answers) if a is None]
-        stages = [{"stage": i + 1, "answers": a is not None, "pid": a and a.get("pid"),
+        stages = [{"stage": i + 1, "address": addrs[i][0], "answers": a is not None, "pid": a and a.get("pid"),
                    "sequences": len(a["caches"]) if a else None} for i, a in enumerate(answers)]
         if silent:
             return JSONResponse({**base, "status": "unavailable", "stages": stages,
