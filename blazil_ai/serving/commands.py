@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
 SERVE_EPILOG = """\
 examples:
@@ -75,5 +76,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port {args.port}: must be 0..65535")
     if not args.timeout > 0:
         raise ConfigError(f"--timeout {args.timeout}: must be > 0")
-    from blazil_ai.serving.server import serve
-    return serve(args)
+    sock = bind(args.host, args.port)  # before anything heavy is imported or started: a taken port fails at once
+    try:
+        from blazil_ai.serving.server import serve
+        return serve(args, sock)
+    finally:
+        sock.close()
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``."""
+    from blazil_ai.errors import ConfigError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(1024)
+    return sock

@@ -368,33 +368,14 @@ def create_app(engine: Engine, model: ServedModel) -> FastAPI:
     return app
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host:port`` (bound before the stages start, so a taken port fails at once)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise ConfigError(f"--host {host}: {e.strerror}") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as e:
-        sock.close()
-        raise ConfigError(f"--port {port}: cannot listen on {host}:{port}: {e.strerror}") from None
-    sock.listen(1024)
-    return sock
-
-
-def serve(args: Any) -> int:
-    """Start (or connect to) the stages, then serve HTTP until SIGINT/SIGTERM; stops what it started."""
+def serve(args: Any, sock: socket.socket) -> int:
+    """Start (or connect to) the stages, then serve HTTP on ``sock`` until SIGINT/SIGTERM; stops what it started."""
     import uvicorn
 
     from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient, resolve_transport
     from blazil_ai.pipeline.weights import parse_split
 
     model = ServedModel.load(args.model, args.served_model_name)
-    sock = bind(args.host, args.port)
     port = sock.getsockname()[1]
     pipe = None
     engine = None
@@ -432,5 +413,4 @@ def serve(args: Any) -> int:
             pipe.stop()
         elif engine is not None:
             engine.client.close()
-        sock.close()
     return 0
