@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from blazil_ai import cli
+from blazil_ai.serving.process import ServerProcess
 
 PROMPTS = ["Hello", "The ledger", "Once upon a time", "2+2=", "Payments settle", "A haiku about fraud",
            "def main():", "Bonjour", "Numbers: 1, 2, 3", "Why", "Dear customer", "SELECT * FROM",
@@ -28,42 +29,15 @@ PROMPTS = ["Hello", "The ledger", "Once upon a time", "2+2=", "Payments settle",
 NAME = "tiny"
 
 
-class Server:
-    """A ``blazil llm serve`` process; its stderr is kept in ``lines``."""
+class Server(ServerProcess):
+    """The server under test (tests read its health often)."""
 
     def __init__(self, args: list[str]) -> None:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "blazil_ai.cli", "llm", "serve", *args],
-                                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        self.url = ""
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self.ready.wait(180) or not self.url:
-            self.stop()
-            raise RuntimeError("server did not start: " + "".join(self.lines[-20:]))
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            m = re.search(r"at (http://127\.0\.0\.1:\d+)/v1 ", line)
-            if m:
-                self.url = m.group(1)
-                self.ready.set()
-        self.ready.set()
+        super().__init__(args, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+                         start_timeout=180)
 
     def health(self) -> httpx.Response:
         return httpx.get(self.url + "/health", timeout=30)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
 
 
 @pytest.fixture(scope="module")

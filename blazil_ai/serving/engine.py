@@ -227,7 +227,10 @@ class Engine:
         self._watch()
 
     def _start(self, jobs: list[Job]) -> None:
-        jobs = [j for j in jobs if not j.finished]  # cancelled before it started
+        gone = sum(j.finished for j in jobs)  # cancelled before they started: their places are free again
+        jobs = [j for j in jobs if not j.finished]
+        if gone:
+            self._left(gone)
         if not jobs:
             return
         now = time.perf_counter()

@@ -157,7 +157,8 @@ class Api:
             raise ApiError(404, f"The model `{name}` does not exist (this server serves `{self.model.name}`)",
                            param="model", code="model_not_found")
 
-    def _job(self, req: Any, prompt_ids: list[int], max_tokens: int | None, default_max: int | None) -> Job:
+    def _job(self, req: Any, prompt_ids: list[int], max_tokens: int | None, default_max: int | None,
+             arrived: float) -> Job:
         n = max_tokens if max_tokens is not None else (
             default_max if default_max is not None else self.model.context - len(prompt_ids))
         try:
@@ -169,7 +170,7 @@ class Api:
             params = sampling_params(req, n, self.model)
         except BlazilError as e:
             raise ApiError(400, str(e)) from None
-        job = Job(prompt_ids, params, asyncio.get_running_loop())
+        job = Job(prompt_ids, params, asyncio.get_running_loop(), arrived=arrived)
         try:
             self.engine.submit(job)
         except ServerBusy as e:
@@ -182,10 +183,11 @@ class Api:
 
     async def completions(self, request: Request) -> Response:
         """``POST /v1/completions``."""
+        arrived = time.perf_counter()
         req = parse(await request.body(), CompletionRequest)
         self._check_model(req.model)
         ids = completion_prompt(req, self.model)
-        job = self._job(req, ids, req.max_tokens, 16)
+        job = self._job(req, ids, req.max_tokens, 16, arrived)
         cid = f"cmpl-{job.rid}"
         head = {"id": cid, "object": "text_completion", "created": now_s(), "model": self.model.name}
 
@@ -207,10 +209,11 @@ class Api:
 
     async def chat(self, request: Request) -> Response:
         """``POST /v1/chat/completions``."""
+        arrived = time.perf_counter()
         req = parse(await request.body(), ChatRequest)
         self._check_model(req.model)
         ids = chat_prompt(req, self.model)
-        job = self._job(req, ids, req.max_completion_tokens or req.max_tokens, None)
+        job = self._job(req, ids, req.max_completion_tokens or req.max_tokens, None, arrived)
         head = {"id": f"chatcmpl-{job.rid}", "created": now_s(), "model": self.model.name}
 
         def choice(text: str, tokens: list[int] | None, finish: str | None, delta: bool = True) -> dict[str, Any]:
@@ -304,7 +307,8 @@ class Api:
             return JSONResponse({**base, "status": "unavailable", "reason": f"ping failed: {e}"}, status_code=503)
         addrs = self.engine.client.stage_addrs
         silent = [f"stage {i + 1} ({addrs[i][0]})" for i, a in enumerate(answers) if a is None]
-        stages = [{"stage": i + 1, "address": addrs[i][0], "answers": a is not None, "pid": a and a.get("pid"),
+        stages = [{"stage": i + 1, "address": addrs[i][0], "stream": addrs[i][1], "answers": a is not None,
+                   "pid": a and a.get("pid"),
                    "sequences": len(a["caches"]) if a else None} for i, a in enumerate(answers)]
         if silent:
             return JSONResponse({**base, "status": "unavailable", "stages": stages,
