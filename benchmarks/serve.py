@@ -14,6 +14,7 @@ direct, ...) and medians over ``--reps`` reported. One JSON line per concurrency
 * ``ttft_p50_ms/ttft_p99_ms`` submission to first token, per request
 * ``itl_p50_ms/itl_p99_ms``   between consecutive tokens of one request
 * ``ratio``                   HTTP / direct for each; ``ttft_p50_added_ms`` is HTTP minus direct
+* ``server_cpu_ms_per_token`` CPU time of the server process (engine and HTTP threads) per token streamed
 
     python benchmarks/serve.py --config small --threads 2 --new-tokens 16 --reps 3 --concurrency 1,8,32
     python benchmarks/serve.py --config tiny --reps 1                       # a quick check
@@ -125,6 +126,8 @@ def main() -> int:
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args()
 
+    import psutil
+
     from blazil_ai.pipeline import random_model
     from blazil_ai.pipeline.driver import LocalPipeline
     from blazil_ai.pipeline.sampling import SamplingParams
@@ -157,6 +160,7 @@ def main() -> int:
                                 "--timeout", "600"], env={**os.environ, "PYTHONPATH": str(ROOT)},
                                echo=lambda line: print("server: " + line.rstrip(), file=sys.stderr)
                                if "error" in line.lower() or "Traceback" in line else None)
+        server_proc = psutil.Process(server.proc.pid)
         print(f"stages and server up in {time.perf_counter() - t0:.0f}s; server at {server.url}",
               file=sys.stderr, flush=True)
         # Warm-up of both paths (allocator, kernels, connections).
@@ -172,15 +176,21 @@ def main() -> int:
                     if path == "direct":
                         fig, ids[path] = run_direct(client, prompts[:n], args.new_tokens)
                     else:
+                        cpu0 = sum(server_proc.cpu_times()[:2])
                         fig, ids[path] = run_http(server.url, prompts[:n], args.new_tokens)
+                        # The server's own CPU per token streamed (its engine and HTTP threads together).
+                        fig["server_cpu_ms_per_token"] = 1e3 * (sum(server_proc.cpu_times()[:2]) - cpu0) / (
+                            n * args.new_tokens)
                     runs[path].append(fig)
                 same += sum(a == b for a, b in zip(ids["direct"], ids["http"]))
             med = {path: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for path, rs in runs.items()}
+            cpu = med["http"].pop("server_cpu_ms_per_token")
             record = {**common, "concurrency": n,
                       "http": {k: round(v, 3) for k, v in med["http"].items()},
                       "direct": {k: round(v, 3) for k, v in med["direct"].items()},
                       "ratio": {k: round(med["http"][k] / med["direct"][k], 3) for k in med["http"]},
                       "ttft_p50_added_ms": round(med["http"]["ttft_p50_ms"] - med["direct"]["ttft_p50_ms"], 3),
+                      "server_cpu_ms_per_token": round(cpu, 3),
                       "requests_identical": f"{same}/{n * args.reps}"}
             line = json.dumps(record)
             print(line, flush=True)

@@ -115,6 +115,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="blazil-llm-engine", daemon=True)
         self._next_check = 0.0
         self._next_recovery = 0.0
+        self._backoff = restart_backoff
 
     # -- called from the asyncio side ----------------------------------------------------------
 
@@ -392,9 +393,12 @@ class Engine:
         except BlazilError as e:
             with self._lock:
                 self.down = f"{e} (recovering)" if "recovering" not in str(e) else str(e)
-            self._next_recovery = time.monotonic() + self.restart_backoff
+            # A stage that fails again and again (it cannot load) is retried less and less often.
+            self._next_recovery = time.monotonic() + self._backoff
+            self._backoff = min(30.0, self._backoff * 2)
             log.warning("serving engine: stages not back yet: %s", e)
             return
         with self._lock:
             self.down = None
+        self._backoff = self.restart_backoff
         log.warning("serving engine: every stage answers again; serving")

@@ -119,7 +119,8 @@ def completion_prompt(req: CompletionRequest, model: ServedModel) -> list[int]:
 
 def chat_prompt(req: ChatRequest, model: ServedModel) -> list[int]:
     """The messages through the model's own chat template, as token ids."""
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    # "developer" is the API's newer name for "system"; chat templates know only the older one.
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
         text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as e:  # the template's own checks (e.g. roles out of order) raise jinja errors
