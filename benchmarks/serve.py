@@ -1,14 +1,16 @@
 """Benchmark: ``blazil llm serve`` (HTTP streaming, OpenAI API) against the pipeline client itself (the anchor).
 
-One set of three stages serves both paths in the same run: the anchor sends each request straight
-through :class:`~blazil_ai.pipeline.driver.PipelineClient` (one ``submit`` per request, as independent
-clients would, tokens timed as they reach the client); the server is a ``blazil llm serve --connect``
-process on the same stages, and N concurrent ``httpx`` clients stream ``/v1/completions`` from it
-(tokens timed as their server-sent events arrive). Both get the same greedy requests (random token-id
-prompts, ``ignore_eos``); ``requests_identical`` counts the requests whose tokens were the same both
-ways (in float32 all are; in bf16 a request batched with different neighbours may round differently
-in the last bit and, on random weights, take another argmax now and then). Runs are interleaved (direct, HTTP, HTTP,
-direct, ...) and medians over ``--reps`` reported. One JSON line per concurrency:
+One set of three stages serves both paths in the same run. The anchor sends the N requests straight
+through :class:`~blazil_ai.pipeline.driver.PipelineClient` in one ``submit_many`` (its best case: all
+prompts share one first forward; tokens timed as they reach the client). The server is a
+``blazil llm serve --connect`` process on the same stages, and N concurrent ``httpx`` clients stream
+``/v1/completions`` from it (tokens timed as their server-sent events arrive); each request arrives on
+its own, as from independent clients, so the server's figures include how arrivals fall into forwards.
+Both get the same greedy requests (random token-id prompts, ``ignore_eos``); ``requests_identical``
+counts the requests whose tokens were the same both ways (in bf16 a request batched with other
+neighbours may round differently in the last bit and, on random weights, take another argmax now and
+then). Runs are interleaved (direct, HTTP, HTTP, direct, ...) and medians over ``--reps`` reported.
+One JSON line per concurrency:
 
 * ``tokens_per_s``            all tokens of the N requests / (last token - first submission)
 * ``ttft_p50_ms/ttft_p99_ms`` submission to first token, per request
@@ -65,14 +67,13 @@ def run_direct(client: Any, prompts: list[list[int]], new_tokens: int) -> tuple[
     def on_token(rid: str, token: int) -> None:
         times[rid].append(time.perf_counter())
 
-    starts, rids = [], []
-    for p in prompts:
-        starts.append(time.perf_counter())
-        rid = client.submit(p, SamplingParams(max_new_tokens=new_tokens, eos_token_ids=[-1]))
+    t0 = time.perf_counter()
+    rids = client.submit_many(prompts, [SamplingParams(max_new_tokens=new_tokens, eos_token_ids=[-1])
+                                        for _ in prompts])
+    for rid in rids:
         times[rid] = []
-        rids.append(rid)
     results = client.wait(rids, on_token=on_token, decode_text=False)
-    return summarise(starts, [times[r] for r in rids]), [r.token_ids for r in results]
+    return summarise([t0] * len(rids), [times[r] for r in rids]), [r.token_ids for r in results]
 
 
 async def _http_one(hc: Any, url: str, prompt: list[int], new_tokens: int) -> tuple[float, list[float], list[int]]:

@@ -387,7 +387,8 @@ def test_a_taken_port_is_named_before_any_stage_starts(server, ckpt):
 
 
 def test_a_killed_stage_fails_requests_with_503_naming_it_and_the_server_recovers(server, client, hf, tok):
-    """Runs last: stage 2 is killed while two requests decode; both fail naming it, then it is restarted."""
+    """The last test on the server: stage 2 is killed while two requests decode; both fail naming it, then
+    the server restarts it and serves again."""
     pid = server.health().json()["stages"][1]["pid"]
     outcome: dict = {}
 
@@ -417,3 +418,16 @@ def test_a_killed_stage_fails_requests_with_503_naming_it_and_the_server_recover
     r = client.completions.create(model=NAME, prompt="Hello", max_tokens=6, temperature=0, extra_body=EXACT)
     assert r.choices[0].model_extra["token_ids"] == greedy(hf, ids, 6)
     assert 'blazil_llm_stage_restarts_total{stage="2"} 1.0' in httpx.get(server.url + "/metrics").text
+
+
+def test_serve_is_discoverable_with_examples(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert re.search(r"^\s+llm\s+serve a Qwen2 pipeline over HTTP", capsys.readouterr().out, re.M)
+    with pytest.raises(SystemExit):
+        cli.main(["llm", "serve", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--host", "--port", "--served-model-name", "--max-queue", "--connect", "--split",
+                 "--dtype", "--device", "--transport"):
+        assert flag in text
+    assert "blazil models random-qwen ./tiny-qwen" in text and "curl -s http://127.0.0.1:8000/v1/completions" in text

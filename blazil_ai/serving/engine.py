@@ -201,6 +201,7 @@ class Engine:
             except Exception:  # the thread must outlive any one fault; the jobs of the moment fail
                 log.exception("serving engine: unexpected fault")
                 self._fail_all("the server's engine failed unexpectedly (see its log)")
+                time.sleep(0.1)  # a fault that repeats must not spin the thread
         if self._running:
             try:
                 self.client.release(list(self._running))
