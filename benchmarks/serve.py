@@ -105,6 +105,8 @@ def run_http(url: str, prompts: list[list[int]], new_tokens: int) -> tuple[dict[
     async def main() -> list[tuple[float, list[float], list[int]]]:
         limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
         async with httpx.AsyncClient(timeout=600, limits=limits) as hc:
+            # N connections opened beforehand, as clients that keep theirs alive have them.
+            await asyncio.gather(*(hc.get(url + "/v1/models") for _ in prompts))
             return await asyncio.gather(*(_http_one(hc, url, p, new_tokens) for p in prompts))
 
     out = asyncio.run(main())
