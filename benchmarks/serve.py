@@ -126,6 +126,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
     p.add_argument("--concurrency", default="1,8,32", help="numbers of concurrent clients")
+    p.add_argument("--batch-wait-ms", default="3", help="the server's --batch-wait-ms (default 3)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args()
 
@@ -149,7 +150,7 @@ def main() -> int:
     prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(max(levels))]
     common = {"bench": "serve", "config": args.config, "device": args.device, "dtype": args.dtype,
               "threads": args.threads, "transport": args.transport, "prompt_tokens": args.prompt_tokens,
-              "new_tokens": args.new_tokens, "reps": args.reps}
+              "new_tokens": args.new_tokens, "reps": args.reps, "batch_wait_ms": float(args.batch_wait_ms)}
     out = open(args.out, "a") if args.out else None  # noqa: SIM115
     t0 = time.perf_counter()
     pipe = LocalPipeline(ckpt, transport=args.transport, dtype=args.dtype, device=args.device, threads=args.threads,
@@ -160,7 +161,8 @@ def main() -> int:
         n = str(max(levels))
         server = ServerProcess(["--model", str(ckpt), "--connect", ",".join(u for u, _ in pipe.addrs), "--port", "0",
                                 "--served-model-name", "bench", "--max-running", n, "--max-queue", n,
-                                "--timeout", "600"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                "--timeout", "600", "--batch-wait-ms", args.batch_wait_ms],
+                               env={**os.environ, "PYTHONPATH": str(ROOT)},
                                echo=lambda line: print("server: " + line.rstrip(), file=sys.stderr)
                                if "error" in line.lower() or "Traceback" in line else None)
         server_proc = psutil.Process(server.proc.pid)

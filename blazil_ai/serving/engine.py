@@ -95,8 +95,10 @@ class Engine:
     """Owns the pipeline client on a thread of its own; see the module docstring."""
 
     def __init__(self, client: PipelineClient, pipeline: LocalPipeline | None = None, max_running: int = 32,
-                 max_queue: int = 64, timeout: float = 120.0, restart_backoff: float = 1.0) -> None:
+                 max_queue: int = 64, timeout: float = 120.0, restart_backoff: float = 1.0,
+                 batch_wait: float = 0.003) -> None:
         self.client = client
+        self.batch_wait = batch_wait
         self.pipeline = pipeline
         self.max_running = max_running
         self.max_queue = max_queue
@@ -221,6 +223,19 @@ class Engine:
                     fut.set_result(self.client.ping(timeout))
                 except BlazilError as e:
                     fut.set_exception(e)
+        if starts and not self._running and self.batch_wait > 0:
+            # The stages are idle and requests are coming: clients that send together (a burst) arrive over
+            # a few milliseconds, one HTTP request after another. Started one by one, the first would run its
+            # prompt alone and the rest would form a second group that stays a forward out of step with it
+            # through the ring (two forwards per stage for every token from then on); a moment's wait lets
+            # the burst share one first forward.
+            time.sleep(self.batch_wait)
+            with self._lock:
+                more = [c for c in self._commands if c[0] == "start"]
+                rest = [c for c in self._commands if c[0] != "start"]
+                self._commands.clear()
+                self._commands.extend(rest)
+            starts += [job for _, job in more]
         if starts:
             self._start(starts)
         events = self.client.pump(0.05)

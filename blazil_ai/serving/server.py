@@ -400,7 +400,7 @@ def serve(args: Any, sock: socket.socket) -> int:
         print("blazil llm serve: stages " + ", ".join(f"{s['stage']}={s['start']}:{s['stop']}"
                                                       for s in client.stages_info) + " ready", file=sys.stderr)
         engine = Engine(client, pipe, max_running=args.max_running, max_queue=args.max_queue,
-                        timeout=args.timeout).start()
+                        timeout=args.timeout, batch_wait=args.batch_wait_ms / 1000).start()
         app = create_app(engine, model)
         config = uvicorn.Config(app, log_level="warning", access_log=args.access_log, timeout_graceful_shutdown=3,
                                 lifespan="off")
