@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="most requests waiting for a place; beyond, 503 with Retry-After (default 64)")
     s.add_argument("--batch-wait-ms", type=float, default=3.0,
                    help="when the stages are idle, wait this long for more requests before starting the first, "
-                        "so a burst shares one first forward (default 3; 0 = start each at once)")
+                        "and again while more keep coming (up to 20 times), so a burst shares one first forward "
+                        "(default 3; 0 = start each at once)")
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
     s.add_argument("--transport", choices=("auto", "tcp", "aeron"), default="auto",
                    help="channels between stages: aeron, tcp, or auto (aeron when its build is there)")

@@ -228,14 +228,17 @@ class Engine:
             # a few milliseconds, one HTTP request after another. Started one by one, the first would run its
             # prompt alone and the rest would form a second group that stays a forward out of step with it
             # through the ring (two forwards per stage for every token from then on); a moment's wait lets
-            # the burst share one first forward.
-            time.sleep(self.batch_wait)
-            with self._lock:
-                more = [c for c in self._commands if c[0] == "start"]
-                rest = [c for c in self._commands if c[0] != "start"]
-                self._commands.clear()
-                self._commands.extend(rest)
-            starts += [job for _, job in more]
+            # the burst share one first forward. The wait goes on while requests keep coming (up to 20 times).
+            for _ in range(20):
+                time.sleep(self.batch_wait)
+                with self._lock:
+                    more = [c for c in self._commands if c[0] == "start"]
+                    rest = [c for c in self._commands if c[0] != "start"]
+                    self._commands.clear()
+                    self._commands.extend(rest)
+                starts += [job for _, job in more]
+                if not more:
+                    break
         if starts:
             self._start(starts)
         events = self.client.pump(0.05)
