@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "blazil_ai.datasets.commands",
     "blazil_ai.models.commands",
     "blazil_ai.pipeline.commands",
+    "blazil_ai.serving.commands",
     "blazil_ai.ledger.commands",
     "blazil_ai.fraud.commands",
     "blazil_ai.transport.commands",

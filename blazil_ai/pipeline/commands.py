@@ -208,7 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Handler of ``blazil generate``."""
     from blazil_ai.errors import ConfigError
     from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient, resolve_transport
-    from blazil_ai.pipeline.weights import parse_split
+    from blazil_ai.pipeline.weights import check_context, parse_split
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
@@ -239,6 +239,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                                      for s in client.stages_info) + " ready", file=sys.stderr)
     try:
         ids = client.encode(prompt, chat=args.chat, system=args.system)
+        check_context(args.model, len(ids), params.max_new_tokens)
         streamer = None if args.json else _Streamer(client)
         result = client.generate(ids, params, on_token=streamer, on_busy=streamer.busy if streamer else None)
         # How each stage computed, read after the request: a graph capture can fail on first use.

@@ -81,6 +81,24 @@ class GenerationResult:
                 "decode_ms_per_token": round(1000 / self.decode_tokens_per_s, 3) if self.decode_tokens_per_s else None}
 
 
+@dataclass(slots=True)
+class StreamEvent:
+    """One thing :meth:`PipelineClient.pump` heard about a request.
+
+    ``kind`` is ``token`` (``token``; ``finish`` set on the request's last one), ``error`` (``message``,
+    naming the stage) or ``working`` (``stage`` is busy with a long forward that includes this request).
+    ``at`` is the ``time.perf_counter()`` of its arrival.
+    """
+
+    kind: str
+    rid: str
+    token: int = -1
+    finish: str | None = None
+    message: str = ""
+    stage: int = 0
+    at: float = 0.0
+
+
 class PipelineClient:
     """Talks to a running ring of stages: handshake, requests, token stream, pings, cancellation."""
 
@@ -307,6 +325,64 @@ class PipelineClient:
             return (f"no token for {self.timeout:.1f}s; {', '.join(silent)} did not answer a ping within "
                     f"{self.ping_timeout:.1f}s (dead or hung)")
         return f"no token for {self.timeout:.1f}s although every stage answers pings (the request was lost)"
+
+    # -- for a long-running caller with many requests of its own (the HTTP server) -------------
+    # ``wait`` serves one caller that waits for a known set of requests and raises on a fault; a server
+    # instead keeps requests coming and going and hands each token to its own caller as it arrives.
+    # ``pump`` delivers whatever has arrived for ANY active request as events (a fault is an event, not
+    # an exception) and ``release`` forgets requests whose caller went away, in every stage.
+
+    def pump(self, timeout: float = 0.05) -> list[StreamEvent]:
+        """Events for active requests that have arrived (waiting up to ``timeout`` s for the first message).
+
+        A message without a request id (for instance one a caller sends to :attr:`reply_to` to wake this
+        wait early) ends the wait and is otherwise ignored. A request leaves this client with its last
+        token (``finish`` set) or its error.
+        """
+        got: list[Message] = [*self._stray]
+        self._stray.clear()
+        self.sub.poll(got.append, limit=256)
+        if not got and timeout > 0:
+            first = self.sub.receive(timeout=timeout)
+            if first is not None:
+                got.append(first)
+                self.sub.poll(got.append, limit=255)
+        now = time.perf_counter()
+        events: list[StreamEvent] = []
+        for m in got:
+            op = m.meta.get("op")
+            if op == "working":
+                events += [StreamEvent("working", r, stage=int(m.meta.get("stage", 0)))
+                           for r in m.meta.get("rids", []) if r in self._results]
+                continue
+            rid = m.meta.get("rid")
+            res = self._results.get(rid) if isinstance(rid, str) else None
+            if res is None:
+                continue
+            if op == "token":
+                token, finish = int(m.meta["token"]), m.meta.get("finish")
+                res.token_ids.append(token)
+                if len(res.token_ids) == 1:
+                    res.first_token_at = now
+                res.last_token_at = now
+                if finish:
+                    res.finish = str(finish)
+                    self._results.pop(res.rid, None)
+                    self._active.discard(res.rid)
+                events.append(StreamEvent("token", res.rid, token=token, finish=res.finish, at=now))
+            elif op == "error":
+                self._results.pop(res.rid, None)
+                self._active.discard(res.rid)
+                events.append(StreamEvent("error", res.rid, message=str(m.meta.get("message")),
+                                          stage=int(m.meta.get("stage") or 0), at=now))
+        return events
+
+    def release(self, rids: Sequence[str]) -> None:
+        """Forget these requests here and in every stage (their caller gave up: a client went away)."""
+        self.cancel(list(rids))
+        for r in rids:
+            self._results.pop(r, None)
+            self._active.discard(r)
 
     def cancel(self, rids: Sequence[str]) -> None:
         """Tell every stage to forget these requests (their caches are dropped)."""

@@ -132,3 +132,49 @@ def write_random_checkpoint(out_dir: str | os.PathLike[str], config: dict[str, A
         pass
     done.write_text(json.dumps({"config": config, "dtype": dtype, "seed": seed}))
     return out
+
+
+CONFIGS = {"tiny": TINY, "small": SMALL, "7b": QWEN25_7B_INSTRUCT}
+
+
+def create_random_qwen(out_dir: str | os.PathLike[str], config: str = "tiny", dtype: str | None = None,
+                       seed: int = 0, force: bool = False, progress: bool = True) -> Path:
+    """Write a random Qwen2 checkpoint of a named shape into ``out_dir`` (what ``blazil models random-qwen`` does).
+
+    The checkpoint is written into a sibling temporary folder and renamed into place once complete, so
+    ``out_dir`` never holds half a checkpoint. An existing non-empty ``out_dir`` is refused unless ``force``.
+    """
+    import tempfile
+
+    if config not in CONFIGS:
+        raise ConfigError(f"--config {config!r}: choose one of {', '.join(CONFIGS)}")
+    shape = CONFIGS[config]
+    dtype = dtype or ("float32" if config == "tiny" else "bfloat16")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"{out}: directory exists and is not empty (give --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's folder is private; the checkpoint is an ordinary folder
+    try:
+        write_random_checkpoint(tmp, shape, dtype=dtype, seed=seed, progress=progress)
+        copy_tokenizer(tmp)  # a served or generated checkpoint needs its tokenizer
+        (tmp / ".complete").unlink(missing_ok=True)
+        if out.is_dir():
+            old = out.with_name(f".{out.name}.replaced")
+            shutil.rmtree(old, ignore_errors=True)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

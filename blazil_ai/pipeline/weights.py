@@ -67,6 +67,23 @@ def load_config(model_dir: str | os.PathLike[str]) -> Any:
         raise DataError(f"not a valid Qwen2 config: {' '.join(str(e).split())}", path=str(path)) from None
 
 
+def context_length(model_dir: str | os.PathLike[str]) -> int:
+    """The most positions (prompt plus generated tokens) the model takes: ``max_position_embeddings``."""
+    return int(load_config(model_dir).max_position_embeddings)
+
+
+def check_context(model_dir: str | os.PathLike[str], prompt_tokens: int, max_new_tokens: int,
+                  context: int | None = None) -> None:
+    """Raise :class:`ConfigError` when the prompt plus the tokens asked for exceed the model's context."""
+    ctx = context_length(model_dir) if context is None else context
+    if prompt_tokens + max_new_tokens > ctx:
+        room = f"at most {ctx - max_new_tokens} prompt tokens fit" if max_new_tokens < ctx else \
+            f"ask for fewer than {ctx} new tokens"
+        raise ConfigError(f"the prompt is {prompt_tokens} tokens and {max_new_tokens} new tokens are asked for, "
+                          f"but the model's context is {ctx} tokens (max_position_embeddings in "
+                          f"{Path(model_dir) / 'config.json'}); {room}")
+
+
 def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     """A short hash of ``config.json`` (and the index), which every stage of one pipeline must share."""
     h = hashlib.sha256()

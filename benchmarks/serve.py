@@ -1,0 +1,215 @@
+"""Benchmark: ``blazil llm serve`` (HTTP streaming, OpenAI API) against the pipeline client itself (the anchor).
+
+One set of three stages serves both paths in the same run. The anchor sends the N requests straight
+through :class:`~blazil_ai.pipeline.driver.PipelineClient` in one ``submit_many`` (its best case: all
+prompts share one first forward; tokens timed as they reach the client). The server is a
+``blazil llm serve --connect`` process on the same stages, and N concurrent ``httpx`` clients stream
+``/v1/completions`` from it (tokens timed as their server-sent events arrive); each request arrives on
+its own, as from independent clients, so the server's figures include how arrivals fall into forwards.
+Both get the same greedy requests (random token-id prompts, ``ignore_eos``); ``requests_identical``
+counts the requests whose tokens were the same both ways (in bf16 a request batched with other
+neighbours may round differently in the last bit and, on random weights, take another argmax now and
+then). Runs are interleaved (direct, HTTP, HTTP, direct, ...) and medians over ``--reps`` reported.
+One JSON line per concurrency:
+
+* ``tokens_per_s``            all tokens of the N requests / (last token - first submission)
+* ``ttft_p50_ms/ttft_p99_ms`` submission to first token, per request
+* ``itl_p50_ms/itl_p99_ms``   between consecutive tokens of one request
+* ``ratio``                   HTTP / direct for each; ``ttft_p50_added_ms`` is HTTP minus direct
+* ``server_cpu_ms_per_token`` CPU time of the server process (engine and HTTP threads) per token streamed
+
+    python benchmarks/serve.py --config small --threads 2 --new-tokens 16 --reps 3 --concurrency 1,8,32
+    python benchmarks/serve.py --config tiny --reps 1                       # a quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = {"7b": "QWEN25_7B_INSTRUCT", "small": "SMALL", "tiny": "TINY"}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The ``q``-th percentile (nearest rank) of ``xs``."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * len(s) + 0.5) - 1))]
+
+
+def summarise(starts: list[float], times: list[list[float]]) -> dict[str, float]:
+    """Figures of one run: ``starts[i]`` is request i's submission, ``times[i]`` its tokens' arrivals."""
+    ttft = [t[0] - s for s, t in zip(starts, times)]
+    itl = [b - a for t in times for a, b in zip(t, t[1:])]
+    total = sum(len(t) for t in times)
+    span = max(t[-1] for t in times) - min(starts)
+    return {"tokens_per_s": total / span, "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+            "ttft_p99_ms": 1e3 * percentile(ttft, 99), "itl_p50_ms": 1e3 * percentile(itl, 50),
+            "itl_p99_ms": 1e3 * percentile(itl, 99)}
+
+
+def run_direct(client: Any, prompts: list[list[int]], new_tokens: int) -> tuple[dict[str, float], list[list[int]]]:
+    """The anchor: every request straight through the pipeline client."""
+    from blazil_ai.pipeline.sampling import SamplingParams
+
+    times: dict[str, list[float]] = {}
+
+    def on_token(rid: str, token: int) -> None:
+        times[rid].append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    rids = client.submit_many(prompts, [SamplingParams(max_new_tokens=new_tokens, eos_token_ids=[-1])
+                                        for _ in prompts])
+    for rid in rids:
+        times[rid] = []
+    results = client.wait(rids, on_token=on_token, decode_text=False)
+    return summarise([t0] * len(rids), [times[r] for r in rids]), [r.token_ids for r in results]
+
+
+async def _http_one(hc: Any, url: str, prompt: list[int], new_tokens: int) -> tuple[float, list[float], list[int]]:
+    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "return_token_ids": True}
+    t0 = time.perf_counter()
+    times: list[float] = []
+    ids: list[int] = []
+    async with hc.stream("POST", url + "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.perf_counter()
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"]["message"])
+            for t in chunk["choices"][0]["token_ids"]:
+                times.append(now)
+                ids.append(t)
+    return t0, times, ids
+
+
+def run_http(url: str, prompts: list[list[int]], new_tokens: int) -> tuple[dict[str, float], list[list[int]]]:
+    """N concurrent streaming clients through the server."""
+    import httpx
+
+    async def main() -> list[tuple[float, list[float], list[int]]]:
+        limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as hc:
+            # N connections opened beforehand, as clients that keep theirs alive have them.
+            await asyncio.gather(*(hc.get(url + "/v1/models") for _ in prompts))
+            return await asyncio.gather(*(_http_one(hc, url, p, new_tokens) for p in prompts))
+
+    out = asyncio.run(main())
+    return summarise([o[0] for o in out], [o[1] for o in out]), [o[2] for o in out]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="small", help="model shape (default: small, 0.5B)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="bfloat16", help="weights and activations dtype (default bfloat16)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per stage (default: all cores)")
+    p.add_argument("--transport", choices=("tcp", "aeron"), default="tcp")
+    p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/blazil/bench"),
+                   help="where the random checkpoint is written once")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
+    p.add_argument("--concurrency", default="1,8,32", help="numbers of concurrent clients")
+    p.add_argument("--batch-wait-ms", default="3", help="the server's --batch-wait-ms (default 3)")
+    p.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    args = p.parse_args()
+
+    import psutil
+
+    from blazil_ai.pipeline import random_model
+    from blazil_ai.pipeline.driver import LocalPipeline
+    from blazil_ai.pipeline.sampling import SamplingParams
+    from blazil_ai.serving.process import ServerProcess
+
+    if not args.threads and args.device == "cpu":
+        args.threads = os.cpu_count() or 1
+    config = dict(getattr(random_model, CONFIGS[args.config]))
+    ckpt = Path(args.cache_dir) / f"qwen2-{args.config}-{args.dtype}"
+    random_model.write_random_checkpoint(ckpt, config, dtype=args.dtype, device=args.device)
+    if not (ckpt / "tokenizer.json").is_file():
+        random_model.copy_tokenizer(ckpt)  # the server turns text into tokens with it
+    levels = [int(n) for n in args.concurrency.split(",")]
+    rng = random.Random(0)
+    vocab = min(config["vocab_size"], 150000)
+    prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(max(levels))]
+    common = {"bench": "serve", "config": args.config, "device": args.device, "dtype": args.dtype,
+              "threads": args.threads, "transport": args.transport, "prompt_tokens": args.prompt_tokens,
+              "new_tokens": args.new_tokens, "reps": args.reps, "batch_wait_ms": float(args.batch_wait_ms)}
+    out = open(args.out, "a") if args.out else None  # noqa: SIM115
+    t0 = time.perf_counter()
+    pipe = LocalPipeline(ckpt, transport=args.transport, dtype=args.dtype, device=args.device, threads=args.threads,
+                         timeout=600, start_timeout=1200)
+    server = None
+    try:
+        client = pipe.start()
+        n = str(max(levels))
+        server = ServerProcess(["--model", str(ckpt), "--connect", ",".join(u for u, _ in pipe.addrs), "--port", "0",
+                                "--served-model-name", "bench", "--max-running", n, "--max-queue", n,
+                                "--timeout", "600", "--batch-wait-ms", args.batch_wait_ms],
+                               env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               echo=lambda line: print("server: " + line.rstrip(), file=sys.stderr)
+                               if "error" in line.lower() or "Traceback" in line else None)
+        server_proc = psutil.Process(server.proc.pid)
+        print(f"stages and server up in {time.perf_counter() - t0:.0f}s; server at {server.url}",
+              file=sys.stderr, flush=True)
+        # Warm-up of both paths (allocator, kernels, connections).
+        client.generate_many(prompts[:8], SamplingParams(max_new_tokens=2, eos_token_ids=[-1]))
+        run_http(server.url, prompts[:8], 2)
+        for n in levels:
+            runs: dict[str, list[dict[str, float]]] = {"direct": [], "http": []}
+            same = 0
+            for rep in range(args.reps):
+                order = ("direct", "http") if rep % 2 == 0 else ("http", "direct")
+                ids: dict[str, list[list[int]]] = {}
+                for path in order:
+                    if path == "direct":
+                        fig, ids[path] = run_direct(client, prompts[:n], args.new_tokens)
+                    else:
+                        cpu0 = sum(server_proc.cpu_times()[:2])
+                        fig, ids[path] = run_http(server.url, prompts[:n], args.new_tokens)
+                        # The server's own CPU per token streamed (its engine and HTTP threads together).
+                        fig["server_cpu_ms_per_token"] = 1e3 * (sum(server_proc.cpu_times()[:2]) - cpu0) / (
+                            n * args.new_tokens)
+                    runs[path].append(fig)
+                same += sum(a == b for a, b in zip(ids["direct"], ids["http"]))
+            med = {path: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for path, rs in runs.items()}
+            cpu = med["http"].pop("server_cpu_ms_per_token")
+            record = {**common, "concurrency": n,
+                      "http": {k: round(v, 3) for k, v in med["http"].items()},
+                      "direct": {k: round(v, 3) for k, v in med["direct"].items()},
+                      "ratio": {k: round(med["http"][k] / med["direct"][k], 3) for k in med["http"]},
+                      "ttft_p50_added_ms": round(med["http"]["ttft_p50_ms"] - med["direct"]["ttft_p50_ms"], 3),
+                      "server_cpu_ms_per_token": round(cpu, 3),
+                      "requests_identical": f"{same}/{n * args.reps}"}
+            line = json.dumps(record)
+            print(line, flush=True)
+            if out is not None:
+                out.write(line + "\n")
+                out.flush()
+    finally:
+        if server is not None:
+            server.stop()
+        pipe.stop()
+        if out is not None:
+            out.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
