@@ -266,6 +266,16 @@ CASES = [
     case("data inspect", "--type nosuch {features}", "--type"),
     # the pipeline
     case("generate", "--model {tiny} --timeout 0 hi", "--timeout"),
+    # the OpenAI-compatible server: refused before any stage starts or any port is bound
+    case("llm serve", "--model {missing}", "{missing}"),
+    case("llm serve", "--model {tiny} --port 70000", "--port"),
+    case("llm serve", "--model {tiny} --max-queue -1", "--max-queue"),
+    case("llm serve", "--model {tiny} --max-running 0", "--max-running"),
+    case("llm serve", "--model {tiny} --dtype int8", "--dtype|int8"),
+    case("llm serve", "--model {tiny} --connect tcp://127.0.0.1:7001,tcp://127.0.0.1:7002", "--connect|give 3"),
+    case("models random-qwen", "{user}", "{user}|--force"),
+    case("models random-qwen", "{afile}", "{afile}"),
+    case("models random-qwen", "{scratch}/q --config huge", "--config|huge"),
     case("generate", "--model {tiny} --connect tcp://127.0.0.1:7001,tcp://127.0.0.1:7002 hi", "--connect|give 3"),
     case("generate", "--model {tiny} --connect tcp://a:1,tcp:/b:2,tcp://c:3 hi", "--connect|stage 2|tcp:/b:2"),
     case("generate", "--model {tiny} --dtype int8 hi", "--dtype|int8"),

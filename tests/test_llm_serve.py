@@ -314,8 +314,8 @@ def test_metrics_count_latencies_tokens_and_errors(server, client):
     assert value("blazil_llm_inter_token_latency_seconds_count") >= 3
     assert value("blazil_llm_prompt_tokens_total") >= 1
     assert value("blazil_llm_generation_tokens_total") >= 4
-    assert value("blazil_llm_requests_running_count") == 0
-    assert value("blazil_llm_requests_waiting_count") == 0
+    assert value("blazil_llm_requests_running") == 0
+    assert value("blazil_llm_requests_waiting") == 0
     assert value('blazil_llm_errors_total{kind="model_not_found"}') >= 1
     assert value('blazil_llm_errors_total{kind="context_length_exceeded"}') >= 1
 

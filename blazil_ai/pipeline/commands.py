@@ -65,6 +65,32 @@ three hosts (stage 3 sends sampled tokens back to stage 1):
 """
 
 
+def pipeline_arguments(p: argparse.ArgumentParser, receiver: str) -> None:
+    """The options of a command that starts the three stages or connects to running ones (generate, llm serve).
+
+    Each is checked as it is parsed, so a bad value stops the command before any stage starts.
+    """
+    p.add_argument("--transport", choices=("auto", "tcp", "aeron"), default="auto",
+                   help="channels between stages: aeron (IPC through a media driver it starts), tcp, or auto "
+                        "(default: aeron when its build is there, else tcp)")
+    p.add_argument("--split", default=None, help="first layer of stages 2 and 3, e.g. 10,20 (default: thirds)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    p.add_argument("--device", default="cpu", type=device, help="torch device for the stages (cpu, cuda)")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads per stage (0 = torch's default)")
+    p.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="CUDA graphs for decode steps (auto = on when --device is a GPU); with 'on' a stage "
+                        "that cannot capture them fails instead of decoding eagerly")
+    p.add_argument("--timeout", type=positive_float, default=120.0,
+                   help="fail a request when no token arrives for this many seconds (default 120)")
+    p.add_argument("--connect", default=None, type=stage_uris,
+                   help="use running stages instead of starting them: comma-separated URIs of stages 1,2,3")
+    p.add_argument("--listen", default="tcp://127.0.0.1:0", type=channel_uri,
+                   help=f"where {receiver} receives tokens (with --connect)")
+    p.add_argument("--reply-to", default=None, type=channel_uri,
+                   help="the address stages use to reach --listen, when it differs (e.g. tcp://client-host:7000)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``generate`` and ``stage`` to the ``blazil`` command."""
     g = sub.add_parser("generate", help="generate text with a Qwen2 model split over three stage processes",
@@ -82,24 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--repetition-penalty", type=float, default=None, help="Hugging Face repetition penalty (1 = off)")
     g.add_argument("--seed", type=int, default=None, help="seed that makes sampling reproducible")
     g.add_argument("--stop", action="append", default=[], help="stop when this text appears (repeatable)")
-    g.add_argument("--transport", choices=("auto", "tcp", "aeron"), default="auto",
-                   help="channels between stages: aeron (IPC through a media driver it starts), tcp, or auto "
-                        "(default: aeron when its build is there, else tcp)")
-    g.add_argument("--split", default=None, help="first layer of stages 2 and 3, e.g. 10,20 (default: thirds)")
-    g.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                   help="float32, bfloat16, float16 or auto (the checkpoint's)")
-    g.add_argument("--device", default="cpu", type=device, help="torch device for the stages (cpu, cuda)")
-    g.add_argument("--threads", type=nonneg_int, default=0, help="torch threads per stage (0 = torch's default)")
-    g.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
-                   help="CUDA graphs for decode steps (auto = on when --device is a GPU)")
-    g.add_argument("--timeout", type=positive_float, default=120.0,
-                   help="fail a request when no token arrives for this many seconds (default 120)")
-    g.add_argument("--connect", default=None, type=stage_uris,
-                   help="use running stages instead of starting them: comma-separated URIs of stages 1,2,3")
-    g.add_argument("--listen", default="tcp://127.0.0.1:0", type=channel_uri,
-                   help="where this client receives tokens (with --connect)")
-    g.add_argument("--reply-to", default=None, type=channel_uri,
-                   help="the address stages use to reach --listen, when it differs (e.g. tcp://client-host:7000)")
+    pipeline_arguments(g, "this client")
     g.add_argument("--json", action="store_true", help="print one JSON object (token_ids, text, timings) at the end")
     g.set_defaults(func=cmd_generate)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import socket
 
+from blazil_ai.pipeline.commands import pipeline_arguments
+
 SERVE_EPILOG = """\
 examples:
   blazil models random-qwen ./tiny-qwen        # a small random checkpoint to try it with
@@ -49,21 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "and again while more keep coming (up to 20 times), so a burst shares one first forward "
                         "(default 3; 0 = start each at once)")
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    s.add_argument("--transport", choices=("auto", "tcp", "aeron"), default="auto",
-                   help="channels between stages: aeron, tcp, or auto (aeron when its build is there)")
-    s.add_argument("--split", default=None, help="first layer of stages 2 and 3, e.g. 10,20 (default: thirds)")
-    s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
-    s.add_argument("--device", default="cpu", help="torch device for the stages (cpu, cuda)")
-    s.add_argument("--threads", type=int, default=0, help="torch threads per stage (0 = torch's default)")
-    s.add_argument("--decode-graphs", choices=("auto", "on", "off"), default="auto",
-                   help="CUDA graphs for decode steps (auto = on when --device is a GPU)")
-    s.add_argument("--timeout", type=float, default=120.0,
-                   help="fail requests when no token arrives for this many seconds (default 120)")
-    s.add_argument("--connect", default=None,
-                   help="use running stages instead of starting them: comma-separated URIs of stages 1,2,3")
-    s.add_argument("--listen", default="tcp://127.0.0.1:0", help="where the server receives tokens (with --connect)")
-    s.add_argument("--reply-to", default=None,
-                   help="the address stages use to reach --listen, when it differs (e.g. tcp://server-host:7000)")
+    pipeline_arguments(s, "the server")
     s.set_defaults(func=cmd_serve)
     llm.set_defaults(func=lambda args: (llm.print_help(), 2)[1])
 

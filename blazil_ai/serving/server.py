@@ -386,7 +386,7 @@ def serve(args: Any, sock: socket.socket) -> int:
     engine = None
     try:
         if args.connect:
-            client = PipelineClient([(u, 1) for u in args.connect.split(",")], args.model, (args.listen, 1),
+            client = PipelineClient([(u, 1) for u in args.connect], args.model, (args.listen, 1),
                                     timeout=args.timeout, reply_to=args.reply_to)
             client.connect(args.timeout)
         else:
