@@ -213,18 +213,15 @@ def _check_chat_template(model: str) -> None:
         raise ConfigError(f"--chat: the tokenizer in {model} has no chat template; run without --chat")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    """Handler of ``blazil generate``."""
-    from blazil_ai.errors import ConfigError
-    from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient, resolve_transport
-    from blazil_ai.pipeline.weights import check_context, parse_split
+def start_or_connect(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
+    """Connect to the stages ``--connect`` names, or start three local ones; returns (client, LocalPipeline or None).
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if not prompt:
-        raise ConfigError("no prompt: give PROMPT or pipe text on standard input")
-    params = _params(args)
-    if args.chat:
-        _check_chat_template(args.model)  # before any stage starts
+    Shared by ``blazil generate`` and ``blazil llm serve``: the checkpoint (config, shards, split) and the
+    device are checked before anything starts or is announced.
+    """
+    from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient, resolve_transport
+    from blazil_ai.pipeline.weights import parse_split
+
     pipe = None
     if args.connect:
         client = PipelineClient([(u, 1) for u in args.connect], args.model, (args.listen, 1), timeout=args.timeout,
@@ -237,15 +234,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         check_device(args.device)
         args.transport, why = resolve_transport(args.transport)
-        # Checks the checkpoint (config, shards, split) before anything starts or is announced.
         pipe = LocalPipeline(args.model, transport=args.transport, split=parse_split(args.split), dtype=args.dtype,
                              device=args.device, threads=args.threads, timeout=args.timeout,
                              decode_graphs=args.decode_graphs, progress=True)
-        print(f"blazil generate: starting 3 stages ({args.transport}: {why}; {args.device}) for {args.model} ...",
+        print(f"{command}: starting 3 stages ({args.transport}: {why}; {args.device}) for {args.model} ...",
               file=sys.stderr, flush=True)
         client = pipe.start()
-        print("blazil generate: stages " + ", ".join(f"{s['stage']}={s['start']}:{s['stop']}"
-                                                     for s in client.stages_info) + " ready", file=sys.stderr)
+    print(f"{command}: stages " + ", ".join(f"{s['stage']}={s['start']}:{s['stop']}" for s in client.stages_info)
+          + " ready", file=sys.stderr)
+    return client, pipe
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Handler of ``blazil generate``."""
+    from blazil_ai.errors import ConfigError
+    from blazil_ai.pipeline.weights import check_context
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise ConfigError("no prompt: give PROMPT or pipe text on standard input")
+    params = _params(args)
+    if args.chat:
+        _check_chat_template(args.model)  # before any stage starts
+    client, pipe = start_or_connect(args, "blazil generate")
     try:
         ids = client.encode(prompt, chat=args.chat, system=args.system)
         check_context(args.model, len(ids), params.max_new_tokens)

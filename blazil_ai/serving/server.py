@@ -377,28 +377,14 @@ def serve(args: Any, sock: socket.socket) -> int:
     """Start (or connect to) the stages, then serve HTTP on ``sock`` until SIGINT/SIGTERM; stops what it started."""
     import uvicorn
 
-    from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient, resolve_transport
-    from blazil_ai.pipeline.weights import parse_split
+    from blazil_ai.pipeline.commands import start_or_connect
 
     model = ServedModel.load(args.model, args.served_model_name)
     port = sock.getsockname()[1]
     pipe = None
     engine = None
     try:
-        if args.connect:
-            client = PipelineClient([(u, 1) for u in args.connect], args.model, (args.listen, 1),
-                                    timeout=args.timeout, reply_to=args.reply_to)
-            client.connect(args.timeout)
-        else:
-            transport, why = resolve_transport(args.transport)
-            pipe = LocalPipeline(args.model, transport=transport, split=parse_split(args.split), dtype=args.dtype,
-                                 device=args.device, threads=args.threads, timeout=args.timeout,
-                                 decode_graphs=args.decode_graphs, progress=True)
-            print(f"blazil llm serve: starting 3 stages ({transport}: {why}; {args.device}) for {args.model} ...",
-                  file=sys.stderr, flush=True)
-            client = pipe.start()
-        print("blazil llm serve: stages " + ", ".join(f"{s['stage']}={s['start']}:{s['stop']}"
-                                                      for s in client.stages_info) + " ready", file=sys.stderr)
+        client, pipe = start_or_connect(args, "blazil llm serve")
         engine = Engine(client, pipe, max_running=args.max_running, max_queue=args.max_queue,
                         timeout=args.timeout, batch_wait=args.batch_wait_ms / 1000).start()
         app = create_app(engine, model)
