@@ -255,7 +255,9 @@ def test_a_stage_keeps_no_descriptor_for_clients_that_left(tiny):
                 pub.send({"op": "ping", "nonce": n, "reply_to": [sub.uri, 9]})
                 pong = sub.receive(timeout=10)
                 assert pong is not None and pong.meta["nonce"] == n
-        assert settle(lambda: fd_count(proc.pid), base, timeout=10) <= base
+        # A leak is one descriptor per client (+20 here); one descriptor of slack absorbs a channel that is
+        # between its close and reopen when a count is taken (seen once in a clean-clone run: 12 against 11).
+        assert settle(lambda: fd_count(proc.pid), base, timeout=10) <= base + 1
         assert pipe.client.ping(5.0)[0] is not None
 
 
