@@ -1,8 +1,9 @@
 """A stage process: receive hidden states, run this stage's layers, send them on (the last stage samples).
 
 The stage is an agent in Aeron's sense: ``do_work`` drains the subscription, runs ONE forward for every
-sequence that arrived (decode steps batched), sends the result on and returns how much it did; the
-loop idles with a back-off strategy when there is nothing to do. Every message's position for a
+sequence that arrived (decode steps batched), sends the result on and returns how much it did; with
+nothing to do, the loop sleeps in the transport's own wait (epoll on a TCP socket, Aeron's doorbell)
+until a message arrives. Every message's position for a
 sequence must equal the stage's cache length for it, else that request fails with an error naming
 the stage, the request and both numbers.
 
@@ -205,7 +206,7 @@ class StageServer:
         """Handle everything that has arrived; return the number of messages handled.
 
         With nothing there, wait up to ``wait`` seconds for a message, asleep in the transport's own
-        wait (a socket ``select`` or Aeron's doorbell): an idle stage takes no CPU from the stage
+        wait (epoll on its sockets, or Aeron's doorbell): an idle stage takes no CPU from the stage
         that computes, and wakes as soon as its input arrives.
         """
         msgs: list[Message] = []

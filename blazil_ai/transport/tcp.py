@@ -381,7 +381,7 @@ class TcpSubscription(Subscription, _Reader):
         return self._deliver(handler, limit)
 
     def receive(self, timeout: float | None = None) -> Message | None:
-        """Wait up to ``timeout`` seconds (None = forever) for one message, sleeping in ``select``."""
+        """Wait up to ``timeout`` seconds (None = forever) for one message, sleeping in epoll."""
         if self._closed:
             raise TransportError(f"{self.uri}: subscription is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -530,8 +530,8 @@ class TcpSubscription(Subscription, _Reader):
             conn.rstart = conn.rend = 0
 
     def _pump(self, timeout: float | None) -> None:
-        """One round of select: accept, handshake, read and decode; waits at most ``timeout``."""
-        # TLS may hold decrypted bytes that select cannot see.
+        """One round of epoll: accept, handshake, read and decode; waits at most ``timeout``."""
+        # TLS may hold decrypted bytes that epoll cannot see.
         if self._ssl is not None:
             # TLS may hold decrypted bytes that epoll cannot see.
             pending_tls = [c for c in self._conns.values() if not c.handshaking and c.sock.pending()]  # type: ignore[attr-defined]
