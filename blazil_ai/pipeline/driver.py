@@ -246,12 +246,8 @@ class PipelineClient:
         while pending:
             got: list[Message] = [*self._stray]
             self._stray.clear()
-            self.sub.poll(got.append, limit=256)
-            if not got:  # asleep in the transport's wait until a message comes (or 50 ms pass)
-                first = self.sub.receive(timeout=0.05)
-                if first is not None:
-                    got.append(first)
-                    self.sub.poll(got.append, limit=255)
+            # with nothing held back, asleep in the transport's wait until a message comes (or 50 ms pass)
+            got += self.sub.drain(wait=0.0 if got else 0.05)
             now = time.perf_counter()
             for m in got:
                 if m.meta.get("op") == "working":  # a stage is busy with these requests (a long forward)
@@ -341,12 +337,7 @@ class PipelineClient:
         """
         got: list[Message] = [*self._stray]
         self._stray.clear()
-        self.sub.poll(got.append, limit=256)
-        if not got and timeout > 0:
-            first = self.sub.receive(timeout=timeout)
-            if first is not None:
-                got.append(first)
-                self.sub.poll(got.append, limit=255)
+        got += self.sub.drain(wait=0.0 if got else timeout)
         now = time.perf_counter()
         events: list[StreamEvent] = []
         for m in got:

@@ -209,13 +209,7 @@ class StageServer:
         wait (epoll on its sockets, or Aeron's doorbell): an idle stage takes no CPU from the stage
         that computes, and wakes as soon as its input arrives.
         """
-        msgs: list[Message] = []
-        self.sub.poll(msgs.append, limit=256)
-        if not msgs and wait > 0:
-            first = self.sub.receive(timeout=wait)
-            if first is not None:
-                msgs.append(first)
-                self.sub.poll(msgs.append, limit=255)
+        msgs = self.sub.drain(wait=wait)
         if not msgs:
             return 0
         busy_from = time.perf_counter()

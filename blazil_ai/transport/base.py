@@ -117,6 +117,18 @@ class Subscription(ABC):
                 return None
             idle.idle(n)
 
+    def drain(self, limit: int = 256, wait: float = 0.0) -> list[Message]:
+        """Up to ``limit`` messages that have arrived; with none there, wait up to ``wait`` seconds for one
+        (asleep in the transport's own wait) and take what came with it."""
+        got: list[Message] = []
+        self.poll(got.append, limit=limit)
+        if not got and wait > 0:
+            first = self.receive(timeout=wait)
+            if first is not None:
+                got.append(first)
+                self.poll(got.append, limit=limit - 1)
+        return got
+
     supports_replies = False  # whether reply() can answer a message over the connection it came on
 
     def reply(self, peer: str, meta: Mapping[str, Any] | None = None, arrays: Sequence[np.ndarray] = ()) -> OfferStatus:
