@@ -290,10 +290,8 @@ def main() -> int:
                   + (f" (unavailable: {anchors[kind].error})" if anchors[kind].error else ""),
                   file=sys.stderr, flush=True)
             if args.sequential:
-                for _ in range(args.reps):
-                    anchor_rep_one = {n: anchors[kind].generate(prompts[:n], args.new_tokens) for n in sizes}
-                    for n in sizes:
-                        a_runs[kind][n].append(anchor_rep_one[n])
+                for _ in range(args.reps):  # only this anchor is loaded now: the others ran and were closed
+                    anchor_rep()
                 anchors.pop(kind).close()
         for mode in modes:
             t0 = time.perf_counter()
