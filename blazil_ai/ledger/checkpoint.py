@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from blazil_ai.errors import DataError
-from blazil_ai.ledger.engine import Engine, KeyIndex, key64, key64_int
+from blazil_ai.ledger.engine import Engine, key64, key64_int
 from blazil_ai.ledger.journal import write_atomic
+from blazil_ai.ledger.keyindex import KeyIndex
 from blazil_ai.ledger.types import u128_from_words, u128_to_words
 
 _NAME = re.compile(r"^checkpoint-(\d{20})\.npz$")
@@ -98,7 +99,7 @@ def load(engine: Engine, path: Path, seq: int, size: int, crc: int) -> int:
     engine.pending_state[:m] = pending_state
     engine.n_transfers = m
     # For a repeated hash key the first row wins, as on insert.
-    engine.transfer_keys = KeyIndex.first_rows(key64(transfers["id"]))
+    engine.transfer_keys = KeyIndex.first_rows(key64(transfers["id"]), len(engine.transfers))
     engine.transfer_collisions = {}
     if len(engine.transfer_keys) < m:
         seen: set[int] = set()

@@ -5,7 +5,8 @@ Two ways through ``create_transfers``:
 * the vectorised path, taken when every event of a batch is sure to succeed: plain or pending transfers
   (or posts/voids of pending transfers) between existing, open accounts without balance limits or
   history, with fresh unique ids and amounts below 2^40; balances are then applied with one
-  ``bincount`` per balance column, ids go into a hash index in one dict update;
+  ``bincount`` per balance column, ids go into a numpy hash table (:mod:`blazil_ai.ledger.keyindex`)
+  in a few array operations;
 * the sequential path, event by event with Python integers, in TigerBeetle's precedence, with linked
   chains rolled back through an undo log. It is the reference: the vectorised path must give the same
   state and results, which the property tests check.
@@ -25,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from blazil_ai.errors import DataError
+from blazil_ai.ledger.keyindex import KeyIndex
 from blazil_ai.ledger.types import (
     ACCOUNT_DTYPE,
     AMOUNT_MAX,
@@ -39,6 +41,7 @@ from blazil_ai.ledger.types import (
     QueryFilter,
     QueryFilterFlags,
     TransferFlags,
+    copy_records,
     set_u128,
     u128,
     u128_from_words,
@@ -77,85 +80,6 @@ def _valid_ids(w: np.ndarray) -> bool:
 
 
 
-class KeyIndex:
-    """key64 -> row of the first transfer with that key, spread over 16 dicts of unequal shares.
-
-    One dict of a million keys rehashes all of them when it grows (about 30 ms, a whole batch's latency
-    budget); 16 smaller dicts of staggered sizes grow one at a time, each in a fraction of that.
-    """
-
-    PARTS = 16
-    # Parts take shares of the keys spread over one octave (part p ~ 2^(p/16)), so their sizes cross
-    # CPython's power-of-two growth points at different batches instead of all in the same one.
-    _WEIGHTS = 2.0 ** (np.arange(PARTS) / PARTS)
-    _EDGES = np.round(np.concatenate([[0.0], np.cumsum(_WEIGHTS)]) / _WEIGHTS.sum() * 4096).astype(np.int64)
-    _SLOTS = np.repeat(np.arange(PARTS), np.diff(_EDGES).tolist()).astype(np.intp)
-    _SLOT_LIST = _SLOTS.tolist()
-
-    def __init__(self) -> None:
-        self.parts: list[dict[int, int]] = [{} for _ in range(self.PARTS)]
-
-    def __len__(self) -> int:
-        return sum(len(d) for d in self.parts)
-
-    def _part(self, k: int) -> dict[int, int]:
-        return self.parts[self._SLOT_LIST[((k * 0x9E3779B97F4A7C15) & U64_MASK) >> 52]]
-
-    def __contains__(self, k: int) -> bool:
-        return k in self._part(k)
-
-    def get(self, k: int, default: int | None = None) -> int | None:
-        """The row stored for key ``k``."""
-        return self._part(k).get(k, default)
-
-    def __setitem__(self, k: int, row: int) -> None:
-        self._part(k)[k] = row
-
-    def __delitem__(self, k: int) -> None:
-        del self._part(k)[k]
-
-    def _groups(self, keys: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        part = self._SLOTS[((keys * _MIX) >> np.uint64(52)).astype(np.intp)]
-        order = np.argsort(part, kind="stable")
-        bounds = np.searchsorted(part[order], np.arange(self.PARTS + 1))
-        return [(p, order[bounds[p]: bounds[p + 1]]) for p in range(self.PARTS) if bounds[p + 1] > bounds[p]]
-
-    def isdisjoint(self, keys: np.ndarray | list[int]) -> bool:
-        """True when none of ``keys`` is in the index."""
-        arr = np.asarray(keys, dtype=np.uint64)
-        for p, idx in self._groups(arr):
-            if not self.parts[p].keys().isdisjoint(arr[idx].tolist()):
-                return False
-        return True
-
-    def prepare(self, keys: np.ndarray, start_row: int) -> list[tuple[int, dict[int, int]]] | None:
-        """Per-part additions for keys taking rows start_row..; None if a key is already in the index or
-        repeats within ``keys``."""
-        out = []
-        for p, idx in self._groups(keys):
-            ks = keys[idx].tolist()
-            if not self.parts[p].keys().isdisjoint(ks):
-                return None
-            sub = dict(zip(ks, (idx + start_row).tolist()))
-            if len(sub) != len(idx):
-                return None
-            out.append((p, sub))
-        return out
-
-    def commit(self, prepared: list[tuple[int, dict[int, int]]]) -> None:
-        """Add what prepare() returned."""
-        for p, sub in prepared:
-            self.parts[p].update(sub)
-
-    @classmethod
-    def first_rows(cls, keys: np.ndarray) -> KeyIndex:
-        """An index of ``keys`` (row i for keys[i]) where a repeated key keeps its first row."""
-        ki = cls()
-        for p, idx in ki._groups(keys):
-            ki.parts[p] = dict(zip(keys[idx][::-1].tolist(), idx[::-1].tolist()))
-        return ki
-
-
 class Engine:
     """One ledger's state and its create/lookup/query operations (not thread-safe: one caller at a time)."""
 
@@ -173,7 +97,7 @@ class Engine:
         self.transfers = np.zeros(capacity, dtype=TRANSFER_DTYPE)
         self.pending_state = np.zeros(capacity, dtype=np.uint8)
         self.n_transfers = 0
-        self.transfer_keys = KeyIndex()  # key64 -> row of the first transfer with that key
+        self.transfer_keys = KeyIndex(capacity)  # key64 -> row of the first transfer with that key
         self.transfer_collisions: dict[int, int] = {}  # full id -> row, for ids whose key64 was taken
         self.failed_ids: set[int] = set()  # ids burned by transient failures (ID_ALREADY_FAILED)
         self.failed_keys: set[int] = set()
@@ -409,8 +333,8 @@ class Engine:
         keys = key64(ids)
         if self.failed_keys and not self.failed_keys.isdisjoint(keys.tolist()):
             return False
-        new_keys = self.transfer_keys.prepare(keys, self.n_transfers)
-        if new_keys is None:  # an id (or its hash key) exists already or repeats within the batch
+        new_slots = self.transfer_keys.insert_new(keys, self.n_transfers)
+        if new_slots is None:  # an id (or its hash key) exists already or repeats within the batch
             return False
         flags = batch["flags"]
         resolve = (flags == int(_TF.POST_PENDING_TRANSFER)) | (flags == int(_TF.VOID_PENDING_TRANSFER))
@@ -418,18 +342,17 @@ class Engine:
         start = self.n_transfers
         # Written in place past the last row: nothing is visible until n_transfers moves.
         dst = self.transfers[start: start + n]
+        stored = None
         if resolve.all():
             stored = self._fast_resolve(batch, times, dst)
         elif not (flags & np.uint16(0xFFFF ^ int(_TF.PENDING))).any():
             stored = self._fast_create(batch, times, dst)
-        else:
-            return False
         if stored is None:
+            self.transfer_keys.rollback(new_slots)
             return False
         pend = stored["flags"] == int(_TF.PENDING)
         self.pending_state[start: start + n] = np.where(pend, PENDING, NOT_PENDING)
         self.n_transfers += n
-        self.transfer_keys.commit(new_keys)
         timed = np.nonzero(pend & (stored["timeout"] > 0))[0]
         for i in timed.tolist():
             heapq.heappush(self.expiry, (int(times[i]) + int(stored["timeout"][i]) * 1_000_000_000, start + i))
@@ -480,7 +403,7 @@ class Engine:
         if pend.any():
             self._add_words("debits_pending", dr[pend], amount[pend])
             self._add_words("credits_pending", cr[pend], amount[pend])
-        dst[:] = batch
+        copy_records(dst, batch)
         dst["timestamp"] = times
         return dst
 
@@ -492,7 +415,7 @@ class Engine:
             return None
         if ((pid[:, 0] == ids[:, 0]) & (pid[:, 1] == ids[:, 1])).any():
             return None
-        prow = np.fromiter((self.transfer_keys.get(k, -1) for k in key64(pid).tolist()), dtype=np.int64, count=n)
+        prow = self.transfer_keys.lookup(key64(pid))
         if (prow < 0).any() or len(np.unique(prow)) != n:
             return None
         p = self.transfers[prow]
@@ -544,7 +467,7 @@ class Engine:
         self._add_words("credits_posted", cr[post], moved[post])
         self.pending_state[prow] = np.where(post, POSTED, VOIDED)
         stored = dst
-        stored[:] = batch
+        copy_records(stored, batch)
         for f in ("debit_account_id", "credit_account_id", "ledger", "code"):
             stored[f] = p[f]
         stored["amount"][:, 0] = actual

@@ -388,13 +388,14 @@ class ShardedLedger:
         flags = batch["flags"].astype(np.int64)
         post_void = (flags & _POST_VOID) != 0
         cross = valid(dr) & valid(cr) & (home != cr_home) & ~post_void
-        keys = key64(batch["id"]).tolist()
+        key_arr = key64(batch["id"])
+        keys = key_arr.tolist()
         ids = None
         # An id that exists (or was burned) anywhere is answered where it is.
         pinned = np.zeros(len(keys), dtype=bool)
         stores = [(-1, self.cross)] + [(s, sh.engine) for s, sh in enumerate(self.shards)]
         for s, eng in stores:
-            if eng.transfer_keys.isdisjoint(keys) and eng.failed_keys.isdisjoint(keys):
+            if eng.transfer_keys.isdisjoint(key_arr) and eng.failed_keys.isdisjoint(keys):
                 continue
             ids = ids or u128_column(batch)
             for i, k in enumerate(keys):

@@ -39,7 +39,7 @@ from blazil_ai.ledger import checkpoint as ckpt
 from blazil_ai.ledger import manifest as mf
 from blazil_ai.ledger.engine import Engine
 from blazil_ai.ledger.ring import RingBuffer, RingClosed
-from blazil_ai.ledger.types import as_account_array, as_transfer_array
+from blazil_ai.ledger.types import as_account_array, as_transfer_array, own_records
 from blazil_ai.ledger.wal import KIND_ACCOUNTS, KIND_TRANSFERS, WriteAheadLog, encode_entries
 
 # A write spread over shards: its records, then each event's timestamp offset (u32), the count in the last 4 bytes.
@@ -148,7 +148,7 @@ class LocalLedger:
             raise LedgerClosed(f"ledger {self.directory} is open read-only; {op} is refused")
         if op in WRITE_OPS:
             # Own the records: the caller may reuse its array while the batch waits in the ring.
-            arg = np.array(as_transfer_array(arg) if op == "create_transfers" else as_account_array(arg))
+            arg = own_records(as_transfer_array(arg) if op == "create_transfers" else as_account_array(arg))
         elif op not in READ_OPS and op != "checkpoint":
             raise ValueError(f"unknown ledger operation {op!r}")
         fut: Future[Any] = Future()

@@ -440,6 +440,20 @@ def array_to_accounts(arr: np.ndarray) -> list[Account]:
     return _from_array(arr, Account, AccountFlags)
 
 
+RECORD_DTYPE = np.dtype("V128")
+
+
+def copy_records(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[:] = src`` for 128-byte record arrays of one dtype, as one raw copy (numpy copies a structured
+    array field by field, about fifteen times slower)."""
+    dst.view(RECORD_DTYPE)[...] = src.view(RECORD_DTYPE)
+
+
+def own_records(src: np.ndarray) -> np.ndarray:
+    """A contiguous copy of a 128-byte record array (see :func:`copy_records`)."""
+    return src.view(RECORD_DTYPE).copy().view(src.dtype)
+
+
 def as_transfer_array(batch: Any) -> np.ndarray:
     """Accept a TRANSFER_DTYPE array (or raw 128-byte records) or a sequence of Transfer records."""
     if isinstance(batch, np.ndarray):
