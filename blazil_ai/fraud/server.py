@@ -25,9 +25,10 @@ from blazil_ai import metrics
 from blazil_ai.errors import ConfigError, DataError
 from blazil_ai.fraud.service import DecisionBatch, FraudService
 from blazil_ai.fraud.types import DEFAULT_URI, REQUEST_DTYPE
+from blazil_ai.futures import then
 from blazil_ai.ledger.types import ACCOUNT_DTYPE
 from blazil_ai.transport import Message
-from blazil_ai.transport.rpc import Reply, RpcClient, RpcServer, then
+from blazil_ai.transport.rpc import Reply, RpcClient, RpcServer
 
 log = logging.getLogger(__name__)
 

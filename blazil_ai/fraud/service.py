@@ -51,6 +51,7 @@ from blazil_ai.fraud.types import (
     ReviewState,
     check_requests,
 )
+from blazil_ai.futures import then
 from blazil_ai.ledger.ring import RingBuffer, RingClosed
 from blazil_ai.ledger.types import BATCH_MAX, TRANSFER_DTYPE, QueryFilter, QueryFilterFlags, TransferFlags
 from blazil_ai.ledger.types import CreateTransferStatus as CT
@@ -317,13 +318,7 @@ class FraudService:
     # ---------------------------------------------------------------- worker
 
     def _work_loop(self) -> None:
-        while True:
-            try:
-                items = self._ring.take(timeout=0.2)
-            except RingClosed:
-                break
-            if not items:
-                continue
+        for items in self._ring.batches():
             try:
                 self._process(items)
             except Exception as e:  # a bug or a ledger failure: fail these requests, keep the state honest
@@ -350,17 +345,9 @@ class FraudService:
                 if tr is None:
                     out.set_result(None)
                     continue
-                inner = self.ledger.create_transfers_async(tr)
+                then(self.ledger.create_transfers_async(tr), into=out)
             except Exception as e:
                 out.set_exception(e)
-                continue
-
-            def relay(f: Future[Any], out: Future[Any] = out) -> None:
-                try:
-                    out.set_result(f.result())
-                except Exception as e:
-                    out.set_exception(e)
-            inner.add_done_callback(relay)
 
     def _process(self, items: list[tuple[np.ndarray, Future[DecisionBatch], float]]) -> None:
         req = items[0][0] if len(items) == 1 else np.concatenate([it[0] for it in items])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
+from blazil_ai.futures import completed, then
 from blazil_ai.ledger.types import (
     Account,
     AccountBalance,
@@ -24,16 +25,6 @@ from blazil_ai.ledger.types import (
 )
 
 
-def completed_future(fn: Callable[..., Any], *args: Any) -> Future[Any]:
-    """Run ``fn(*args)`` now; its result, or the exception it raised, as a completed future."""
-    fut: Future[Any] = Future()
-    try:
-        fut.set_result(fn(*args))
-    except Exception as e:
-        fut.set_exception(e)
-    return fut
-
-
 class LedgerClient:
     """The operations every backend offers; subclasses implement ``_call(op, arg)`` on numpy batches."""
 
@@ -42,7 +33,7 @@ class LedgerClient:
 
     def submit(self, op: str, arg: Any) -> Future[Any]:
         """Start one request and return a future of its raw result (pipelining: several may be in flight)."""
-        return completed_future(self._call, op, arg)
+        return completed(self._call, op, arg)
 
     def create_accounts(self, accounts: Sequence[Account] | np.ndarray) -> Any:
         """Create accounts: list of CreateAccountResult, or a uint32 status array (0 = created) for numpy input."""
@@ -60,21 +51,7 @@ class LedgerClient:
 
     def create_transfers_async(self, transfers: np.ndarray) -> Future[Any]:
         """Submit a numpy batch without waiting; the future gives the status array (0 = created)."""
-        out: Future[Any] = Future()
-        inner = self.submit("create_transfers", as_transfer_array(transfers))
-
-        def done(f: Future[Any]) -> None:
-            try:
-                out.set_result(numpy_status(f.result()[0]))
-            except Exception as e:
-                out.set_exception(e)
-        inner.add_done_callback(done)
-        return out
-
-    def create_results(self, transfers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Numpy batch in, (status with 0 = created, timestamps) out."""
-        status, stamps = self._call("create_transfers", as_transfer_array(transfers))
-        return numpy_status(status), stamps
+        return then(self.submit("create_transfers", as_transfer_array(transfers)), lambda r: numpy_status(r[0]))
 
     def lookup_accounts(self, ids: Sequence[int]) -> list[Account]:
         """The accounts that exist among ``ids``."""

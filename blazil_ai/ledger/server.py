@@ -24,6 +24,7 @@ import numpy as np
 
 from blazil_ai import metrics
 from blazil_ai.errors import DataError
+from blazil_ai.futures import then
 from blazil_ai.ledger.base import LedgerClient
 from blazil_ai.ledger.embedded import open_embedded
 from blazil_ai.ledger.types import (
@@ -36,7 +37,7 @@ from blazil_ai.ledger.types import (
     u128_from_words,
     u128_to_words,
 )
-from blazil_ai.transport.rpc import Reply, RpcClient, RpcServer, then
+from blazil_ai.transport.rpc import Reply, RpcClient, RpcServer
 
 log = logging.getLogger(__name__)
 _U128_FILTER_FIELDS = ("account_id", "user_data_128")

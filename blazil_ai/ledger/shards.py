@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from blazil_ai.errors import ConfigError, DataError
-from blazil_ai.ledger.base import completed_future
+from blazil_ai.futures import completed
 from blazil_ai.ledger.engine import (
     CREATED,
     EXPIRED,
@@ -302,7 +302,7 @@ class ShardedLedger:
 
     def submit(self, op: str, arg: Any) -> Future[Any]:
         """Run one request (the coordinator is synchronous) and return a completed future."""
-        return completed_future(self.call, op, arg)
+        return completed(self.call, op, arg)
 
     def call(self, op: str, arg: Any = None) -> Any:
         """Run one request."""

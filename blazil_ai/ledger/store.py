@@ -178,13 +178,7 @@ class LocalLedger:
 
     def _engine_loop(self) -> None:
         eng = self.engine
-        while True:
-            try:
-                reqs = self._ring.take(timeout=0.2)
-            except RingClosed:
-                break
-            if not reqs:
-                continue
+        for reqs in self._ring.batches():
             parts: list[Any] = []
             done: list[tuple[Future[Any], Any, str, float, int]] = []
             for op, arg, fut, t0, stamp in reqs:
@@ -277,39 +271,43 @@ class LocalLedger:
         return getattr(eng, op)(arg)
 
     def _log_loop(self) -> None:
-        unsealed: list[tuple[Future[Any], Any, str, float, int]] = []  # written and fsynced, not yet sealed
-        closing = False
-        while True:
-            try:
-                # with unsealed work, look for more to write without waiting; if none, seal at once
-                items = self._log_ring.take(timeout=0 if unsealed else 0.2)
-            except RingClosed:
-                items, closing = [], True
-            entries = [entry for item in items for entry in item[0]]
-            done = [d for item in items for d in item[1]]
-            if entries or unsealed:
-                if self._failed is None:
-                    try:
-                        # crc32 of the payloads releases the GIL: it overlaps the engine's next batch
-                        encoded = encode_entries(entries)
-                        with self._wal_lock:
-                            if entries:
-                                self.wal.append(encoded(self.wal.synced))
-                            else:
-                                self.wal.seal()
-                            self.wal.sync()
-                        _FSYNCS.inc()
-                    except OSError as e:
-                        # Applied in memory but not durable: nothing more may be acked from this process.
-                        self._failed = e
-                        log.critical("write-ahead log of %s failed, ledger stops: %s", self.directory, e)
-                self._complete(unsealed)
-                unsealed = []
-                if entries:
-                    unsealed, done = done, []
-            self._complete(done)
-            if closing and not unsealed:
-                break
+        for items in self._log_ring.batches():
+            unsealed = self._write_log(items, [])
+            while unsealed:  # written and fsynced, not yet sealed: look for more to write without waiting
+                try:
+                    items = self._log_ring.take(timeout=0)
+                except RingClosed:
+                    items = []
+                unsealed = self._write_log(items, unsealed)  # none: seal at once
+
+    def _write_log(self, items: list[Any], unsealed: list[tuple[Future[Any], Any, str, float, int]]
+                   ) -> list[tuple[Future[Any], Any, str, float, int]]:
+        """Write and fsync ``items``' entries (or a seal), which makes ``unsealed`` acknowledged; completes what
+        may be answered and returns the requests written now that wait for the next write to seal them."""
+        entries = [entry for item in items for entry in item[0]]
+        done = [d for item in items for d in item[1]]
+        if entries or unsealed:
+            if self._failed is None:
+                try:
+                    # crc32 of the payloads releases the GIL: it overlaps the engine's next batch
+                    encoded = encode_entries(entries)
+                    with self._wal_lock:
+                        if entries:
+                            self.wal.append(encoded(self.wal.synced))
+                        else:
+                            self.wal.seal()
+                        self.wal.sync()
+                    _FSYNCS.inc()
+                except OSError as e:
+                    # Applied in memory but not durable: nothing more may be acked from this process.
+                    self._failed = e
+                    log.critical("write-ahead log of %s failed, ledger stops: %s", self.directory, e)
+            self._complete(unsealed)
+            unsealed = []
+            if entries:
+                unsealed, done = done, []
+        self._complete(done)
+        return unsealed
 
     def _complete(self, done: list[tuple[Future[Any], Any, str, float, int]]) -> None:
         now = time.perf_counter()

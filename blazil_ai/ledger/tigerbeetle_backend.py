@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from blazil_ai.errors import BlazilError, ConfigError, DataError
+from blazil_ai.futures import completed, then
 from blazil_ai.ledger import types as T
-from blazil_ai.ledger.base import LedgerClient, completed_future
+from blazil_ai.ledger.base import LedgerClient
 from blazil_ai.ledger.types import BATCH_MAX, OPERATIONS, Operation
 
 
@@ -50,17 +51,8 @@ class TigerBeetleClient(LedgerClient):
         """Send one request now and return a future of its raw result; several may be in flight."""
         operation = Operation.of(op)
         if self._native is None:
-            return completed_future(self._official_call, operation, arg)
-        inner = self._native.submit(operation, self._body(operation, arg))
-        out: Future[Any] = Future()
-
-        def done(f: Future[Any]) -> None:
-            try:
-                out.set_result(_shape(operation, f.result()))
-            except Exception as e:
-                out.set_exception(e)
-        inner.add_done_callback(done)
-        return out
+            return completed(self._official_call, operation, arg)
+        return then(self._native.submit(operation, self._body(operation, arg)), lambda raw: _shape(operation, raw))
 
     def _call(self, op: str, arg: Any) -> Any:
         fut = self.submit(op, arg)
