@@ -262,20 +262,11 @@ class FraudService:
 
     def _rebuild_window(self) -> int:
         """Feed every scored transfer in the ledger (not posts/voids) to the velocity window, oldest first."""
-        call = getattr(self.ledger, "_call", None)
         total = 0
         cursor = 0
         while True:
             f = QueryFilter(0, 0, 0, 0, 0, cursor, 0, BATCH_MAX, QueryFilterFlags.NONE)
-            page = None
-            if call is not None:  # numpy pages straight from the backend (embedded engine, ledger server)
-                try:
-                    page = call("query_transfers", f)
-                except NotImplementedError:
-                    call = None
-            if page is None or not isinstance(page, np.ndarray):
-                from blazil_ai.ledger.types import transfers_to_array
-                page = transfers_to_array(self.ledger.query_transfers(f))
+            page = self.ledger.query_transfers_array(f)
             if len(page) == 0:
                 break
             keep = (page["flags"] & (TransferFlags.POST_PENDING_TRANSFER | TransferFlags.VOID_PENDING_TRANSFER)) == 0

@@ -54,12 +54,12 @@ class TigerBeetleClient(LedgerClient):
             return completed(self._official_call, operation, arg)
         return then(self._native.submit(operation, self._body(operation, arg)), lambda raw: _shape(operation, raw))
 
-    def _call(self, op: str, arg: Any) -> Any:
+    def _call(self, op: Operation, arg: Any) -> Any:
         fut = self.submit(op, arg)
         try:
             return fut.result(timeout=self.timeout_s)
         except TimeoutError:
-            raise BlazilError(f"tigerbeetle://{self.address}: no answer to {op} within {self.timeout_s:g} s "
+            raise BlazilError(f"tigerbeetle://{self.address}: no answer to {op.key} within {self.timeout_s:g} s "
                               "(is a replica listening there?)") from None
 
     def _body(self, op: Operation, arg: Any) -> np.ndarray | bytes:
@@ -75,11 +75,11 @@ class TigerBeetleClient(LedgerClient):
                 raise DataError(f"lookup of {len(ids)} ids exceeds the limit of {BATCH_MAX}")
             return T.u128_to_words(ids, field="id")
         b = self._tb.bindings
-        ctype = b.CAccountFilter if kind == "AccountFilter" else b.CQueryFilter
+        ctype = b.CAccountFilter if kind is T.AccountFilter else b.CQueryFilter
         try:
             return bytes(ctype.from_param(arg))
         except ValueError as e:
-            raise DataError(f"{kind}: {e}") from None
+            raise DataError(f"{kind.__name__}: {e}") from None
 
     # ---------------------------------------------------------------- the official client's path
 
