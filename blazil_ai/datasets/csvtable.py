@@ -61,10 +61,6 @@ class Table:
         """Names of the text (categorical) columns."""
         return [k for k, v in self.columns.items() if v.dtype.kind != "f"]
 
-    def skipped_summary(self, limit: int = 5) -> dict:
-        """Count of skipped rows and the first few with their reasons."""
-        return {"count": len(self.skipped), "first": [f"line {s.line}: {s.reason}" for s in self.skipped[:limit]]}
-
 
 def _decode_utf8(data: np.ndarray, path: str) -> str:
     """The bytes of a text file as str; bytes that are not UTF-8 are named by line."""

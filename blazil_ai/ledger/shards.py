@@ -596,9 +596,9 @@ class ShardedLedger:
             arr["pending_id"][0] = (lpid & U64_MASK, lpid >> 64)
             arr["amount"][0] = (rec["amount"] & U64_MASK, rec["amount"] >> 64) if post else (0, 0)
             arr["flags"] = int(TransferFlags.POST_PENDING_TRANSFER if post else TransferFlags.VOID_PENDING_TRANSFER)
-            futs.append(self.shards[shard_of(aid, self.n)].submit(Operation.CREATE_TRANSFERS, arr))
-        for f in futs:
-            f.result()
+            s = shard_of(aid, self.n)
+            futs.append((s, arr, self.shards[s].submit(Operation.CREATE_TRANSFERS, arr)))
+        self._settled(futs, "post" if post else "void", _SETTLED)
 
     def _void_legs(self, tid: int, kind: str) -> None:
         row = self.cross.transfer_row(tid)
@@ -612,9 +612,9 @@ class ShardedLedger:
             arr["id"][0] = (lid & U64_MASK, lid >> 64)
             arr["pending_id"][0] = (lpid & U64_MASK, lpid >> 64)
             arr["flags"] = int(TransferFlags.VOID_PENDING_TRANSFER)
-            futs.append(self.shards[shard_of(u128(p[field]), self.n)].submit(Operation.CREATE_TRANSFERS, arr))
-        for f in futs:
-            f.result()
+            s = shard_of(u128(p[field]), self.n)
+            futs.append((s, arr, self.shards[s].submit(Operation.CREATE_TRANSFERS, arr)))
+        self._settled(futs, "void", _SETTLED)
 
     def _expire_cross(self) -> None:
         """Void cross-shard pending transfers whose timeout has passed (logged first, so a crash finishes it)."""
@@ -752,9 +752,22 @@ class ShardedLedger:
 
     def _finish(self, events: list[dict[str, int]], group: list[int], attempt: int, kind: str) -> None:
         legs = self._legs(events, group, attempt, kind)
-        futs = [self.shards[s].submit(Operation.CREATE_TRANSFERS, arr) for s, arr in legs.items()]
-        for f in futs:
-            f.result()  # EXISTS / NOT_FOUND / ALREADY_* are all fine: the leg is settled either way
+        futs = [(s, arr, self.shards[s].submit(Operation.CREATE_TRANSFERS, arr)) for s, arr in legs.items()]
+        # Voiding an attempt also reaches legs that were never created (their prepare was refused).
+        self._settled(futs, kind, _SETTLED if kind == "post" else _VOIDED)
+
+    def _settled(self, futs: list[tuple[int, np.ndarray, Future[Any]]], kind: str, allowed: frozenset[int]) -> None:
+        """Wait for the posts or voids of legs; a leg that answers anything outside ``allowed`` no longer matches
+        the coordinator's logged decision, which is refused by name (the attempt stays unfinished in the
+        coordinator's log, so the next open carries the decision out again)."""
+        for s, arr, fut in futs:
+            status, _ = fut.result()
+            bad = np.flatnonzero(~np.isin(status, list(allowed)))
+            if len(bad):
+                i = int(bad[0])
+                raise DataError(f"shard {s}: the {kind} of cross-shard leg {u128(arr['pending_id'][i]):#x} was "
+                                f"answered {CT(int(status[i])).name}; the shards disagree with the coordinator's "
+                                "decision")
 
     def _recover(self, segments: list[int]) -> None:
         intents: dict[tuple[int, int], dict[str, int]] = {}  # (attempt, id) -> event with its timestamp
@@ -953,6 +966,11 @@ def _segment_end(batch: np.ndarray) -> int:
     return n
 
 
+
+# What a post or void of a leg may answer: done now, or done before (a decision carried out again at recovery);
+# a void also reaches legs whose prepare was refused, which do not exist.
+_SETTLED = frozenset({CREATED, int(CT.EXISTS)})
+_VOIDED = _SETTLED | {int(CT.PENDING_TRANSFER_NOT_FOUND)}
 
 # Failures that depend on balances: an earlier event of the same request may change them.
 _BALANCE_CODES = frozenset({
