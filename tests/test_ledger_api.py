@@ -167,6 +167,23 @@ def test_server_round_trip_and_metrics(server):
     assert "blazil_ledger_batch_latency_seconds_bucket" in text
 
 
+def test_every_layer_names_an_unknown_operation(server, tmp_path):
+    # One table: the server answers a peer's unknown operation with a one-line DataError naming it, the
+    # embedded backends refuse it the same way, and the names on the wire are the table's keys.
+    assert L.Operation.of("create_transfers") is L.Operation.CREATE_TRANSFERS is L.Operation.of(147)
+    with L.connect(server.uri) as c:
+        for bad in ("transfer_everything", "totals", "CREATE_TRANSFERS"):
+            with pytest.raises(DataError, match=f"unknown ledger operation '{bad}'") as e:
+                c._rpc.send(bad, {}, []).result(timeout=10)  # type: ignore[attr-defined]
+            assert "\n" not in str(e.value)
+        assert c.lookup_accounts([1]) == []  # the server serves on
+    with L.connect(tmp_path / "one", create=True) as one, L.connect(tmp_path / "two", shards=2, create=True) as two:
+        for backend in (one.backend, two.backend):  # type: ignore[attr-defined]
+            with pytest.raises(ValueError, match="unknown ledger operation 'transfer_everything'"):
+                backend.call("transfer_everything")
+            assert backend.call("totals")["debits_posted"] == 0
+
+
 def test_cli_serve_help_and_inspect(tmp_path):
     run = [sys.executable, "-m", "blazil_ai.cli", "ledger"]
     out = subprocess.run([*run, "serve", "--help"], cwd=REPO, capture_output=True, text=True, check=True).stdout

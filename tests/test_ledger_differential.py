@@ -53,7 +53,7 @@ def test_the_differential_sees_a_difference(tmp_path):
             self.inner = inner
 
         def _call(self, op, arg):
-            if op == "create_transfers":
+            if op is L.Operation.CREATE_TRANSFERS:
                 arg = arg.copy()
                 void = (arg["flags"] & TransferFlags.VOID_PENDING_TRANSFER) != 0
                 everything = (arg["amount"][:, 0] == (1 << 64) - 1) & (arg["amount"][:, 1] == (1 << 64) - 1)

@@ -586,3 +586,26 @@ def test_an_untouched_copy_survives(golden, tmp_path):
     with LocalLedger(golden.path, read_only=True) as led:
         assert led.checkpoint_seq > 0  # the golden ledger went through checkpoints and log rotations
     assert len(segments(golden.path)) >= 1
+
+
+def test_a_leg_settled_behind_the_coordinators_back_is_refused_by_name(tmp_path):
+    # The coordinator checks what each leg's post or void answers: a leg that a shard already voided on its own
+    # (damage the coordinator did not decide) makes the post fail naming the shard, the leg and the answer.
+    from blazil_ai.ledger.shards import leg_id, shard_of
+
+    with L.connect(tmp_path / "s", shards=2, create=True) as c:
+        led = c.backend  # type: ignore[attr-defined]
+        a = next(i for i in range(1, 99) if shard_of(i, 2) == 0)
+        b = next(i for i in range(1, 99) if shard_of(i, 2) == 1)
+        c.create_accounts([L.Account(id=a, ledger=1, code=1), L.Account(id=b, ledger=1, code=1)])
+        held = c.create_transfers([L.Transfer(id=100, debit_account_id=a, credit_account_id=b, amount=5, ledger=1,
+                                              code=1, flags=L.TransferFlags.PENDING)])
+        assert [r.status for r in held] == [L.CreateTransferStatus.CREATED]
+        leg = leg_id(100, "a", led.attempts[100])
+        void = L.transfers_to_array([L.Transfer(id=7, pending_id=leg, flags=L.TransferFlags.VOID_PENDING_TRANSFER)])
+        status, _ = led.shards[0].call(L.Operation.CREATE_TRANSFERS, void)
+        assert status.tolist() == [0xFFFFFFFF]  # the engine's "created"
+        with pytest.raises(DataError, match=f"shard 0: the post of cross-shard leg {leg:#x} was answered "
+                                            "PENDING_TRANSFER_ALREADY_VOIDED"):
+            c.create_transfers([L.Transfer(id=101, pending_id=100, amount=L.AMOUNT_MAX,
+                                           flags=L.TransferFlags.POST_PENDING_TRANSFER)])

@@ -77,17 +77,17 @@ class Shifted(LedgerClient):
         arr["ledger"] = [self._ledger(int(v), back) for v in arr["ledger"]]
         return arr
 
-    def _call(self, op: str, arg):
-        if op in ("create_accounts", "create_transfers"):
+    def _call(self, op: L.Operation, arg):
+        if op in (L.Operation.CREATE_ACCOUNTS, L.Operation.CREATE_TRANSFERS):
             return self.inner._call(op, self._records(arg, back=False))
-        if op in ("lookup_accounts", "lookup_transfers"):
+        if op in (L.Operation.LOOKUP_ACCOUNTS, L.Operation.LOOKUP_TRANSFERS):
             return self._records(self.inner._call(op, [self._id(i) for i in arg]), back=True)  # as asked
         if isinstance(arg, L.AccountFilter):
             arg = dataclasses.replace(arg, account_id=self._id(arg.account_id))
         else:
             arg = dataclasses.replace(arg, ledger=self._ledger(arg.ledger))
         out = self.inner._call(op, arg)
-        return out if op == "get_account_balances" else self._records(out, back=True, hide=True)
+        return out if op is L.Operation.GET_ACCOUNT_BALANCES else self._records(out, back=True, hide=True)
 
     def close(self) -> None:
         self.inner.close()

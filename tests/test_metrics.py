@@ -81,3 +81,25 @@ def test_gauges_and_histograms_avoid_reserved_suffixes():
     with pytest.raises(ValueError, match="reserves"):
         metrics.histogram("test", "sizes", "bucket", "sizes")
     assert metrics.gauge("test", "things", "", "a count of things")._name == "blazil_test_things"
+
+
+def test_observe_many_counts_as_one_observe_per_value():
+    import numpy as np
+
+    one = metrics.histogram("docs", "one_by_one", "ratio", "Observed one at a time", buckets=(0.1, 0.5, 1.0))
+    many = metrics.histogram("docs", "all_at_once", "ratio", "Observed at once", buckets=(0.1, 0.5, 1.0))
+    values = np.array([0.05, 0.1, 0.3, 0.5, 0.7, 2.0, np.nan, np.inf], dtype=np.float32)
+    for v in values[np.isfinite(values)].tolist():
+        one.observe(v)
+    for _ in range(3):
+        one.observe(0.25)
+    metrics.observe_many(many, values)  # NaN and infinity are skipped
+    metrics.observe_many(many, 0.25, 3)
+
+    def samples(name: str) -> list[tuple[str, float]]:
+        fam = [f for f in metrics.REGISTRY.collect() if f.name == name][0]
+        return [(s.name.rsplit("_", 1)[-1] + str(s.labels), s.value) for s in fam.samples if "created" not in s.name]
+
+    got, want = samples("blazil_docs_all_at_once_ratio"), samples("blazil_docs_one_by_one_ratio")
+    assert [k for k, _ in got] == [k for k, _ in want] and len(got) == 6
+    assert np.allclose([v for _, v in got], [v for _, v in want])

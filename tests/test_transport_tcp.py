@@ -356,14 +356,20 @@ def test_metrics_scrape_parses(channel):
 
     from prometheus_client.parser import text_string_to_metric_families
 
+    def tcp_counts() -> tuple[float, float]:  # (received, sent) over TCP, as a scrape shows them
+        with metrics.serve(0) as server:
+            body = urllib.request.urlopen(server.url, timeout=5).read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(body)}
+        return tuple(sum(s.value for s in families[name].samples  # type: ignore[return-value]
+                         if s.name.endswith("_total") and s.labels.get("transport") == "tcp")
+                     for name in ("blazil_transport_messages_received", "blazil_transport_messages_sent"))
+
     sub, pub = channel
+    before = tcp_counts()  # the counters are shared by every test of the run: compare, not a floor
     for i in range(5):
         pub.send({"i": i})
-    wait_for(sub, 5)
-    pub.close()
-    with metrics.serve(0) as server:
-        body = urllib.request.urlopen(server.url, timeout=5).read().decode()
-    families = {f.name: f for f in text_string_to_metric_families(body)}
-    received = families["blazil_transport_messages_received"]
-    assert any(s.labels.get("transport") == "tcp" and s.value >= 5 for s in received.samples)
-    assert "blazil_transport_messages_sent" in families
+    assert len(wait_for(sub, 5)) == 5
+    pub.close()  # both ends add to the counters in batches; closing reports the rest
+    sub.close()
+    received, sent = tcp_counts()
+    assert (received - before[0], sent - before[1]) == (5, 5)

@@ -61,10 +61,6 @@ class Table:
         """Names of the text (categorical) columns."""
         return [k for k, v in self.columns.items() if v.dtype.kind != "f"]
 
-    def skipped_summary(self, limit: int = 5) -> dict:
-        """Count of skipped rows and the first few with their reasons."""
-        return {"count": len(self.skipped), "first": [f"line {s.line}: {s.reason}" for s in self.skipped[:limit]]}
-
 
 def _decode_utf8(data: np.ndarray, path: str) -> str:
     """The bytes of a text file as str; bytes that are not UTF-8 are named by line."""
@@ -101,6 +97,22 @@ def read_csv(path: str | Path, *, required: Sequence[str] = (), numeric: Iterabl
         raise DataError("no such file", path=str(path))
     f = io.StringIO(_decode_utf8(default_reader().read_file(path), str(path)), newline="")
     reader = csv.reader(f)
+    header = _read_header(reader, path, required)
+    skipped: list[SkippedRow] = []
+    rows, lines = _read_rows(reader, len(header), path, on_error, skipped)
+    num_cols = _numeric_columns(header, rows, numeric, set(text), path)
+    values, keep_rows, keep_lines = _parse_numbers(header, rows, lines, num_cols, path, on_error, skipped)
+    columns: dict[str, np.ndarray] = {}
+    for j, name in enumerate(header):
+        if j in values:
+            columns[name] = np.asarray(values[j], dtype=np.float64)
+        else:
+            columns[name] = np.asarray([r[j] for r in keep_rows], dtype=str)
+    return Table(path=path, columns=columns, lines=np.asarray(keep_lines, dtype=np.int64), skipped=skipped)
+
+
+def _read_header(reader: Any, path: Path, required: Sequence[str]) -> list[str]:
+    """The header's column names; refuses an empty file, duplicate names and missing required columns."""
     try:
         header = next(reader)
     except StopIteration:
@@ -114,10 +126,14 @@ def read_csv(path: str | Path, *, required: Sequence[str] = (), numeric: Iterabl
     if missing:
         raise DataError(f"missing column(s) {missing}; header has {header}", path=str(path), line=1,
                         field=missing[0])
+    return header
+
+
+def _read_rows(reader: Any, width: int, path: Path, on_error: str, skipped: list[SkippedRow]
+               ) -> tuple[list[list[str]], list[int]]:
+    """(rows, their line numbers): blank lines pass, a row of the wrong width is an error or skipped."""
     rows: list[list[str]] = []
     lines: list[int] = []
-    skipped: list[SkippedRow] = []
-    width = len(header)
     try:
         for row in reader:
             line = reader.line_num
@@ -133,17 +149,28 @@ def read_csv(path: str | Path, *, required: Sequence[str] = (), numeric: Iterabl
             lines.append(line)
     except csv.Error as e:
         raise DataError(f"malformed CSV: {e}", path=str(path), line=reader.line_num) from None
-    text_cols = set(text)
+    return rows, lines
+
+
+def _numeric_columns(header: list[str], rows: list[list[str]], numeric: Iterable[str] | None, text_cols: set[str],
+                     path: Path) -> list[int]:
+    """Indices of the numeric columns: those named, or (None) those mostly numbers in the first rows."""
     if numeric is None:
         probe = rows[:_INFER_ROWS]
-        num_cols = [j for j, name in enumerate(header)
-                    if name not in text_cols and probe and 2 * sum(_is_float(r[j]) for r in probe) > len(probe)]
-    else:
-        wanted = set(numeric)
-        unknown = wanted - set(header)
-        if unknown:
-            raise DataError(f"numeric column(s) {sorted(unknown)} not in header {header}", path=str(path), line=1)
-        num_cols = [j for j, name in enumerate(header) if name in wanted]
+        return [j for j, name in enumerate(header)
+                if name not in text_cols and probe and 2 * sum(_is_float(r[j]) for r in probe) > len(probe)]
+    wanted = set(numeric)
+    unknown = wanted - set(header)
+    if unknown:
+        raise DataError(f"numeric column(s) {sorted(unknown)} not in header {header}", path=str(path), line=1)
+    return [j for j, name in enumerate(header) if name in wanted]
+
+
+def _parse_numbers(header: list[str], rows: list[list[str]], lines: list[int], num_cols: list[int], path: Path,
+                   on_error: str, skipped: list[SkippedRow]
+                   ) -> tuple[dict[int, list[float]], list[list[str]], list[int]]:
+    """(numeric values per column, the rows kept, their lines): a field that is not a number is an error or
+    skips its row."""
     values: dict[int, list[float]] = {j: [] for j in num_cols}
     keep_rows: list[list[str]] = []
     keep_lines: list[int] = []
@@ -165,13 +192,7 @@ def read_csv(path: str | Path, *, required: Sequence[str] = (), numeric: Iterabl
             values[j].append(v)
         keep_rows.append(row)
         keep_lines.append(line)
-    columns: dict[str, np.ndarray] = {}
-    for j, name in enumerate(header):
-        if j in values:
-            columns[name] = np.asarray(values[j], dtype=np.float64)
-        else:
-            columns[name] = np.asarray([r[j] for r in keep_rows], dtype=str)
-    return Table(path=path, columns=columns, lines=np.asarray(keep_lines, dtype=np.int64), skipped=skipped)
+    return values, keep_rows, keep_lines
 
 
 def write_csv(path: str | Path, columns: Mapping[str, Any]) -> Path:

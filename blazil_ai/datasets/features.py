@@ -242,6 +242,22 @@ def _flag_label(name: str) -> bool:
     return name.startswith(("is_", "has_"))
 
 
+def _check_options(split: str, nan_policy: str, on_error: str, val_fraction: float, memory_budget: int | None
+                   ) -> None:
+    from blazil_ai.datasets.csvtable import ON_ERROR
+
+    if split not in ("train", "val", "all"):
+        raise ConfigError(f"split must be train, val or all, got {split!r}")
+    if nan_policy not in NAN_POLICIES:
+        raise ConfigError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+    if on_error not in ON_ERROR:
+        raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if memory_budget is not None and memory_budget < 1 << 20:
+        raise ConfigError(f"memory_budget must be at least 1 MiB, got {memory_budget}")
+
+
 class FeaturesDataset(Dataset):
     """Rows of a features table as ``{"x": float32 [B, F], "y": label [B], "index": row [B]}`` batches.
 
@@ -268,22 +284,12 @@ class FeaturesDataset(Dataset):
                  split: str = "train", val_fraction: float = 0.2,
                  transform: str | Path | FeatureTransform | None = None, refit: bool = False,
                  format: str | None = None, memory_budget: int | None = None) -> None:
-        from blazil_ai.datasets.csvtable import ON_ERROR
         from blazil_ai.datasets.tabular import BlockSource, detect_format, source_name
 
         self.source = path
         self.format = detect_format(path, format)
         self.path = Path(source_name(path))
-        if split not in ("train", "val", "all"):
-            raise ConfigError(f"split must be train, val or all, got {split!r}")
-        if nan_policy not in NAN_POLICIES:
-            raise ConfigError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-        if on_error not in ON_ERROR:
-            raise ConfigError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
-        if memory_budget is not None and memory_budget < 1 << 20:
-            raise ConfigError(f"memory_budget must be at least 1 MiB, got {memory_budget}")
+        _check_options(split, nan_policy, on_error, val_fraction, memory_budget)
         self.label, self.split, self.on_error = label, split, on_error
         self.memory_budget = memory_budget
         self._cache: OrderedDict[int, Batch] = OrderedDict()
@@ -295,7 +301,6 @@ class FeaturesDataset(Dataset):
             return name == label or any(fnmatch.fnmatch(name, pat) for pat in exclude)
 
         self._excluded = excluded
-        forced = set(numeric or ()) | set(categorical or ())
         src = None
         if self.format in ("parquet", "feather") and memory_budget is not None:
             src = BlockSource(path, self.format)
@@ -303,28 +308,27 @@ class FeaturesDataset(Dataset):
                 src = None  # fits: the whole table in memory is simpler and as fast
         if src is not None:
             self._init_blocks(src, numeric, categorical, method, nan_policy, val_fraction, transform, refit)
-            return
+        else:
+            self._init_table(numeric, categorical, method, nan_policy, val_fraction, transform, refit)
+
+    def _init_table(self, numeric: Sequence[str] | None, categorical: Sequence[str] | None, method: str,
+                    nan_policy: str, val_fraction: float, transform: str | Path | FeatureTransform | None,
+                    refit: bool) -> None:
+        """Read the whole table, drop the rows the policies skip, fit or load the transform, keep the split."""
         from blazil_ai.datasets.tabular import read_table
 
-        table = read_table(path, format=self.format, required=[label],
+        label, excluded = self.label, self._excluded
+        forced = set(numeric or ()) | set(categorical or ())  # named columns are read even when excluded
+        table = read_table(self.source, format=self.format, required=[label],
                            text=set(categorical or ()) | {label} if categorical else (), numeric=None,
-                           on_error=on_error, ignore=lambda c: excluded(c) and c not in forced)
+                           on_error=self.on_error, ignore=lambda c: excluded(c) and c not in forced)
         self.unit = table.unit
         self.skipped: list[SkippedRow] = list(table.skipped)
         if len(table) == 0:
             raise DataError("no data rows", path=str(self.path))
         cols = table.columns
         num, cat = self._select(cols, numeric, categorical)
-        for name in num:
-            if name not in cols:
-                raise DataError(f"numeric column {name!r} not in the table's columns {list(cols)}",
-                                path=str(self.path), field=name, **({"line": 1} if self.unit == "line" else {}))
-            if cols[name].dtype.kind != "f" and self.format != "csv":  # a typed column: its type is wrong
-                raise DataError(f"column {name!r}: expected a number, found string", path=str(self.path), field=name)
-            if cols[name].dtype.kind != "f":
-                bad = next((i for i, v in enumerate(cols[name].tolist()) if not _is_number(v)), 0)
-                raise DataError(f"not a number: {cols[name].tolist()[bad]!r}", path=str(self.path), field=name,
-                                **table.where(bad))
+        self._check_numeric(table, num)
         lines = table.lines
         keep = self._keep_mask(cols, num, cat, nan_policy, lines)
         if keep is not None:
@@ -334,7 +338,7 @@ class FeaturesDataset(Dataset):
         if n == 0:
             raise DataError("no data rows left after skipping bad ones", path=str(self.path))
         n_train = n if val_fraction == 0 else max(1, int(math.floor(n * (1 - val_fraction))))
-        rows = {"train": np.arange(n_train), "val": np.arange(n_train, n), "all": np.arange(n)}[split]
+        rows = {"train": np.arange(n_train), "val": np.arange(n_train, n), "all": np.arange(n)}[self.split]
         fit_policy = "impute" if nan_policy == "impute" else "error"
         self._set_transform(transform, refit, lambda: FeatureTransform.fit(
             {k: cols[k][:n_train] for k in num + cat + [label]}, numeric=num, categorical=cat, method=method,
@@ -346,6 +350,20 @@ class FeaturesDataset(Dataset):
         self.y, self.classes = self._labels(cols[label][part], lines[part])
         self.rows = rows
         self.lines = lines[part]
+
+    def _check_numeric(self, table: Any, num: list[str]) -> None:
+        """Each numeric feature column exists and holds numbers; the first that does not is named."""
+        cols = table.columns
+        for name in num:
+            if name not in cols:
+                raise DataError(f"numeric column {name!r} not in the table's columns {list(cols)}",
+                                path=str(self.path), field=name, **({"line": 1} if self.unit == "line" else {}))
+            if cols[name].dtype.kind != "f" and self.format != "csv":  # a typed column: its type is wrong
+                raise DataError(f"column {name!r}: expected a number, found string", path=str(self.path), field=name)
+            if cols[name].dtype.kind != "f":
+                bad = next((i for i, v in enumerate(cols[name].tolist()) if not _is_number(v)), 0)
+                raise DataError(f"not a number: {cols[name].tolist()[bad]!r}", path=str(self.path), field=name,
+                                **table.where(bad))
 
     # -- shared by both modes ------------------------------------------------------------------------
     def _select(self, cols: Mapping[str, Any], numeric: Sequence[str] | None,

@@ -48,6 +48,33 @@ def _parse_time(text: str) -> float:
     return stamp.timestamp()
 
 
+def _check_options(missing: str, gaps: str, split: str, input_length: int, horizon: int, stride: int,
+                   val_fraction: float, test_fraction: float) -> None:
+    if missing not in MISSING:
+        raise ConfigError(f"missing must be one of {MISSING}, got {missing!r}")
+    if gaps not in GAPS:
+        raise ConfigError(f"gaps must be one of {GAPS}, got {gaps!r}")
+    if split not in ("train", "val", "test", "all"):
+        raise ConfigError(f"split must be train, val, test or all, got {split!r}")
+    if input_length < 1 or horizon < 1 or stride < 1:
+        raise ConfigError("input_length, horizon and stride must all be >= 1")
+    if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+        raise ConfigError("val_fraction and test_fraction must be >= 0 and sum to less than 1")
+
+
+def _window_starts(n: int, bounds: tuple[int, int], gap_after: np.ndarray, span: int, stride: int) -> np.ndarray:
+    """Window starts: the whole window (input + horizon) stays in one split and one unbroken stretch."""
+    seg_id = np.zeros(n, dtype=np.int64)
+    if len(gap_after):
+        seg_id[gap_after + 1] = 1
+        seg_id = np.cumsum(seg_id)
+    lo, hi = bounds
+    starts = np.arange(lo, max(lo, hi - span + 1), stride)
+    if len(starts):
+        starts = starts[seg_id[starts] == seg_id[starts + span - 1]]
+    return starts.astype(np.int64)
+
+
 class TimeSeriesDataset(Dataset):
     """Sliding windows ``x`` [B, L, F] -> ``y`` [B, H, T] over a normalised multivariate series."""
 
@@ -64,16 +91,7 @@ class TimeSeriesDataset(Dataset):
         self.source = path
         self.format = detect_format(path, format)
         self.path = Path(source_name(path))
-        if missing not in MISSING:
-            raise ConfigError(f"missing must be one of {MISSING}, got {missing!r}")
-        if gaps not in GAPS:
-            raise ConfigError(f"gaps must be one of {GAPS}, got {gaps!r}")
-        if split not in ("train", "val", "test", "all"):
-            raise ConfigError(f"split must be train, val, test or all, got {split!r}")
-        if input_length < 1 or horizon < 1 or stride < 1:
-            raise ConfigError("input_length, horizon and stride must all be >= 1")
-        if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
-            raise ConfigError("val_fraction and test_fraction must be >= 0 and sum to less than 1")
+        _check_options(missing, gaps, split, input_length, horizon, stride, val_fraction, test_fraction)
         targets = [target] if isinstance(target, str) else list(target)
         table = read_table(path, format=self.format, required=[timestamp, *targets],
                            text=[timestamp] if self.format == "csv" else (),
@@ -90,31 +108,8 @@ class TimeSeriesDataset(Dataset):
         n = len(lines)
         if n == 0:
             raise DataError("no data rows", path=str(self.path))
-        if cols[timestamp].dtype.kind == "f":  # a number or a timestamp type: epoch seconds already
-            times = cols[timestamp]
-            if not np.all(np.isfinite(times)):
-                i = int(np.argmax(~np.isfinite(times)))
-                raise DataError("empty timestamp", path=str(self.path), field=timestamp, **table.where(i))
-        else:
-            times = np.empty(n)
-            for i, text in enumerate(cols[timestamp].tolist()):
-                try:
-                    times[i] = _parse_time(text)
-                except ValueError:
-                    raise DataError(f"not a timestamp: {text!r}", path=str(self.path), field=timestamp,
-                                    **table.where(i)) from None
-        steps = np.diff(times)
-        if (steps <= 0).any():
-            i = int(np.argmax(steps <= 0)) + 1
-            raise DataError("timestamp does not increase (duplicate or out of order)", path=str(self.path),
-                            field=timestamp, **table.where(i))
-        step = float(np.median(steps)) if len(steps) else 1.0
-        gap_after = np.flatnonzero(steps > 1.5 * step)
-        if len(gap_after) and gaps == "error":
-            i = int(gap_after[0]) + 1
-            raise DataError(f"gap in the series: {steps[i - 1]:.0f} s after the previous row, usual step {step:.0f} s "
-                            "(gaps='split' keeps windows inside the unbroken stretches)",
-                            path=str(self.path), field=timestamp, **table.where(i))
+        times = self._times(table, timestamp)
+        step, gap_after = self._steps(times, table, timestamp, gaps)
         inputs = [*features, *targets]
         values = np.stack([cols[k] for k in inputs], axis=1)  # (n, F)
         bad = ~np.isfinite(values)
@@ -129,41 +124,70 @@ class TimeSeriesDataset(Dataset):
         n_val = int(n * val_fraction)
         bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n),
                   "all": (0, n)}[split]
-        self.norm_path: Path | None = None
-        if isinstance(normalization, Mapping):
-            mean, std = self._check_norm(normalization, inputs, "the given normalization")
-        elif normalization is not None and Path(normalization).exists() and not refit:
-            self.norm_path = Path(normalization)
-            mean, std = self._load_norm(inputs)
-        else:
-            train = values[:n_train]
-            if len(train) < 2:
-                raise DataError(f"training split has {len(train)} rows; too few to fit normalisation",
-                                path=str(self.path))
-            mean, std = train.mean(axis=0), train.std(axis=0)
-            std = np.where(std > 1e-12, std, 1.0)
-            if normalization is not None:  # asked for by path: save it, with what it was fitted on
-                self.norm_path = Path(normalization)
-                self._save_norm(inputs, mean, std)
-        self.mean, self.std = mean, std
-        self.values = ((values - mean) / std).astype(np.float32)
-        # Window starts: the whole window (input + horizon) stays in one split and one unbroken stretch.
-        seg_id = np.zeros(n, dtype=np.int64)
-        if len(gap_after):
-            seg_id[gap_after + 1] = 1
-            seg_id = np.cumsum(seg_id)
+        self.mean, self.std = self._normalisation(normalization, refit, inputs, values[:n_train])
+        self.values = ((values - self.mean) / self.std).astype(np.float32)
         span = input_length + horizon
-        lo, hi = bounds
-        starts = np.arange(lo, max(lo, hi - span + 1), stride)
-        if len(starts):
-            starts = starts[seg_id[starts] == seg_id[starts + span - 1]]
-        self.starts = starts.astype(np.int64)
+        self.starts = _window_starts(n, bounds, gap_after, span, stride)
         self.inputs, self.features, self.targets = inputs, list(features), targets
         self.input_length, self.horizon, self.stride, self.split = input_length, horizon, stride, split
         self.times, self.lines, self.step_seconds, self.gaps_found = times, lines, step, len(gap_after)
         self._target_cols = np.array([inputs.index(t) for t in targets])
         self._x_offsets = np.arange(input_length)
         self._y_offsets = np.arange(input_length, span)
+
+    def _times(self, table: Any, timestamp: str) -> np.ndarray:
+        """The timestamp column as epoch seconds; an empty or unreadable one is named by line."""
+        col = table.columns[timestamp]
+        if col.dtype.kind == "f":  # a number or a timestamp type: epoch seconds already
+            if not np.all(np.isfinite(col)):
+                i = int(np.argmax(~np.isfinite(col)))
+                raise DataError("empty timestamp", path=str(self.path), field=timestamp, **table.where(i))
+            return col
+        times = np.empty(len(col))
+        for i, text in enumerate(col.tolist()):
+            try:
+                times[i] = _parse_time(text)
+            except ValueError:
+                raise DataError(f"not a timestamp: {text!r}", path=str(self.path), field=timestamp,
+                                **table.where(i)) from None
+        return times
+
+    def _steps(self, times: np.ndarray, table: Any, timestamp: str, gaps: str) -> tuple[float, np.ndarray]:
+        """(the usual step in seconds, the rows after which a gap opens); refuses time that does not increase,
+        and any gap unless ``gaps='split'``."""
+        steps = np.diff(times)
+        if (steps <= 0).any():
+            i = int(np.argmax(steps <= 0)) + 1
+            raise DataError("timestamp does not increase (duplicate or out of order)", path=str(self.path),
+                            field=timestamp, **table.where(i))
+        step = float(np.median(steps)) if len(steps) else 1.0
+        gap_after = np.flatnonzero(steps > 1.5 * step)
+        if len(gap_after) and gaps == "error":
+            i = int(gap_after[0]) + 1
+            raise DataError(f"gap in the series: {steps[i - 1]:.0f} s after the previous row, usual step {step:.0f} s "
+                            "(gaps='split' keeps windows inside the unbroken stretches)",
+                            path=str(self.path), field=timestamp, **table.where(i))
+        return step, gap_after
+
+    def _normalisation(self, normalization: str | Path | Mapping[str, Any] | None, refit: bool, inputs: list[str],
+                       train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) per input: as given, loaded from the file, or fitted on the training rows (and saved when
+        a path was named)."""
+        self.norm_path: Path | None = None
+        if isinstance(normalization, Mapping):
+            return self._check_norm(normalization, inputs, "the given normalization")
+        if normalization is not None and Path(normalization).exists() and not refit:
+            self.norm_path = Path(normalization)
+            return self._load_norm(inputs)
+        if len(train) < 2:
+            raise DataError(f"training split has {len(train)} rows; too few to fit normalisation",
+                            path=str(self.path))
+        mean, std = train.mean(axis=0), train.std(axis=0)
+        std = np.where(std > 1e-12, std, 1.0)
+        if normalization is not None:  # asked for by path: save it, with what it was fitted on
+            self.norm_path = Path(normalization)
+            self._save_norm(inputs, mean, std)
+        return mean, std
 
     @staticmethod
     def _fill(values: np.ndarray, bad: np.ndarray, times: np.ndarray, policy: str) -> np.ndarray:

@@ -25,9 +25,10 @@ from blazil_ai import metrics
 from blazil_ai.errors import ConfigError, DataError
 from blazil_ai.fraud.service import DecisionBatch, FraudService
 from blazil_ai.fraud.types import DEFAULT_URI, REQUEST_DTYPE
-from blazil_ai.ledger.types import ACCOUNT_DTYPE
+from blazil_ai.futures import then
+from blazil_ai.ledger.types import ACCOUNT_DTYPE, u128_to_words
 from blazil_ai.transport import Message
-from blazil_ai.transport.rpc import Reply, RpcClient, RpcServer, then
+from blazil_ai.transport.rpc import Reply, RpcClient, RpcServer
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,7 @@ class FraudClient:
     def create_accounts(self, ids: list[int], ledger: int = 1, code: int = 1) -> np.ndarray:
         """Create ledger accounts (status per id, 0 = created; 21 = exists)."""
         a = np.zeros(len(ids), dtype=ACCOUNT_DTYPE)
-        a["id"][:, 0] = [i & 0xFFFFFFFFFFFFFFFF for i in ids]
-        a["id"][:, 1] = [i >> 64 for i in ids]
+        a["id"] = u128_to_words(ids, field="id")
         a["ledger"], a["code"] = ledger, code
         return self._send("create_accounts", {}, [a], _account_status).result(self.timeout)  # type: ignore[no-any-return]
 

@@ -51,8 +51,18 @@ from blazil_ai.fraud.types import (
     ReviewState,
     check_requests,
 )
+from blazil_ai.futures import then
 from blazil_ai.ledger.ring import RingBuffer, RingClosed
-from blazil_ai.ledger.types import BATCH_MAX, TRANSFER_DTYPE, QueryFilter, QueryFilterFlags, TransferFlags
+from blazil_ai.ledger.types import (
+    BATCH_MAX,
+    TRANSFER_DTYPE,
+    QueryFilter,
+    QueryFilterFlags,
+    TransferFlags,
+    u128,
+    u128_column,
+    u128_to_words,
+)
 from blazil_ai.ledger.types import CreateTransferStatus as CT
 
 log = logging.getLogger(__name__)
@@ -71,23 +81,6 @@ _OK_STATUSES = (0, int(CT.EXISTS))
 _OUTCOME_NAMES = {int(o.value): o.name.lower() for o in Outcome}
 
 
-def observe_many(hist: Any, values: np.ndarray, count: int | None = None) -> None:
-    """Add many observations to a prometheus Histogram at once (``values`` each, or one value ``count`` times)."""
-    bounds = np.asarray(hist._upper_bounds)
-    if count is not None:
-        i = int(np.searchsorted(bounds, float(values), side="left"))
-        hist._buckets[i].inc(count)
-        hist._sum.inc(float(values) * count)
-        return
-    v = values[np.isfinite(values)]
-    if len(v) == 0:
-        return
-    counts = np.bincount(np.searchsorted(bounds, v, side="left"), minlength=len(bounds))
-    for i in np.flatnonzero(counts).tolist():
-        hist._buckets[i].inc(int(counts[i]))
-    hist._sum.inc(float(v.sum()))
-
-
 @dataclass(slots=True)
 class DecisionBatch:
     """Per-request results of one submitted batch, as arrays in request order."""
@@ -100,6 +93,52 @@ class DecisionBatch:
     def counts(self) -> dict[str, int]:
         """Decisions by outcome name."""
         return {o.name.lower(): int((self.outcome == o.value).sum()) for o in Outcome}
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One chunk of a batch between the worker (which decides it) and the completion thread (which answers it)."""
+
+    start: int  # its rows in the batch: start..end
+    end: int
+    known: np.ndarray  # bool per row: decided before (a retry) or repeated earlier in the chunk
+    dup_of: np.ndarray | None  # per row, the row of its id's first occurrence (None: no id repeats)
+    fresh: np.ndarray  # the rows decided now (indices into the chunk)
+    outcome: np.ndarray  # u1 per fresh row
+    score: np.ndarray  # f4 per fresh row, NaN where the model gave none
+    reason: np.ndarray  # u1 per fresh row
+    send: np.ndarray  # bool per fresh row: its transfer goes to the ledger (not rejected)
+    ledger: Future[Any]  # the ledger's statuses of ``transfers`` once they and the decisions are durable
+    transfers: np.ndarray | None  # TRANSFER_DTYPE rows sent, None when every row was rejected
+    stored_at: float  # perf_counter() when the decisions were written
+
+
+def decide(score: np.ndarray, policy: Policy, model_error: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(outcome, reason) per score by the policy's thresholds; a missing score (NaN) goes to review."""
+    outcome = np.where(score < policy.review_at, Outcome.APPROVED,
+                       np.where(score < policy.reject_at, Outcome.REVIEW, Outcome.REJECTED)).astype(np.uint8)
+    reason = np.where(score < policy.review_at, Reason.LOW_SCORE,
+                      np.where(score < policy.reject_at, Reason.REVIEW_SCORE, Reason.HIGH_SCORE)).astype(np.uint8)
+    bad = ~np.isfinite(score)
+    if bad.any() or model_error:
+        outcome[bad] = Outcome.REVIEW
+        reason[bad] = Reason.MODEL_ERROR
+    return outcome, reason
+
+
+def transfer_rows(src: np.ndarray, review: np.ndarray, review_timeout_s: int) -> np.ndarray:
+    """The ledger transfers of requests ``src``: posted, or pending with the review timeout where ``review``."""
+    tr = np.zeros(len(src), dtype=TRANSFER_DTYPE)
+    tr["id"] = src["id"]
+    tr["debit_account_id"][:, 0] = src["debit_account_id"]
+    tr["credit_account_id"][:, 0] = src["credit_account_id"]
+    tr["amount"][:, 0] = src["amount"]
+    tr["ledger"] = src["ledger"]
+    tr["code"] = src["code"]
+    tr["user_data_64"] = np.round(src["time"] * 1e6).astype(np.uint64)
+    tr["flags"] = np.where(review, np.uint16(TransferFlags.PENDING), np.uint16(0))
+    tr["timeout"] = np.where(review, np.uint32(review_timeout_s), np.uint32(0))
+    return tr
 
 
 # A retried id must carry the same transfer; TigerBeetle's precedence among the fields a decision keeps.
@@ -237,7 +276,7 @@ class FraudService:
             want = np.isin(rec["outcome"], (Outcome.APPROVED, Outcome.REVIEW)) & (rec["state"] <= ReviewState.PENDING)
             cand = rec[want]
             if len(cand):
-                ids = [int(lo) | (int(hi) << 64) for lo, hi in cand["id"].tolist()]
+                ids = u128_column(cand)
                 found = {t.id for t in self.ledger.lookup_transfers(ids)}
                 missing = np.array([i not in found for i in ids], dtype=bool)
                 if missing.any():
@@ -253,7 +292,7 @@ class FraudService:
         for r in pend.tolist():
             row = live[r]
             deadline = int(row["decided_at"]) / 1e9 + timeout.get(int(row["policy"]), 3600)
-            self._expiry.append((deadline, int(row["id"][0]) | (int(row["id"][1]) << 64)))
+            self._expiry.append((deadline, u128(row["id"])))
         heapq.heapify(self._expiry)
         _PENDING.set(len(pend))
         return {"decisions": store.n, "withdrawn": withdrawn, "history_transfers": rebuilt,
@@ -261,20 +300,11 @@ class FraudService:
 
     def _rebuild_window(self) -> int:
         """Feed every scored transfer in the ledger (not posts/voids) to the velocity window, oldest first."""
-        call = getattr(self.ledger, "_call", None)
         total = 0
         cursor = 0
         while True:
             f = QueryFilter(0, 0, 0, 0, 0, cursor, 0, BATCH_MAX, QueryFilterFlags.NONE)
-            page = None
-            if call is not None:  # numpy pages straight from the backend (embedded engine, ledger server)
-                try:
-                    page = call("query_transfers", f)
-                except NotImplementedError:
-                    call = None
-            if page is None or not isinstance(page, np.ndarray):
-                from blazil_ai.ledger.types import transfers_to_array
-                page = transfers_to_array(self.ledger.query_transfers(f))
+            page = self.ledger.query_transfers_array(f)
             if len(page) == 0:
                 break
             keep = (page["flags"] & (TransferFlags.POST_PENDING_TRANSFER | TransferFlags.VOID_PENDING_TRANSFER)) == 0
@@ -317,13 +347,7 @@ class FraudService:
     # ---------------------------------------------------------------- worker
 
     def _work_loop(self) -> None:
-        while True:
-            try:
-                items = self._ring.take(timeout=0.2)
-            except RingClosed:
-                break
-            if not items:
-                continue
+        for items in self._ring.batches():
             try:
                 self._process(items)
             except Exception as e:  # a bug or a ledger failure: fail these requests, keep the state honest
@@ -350,17 +374,9 @@ class FraudService:
                 if tr is None:
                     out.set_result(None)
                     continue
-                inner = self.ledger.create_transfers_async(tr)
+                then(self.ledger.create_transfers_async(tr), into=out)
             except Exception as e:
                 out.set_exception(e)
-                continue
-
-            def relay(f: Future[Any], out: Future[Any] = out) -> None:
-                try:
-                    out.set_result(f.result())
-                except Exception as e:
-                    out.set_exception(e)
-            inner.add_done_callback(relay)
 
     def _process(self, items: list[tuple[np.ndarray, Future[DecisionBatch], float]]) -> None:
         req = items[0][0] if len(items) == 1 else np.concatenate([it[0] for it in items])
@@ -372,89 +388,81 @@ class FraudService:
             chunks.append(self._decide_chunk(req, res, s, min(n, s + self.batch_max)))
         self._done.put((items, req, res, chunks))
 
-    def _decide_chunk(self, req_all: np.ndarray, res: DecisionBatch, s: int, e: int) -> Any:
+    def _decide_chunk(self, req_all: np.ndarray, res: DecisionBatch, s: int, e: int) -> Chunk:
+        """Dedup, score and decide rows s..e; log the decisions and queue the chunk's transfers for the ledger."""
         req = req_all[s:e]
-        n = e - s
         t_start = time.perf_counter()
-        ids = req["id"]
-        # Requests already decided (a retry after a lost reply) get the stored decision, not a new one.
+        known, dup_of = self._already_decided(req["id"])
+        fresh = np.flatnonzero(~known)
+        fr = req[fresh] if len(fresh) != len(req) else req
+        amount = fr["amount"] / self.amount_scale
+        acc_rows = self.window.account_rows(fr["debit_account_id"])
+        x = self.features.build(fr, self.window.features(acc_rows, fr["time"], amount))
+        t_feat = time.perf_counter()
+        score, model_error = self._score(x)
+        t_score = time.perf_counter()
+        outcome, reason = decide(score, self.policy, model_error)
+        # The decision is durable before the ledger sees the transfer: the ledger never holds a transfer
+        # without its decision, and at start any decision without its transfer is withdrawn.
+        # Written now (a retry in the next chunk sees it); fsynced by the commit thread.
+        self.store.add_decisions(self._decision_rows(fr, score, outcome, reason),
+                                 fresh=self.store.last_low_hits == 0 and dup_of is None)
+        t_store = time.perf_counter()
+        send = outcome != Outcome.REJECTED
+        k = int(send.sum())
+        tr = None
+        if k:
+            tr = transfer_rows(fr[send] if k != len(fr) else fr, outcome[send] == Outcome.REVIEW,
+                               self.policy.review_timeout_s)
+            self.window.add(acc_rows, fr["time"], amount, None if k == len(fr) else send)
+        chunk = Chunk(s, e, known, dup_of, fresh, outcome, score, reason, send, Future(), tr, t_store)
+        self._commits.put((tr, chunk.ledger))
+        _STAGE.labels("features").observe(t_feat - t_start)
+        _STAGE.labels("score").observe(t_score - t_feat)
+        _STAGE.labels("decision_log").observe(t_store - t_score)
+        return chunk
+
+    def _already_decided(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(rows decided before or repeated earlier in ``ids``, each row's first occurrence or None if none
+        repeats): a retry after a lost reply gets the stored decision, not a new one."""
+        n = len(ids)
         known = self.store.known_mask(ids)
         lo = ids[:, 0]
-        dup_of = None
         # Strictly increasing low words (the usual stream) cannot repeat: no Python set over the batch.
         if n > 1 and not bool((lo[1:] > lo[:-1]).all()) and len(set(lo.tolist())) != n:
             v = np.ascontiguousarray(ids).view([("lo", "<u8"), ("hi", "<u8")]).ravel()
             _, first, inv = np.unique(v, return_index=True, return_inverse=True)
             dup_of = first[inv.reshape(-1)]
             known |= dup_of != np.arange(n)
-        fresh = np.flatnonzero(~known)
-        fr = req[fresh] if len(fresh) != n else req
-        m = len(fr)
-        amount = fr["amount"] / self.amount_scale
-        acc_rows = self.window.account_rows(fr["debit_account_id"])
-        times = fr["time"]
-        vel = self.window.features(acc_rows, times, amount)
-        x = self.features.build(fr, vel)
-        t_feat = time.perf_counter()
-        model_error = False
+            return known, dup_of
+        return known, None
+
+    def _score(self, x: np.ndarray) -> tuple[np.ndarray, bool]:
+        """(scores, whether the model failed): a failure gives NaN scores, which send the rows to review."""
+        m = len(x)
         try:
             score = self.scorer.score(x) if m else np.zeros(0, np.float32)
             if score.shape != (m,):
                 raise BlazilError(f"model returned shape {score.shape} for {m} rows")
+            return score, False
         except Exception as exc:
             log.error("fraud model failed on a chunk of %d transfers (sent to review): %s", m, exc)
             _MODEL_ERRORS.inc()
-            model_error = True
-            score = np.full(m, np.nan, np.float32)
-        t_score = time.perf_counter()
-        pol = self.policy
-        bad = ~np.isfinite(score)
-        outcome = np.where(score < pol.review_at, Outcome.APPROVED,
-                           np.where(score < pol.reject_at, Outcome.REVIEW, Outcome.REJECTED)).astype(np.uint8)
-        reason = np.where(score < pol.review_at, Reason.LOW_SCORE,
-                          np.where(score < pol.reject_at, Reason.REVIEW_SCORE, Reason.HIGH_SCORE)).astype(np.uint8)
-        if bad.any() or model_error:
-            outcome[bad] = Outcome.REVIEW
-            reason[bad] = Reason.MODEL_ERROR
-        now_ns = time.time_ns()
-        rows = np.zeros(m, dtype=DECISION_DTYPE)
+            return np.full(m, np.nan, np.float32), True
+
+    def _decision_rows(self, fr: np.ndarray, score: np.ndarray, outcome: np.ndarray, reason: np.ndarray
+                       ) -> np.ndarray:
+        """The decision log's rows for the scored requests ``fr``."""
+        rows = np.zeros(len(fr), dtype=DECISION_DTYPE)
         for f in ("id", "debit_account_id", "credit_account_id", "amount", "time"):
             rows[f] = fr[f]
-        rows["decided_at"] = now_ns
+        rows["decided_at"] = time.time_ns()
         rows["score"] = score
         rows["policy"] = self.policy_index
         rows["outcome"] = outcome
         rows["reason"] = reason
         rows["state"] = np.where(outcome == Outcome.REVIEW, ReviewState.PENDING, ReviewState.NONE)
-        # The decision is durable before the ledger sees the transfer: the ledger never holds a transfer
-        # without its decision, and at start any decision without its transfer is withdrawn.
-        # Written now (a retry in the next chunk sees it); fsynced by the commit thread.
-        self.store.add_decisions(rows, fresh=self.store.last_low_hits == 0 and dup_of is None)
-        t_store = time.perf_counter()
-        send = outcome != Outcome.REJECTED
-        k = int(send.sum())
-        fut: Future[Any] = Future()
-        tr = None
-        if k:
-            src = fr[send] if k != m else fr
-            tr = np.zeros(k, dtype=TRANSFER_DTYPE)
-            tr["id"] = src["id"]
-            tr["debit_account_id"][:, 0] = src["debit_account_id"]
-            tr["credit_account_id"][:, 0] = src["credit_account_id"]
-            tr["amount"][:, 0] = src["amount"]
-            tr["ledger"] = src["ledger"]
-            tr["code"] = src["code"]
-            tr["user_data_64"] = np.round(src["time"] * 1e6).astype(np.uint64)
-            review = outcome[send] == Outcome.REVIEW
-            tr["flags"] = np.where(review, np.uint16(TransferFlags.PENDING), np.uint16(0))
-            tr["timeout"] = np.where(review, np.uint32(pol.review_timeout_s), np.uint32(0))
-            self.window.add(acc_rows, times, amount, None if k == m else send)
-        self._commits.put((tr, fut))
-        _STAGE.labels("features").observe(t_feat - t_start)
-        _STAGE.labels("score").observe(t_score - t_feat)
-        _STAGE.labels("decision_log").observe(t_store - t_score)
-        fresh_res = (outcome, score, reason)
-        return (s, e, known, dup_of, fresh, fresh_res, send, fut, tr, t_store)
+        return rows
 
     # ---------------------------------------------------------------- completion
 
@@ -479,46 +487,26 @@ class FraudService:
                 k = len(r)
                 fut.set_result(DecisionBatch(res.outcome[off:off + k], res.score[off:off + k],
                                              res.reason[off:off + k], res.ledger_status[off:off + k]))
-                observe_many(_LATENCY, now - t0, k)  # type: ignore[arg-type]
+                metrics.observe_many(_LATENCY, now - t0, k)
                 off += k
 
-    def _complete(self, req: np.ndarray, res: DecisionBatch, chunks: list[Any]) -> None:
-        changes = []
+    def _complete(self, req: np.ndarray, res: DecisionBatch, chunks: list[Chunk]) -> None:
+        changes: list[np.ndarray] = []
         due: list[tuple[float, int]] = []
-        for s, e, known, dup_of, fresh, (outcome, score, reason), send, fut, tr, t_store in chunks:
-            status = np.zeros(len(outcome), np.uint32)
-            st = fut.result()  # the decision log is durable once this returns; st: the ledger's statuses
-            if tr is not None:
-                _STAGE.labels("ledger").observe(time.perf_counter() - t_store)
-                failed = (st != _OK_STATUSES[0]) & (st != _OK_STATUSES[1])
-                st = np.where(failed, st, 0).astype(np.uint32)
-                status[send] = st
-                if failed.any():
-                    fidx = np.flatnonzero(send)[failed]
-                    outcome = outcome.copy()
-                    outcome[fidx] = Outcome.FAILED
-                    reason = reason.copy()
-                    reason[fidx] = Reason.LEDGER_REFUSED
-                    changes.append(change_rows(tr["id"][failed], at=time.time_ns(), state=ReviewState.NONE,
-                                               outcome=Outcome.FAILED, reason=Reason.LEDGER_REFUSED,
-                                               ledger_status=st[failed]))
-                rev = (outcome == Outcome.REVIEW)
-                if rev.any():
-                    deadline = time.time() + self.policy.review_timeout_s
-                    for lo, hi in tr["id"][(tr["flags"] == TransferFlags.PENDING) & ~failed].tolist():
-                        due.append((deadline, int(lo) | (int(hi) << 64)))
-            at: Any = slice(s, e) if len(fresh) == e - s else s + fresh  # all fresh (usual): plain copies
-            res.outcome[at] = outcome
-            res.score[at] = score
+        for c in chunks:
+            outcome, reason, status = self._ledger_answer(c, changes, due)
+            at: Any = slice(c.start, c.end) if len(c.fresh) == c.end - c.start else c.start + c.fresh
+            res.outcome[at] = outcome  # all fresh (usual): plain copies
+            res.score[at] = c.score
             res.reason[at] = reason
             res.ledger_status[at] = status
             by_outcome = np.bincount(outcome, minlength=len(_OUTCOME_NAMES) + 1)
             for o, name in _OUTCOME_NAMES.items():
                 if by_outcome[o]:
                     _DECISIONS.labels(name).inc(int(by_outcome[o]))
-            observe_many(_SCORES, score.astype(np.float64))
-            if known.any():
-                self._fill_known(req, res, s, e, known, dup_of)
+            metrics.observe_many(_SCORES, c.score)
+            if c.known.any():
+                self._fill_known(req, res, c.start, c.end, c.known, c.dup_of)
         if changes:
             self.store.add_changes(np.concatenate(changes))
             self.store.sync()
@@ -527,6 +515,35 @@ class FraudService:
                 for d in due:
                     heapq.heappush(self._expiry, d)
             _PENDING.inc(len(due))
+
+    def _ledger_answer(self, c: Chunk, changes: list[np.ndarray], due: list[tuple[float, int]]
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Wait for the chunk's transfers to be durable; (outcome, reason, ledger status) of its fresh rows, with
+        refused transfers turned into failures (their decision changes appended to ``changes``) and the held
+        ones' review deadlines appended to ``due``."""
+        outcome, reason = c.outcome, c.reason
+        status = np.zeros(len(outcome), np.uint32)
+        st = c.ledger.result()  # the decision log is durable once this returns; st: the ledger's statuses
+        tr = c.transfers
+        if tr is None:
+            return outcome, reason, status
+        _STAGE.labels("ledger").observe(time.perf_counter() - c.stored_at)
+        failed = (st != _OK_STATUSES[0]) & (st != _OK_STATUSES[1])
+        st = np.where(failed, st, 0).astype(np.uint32)
+        status[c.send] = st
+        if failed.any():
+            fidx = np.flatnonzero(c.send)[failed]
+            outcome = outcome.copy()
+            outcome[fidx] = Outcome.FAILED
+            reason = reason.copy()
+            reason[fidx] = Reason.LEDGER_REFUSED
+            changes.append(change_rows(tr["id"][failed], at=time.time_ns(), state=ReviewState.NONE,
+                                       outcome=Outcome.FAILED, reason=Reason.LEDGER_REFUSED,
+                                       ledger_status=st[failed]))
+        if (outcome == Outcome.REVIEW).any():
+            deadline = time.time() + self.policy.review_timeout_s
+            due.extend((deadline, t) for t in u128_column(tr[(tr["flags"] == TransferFlags.PENDING) & ~failed]))
+        return outcome, reason, status
 
     def _fill_known(self, req: np.ndarray, res: DecisionBatch, s: int, e: int, known: np.ndarray,
                     dup_of: np.ndarray | None) -> None:
@@ -539,8 +556,7 @@ class FraudService:
                         res.outcome[j], res.score[j] = res.outcome[src], res.score[src]
                         res.reason[j], res.ledger_status[j] = res.reason[src], res.ledger_status[src]
                     continue
-            lo, hi = req["id"][j].tolist()
-            r = self.store.row_of(int(lo) | (int(hi) << 64))
+            r = self.store.row_of(u128(req["id"][j]))
             if r is not None:
                 row = self.store.rows[r]
                 if not _refuse_different(res, j, req[j], row):
@@ -580,7 +596,7 @@ class FraudService:
         """Post or void pending transfers (ids: pending id with RESOLVE_BIT) and record the new states."""
         n = len(tids)
         tr = np.zeros(n, dtype=TRANSFER_DTYPE)
-        ids = np.array([[t & 0xFFFFFFFFFFFFFFFF, t >> 64] for t in tids], dtype=np.uint64).reshape(n, 2)
+        ids = u128_to_words(tids, field="transfer_id")
         tr["pending_id"] = ids
         tr["id"] = ids
         tr["id"][:, 1] |= np.uint64(RESOLVE_BIT >> 64)

@@ -34,6 +34,7 @@ from blazil_ai.errors import DataError
 from blazil_ai.fraud.types import Decision, Outcome, Policy, Reason, ReviewState, finite_or_none, reason_text
 from blazil_ai.ledger import journal
 from blazil_ai.ledger.journal import KIND_SEAL
+from blazil_ai.ledger.types import U64_MASK, u128
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +285,7 @@ class DecisionStore:
         self.n += n
         taken = self.index.insert(rows["id"][:, 0], np.arange(start, start + n, dtype=np.int64), fresh=fresh)
         for k in np.flatnonzero(taken).tolist():  # a low word seen before: found by its full id instead
-            low, high = (int(v) for v in rows["id"][k])
-            self.collisions[(high << 64) | low] = start + k
+            self.collisions[u128(rows["id"][k])] = start + k
         return range(start, start + n)
 
     def row_of(self, tid: int) -> int | None:
@@ -293,11 +293,10 @@ class DecisionStore:
         r = self.collisions.get(tid)
         if r is not None:
             return r
-        r = int(self.index.lookup(np.array([tid & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0])
+        r = int(self.index.lookup(np.array([tid & U64_MASK], dtype=np.uint64))[0])
         if r < 0:
             return None
-        row = self.rows["id"][r]
-        if (int(row[1]) << 64 | int(row[0])) != tid:
+        if u128(self.rows["id"][r]) != tid:
             return None
         return r
 
@@ -310,19 +309,19 @@ class DecisionStore:
             known[known] = self.rows["id"][rows[known], 1] == ids[known, 1]
         if self.collisions:
             for i in np.flatnonzero(~known).tolist():
-                known[i] = ((int(ids[i, 1]) << 64) | int(ids[i, 0])) in self.collisions
+                known[i] = u128(ids[i]) in self.collisions
         return known
 
     def _apply_changes(self, changes: np.ndarray) -> None:
         for c in changes:
-            tid = int(c["id"][0]) | (int(c["id"][1]) << 64)
+            tid = u128(c["id"])
             r = self.row_of(tid)
             if r is None:
                 continue
             if c["withdrawn"]:
                 # Never reached the ledger and never acknowledged: forget it, so a retry is scored afresh.
                 if self.collisions.pop(tid, None) is None:
-                    self.index.remove(tid & 0xFFFFFFFFFFFFFFFF)
+                    self.index.remove(tid & U64_MASK)
                 self.rows["outcome"][r] = 0
                 continue
             self.rows["state"][r] = c["state"]
@@ -343,7 +342,7 @@ class DecisionStore:
         status_name = "" if status == 0 else _status_name(status, CreateTransferStatus)
         score = float(row["score"])
         return Decision(
-            transfer_id=int(row["id"][0]) | (int(row["id"][1]) << 64),
+            transfer_id=u128(row["id"]),
             debit_account_id=int(row["debit_account_id"]), credit_account_id=int(row["credit_account_id"]),
             amount=int(row["amount"]), time=float(row["time"]), score=finite_or_none(score),
             outcome=Outcome(int(row["outcome"])).name.lower(),

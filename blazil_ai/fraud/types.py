@@ -19,6 +19,7 @@ import numpy as np
 
 from blazil_ai.datasets.transactions import CHANNELS, COUNTRIES, DEVICES, MERCHANTS
 from blazil_ai.errors import DataError
+from blazil_ai.ledger.types import u128_to_words
 
 # Vocabulary of each categorical context field; code 255 means "not in the vocabulary" (the model's
 # __other__ slot). The lists extend the simulator's (ATM withdrawals use merchant category "cash").
@@ -155,8 +156,7 @@ def make_requests(columns: Mapping[str, Any]) -> np.ndarray:
         for i, v in enumerate(vals):
             if not 0 < v < RESOLVE_BIT:
                 raise DataError(f"request {i}: transfer id {v} must be in 1..2^127-1", field="id")
-        out["id"][:, 0] = [v & 0xFFFFFFFFFFFFFFFF for v in vals]
-        out["id"][:, 1] = [v >> 64 for v in vals]
+        out["id"] = u128_to_words(vals, field="id")
     for name in ("debit_account_id", "credit_account_id", "amount"):
         col = np.atleast_1d(np.asarray(columns[name]))
         if col.dtype.kind == "f" and (col != np.floor(col)).any():
@@ -286,13 +286,6 @@ def request_records(records: Sequence[Mapping[str, Any]]) -> np.ndarray:
             cols[name] = np.array(vals, dtype=np.uint64)
     cols["id"] = [int(v) for v in cols["id"]]
     return make_requests(cols)
-
-
-def ids_of(req: np.ndarray) -> list[int]:
-    """The 128-bit transfer ids of a request batch as Python ints."""
-    lo = req["id"][:, 0].tolist()
-    hi = req["id"][:, 1].tolist()
-    return [(h << 64) | v for v, h in zip(lo, hi)]
 
 
 def finite_or_none(x: float) -> float | None:

@@ -24,6 +24,7 @@ from blazil_ai.ledger.types import (
     CreateAccountStatus,
     CreateTransferResult,
     CreateTransferStatus,
+    Operation,
     QueryFilter,
     QueryFilterFlags,
     Transfer,
@@ -38,7 +39,7 @@ from blazil_ai.ledger.types import (
 __all__ = [
     "ACCOUNT_DTYPE", "AMOUNT_MAX", "BATCH_MAX", "STATUS_OK", "TRANSFER_DTYPE", "Account", "AccountBalance",
     "AccountFilter", "AccountFilterFlags", "AccountFlags", "CreateAccountResult", "CreateAccountStatus",
-    "CreateTransferResult", "CreateTransferStatus", "LedgerClient", "QueryFilter", "QueryFilterFlags",
+    "CreateTransferResult", "CreateTransferStatus", "LedgerClient", "Operation", "QueryFilter", "QueryFilterFlags",
     "RingBuffer", "Transfer", "TransferFlags", "accounts_to_array", "array_to_accounts", "array_to_transfers",
     "connect", "id", "transfers_to_array",
 ]

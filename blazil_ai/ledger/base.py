@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
+from blazil_ai.futures import completed, then
 from blazil_ai.ledger.types import (
     Account,
     AccountBalance,
     AccountFilter,
+    Operation,
     QueryFilter,
     Transfer,
     account_results,
@@ -24,81 +26,61 @@ from blazil_ai.ledger.types import (
 )
 
 
-def completed_future(fn: Callable[..., Any], *args: Any) -> Future[Any]:
-    """Run ``fn(*args)`` now; its result, or the exception it raised, as a completed future."""
-    fut: Future[Any] = Future()
-    try:
-        fut.set_result(fn(*args))
-    except Exception as e:
-        fut.set_exception(e)
-    return fut
-
-
 class LedgerClient:
     """The operations every backend offers; subclasses implement ``_call(op, arg)`` on numpy batches."""
 
-    def _call(self, op: str, arg: Any) -> Any:
+    def _call(self, op: Operation, arg: Any) -> Any:
         raise NotImplementedError
 
-    def submit(self, op: str, arg: Any) -> Future[Any]:
+    def submit(self, op: Operation | str, arg: Any) -> Future[Any]:
         """Start one request and return a future of its raw result (pipelining: several may be in flight)."""
-        return completed_future(self._call, op, arg)
+        return completed(self._call, Operation.of(op), arg)
 
     def create_accounts(self, accounts: Sequence[Account] | np.ndarray) -> Any:
         """Create accounts: list of CreateAccountResult, or a uint32 status array (0 = created) for numpy input."""
-        status, stamps = self._call("create_accounts", as_account_array(accounts))
+        status, stamps = self._call(Operation.CREATE_ACCOUNTS, as_account_array(accounts))
         if isinstance(accounts, np.ndarray):
             return numpy_status(status)
         return account_results(status, stamps)
 
     def create_transfers(self, transfers: Sequence[Transfer] | np.ndarray) -> Any:
         """Create transfers: list of CreateTransferResult, or a uint32 status array (0 = created) for numpy input."""
-        status, stamps = self._call("create_transfers", as_transfer_array(transfers))
+        status, stamps = self._call(Operation.CREATE_TRANSFERS, as_transfer_array(transfers))
         if isinstance(transfers, np.ndarray):
             return numpy_status(status)
         return transfer_results(status, stamps)
 
     def create_transfers_async(self, transfers: np.ndarray) -> Future[Any]:
         """Submit a numpy batch without waiting; the future gives the status array (0 = created)."""
-        out: Future[Any] = Future()
-        inner = self.submit("create_transfers", as_transfer_array(transfers))
-
-        def done(f: Future[Any]) -> None:
-            try:
-                out.set_result(numpy_status(f.result()[0]))
-            except Exception as e:
-                out.set_exception(e)
-        inner.add_done_callback(done)
-        return out
-
-    def create_results(self, transfers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Numpy batch in, (status with 0 = created, timestamps) out."""
-        status, stamps = self._call("create_transfers", as_transfer_array(transfers))
-        return numpy_status(status), stamps
+        return then(self.submit(Operation.CREATE_TRANSFERS, as_transfer_array(transfers)), lambda r: numpy_status(r[0]))
 
     def lookup_accounts(self, ids: Sequence[int]) -> list[Account]:
         """The accounts that exist among ``ids``."""
-        return array_to_accounts(self._call("lookup_accounts", [int(i) for i in ids]))
+        return array_to_accounts(self._call(Operation.LOOKUP_ACCOUNTS, [int(i) for i in ids]))
 
     def lookup_transfers(self, ids: Sequence[int]) -> list[Transfer]:
         """The transfers that exist among ``ids``."""
-        return array_to_transfers(self._call("lookup_transfers", [int(i) for i in ids]))
+        return array_to_transfers(self._call(Operation.LOOKUP_TRANSFERS, [int(i) for i in ids]))
 
     def get_account_transfers(self, filter: AccountFilter) -> list[Transfer]:  # noqa: A002 - client's name
         """Transfers of one account (history), filtered and limited."""
-        return array_to_transfers(self._call("get_account_transfers", filter))
+        return array_to_transfers(self._call(Operation.GET_ACCOUNT_TRANSFERS, filter))
 
     def get_account_balances(self, filter: AccountFilter) -> list[AccountBalance]:  # noqa: A002
         """Balances after each transfer of an account with ``flags.history``."""
-        return [AccountBalance(*row) for row in self._call("get_account_balances", filter)]
+        return [AccountBalance(*row) for row in self._call(Operation.GET_ACCOUNT_BALANCES, filter)]
 
     def query_accounts(self, query_filter: QueryFilter) -> list[Account]:
         """Accounts matching the filter."""
-        return array_to_accounts(self._call("query_accounts", query_filter))
+        return array_to_accounts(self._call(Operation.QUERY_ACCOUNTS, query_filter))
 
     def query_transfers(self, query_filter: QueryFilter) -> list[Transfer]:
         """Transfers matching the filter."""
-        return array_to_transfers(self._call("query_transfers", query_filter))
+        return array_to_transfers(self.query_transfers_array(query_filter))
+
+    def query_transfers_array(self, query_filter: QueryFilter) -> np.ndarray:
+        """Transfers matching the filter as a TRANSFER_DTYPE array (no Python object per transfer)."""
+        return self._call(Operation.QUERY_TRANSFERS, query_filter)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         """Release the backend."""

@@ -20,10 +20,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from blazil_ai.errors import ConfigError
-from blazil_ai.ledger.base import LedgerClient, completed_future
+from blazil_ai.ledger.base import LedgerClient
 from blazil_ai.ledger.embedded import EmbeddedClient, open_embedded
 
-__all__ = ["EmbeddedClient", "LedgerClient", "completed_future", "connect", "open_embedded"]
+__all__ = ["EmbeddedClient", "LedgerClient", "connect", "open_embedded"]
 
 
 def connect(address: str | os.PathLike[str], **options: Any) -> LedgerClient:

@@ -124,6 +124,7 @@ def inspect(directory: str) -> dict[str, Any]:
     from blazil_ai.ledger.checkpoint import checkpoints
     from blazil_ai.ledger.client import open_embedded
     from blazil_ai.ledger.shards import ShardedLedger
+    from blazil_ai.ledger.types import LocalOp
     from blazil_ai.ledger.wal import scan_segment, segments
 
     root = Path(directory)
@@ -142,7 +143,7 @@ def inspect(directory: str) -> dict[str, Any]:
                 "log_segments": [{"name": p.name, "bytes": p.stat().st_size, "entry_bytes": scan_segment(p).end}
                                  for _first, p in segs],
             })
-        totals = backend.call("totals")
+        totals = backend.call(LocalOp.TOTALS)
         out: dict[str, Any] = {"directory": str(root), "shards": len(locals_), "shard_details": shards,
                                "totals": {k: str(v) for k, v in totals.items()},
                                "balanced": totals["debits_posted"] == totals["credits_posted"]}

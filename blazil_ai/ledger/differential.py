@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from blazil_ai.ledger import types as T
-from blazil_ai.ledger.types import AMOUNT_MAX, U128_MAX, AccountFlags, TransferFlags
+from blazil_ai.ledger.types import AMOUNT_MAX, U128_MAX, AccountFlags, Operation, TransferFlags
 
 AF, TF = AccountFlags, TransferFlags
 CT, CA = T.CreateTransferStatus, T.CreateAccountStatus
@@ -300,16 +300,16 @@ class Side:
         tr["id"] = T.u128_to_words([w.prefix | 0xFFFF_FFF2])
         tr["debit_account_id"], tr["credit_account_id"] = accs["id"][:1], accs["id"][1:]
         tr["ledger"], tr["code"] = MARKER_LEDGER, 1
-        for op, arr in (("create_accounts", accs), ("create_transfers", tr)):
+        for op, arr in ((Operation.CREATE_ACCOUNTS, accs), (Operation.CREATE_TRANSFERS, tr)):
             status, _ = self.c._call(op, arr)
             if (status != CREATED).any():
-                raise RuntimeError(f"{self.name}: marker {op} failed: {status.tolist()}")
+                raise RuntimeError(f"{self.name}: marker {op.key} failed: {status.tolist()}")
 
     def sync(self) -> None:
         """Read the newest account and transfer timestamps (a cluster may hold other seeds' and tests' objects)."""
         q = T.QueryFilter(0, 0, 0, 0, 0, 0, 0, 1, T.QueryFilterFlags.REVERSED)
-        acc = self.c._call("query_accounts", q)
-        tr = self.c._call("query_transfers", q)
+        acc = self.c._call(Operation.QUERY_ACCOUNTS, q)
+        tr = self.c._call(Operation.QUERY_TRANSFERS, q)
         self.newest_transfer = int(tr["timestamp"][0]) if len(tr) else 0
         self.newest = max(self.newest_transfer, int(acc["timestamp"][0]) if len(acc) else 0)
 
@@ -326,14 +326,15 @@ class Side:
         return self.newest_transfer + v
 
     def run(self, b: Batch) -> tuple[list[int], list[str], list[int]]:
-        dtype = T.ACCOUNT_DTYPE if b.kind == "accounts" else T.TRANSFER_DTYPE
+        op = Operation.CREATE_ACCOUNTS if b.kind == "accounts" else Operation.CREATE_TRANSFERS
+        dtype = T.OPERATIONS[op].event
         arr = np.zeros(len(b.events), dtype=dtype)
         for name in dtype.names or ():
             vals = [e[name] for e in b.events]
             arr[name] = T.u128_to_words(vals) if arr[name].ndim == 2 else vals
         given = [self.stamp(s) for s in b.stamp]
         arr["timestamp"] = given
-        status, stamps = self.c._call("create_" + b.kind, arr)
+        status, stamps = self.c._call(op, arr)
         status, stamps = status.tolist(), stamps.tolist()
         for st, ts in zip(status, stamps):
             if st == CREATED:
@@ -375,19 +376,19 @@ def _state(side: Side, w: World) -> dict[str, Any]:
     c = side.c
     both = T.AccountFilterFlags.DEBITS | T.AccountFilterFlags.CREDITS
     out: dict[str, Any] = {
-        "accounts": _records(c._call("lookup_accounts", w.accounts + [w.prefix | 999])),
-        "transfers": _records(c._call("lookup_transfers", w.transfer_ids)),
+        "accounts": _records(c._call(Operation.LOOKUP_ACCOUNTS, w.accounts + [w.prefix | 999])),
+        "transfers": _records(c._call(Operation.LOOKUP_TRANSFERS, w.transfer_ids)),
     }
     for aid in w.accounts:
-        f = T.AccountFilter(aid, 0, 0, 0, 0, 0, 0, 8189, both)
-        out[f"history {aid & 0xFF}"] = [r[0] for r in _records(c._call("get_account_transfers", f))]
-        out[f"balances {aid & 0xFF}"] = [row[:4] for row in c._call("get_account_balances", f)]
+        f = T.AccountFilter(aid, 0, 0, 0, 0, 0, 0, T.BATCH_MAX, both)
+        out[f"history {aid & 0xFF}"] = [r[0] for r in _records(c._call(Operation.GET_ACCOUNT_TRANSFERS, f))]
+        out[f"balances {aid & 0xFF}"] = [row[:4] for row in c._call(Operation.GET_ACCOUNT_BALANCES, f)]
         f = T.AccountFilter(aid, 0, 0, 0, 0, 0, 0, 3, both | T.AccountFilterFlags.REVERSED)
-        out[f"newest {aid & 0xFF}"] = [r[0] for r in _records(c._call("get_account_transfers", f))]
+        out[f"newest {aid & 0xFF}"] = [r[0] for r in _records(c._call(Operation.GET_ACCOUNT_TRANSFERS, f))]
     for ledger in w.ledgers:
-        q = T.QueryFilter(0, 0, 0, ledger, 0, 0, 0, 8189, T.QueryFilterFlags.NONE)
-        out[f"query accounts {ledger}"] = [r[0] for r in _records(c._call("query_accounts", q))]
-        out[f"query transfers {ledger}"] = [r[0] for r in _records(c._call("query_transfers", q))]
+        q = T.QueryFilter(0, 0, 0, ledger, 0, 0, 0, T.BATCH_MAX, T.QueryFilterFlags.NONE)
+        out[f"query accounts {ledger}"] = [r[0] for r in _records(c._call(Operation.QUERY_ACCOUNTS, q))]
+        out[f"query transfers {ledger}"] = [r[0] for r in _records(c._call(Operation.QUERY_TRANSFERS, q))]
     return out
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from blazil_ai.errors import ConfigError
 from blazil_ai.ledger.base import LedgerClient
+from blazil_ai.ledger.types import Operation
 
 
 class EmbeddedClient(LedgerClient):
@@ -17,10 +18,10 @@ class EmbeddedClient(LedgerClient):
     def __init__(self, backend: Any) -> None:
         self.backend = backend
 
-    def _call(self, op: str, arg: Any) -> Any:
+    def _call(self, op: Operation, arg: Any) -> Any:
         return self.backend.call(op, arg)
 
-    def submit(self, op: str, arg: Any) -> Future[Any]:
+    def submit(self, op: Operation | str, arg: Any) -> Future[Any]:
         """Queue a request on the engine's ring buffer; completes when durable."""
         return self.backend.submit(op, arg)  # type: ignore[no-any-return]
 

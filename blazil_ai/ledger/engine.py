@@ -748,7 +748,7 @@ class Engine:
         cr = self.account_rows[p_cr]
         rec = resolved_record(t, p, actual, ts)
         trow = self.insert_transfer(rec)
-        self._release_pending(prow, dr, cr, p_amount)
+        self._release_pending(dr, cr, p_amount)
         if post:
             self._set_balance(dr, "debits_posted", self._balance(dr, "debits_posted") + actual)
             self._set_balance(cr, "credits_posted", self._balance(cr, "credits_posted") + actual)
@@ -760,7 +760,7 @@ class Engine:
         self._record_history(cr, trow)
         return CREATED, ts
 
-    def _release_pending(self, prow: int, dr: int, cr: int, amount: int) -> None:
+    def _release_pending(self, dr: int, cr: int, amount: int) -> None:
         self._set_balance(dr, "debits_pending", self._balance(dr, "debits_pending") - amount)
         self._set_balance(cr, "credits_pending", self._balance(cr, "credits_pending") - amount)
 
@@ -814,7 +814,7 @@ class Engine:
             p = self.transfers[row]
             dr = self.account_rows[u128(p["debit_account_id"])]
             cr = self.account_rows[u128(p["credit_account_id"])]
-            self._release_pending(row, dr, cr, u128(p["amount"]))
+            self._release_pending(dr, cr, u128(p["amount"]))
             self._reopen_closed(int(p["flags"]), dr, cr)
             self.pending_state[row] = EXPIRED
             done += 1

@@ -26,6 +26,7 @@ from blazil_ai.errors import DataError
 from blazil_ai.ledger.journal import write_atomic
 
 NAME = "MANIFEST"
+LAYOUT = "shards.json"  # what makes a folder a sharded ledger (written by ledger/shards.py)
 FORMAT = "blazil-ledger"
 VERSION = 2
 

@@ -24,24 +24,28 @@ import numpy as np
 
 from blazil_ai import metrics
 from blazil_ai.errors import DataError
+from blazil_ai.futures import then
 from blazil_ai.ledger.base import LedgerClient
 from blazil_ai.ledger.embedded import open_embedded
 from blazil_ai.ledger.types import (
-    ACCOUNT_DTYPE,
-    TRANSFER_DTYPE,
+    BALANCE_DTYPE,
+    ID_DTYPE,
+    OPERATIONS,
+    RESULT_DTYPE,
+    U64_MASK,
     AccountFilter,
     AccountFilterFlags,
+    Operation,
     QueryFilter,
     QueryFilterFlags,
+    u128,
     u128_from_words,
     u128_to_words,
 )
-from blazil_ai.transport.rpc import Reply, RpcClient, RpcServer, then
+from blazil_ai.transport.rpc import Reply, RpcClient, RpcServer
 
 log = logging.getLogger(__name__)
 _U128_FILTER_FIELDS = ("account_id", "user_data_128")
-_OPS = ("create_accounts", "create_transfers", "lookup_accounts", "lookup_transfers", "get_account_transfers",
-        "get_account_balances", "query_accounts", "query_transfers")
 
 
 def filter_to_meta(f: AccountFilter | QueryFilter) -> dict[str, Any]:
@@ -49,7 +53,7 @@ def filter_to_meta(f: AccountFilter | QueryFilter) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": type(f).__name__}
     for fl in fields(f):
         v = int(getattr(f, fl.name))
-        out[fl.name] = [v & ((1 << 64) - 1), v >> 64] if fl.name in _U128_FILTER_FIELDS else v
+        out[fl.name] = [v & U64_MASK, v >> 64] if fl.name in _U128_FILTER_FIELDS else v
     return out
 
 
@@ -68,53 +72,70 @@ def meta_to_filter(meta: dict[str, Any]) -> AccountFilter | QueryFilter:
         if fl.name not in meta:
             raise DataError("missing", field=f"filter.{fl.name}")
         v = meta[fl.name]
-        values[fl.name] = (int(v[0]) | (int(v[1]) << 64)) if fl.name in _U128_FILTER_FIELDS else int(v)
+        values[fl.name] = u128(v) if fl.name in _U128_FILTER_FIELDS else int(v)
     values["flags"] = flag_type(values["flags"])
     return cls(**values)
 
 
-def decode_request(meta: dict[str, Any], arrays: list[np.ndarray]) -> Any:
+def wire_operation(name: Any) -> Operation:
+    """The operation a request names (``meta["op"]``); DataError naming anything else."""
+    try:
+        return Operation.of(name)
+    except ValueError as e:
+        raise DataError(str(e), field="op") from None
+
+
+def encode_request(op: Operation, arg: Any) -> Reply:
+    """The metadata and arrays of one request (``op`` itself goes as ``meta["op"]``)."""
+    event = OPERATIONS[op].event
+    if event is ID_DTYPE:
+        return {}, [u128_to_words(list(arg), field="id")]
+    if isinstance(event, np.dtype):
+        return {}, [np.ascontiguousarray(arg)]
+    return {"filter": filter_to_meta(arg)}, []
+
+
+def decode_request(op: Operation, meta: dict[str, Any], arrays: list[np.ndarray]) -> Any:
     """The backend argument of one request."""
-    op = meta.get("op")
-    if op in ("create_accounts", "create_transfers"):
-        if len(arrays) != 1 or arrays[0].dtype.itemsize != 128:
-            raise DataError(f"{op} needs one array of 128-byte records", field="arrays")
-        return arrays[0].view(TRANSFER_DTYPE if op == "create_transfers" else ACCOUNT_DTYPE).reshape(-1)
-    if op in ("lookup_accounts", "lookup_transfers"):
+    event = OPERATIONS[op].event
+    if event is ID_DTYPE:
         if len(arrays) != 1 or arrays[0].dtype != np.uint64 or arrays[0].ndim != 2 or arrays[0].shape[1] != 2:
-            raise DataError(f"{op} needs one (n, 2) uint64 array of ids", field="arrays")
+            raise DataError(f"{op.key} needs one (n, 2) uint64 array of ids", field="arrays")
         return u128_from_words(arrays[0])
-    if op in _OPS:
-        return meta_to_filter(meta.get("filter") or {})
-    raise DataError(f"unknown ledger operation {op!r}", field="op")
+    if isinstance(event, np.dtype):
+        if len(arrays) != 1 or arrays[0].dtype.itemsize != 128:
+            raise DataError(f"{op.key} needs one array of 128-byte records", field="arrays")
+        return arrays[0].view(event).reshape(-1)
+    return meta_to_filter(meta.get("filter") or {})
 
 
-def encode_reply(op: str, result: Any) -> list[np.ndarray]:
+def encode_reply(op: Operation, result: Any) -> list[np.ndarray]:
     """The arrays of one reply."""
-    if op in ("create_accounts", "create_transfers"):
+    kind = OPERATIONS[op].result
+    if kind is RESULT_DTYPE:
         status, stamps = result
         return [np.asarray(status, dtype=np.uint32), np.asarray(stamps, dtype=np.uint64)]
-    if op == "get_account_balances":
+    if kind is BALANCE_DTYPE:
         vals = [v for row in result for v in row[:4]]
         return [u128_to_words(vals).reshape(-1, 4, 2), np.array([r[4] for r in result], dtype=np.uint64)]
     return [result]
 
 
-def decode_reply(op: str, arrays: list[np.ndarray]) -> Any:
+def decode_reply(op: Operation, arrays: list[np.ndarray]) -> Any:
     """The backend-shaped result of one reply."""
-    if op in ("create_accounts", "create_transfers"):
+    kind = OPERATIONS[op].result
+    if kind is RESULT_DTYPE:
         return arrays[0], arrays[1]
-    if op == "get_account_balances":
+    if kind is BALANCE_DTYPE:
         vals = u128_from_words(arrays[0].reshape(-1, 2)) if arrays[0].size else []
         return [(*vals[4 * i: 4 * i + 4], int(ts)) for i, ts in enumerate(arrays[1].tolist())]
-    dtype = ACCOUNT_DTYPE if op in ("lookup_accounts", "query_accounts") else TRANSFER_DTYPE
-    return arrays[0].view(dtype).reshape(-1)
+    return arrays[0].view(kind).reshape(-1)
 
 
 class LedgerServer(RpcServer):
     """Serves a ledger directory on a transport URI until ``stop()``."""
 
-    ops = _OPS
+    ops = tuple(op.key for op in Operation)
 
     def __init__(self, data: str | Path, listen: str, *, shards: int | None = None, metrics_port: int | None = 0,
                  metrics_host: str = metrics.DEFAULT_HOST, **ledger_options: Any) -> None:
@@ -127,8 +148,9 @@ class LedgerServer(RpcServer):
 
     def dispatch(self, op: str, meta: dict[str, Any], arrays: list[np.ndarray]) -> Future[Reply]:
         """Queue the request on the ledger's ring buffer; the reply goes out once it is durable."""
-        arg = decode_request(meta, arrays)
-        return then(self.backend.submit(op, arg), lambda result: ({}, encode_reply(op, result)))
+        operation = wire_operation(op)
+        arg = decode_request(operation, meta, arrays)
+        return then(self.backend.submit(operation, arg), lambda result: ({}, encode_reply(operation, result)))
 
     def close(self) -> None:
         """Release the socket, the reply publications, /metrics and the ledger."""
@@ -146,19 +168,13 @@ class RemoteClient(LedgerClient):
                               **transport_options)
         self.reply_uri = self._rpc.reply_uri
 
-    def submit(self, op: str, arg: Any) -> Future[Any]:
+    def submit(self, op: Operation | str, arg: Any) -> Future[Any]:
         """Send one request; the future gives the backend-shaped result."""
-        meta: dict[str, Any] = {}
-        arrays: list[np.ndarray] = []
-        if op in ("create_accounts", "create_transfers"):
-            arrays = [np.ascontiguousarray(arg)]
-        elif op in ("lookup_accounts", "lookup_transfers"):
-            arrays = [u128_to_words(list(arg), field="id")]
-        else:
-            meta["filter"] = filter_to_meta(arg)
-        return self._rpc.send(op, meta, arrays, decode=lambda m: decode_reply(op, m.arrays))
+        operation = Operation.of(op)
+        meta, arrays = encode_request(operation, arg)
+        return self._rpc.send(operation.key, meta, arrays, decode=lambda m: decode_reply(operation, m.arrays))
 
-    def _call(self, op: str, arg: Any) -> Any:
+    def _call(self, op: Operation, arg: Any) -> Any:
         return self.submit(op, arg).result(timeout=self.timeout)
 
     def close(self) -> None:

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from blazil_ai.errors import ConfigError, DataError
-from blazil_ai.ledger.base import completed_future
+from blazil_ai.futures import completed
 from blazil_ai.ledger.engine import (
     CREATED,
     EXPIRED,
@@ -66,7 +66,8 @@ from blazil_ai.ledger.engine import (
     resolved_record,
     validate_transfer,
 )
-from blazil_ai.ledger.store import LocalLedger
+from blazil_ai.ledger.manifest import LAYOUT
+from blazil_ai.ledger.store import LocalLedger, Request
 from blazil_ai.ledger.types import (
     ACCOUNT_DTYPE,
     AMOUNT_MAX,
@@ -79,11 +80,14 @@ from blazil_ai.ledger.types import (
     AccountFilter,
     AccountFilterFlags,
     AccountFlags,
+    LocalOp,
+    Operation,
     QueryFilter,
     QueryFilterFlags,
     TransferFlags,
     as_account_array,
     as_transfer_array,
+    backend_op,
     transfers_to_array,
     u128,
     u128_column,
@@ -91,7 +95,6 @@ from blazil_ai.ledger.types import (
 from blazil_ai.ledger.types import CreateTransferStatus as CT
 from blazil_ai.ledger.wal import WriteAheadLog
 
-LAYOUT = "shards.json"
 CLEARING_HI = 0xFFFF_FFFF_FFFF_FFFE  # high word of clearing-account ids (reserved in a sharded ledger)
 KIND_INTENT, KIND_DECISION, KIND_DONE, KIND_EXPIRE = 3, 4, 5, 6
 ABORTED = 0  # decision code of an attempt that was rolled back and retried event by event
@@ -270,7 +273,7 @@ class ShardedLedger:
         return max(int(self._clock()), self.cross.last_timestamp + 1,
                    *(sh.engine.last_timestamp + 1 for sh in self.shards))
 
-    def _spread(self, op: str, batch: np.ndarray, home: np.ndarray, i: int, j: int
+    def _spread(self, op: Operation, batch: np.ndarray, home: np.ndarray, i: int, j: int
                 ) -> list[tuple[np.ndarray, Future[Any]]]:
         """Submit events i..j to their shards, event k stamped ``base + (k - i)`` wherever it lands, so the
         request's events keep its order in timestamps (and queries) as on one cluster."""
@@ -300,31 +303,32 @@ class ShardedLedger:
 
     # ---------------------------------------------------------------- interface of LocalLedger
 
-    def submit(self, op: str, arg: Any) -> Future[Any]:
+    def submit(self, op: Request | str, arg: Any) -> Future[Any]:
         """Run one request (the coordinator is synchronous) and return a completed future."""
-        return completed_future(self.call, op, arg)
+        return completed(self.call, op, arg)
 
-    def call(self, op: str, arg: Any = None) -> Any:
+    def call(self, op: Request | str, arg: Any = None) -> Any:
         """Run one request."""
+        op = backend_op(op)
         with self._lock:
-            if self.read_only and op in ("create_accounts", "create_transfers", "checkpoint", "expire"):
-                raise ConfigError(f"ledger {self.directory} is open read-only; {op} is refused")
+            if self.read_only and op.writes:
+                raise ConfigError(f"ledger {self.directory} is open read-only; {op.key} is refused")
             if not self.read_only:
                 self._expire_cross()
-            if op == "create_accounts":
+            if op is Operation.CREATE_ACCOUNTS:
                 return self._create_accounts(as_account_array(arg))
-            if op == "create_transfers":
+            if op is Operation.CREATE_TRANSFERS:
                 return self._create_transfers(as_transfer_array(arg))
-            if op == "checkpoint":
+            if op is LocalOp.CHECKPOINT:
                 return [s.checkpoint() for s in self.shards]
-            handler = getattr(self, "_" + op, None)
+            handler = getattr(self, "_" + op.key, None)  # the reads, _totals and _expire
             if handler is None:
-                raise ValueError(f"unknown ledger operation {op!r}")
+                raise ValueError(f"unknown ledger operation {op.key!r} for a sharded ledger")
             return handler(arg)
 
     def checkpoint(self) -> list[int]:
         """Checkpoint every shard."""
-        return self.call("checkpoint")  # type: ignore[no-any-return]
+        return self.call(LocalOp.CHECKPOINT)  # type: ignore[no-any-return]
 
     def close(self, checkpoint: bool = False) -> None:
         """Close every shard and the coordinator log."""
@@ -354,7 +358,7 @@ class ShardedLedger:
         self._check_chains(batch["flags"], home, "account")
         status = np.full(n, CREATED, dtype=np.uint32)
         stamps = np.zeros(n, dtype=np.uint64)
-        for idx, fut in self._spread("create_accounts", batch, home, 0, n):
+        for idx, fut in self._spread(Operation.CREATE_ACCOUNTS, batch, home, 0, n):
             status[idx], stamps[idx] = fut.result()
         return status, stamps
 
@@ -470,11 +474,11 @@ class ShardedLedger:
     def _settle(self) -> None:
         # Reads of shard engine state below happen between requests; wait for queued ones to finish.
         for s in self.shards:
-            s.call("barrier")
+            s.call(LocalOp.BARRIER)
 
     def _local_run(self, batch: np.ndarray, home: np.ndarray, i: int, j: int, status: np.ndarray,
                    stamps: np.ndarray) -> None:
-        for idx, fut in self._spread("create_transfers", batch, home, i, j):
+        for idx, fut in self._spread(Operation.CREATE_TRANSFERS, batch, home, i, j):
             status[idx], stamps[idx] = fut.result()
 
     # ---------------------------------------------------------------- cross-shard two-phase commit
@@ -593,9 +597,9 @@ class ShardedLedger:
             arr["pending_id"][0] = (lpid & U64_MASK, lpid >> 64)
             arr["amount"][0] = (rec["amount"] & U64_MASK, rec["amount"] >> 64) if post else (0, 0)
             arr["flags"] = int(TransferFlags.POST_PENDING_TRANSFER if post else TransferFlags.VOID_PENDING_TRANSFER)
-            futs.append(self.shards[shard_of(aid, self.n)].submit("create_transfers", arr))
-        for f in futs:
-            f.result()
+            s = shard_of(aid, self.n)
+            futs.append((s, arr, self.shards[s].submit(Operation.CREATE_TRANSFERS, arr)))
+        self._settled(futs, "post" if post else "void", _SETTLED)
 
     def _void_legs(self, tid: int, kind: str) -> None:
         row = self.cross.transfer_row(tid)
@@ -609,9 +613,9 @@ class ShardedLedger:
             arr["id"][0] = (lid & U64_MASK, lid >> 64)
             arr["pending_id"][0] = (lpid & U64_MASK, lpid >> 64)
             arr["flags"] = int(TransferFlags.VOID_PENDING_TRANSFER)
-            futs.append(self.shards[shard_of(u128(p[field]), self.n)].submit("create_transfers", arr))
-        for f in futs:
-            f.result()
+            s = shard_of(u128(p[field]), self.n)
+            futs.append((s, arr, self.shards[s].submit(Operation.CREATE_TRANSFERS, arr)))
+        self._settled(futs, "void", _SETTLED)
 
     def _expire_cross(self) -> None:
         """Void cross-shard pending transfers whose timeout has passed (logged first, so a crash finishes it)."""
@@ -686,7 +690,7 @@ class ShardedLedger:
         self._log(KIND_INTENT, attempt, intent)
         _crash_point("after_intent")
         legs = self._legs(events, group, attempt, "prepare")
-        results = {s: self.shards[s].submit("create_transfers", arr) for s, arr in legs.items()}
+        results = {s: self.shards[s].submit(Operation.CREATE_TRANSFERS, arr) for s, arr in legs.items()}
         per_event: dict[int, list[int]] = {k: [] for k in group}
         order = {s: [k for k in group for leg_s in (shard_of(events[k]["debit_account_id"], self.n),
                                                     shard_of(events[k]["credit_account_id"], self.n))
@@ -749,9 +753,22 @@ class ShardedLedger:
 
     def _finish(self, events: list[dict[str, int]], group: list[int], attempt: int, kind: str) -> None:
         legs = self._legs(events, group, attempt, kind)
-        futs = [self.shards[s].submit("create_transfers", arr) for s, arr in legs.items()]
-        for f in futs:
-            f.result()  # EXISTS / NOT_FOUND / ALREADY_* are all fine: the leg is settled either way
+        futs = [(s, arr, self.shards[s].submit(Operation.CREATE_TRANSFERS, arr)) for s, arr in legs.items()]
+        # Voiding an attempt also reaches legs that were never created (their prepare was refused).
+        self._settled(futs, kind, _SETTLED if kind == "post" else _VOIDED)
+
+    def _settled(self, futs: list[tuple[int, np.ndarray, Future[Any]]], kind: str, allowed: frozenset[int]) -> None:
+        """Wait for the posts or voids of legs; a leg that answers anything outside ``allowed`` no longer matches
+        the coordinator's logged decision, which is refused by name (the attempt stays unfinished in the
+        coordinator's log, so the next open carries the decision out again)."""
+        for s, arr, fut in futs:
+            status, _ = fut.result()
+            bad = np.flatnonzero(~np.isin(status, list(allowed)))
+            if len(bad):
+                i = int(bad[0])
+                raise DataError(f"shard {s}: the {kind} of cross-shard leg {u128(arr['pending_id'][i]):#x} was "
+                                f"answered {CT(int(status[i])).name}; the shards disagree with the coordinator's "
+                                "decision")
 
     def _recover(self, segments: list[int]) -> None:
         intents: dict[tuple[int, int], dict[str, int]] = {}  # (attempt, id) -> event with its timestamp
@@ -812,7 +829,7 @@ class ShardedLedger:
         for s in range(self.n):
             mine = [i for i in ids if shard_of(i, self.n) == s]
             if mine:
-                for rec in self.shards[s].call("lookup_accounts", mine):
+                for rec in self.shards[s].call(Operation.LOOKUP_ACCOUNTS, mine):
                     found[u128(rec["id"])] = rec
         rows = [found[i] for i in ids if i in found]
         return np.array(rows, dtype=ACCOUNT_DTYPE) if rows else np.zeros(0, dtype=ACCOUNT_DTYPE)
@@ -823,7 +840,7 @@ class ShardedLedger:
 
     def _lookup_transfers(self, ids: list[int]) -> np.ndarray:
         found: dict[int, np.ndarray] = {}
-        parts = [self.cross.lookup_transfers(ids)] + [self._user_transfers(s.call("lookup_transfers", ids))
+        parts = [self.cross.lookup_transfers(ids)] + [self._user_transfers(s.call(Operation.LOOKUP_TRANSFERS, ids))
                                                       for s in self.shards]
         for part in parts:
             for rec in part:
@@ -842,7 +859,7 @@ class ShardedLedger:
         wide = AccountFilter(f.account_id, f.user_data_128, f.user_data_64, f.user_data_32, f.code, f.timestamp_min,
                              f.timestamp_max, BATCH_MAX if f.limit else 0, f.flags)
         shard = self.shards[shard_of(f.account_id, self.n)]
-        parts = [self._user_transfers(shard.call("get_account_transfers", wide)),
+        parts = [self._user_transfers(shard.call(Operation.GET_ACCOUNT_TRANSFERS, wide)),
                  self.cross.get_account_transfers(wide)]
         return self._merge(parts, bool(int(f.flags) & AccountFilterFlags.REVERSED), f.limit)
 
@@ -881,7 +898,7 @@ class ShardedLedger:
     def _query_accounts(self, f: QueryFilter) -> np.ndarray:
         wide = QueryFilter(f.user_data_128, f.user_data_64, f.user_data_32, f.ledger, f.code, f.timestamp_min,
                            f.timestamp_max, BATCH_MAX if f.limit else 0, f.flags)
-        parts = [s.call("query_accounts", wide) for s in self.shards]
+        parts = [s.call(Operation.QUERY_ACCOUNTS, wide) for s in self.shards]
         arr = np.concatenate(parts)
         arr = arr[~_is_clearing(arr["id"])]
         order = np.argsort(arr["timestamp"], kind="stable")
@@ -892,19 +909,19 @@ class ShardedLedger:
     def _query_transfers(self, f: QueryFilter) -> np.ndarray:
         wide = QueryFilter(f.user_data_128, f.user_data_64, f.user_data_32, f.ledger, f.code, f.timestamp_min,
                            f.timestamp_max, BATCH_MAX if f.limit else 0, f.flags)
-        parts = [self._user_transfers(s.call("query_transfers", wide)) for s in self.shards]
+        parts = [self._user_transfers(s.call(Operation.QUERY_TRANSFERS, wide)) for s in self.shards]
         parts.append(self.cross.query_transfers(wide))
         return self._merge(parts, bool(int(f.flags) & QueryFilterFlags.REVERSED), f.limit)
 
     def _totals(self, _arg: Any = None) -> dict[str, int]:
         out: dict[str, int] = {}
         for s in self.shards:
-            for k, v in s.call("totals").items():
+            for k, v in s.call(LocalOp.TOTALS).items():
                 out[k] = out.get(k, 0) + v
         return out
 
     def _expire(self, arg: Any = None) -> int:
-        return sum(s.call("expire", arg) for s in self.shards)
+        return sum(s.call(LocalOp.EXPIRE, arg) for s in self.shards)
 
     def pending_legs(self) -> int:
         """Leg transfers still pending on any shard (0 once every cross-shard transfer is settled)."""
@@ -950,6 +967,11 @@ def _segment_end(batch: np.ndarray) -> int:
     return n
 
 
+
+# What a post or void of a leg may answer: done now, or done before (a decision carried out again at recovery);
+# a void also reaches legs whose prepare was refused, which do not exist.
+_SETTLED = frozenset({CREATED, int(CT.EXISTS)})
+_VOIDED = _SETTLED | {int(CT.PENDING_TRANSFER_NOT_FOUND)}
 
 # Failures that depend on balances: an earlier event of the same request may change them.
 _BALANCE_CODES = frozenset({

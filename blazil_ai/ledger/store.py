@@ -39,7 +39,7 @@ from blazil_ai.ledger import checkpoint as ckpt
 from blazil_ai.ledger import manifest as mf
 from blazil_ai.ledger.engine import Engine
 from blazil_ai.ledger.ring import RingBuffer, RingClosed
-from blazil_ai.ledger.types import as_account_array, as_transfer_array, own_records
+from blazil_ai.ledger.types import LocalOp, Operation, as_account_array, as_transfer_array, backend_op, own_records
 from blazil_ai.ledger.wal import KIND_ACCOUNTS, KIND_TRANSFERS, WriteAheadLog, encode_entries
 
 # A write spread over shards: its records, then each event's timestamp offset (u32), the count in the last 4 bytes.
@@ -68,9 +68,9 @@ _EVENTS = metrics.counter("ledger", "events", "total", "Events applied", labels=
 _FSYNCS = metrics.counter("ledger", "fsyncs", "total", "Log fsyncs (group commits)")
 _REPLAYED = metrics.counter("ledger", "replayed_entries", "total", "Log entries replayed at open")
 
-WRITE_OPS = {"create_accounts": KIND_ACCOUNTS, "create_transfers": KIND_TRANSFERS}
-READ_OPS = ("lookup_accounts", "lookup_transfers", "get_account_transfers", "get_account_balances",
-            "query_accounts", "query_transfers", "totals", "expire", "barrier")
+WAL_KIND = {Operation.CREATE_ACCOUNTS: KIND_ACCOUNTS, Operation.CREATE_TRANSFERS: KIND_TRANSFERS}
+Request = Operation | LocalOp
+Done = tuple[Future[Any], Any, Request, float, int]  # (future, result or exception, request, t0, events)
 
 
 class LedgerClosed(BlazilError):
@@ -124,9 +124,8 @@ class LocalLedger:
         self.checkpoint_bytes = checkpoint_bytes
         self._failed: BaseException | None = None
         self._closed = False
-        self._ring: RingBuffer[tuple[str, Any, Future[Any], float, tuple[Any, Any]]] = RingBuffer(ring_size)
-        self._log_ring: RingBuffer[tuple[list[Any], list[tuple[Future[Any], Any, str, float, int]]]] = \
-            RingBuffer(ring_size)
+        self._ring: RingBuffer[tuple[Request, Any, Future[Any], float, tuple[Any, Any]]] = RingBuffer(ring_size)
+        self._log_ring: RingBuffer[tuple[list[Any], list[Done]]] = RingBuffer(ring_size)
         self._wal_lock = threading.Lock()
         self._engine_thread = threading.Thread(target=self._engine_loop, name="ledger-engine", daemon=True)
         self._log_thread = threading.Thread(target=self._log_loop, name="ledger-log", daemon=True)
@@ -135,22 +134,21 @@ class LocalLedger:
 
     # ---------------------------------------------------------------- requests
 
-    def submit(self, op: str, arg: Any, timestamp: int | None = None, offsets: np.ndarray | None = None
+    def submit(self, op: Request | str, arg: Any, timestamp: int | None = None, offsets: np.ndarray | None = None
                ) -> Future[Any]:
         """Queue one request; the future completes once it (and everything before it) is durable. A write may
         name its first timestamp and each event's offset from it (a sharded ledger stamps each event of one
         request by its place in the request, whichever shard it lands on)."""
+        op = backend_op(op)
         if self._failed is not None:
             raise LedgerClosed(f"ledger failed: {self._failed}")
         if self._closed:
             raise LedgerClosed("ledger is closed")
-        if self.read_only and (op in WRITE_OPS or op in ("checkpoint", "expire")):
-            raise LedgerClosed(f"ledger {self.directory} is open read-only; {op} is refused")
-        if op in WRITE_OPS:
+        if self.read_only and op.writes:
+            raise LedgerClosed(f"ledger {self.directory} is open read-only; {op.key} is refused")
+        if op in WAL_KIND:
             # Own the records: the caller may reuse its array while the batch waits in the ring.
-            arg = own_records(as_transfer_array(arg) if op == "create_transfers" else as_account_array(arg))
-        elif op not in READ_OPS and op != "checkpoint":
-            raise ValueError(f"unknown ledger operation {op!r}")
+            arg = own_records(as_transfer_array(arg) if op is Operation.CREATE_TRANSFERS else as_account_array(arg))
         fut: Future[Any] = Future()
         try:
             self._ring.publish((op, arg, fut, time.perf_counter(), (timestamp, offsets)))
@@ -158,52 +156,46 @@ class LocalLedger:
             raise LedgerClosed("ledger is closed") from e
         return fut
 
-    def call(self, op: str, arg: Any = None) -> Any:
+    def call(self, op: Request | str, arg: Any = None) -> Any:
         """Submit and wait for the result."""
         return self.submit(op, arg).result()
 
     def create_accounts(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(engine status codes, timestamps) once the batch is durable."""
-        return self.call("create_accounts", batch)  # type: ignore[no-any-return]
+        return self.call(Operation.CREATE_ACCOUNTS, batch)  # type: ignore[no-any-return]
 
     def create_transfers(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(engine status codes, timestamps) once the batch is durable."""
-        return self.call("create_transfers", batch)  # type: ignore[no-any-return]
+        return self.call(Operation.CREATE_TRANSFERS, batch)  # type: ignore[no-any-return]
 
     def checkpoint(self) -> int:
         """Write a checkpoint now; returns its log sequence."""
-        return self.call("checkpoint", None)  # type: ignore[no-any-return]
+        return self.call(LocalOp.CHECKPOINT, None)  # type: ignore[no-any-return]
 
     # ---------------------------------------------------------------- threads
 
     def _engine_loop(self) -> None:
         eng = self.engine
-        while True:
-            try:
-                reqs = self._ring.take(timeout=0.2)
-            except RingClosed:
-                break
-            if not reqs:
-                continue
+        for reqs in self._ring.batches():
             parts: list[Any] = []
-            done: list[tuple[Future[Any], Any, str, float, int]] = []
+            done: list[Done] = []
             for op, arg, fut, t0, stamp in reqs:
                 try:
-                    if op in WRITE_OPS:
+                    if op in WAL_KIND:
                         first, offsets = stamp
                         span = len(arg) if offsets is None or not len(arg) else int(offsets[-1]) + 1
                         base = eng.next_timestamps(span) if first is None else max(first, eng.last_timestamp + 1)
-                        if op == "create_transfers":
+                        if op is Operation.CREATE_TRANSFERS:
                             result = eng.create_transfers(arg, base, offsets)
                         else:
                             result = eng.create_accounts(arg, base, offsets)
                         self.seq += 1
                         if offsets is None:  # encoded (crc32) by the log thread
-                            parts.append((WRITE_OPS[op], self.seq, base, arg))
+                            parts.append((WAL_KIND[op], self.seq, base, arg))
                         else:
-                            parts.append((WRITE_OPS[op] + SPREAD, self.seq, base, _spread(arg, offsets)))
+                            parts.append((WAL_KIND[op] + SPREAD, self.seq, base, _spread(arg, offsets)))
                         done.append((fut, result, op, t0, len(arg)))
-                    elif op == "checkpoint":
+                    elif op is LocalOp.CHECKPOINT:
                         ahead, parts, done = (parts, done), [], []
                         self._flush_log(*ahead)
                         done.append((fut, self._checkpoint(), op, t0, 0))
@@ -222,7 +214,7 @@ class LocalLedger:
 
     def _flush_log(self, parts: list[Any], done: list[Any]) -> None:
         barrier: Future[Any] = Future()
-        self._log_ring.publish((parts, [*done, (barrier, None, "barrier", 0.0, 0)]))
+        self._log_ring.publish((parts, [*done, (barrier, None, LocalOp.BARRIER, 0.0, 0)]))
         barrier.result()
 
     def _checkpoint(self) -> int:
@@ -266,63 +258,66 @@ class LocalLedger:
             self.manifest.segments = [*self.manifest.segments, *adopted]
             mf.write(self.directory, self.manifest)
 
-    def _read(self, op: str, arg: Any) -> Any:
+    def _read(self, op: Request, arg: Any) -> Any:
         eng = self.engine
-        if op == "barrier":  # answered once everything queued before it is applied and durable
+        if op is LocalOp.BARRIER:  # answered once everything queued before it is applied and durable
             return None
-        if op == "totals":
+        if op is LocalOp.TOTALS:
             return eng.totals()
-        if op == "expire":
+        if op is LocalOp.EXPIRE:
             return eng.expire_pending(eng.clock() if arg is None else arg)
-        return getattr(eng, op)(arg)
+        return getattr(eng, op.key)(arg)  # the engine's read methods are named as the client's
 
     def _log_loop(self) -> None:
-        unsealed: list[tuple[Future[Any], Any, str, float, int]] = []  # written and fsynced, not yet sealed
-        closing = False
-        while True:
-            try:
-                # with unsealed work, look for more to write without waiting; if none, seal at once
-                items = self._log_ring.take(timeout=0 if unsealed else 0.2)
-            except RingClosed:
-                items, closing = [], True
-            entries = [entry for item in items for entry in item[0]]
-            done = [d for item in items for d in item[1]]
-            if entries or unsealed:
-                if self._failed is None:
-                    try:
-                        # crc32 of the payloads releases the GIL: it overlaps the engine's next batch
-                        encoded = encode_entries(entries)
-                        with self._wal_lock:
-                            if entries:
-                                self.wal.append(encoded(self.wal.synced))
-                            else:
-                                self.wal.seal()
-                            self.wal.sync()
-                        _FSYNCS.inc()
-                    except OSError as e:
-                        # Applied in memory but not durable: nothing more may be acked from this process.
-                        self._failed = e
-                        log.critical("write-ahead log of %s failed, ledger stops: %s", self.directory, e)
-                self._complete(unsealed)
-                unsealed = []
-                if entries:
-                    unsealed, done = done, []
-            self._complete(done)
-            if closing and not unsealed:
-                break
+        for items in self._log_ring.batches():
+            unsealed = self._write_log(items, [])
+            while unsealed:  # written and fsynced, not yet sealed: look for more to write without waiting
+                try:
+                    items = self._log_ring.take(timeout=0)
+                except RingClosed:
+                    items = []
+                unsealed = self._write_log(items, unsealed)  # none: seal at once
 
-    def _complete(self, done: list[tuple[Future[Any], Any, str, float, int]]) -> None:
+    def _write_log(self, items: list[Any], unsealed: list[Done]) -> list[Done]:
+        """Write and fsync ``items``' entries (or a seal), which makes ``unsealed`` acknowledged; completes what
+        may be answered and returns the requests written now that wait for the next write to seal them."""
+        entries = [entry for item in items for entry in item[0]]
+        done = [d for item in items for d in item[1]]
+        if entries or unsealed:
+            if self._failed is None:
+                try:
+                    # crc32 of the payloads releases the GIL: it overlaps the engine's next batch
+                    encoded = encode_entries(entries)
+                    with self._wal_lock:
+                        if entries:
+                            self.wal.append(encoded(self.wal.synced))
+                        else:
+                            self.wal.seal()
+                        self.wal.sync()
+                    _FSYNCS.inc()
+                except OSError as e:
+                    # Applied in memory but not durable: nothing more may be acked from this process.
+                    self._failed = e
+                    log.critical("write-ahead log of %s failed, ledger stops: %s", self.directory, e)
+            self._complete(unsealed)
+            unsealed = []
+            if entries:
+                unsealed, done = done, []
+        self._complete(done)
+        return unsealed
+
+    def _complete(self, done: list[Done]) -> None:
         now = time.perf_counter()
         for fut, result, op, t0, n in done:
-            if self._failed is not None and (n or op in ("barrier", "checkpoint")):
+            if self._failed is not None and (n or op in (LocalOp.BARRIER, LocalOp.CHECKPOINT)):
                 fut.set_exception(LedgerClosed(f"write-ahead log failed: {self._failed}"))
             elif isinstance(result, BaseException):
                 fut.set_exception(result)
             else:
                 fut.set_result(result)
                 if n:
-                    _EVENTS.labels(op).inc(n)
-                    _BATCH_SECONDS.labels(op).observe(now - t0)
+                    _EVENTS.labels(op.key).inc(n)
+                    _BATCH_SECONDS.labels(op.key).observe(now - t0)
 
     def close(self, checkpoint: bool = False) -> None:
         """Finish queued requests, optionally checkpoint, stop the threads and release the directory."""
@@ -347,8 +342,6 @@ class LocalLedger:
 
 def check_ledger_dir(directory: Path) -> None:
     """ConfigError naming the folder unless it holds a ledger (a typo must not look like an empty ledger)."""
-    from blazil_ai.ledger.shards import LAYOUT
-
     if not directory.exists():
         raise ConfigError(f"ledger directory {directory} does not exist; create a ledger with "
                           f"'blazil ledger format {directory}' or connect(path, create=True)")
@@ -356,7 +349,7 @@ def check_ledger_dir(directory: Path) -> None:
         raise ConfigError(f"ledger path {directory} is not a directory")
     if mf.is_ledger(directory):
         return
-    if (directory / LAYOUT).exists():
+    if (directory / mf.LAYOUT).exists():
         raise ConfigError(f"{directory} is a sharded ledger; open it with connect() or ShardedLedger")
     segs = sorted(directory.glob("wal-*.log"))
     if segs and segs[0].read_bytes()[:4] == b"BLW1":

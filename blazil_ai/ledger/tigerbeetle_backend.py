@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from blazil_ai.errors import BlazilError, ConfigError, DataError
+from blazil_ai.futures import completed, then
 from blazil_ai.ledger import types as T
-from blazil_ai.ledger.base import LedgerClient, completed_future
+from blazil_ai.ledger.base import LedgerClient
 from blazil_ai.ledger.types import BATCH_MAX, OPERATIONS, Operation
 
 
@@ -50,24 +51,15 @@ class TigerBeetleClient(LedgerClient):
         """Send one request now and return a future of its raw result; several may be in flight."""
         operation = Operation.of(op)
         if self._native is None:
-            return completed_future(self._official_call, operation, arg)
-        inner = self._native.submit(operation, self._body(operation, arg))
-        out: Future[Any] = Future()
+            return completed(self._official_call, operation, arg)
+        return then(self._native.submit(operation, self._body(operation, arg)), lambda raw: _shape(operation, raw))
 
-        def done(f: Future[Any]) -> None:
-            try:
-                out.set_result(_shape(operation, f.result()))
-            except Exception as e:
-                out.set_exception(e)
-        inner.add_done_callback(done)
-        return out
-
-    def _call(self, op: str, arg: Any) -> Any:
+    def _call(self, op: Operation, arg: Any) -> Any:
         fut = self.submit(op, arg)
         try:
             return fut.result(timeout=self.timeout_s)
         except TimeoutError:
-            raise BlazilError(f"tigerbeetle://{self.address}: no answer to {op} within {self.timeout_s:g} s "
+            raise BlazilError(f"tigerbeetle://{self.address}: no answer to {op.key} within {self.timeout_s:g} s "
                               "(is a replica listening there?)") from None
 
     def _body(self, op: Operation, arg: Any) -> np.ndarray | bytes:
@@ -83,11 +75,11 @@ class TigerBeetleClient(LedgerClient):
                 raise DataError(f"lookup of {len(ids)} ids exceeds the limit of {BATCH_MAX}")
             return T.u128_to_words(ids, field="id")
         b = self._tb.bindings
-        ctype = b.CAccountFilter if kind == "AccountFilter" else b.CQueryFilter
+        ctype = b.CAccountFilter if kind is T.AccountFilter else b.CQueryFilter
         try:
             return bytes(ctype.from_param(arg))
         except ValueError as e:
-            raise DataError(f"{kind}: {e}") from None
+            raise DataError(f"{kind.__name__}: {e}") from None
 
     # ---------------------------------------------------------------- the official client's path
 

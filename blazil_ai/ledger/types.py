@@ -282,8 +282,9 @@ assert RESULT_DTYPE.itemsize == 16 and BALANCE_DTYPE.itemsize == 128
 class Operation(enum.IntEnum):
     """The ledger's operations, numbered as in TigerBeetle's client protocol (``tigerbeetle.bindings.Operation``).
 
-    ``OPERATIONS[op]`` says what each one takes and answers; layers dispatch on this table, and the lower-case
-    name (``op.key``, e.g. "create_transfers") is the name used on the wire and in the write-ahead log.
+    ``OPERATIONS[op]`` says what each one takes and answers; every layer (client, server, store, shards,
+    TigerBeetle backend) dispatches on this table. The lower-case name (``op.key``, e.g. "create_transfers") is
+    the client method's name and the one used on the wire and in metrics; :meth:`of` is the one way back.
     """
 
     LOOKUP_ACCOUNTS = 140
@@ -300,22 +301,57 @@ class Operation(enum.IntEnum):
         """The operation's name as the client API spells it ("create_transfers")."""
         return self.name.lower()
 
+    @property
+    def writes(self) -> bool:
+        """Whether the operation changes the ledger (refused on a read-only one)."""
+        return OPERATIONS[self].writes
+
     @classmethod
     def of(cls, op: str | int) -> Operation:
-        """The operation named by ``op`` (its name or number); ValueError for anything else."""
-        if isinstance(op, str):
-            try:
-                return cls[op.upper()]
-            except KeyError:
-                raise ValueError(f"unknown ledger operation {op!r}") from None
-        return cls(op)
+        """The operation named by ``op`` (its key, e.g. "create_transfers", or its number); ValueError naming
+        anything else."""
+        if isinstance(op, Operation):
+            return op
+        found = _OPERATION_KEYS.get(op) if isinstance(op, str) else _OPERATION_CODES.get(op)
+        if found is None:
+            raise ValueError(f"unknown ledger operation {op!r}")
+        return found
+
+
+class LocalOp(enum.Enum):
+    """Requests that a ledger folder's own backend (one shard or several) answers besides the :class:`Operation`
+    s; they never go to a ledger server or a cluster."""
+
+    TOTALS = "totals"  # the sums of every account's balances (verify, inspect)
+    EXPIRE = "expire"  # expire the pending transfers whose timeout has passed (arg: now in ns, or None)
+    CHECKPOINT = "checkpoint"  # write a checkpoint now
+    BARRIER = "barrier"  # answered once everything queued before it is applied and durable
+
+    @property
+    def key(self) -> str:
+        """The request's name ("totals")."""
+        return self.value
+
+    @property
+    def writes(self) -> bool:
+        """Whether the request changes the ledger (refused on a read-only one)."""
+        return self in (LocalOp.EXPIRE, LocalOp.CHECKPOINT)
+
+
+def backend_op(op: str | int | Operation | LocalOp) -> Operation | LocalOp:
+    """The request ``op`` names for a ledger folder's backend: a LocalOp or an Operation (its key or number);
+    ValueError naming anything else."""
+    if isinstance(op, (Operation, LocalOp)):
+        return op
+    local = _LOCAL_KEYS.get(op) if isinstance(op, str) else None
+    return local if local is not None else Operation.of(op)
 
 
 @dataclass(frozen=True)
 class OperationKind:
     """What one operation takes (event) and answers (result): a record dtype, or the name of a filter type."""
 
-    event: Any  # np.dtype of the request's records, or "AccountFilter" / "QueryFilter"
+    event: Any  # np.dtype of the request's records (ID_DTYPE: ids), or the filter class (AccountFilter, QueryFilter)
     result: np.dtype
     writes: bool
 
@@ -325,11 +361,14 @@ OPERATIONS: dict[Operation, OperationKind] = {
     Operation.CREATE_TRANSFERS: OperationKind(TRANSFER_DTYPE, RESULT_DTYPE, True),
     Operation.LOOKUP_ACCOUNTS: OperationKind(ID_DTYPE, ACCOUNT_DTYPE, False),
     Operation.LOOKUP_TRANSFERS: OperationKind(ID_DTYPE, TRANSFER_DTYPE, False),
-    Operation.GET_ACCOUNT_TRANSFERS: OperationKind("AccountFilter", TRANSFER_DTYPE, False),
-    Operation.QUERY_ACCOUNTS: OperationKind("QueryFilter", ACCOUNT_DTYPE, False),
-    Operation.QUERY_TRANSFERS: OperationKind("QueryFilter", TRANSFER_DTYPE, False),
-    Operation.GET_ACCOUNT_BALANCES: OperationKind("AccountFilter", BALANCE_DTYPE, False),
+    Operation.GET_ACCOUNT_TRANSFERS: OperationKind(AccountFilter, TRANSFER_DTYPE, False),
+    Operation.QUERY_ACCOUNTS: OperationKind(QueryFilter, ACCOUNT_DTYPE, False),
+    Operation.QUERY_TRANSFERS: OperationKind(QueryFilter, TRANSFER_DTYPE, False),
+    Operation.GET_ACCOUNT_BALANCES: OperationKind(AccountFilter, BALANCE_DTYPE, False),
 }
+_OPERATION_KEYS = {op.key: op for op in Operation}
+_OPERATION_CODES = {int(op): op for op in Operation}
+_LOCAL_KEYS = {op.key: op for op in LocalOp}
 
 _WIDTHS: dict[str, int] = {
     name: (128 if dt[name].shape == (2,) else dt[name].base.itemsize * 8)
@@ -535,8 +574,8 @@ __all__ = [
     "ACCOUNT_DTYPE", "AMOUNT_MAX", "BALANCE_DTYPE", "BATCH_MAX", "ID_DTYPE", "OPERATIONS", "RESULT_DTYPE",
     "STATUS_OK", "TRANSFER_DTYPE", "U128_MAX", "U64_MASK", "Account", "AccountBalance", "AccountFilter",
     "AccountFilterFlags", "AccountFlags", "CreateAccountResult", "CreateAccountStatus", "CreateTransferResult",
-    "CreateTransferStatus", "Operation", "OperationKind", "QueryFilter", "QueryFilterFlags", "Transfer",
+    "CreateTransferStatus", "LocalOp", "Operation", "OperationKind", "QueryFilter", "QueryFilterFlags", "Transfer",
     "TransferFlags", "account_results", "set_u128", "u128", "u128_column", "accounts_to_array",
-    "array_to_accounts", "array_to_transfers", "as_account_array", "as_transfer_array", "id", "numpy_status",
-    "transfer_results", "transfers_to_array", "u128_from_words", "u128_to_words",
+    "array_to_accounts", "array_to_transfers", "as_account_array", "as_transfer_array", "backend_op", "id",
+    "numpy_status", "transfer_results", "transfers_to_array", "u128_from_words", "u128_to_words",
 ]

@@ -44,15 +44,13 @@ class Report:
 
 def _parts(root: Path) -> tuple[list[Path], Path | None]:
     """(ledger folders, decision log) inside ``root``."""
-    from blazil_ai.ledger.shards import LAYOUT
-
     if not root.is_dir():
         raise ConfigError(f"{root} is not a directory")
     decisions = root / "decisions" / "decisions.log"
     if decisions.exists() or (root / "ledger").is_dir():
         ledger = root / "ledger"
         return ([ledger] if ledger.exists() else []), (decisions if decisions.exists() else None)
-    if (mf.is_ledger(root) or (root / LAYOUT).exists() or any(root.glob("shard-*")) or any(root.glob("wal-*.log"))
+    if (mf.is_ledger(root) or (root / mf.LAYOUT).exists() or any(root.glob("shard-*")) or any(root.glob("wal-*.log"))
             or any(root.glob("checkpoint-*.npz"))):
         return [root], None
     raise ConfigError(f"{root} holds neither a ledger (MANIFEST, shards.json) nor a fraud service's data "
@@ -73,6 +71,7 @@ def verify(directory: str | os.PathLike[str]) -> Report:
     """Check a ledger or a service's data folder read-only; problems name the file and offset."""
     from blazil_ai.ledger.client import open_embedded
     from blazil_ai.ledger.shards import ShardedLedger
+    from blazil_ai.ledger.types import LocalOp
 
     root = Path(directory)
     rep = Report(str(root))
@@ -87,7 +86,7 @@ def verify(directory: str | os.PathLike[str]) -> Report:
             continue
         try:
             locals_ = backend.shards if isinstance(backend, ShardedLedger) else [backend]
-            tot = backend.call("totals")
+            tot = backend.call(LocalOp.TOTALS)
             balanced = tot["debits_posted"] == tot["credits_posted"] and tot["debits_pending"] == tot["credits_pending"]
             rep.ledgers.append({"directory": str(led), "shards": len(locals_),
                                 "accounts": sum(s.engine.n_accounts for s in locals_),

@@ -160,9 +160,6 @@ def train_detector(data_dir: str | Path, out_dir: str | Path | None = None, seed
                    epochs: int = 40, batch_size: int = 32) -> Path:
     """Train on a YOLO-layout data set (train/val splits); write detection.onnx + detection.metrics.json."""
     torch = _torch()
-    from blazil_ai.models.detection import decode
-    from blazil_ai.models.session import Session
-
     if size % 32:
         raise ConfigError(f"detector input size must be a multiple of 32, got {size}")
     t0 = time.perf_counter()
@@ -173,14 +170,33 @@ def train_detector(data_dir: str | Path, out_dir: str | Path | None = None, seed
     if len(tr["boxes"]) == 0:
         raise DataError("the training split has no labelled boxes", path=str(data_dir))
     n_classes = len(train_ds.classes)
-    images = torch.from_numpy(tr["image"]).permute(0, 3, 1, 2).float() / 255.0
     net = _network(n_classes, size)
+    _fit(net, tr, rng, size, n_classes, epochs, batch_size)
+    net.eval()
+    out = Path(out_dir) if out_dir is not None else models_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "detection.onnx"
+    _export(net, path, size, n_classes, train_ds.classes)
+    figures, n_gt = _evaluate(path, va, size, n_classes, train_ds.classes)
+    write_json(sidecar(path, "metrics"), {
+        "model": f"anchor-free {size}x{size} CNN, stride {STRIDE}, YOLO output layout", "source": str(data_dir),
+        "detection": figures,
+        "images": {"train": len(train_ds), "val": len(val_ds)}, "boxes_val": n_gt, "epochs": epochs,
+        "seed": seed, "evaluated_on": "val split", "train_seconds": round(time.perf_counter() - t0, 1),
+    })
+    return path
+
+
+def _fit(net: Any, tr: dict[str, np.ndarray], rng: np.random.Generator, size: int, n_classes: int, epochs: int,
+         batch_size: int) -> None:
+    """AdamW with a one-cycle schedule over shuffled batches, each image flipped left-right at random."""
+    torch = _torch()
+    images = torch.from_numpy(tr["image"]).permute(0, 3, 1, 2).float() / 255.0
     opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
     steps = epochs * max(1, len(images) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     n = len(images)
     net.train()
-    step = 0
     with torch.inference_mode(False):
         for _ in range(epochs):
             order = rng.permutation(n)
@@ -195,33 +211,38 @@ def train_detector(data_dir: str | Path, out_dir: str | Path | None = None, seed
                 x = images[torch.from_numpy(idx)]
                 fl = torch.from_numpy(flip)
                 x = torch.where(fl[:, None, None, None], x.flip(3), x)
-                cls_t, box_t, pos = _targets(boxes, tr["classes"][sel], bidx, len(idx), size, n_classes)
-                out = net(x)
-                cls_t_t, pos_t = torch.from_numpy(cls_t), torch.from_numpy(pos)
-                scores = out[:, 4:].clamp(1e-6, 1 - 1e-6)
-                bce = -(cls_t_t * torch.log(scores) + (1 - cls_t_t) * torch.log(1 - scores))
-                # Focal weighting: most cells are background and easy; let the hard ones drive learning.
-                focal = (cls_t_t - scores).abs() ** 2
-                loss_cls = (bce * focal).sum() / max(1, int(pos.sum()))
-                pb = out[:, :4].permute(0, 2, 1)[pos_t]
-                tb = torch.from_numpy(box_t).permute(0, 2, 1)[pos_t]
-                loss_box = (1 - _iou_cxcywh(pb, tb)).mean() + ((pb - tb).abs() / size).sum(1).mean() \
-                    if len(pb) else out.sum() * 0
-                loss = loss_cls + 2.0 * loss_box
+                targets = _targets(boxes, tr["classes"][sel], bidx, len(idx), size, n_classes)
+                loss = _loss(net(x), *targets, size)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
-                step += 1
-    net.eval()
-    out = Path(out_dir) if out_dir is not None else models_dir()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "detection.onnx"
-    tmp = path.with_name("detection.export.onnx")
+
+
+def _loss(out: Any, cls_t: np.ndarray, box_t: np.ndarray, pos: np.ndarray, size: int) -> Any:
+    """Focal-weighted class BCE plus 2x the box loss (1 - IoU and L1) on the cells that hold an object."""
+    torch = _torch()
+    cls_t_t, pos_t = torch.from_numpy(cls_t), torch.from_numpy(pos)
+    scores = out[:, 4:].clamp(1e-6, 1 - 1e-6)
+    bce = -(cls_t_t * torch.log(scores) + (1 - cls_t_t) * torch.log(1 - scores))
+    # Focal weighting: most cells are background and easy; let the hard ones drive learning.
+    focal = (cls_t_t - scores).abs() ** 2
+    loss_cls = (bce * focal).sum() / max(1, int(pos.sum()))
+    pb = out[:, :4].permute(0, 2, 1)[pos_t]
+    tb = torch.from_numpy(box_t).permute(0, 2, 1)[pos_t]
+    loss_box = (1 - _iou_cxcywh(pb, tb)).mean() + ((pb - tb).abs() / size).sum(1).mean() \
+        if len(pb) else out.sum() * 0
+    return loss_cls + 2.0 * loss_box
+
+
+def _export(net: Any, path: Path, size: int, n_classes: int, classes: list[str]) -> None:
+    """The network as ONNX at ``path`` (batch axis dynamic, the output's fixed axes stated), with its metadata."""
     import warnings
 
     import onnx
 
+    torch = _torch()
+    tmp = path.with_name("detection.export.onnx")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (torch.zeros(1, 3, size, size),), str(tmp), input_names=["images"],
@@ -235,7 +256,15 @@ def train_detector(data_dir: str | Path, out_dir: str | Path | None = None, seed
         d.ClearField("dim_param")
         d.dim_value = v
     save_onnx(model, path, {"type": "detection", "layout": "yolo", "imgsz": size, "classes": n_classes,
-                            "names": train_ds.classes, "stride": STRIDE})
+                            "names": classes, "stride": STRIDE})
+
+
+def _evaluate(path: Path, va: dict[str, np.ndarray], size: int, n_classes: int, classes: list[str]
+              ) -> tuple[dict[str, Any], int]:
+    """(mAP@0.5, per-class AP, precision and recall at two thresholds; the number of true boxes) on the val split,
+    run through the exported model."""
+    from blazil_ai.models.detection import decode
+    from blazil_ai.models.session import Session
 
     sess = Session(path)
     xv = np.ascontiguousarray(va["image"].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
@@ -244,15 +273,9 @@ def train_detector(data_dir: str | Path, out_dir: str | Path | None = None, seed
               for i in range(len(xv))]
     m_ap, per_class = average_precision(decode(raw, conf=0.001, iou=0.5), truths, n_classes)
     n_gt = int(sum(len(g) for g, _ in truths))
-    figures: dict[str, Any] = {"map50": m_ap, "ap50_per_class": dict(zip(train_ds.classes, per_class))}
+    figures: dict[str, Any] = {"map50": m_ap, "ap50_per_class": dict(zip(classes, per_class))}
     for conf in (0.25, 0.5):
         tp, fp = _match(decode(raw, conf=conf, iou=0.5), truths)
         figures[f"precision_at_{conf}"] = tp / max(1, tp + fp)
         figures[f"recall_at_{conf}"] = tp / max(1, n_gt)
-    write_json(sidecar(path, "metrics"), {
-        "model": f"anchor-free {size}x{size} CNN, stride {STRIDE}, YOLO output layout", "source": str(data_dir),
-        "detection": figures,
-        "images": {"train": len(train_ds), "val": len(val_ds)}, "boxes_val": n_gt, "epochs": epochs,
-        "seed": seed, "evaluated_on": "val split", "train_seconds": round(time.perf_counter() - t0, 1),
-    })
-    return path
+    return figures, n_gt

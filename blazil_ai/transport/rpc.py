@@ -38,20 +38,6 @@ _MAX_REPLY_CHANNELS = 256  # aeron reply channels a server keeps open (least rec
 _REPLY_TIMEOUT_S = 0.5  # how long an aeron reply may wait for room before it is dropped
 
 
-def then(fut: Future[Any], fn: Callable[[Any], Any]) -> Future[Any]:
-    """A future of ``fn(fut.result())`` (the error passes through unchanged)."""
-    out: Future[Any] = Future()
-
-    def done(f: Future[Any]) -> None:
-        try:
-            out.set_result(fn(f.result()))
-        except BaseException as e:
-            out.set_exception(e)
-
-    fut.add_done_callback(done)
-    return out
-
-
 class RpcServer:
     """Serves requests on ``listen`` until ``stop()``; a subclass answers them in ``dispatch``.
 
