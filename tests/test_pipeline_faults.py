@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from blazil_ai import cli
 from blazil_ai.errors import ConfigError
-from blazil_ai.pipeline import stage as stage_main
 from blazil_ai.pipeline.driver import LocalPipeline, PipelineError
 from blazil_ai.pipeline.sampling import SamplingParams
+from blazil_ai.pipeline.stage import StageServer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the stages run with threads=1
 
@@ -106,7 +107,7 @@ def test_missing_shard_is_named_at_startup(tiny, tmp_path, capsys):
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     argv = ["--stage", "2", "--model", str(d), "--layers", "1:5", "--listen", "tcp://127.0.0.1:0",
             "--next", "tcp://127.0.0.1:9"]
-    assert stage_main.main(argv) == 1
+    assert cli.main(["stage", *argv]) == 1
     err = capsys.readouterr().err
     assert "model-00002-of-00002.safetensors: checkpoint shard named by model.safetensors.index.json is missing" in err
     # The launcher checks the index's files before starting any process.
@@ -206,7 +207,7 @@ def test_a_forward_longer_than_the_client_timeout_is_busy_not_dead(tiny, referen
     from blazil_ai.pipeline.weights import StageSpec, load_config
 
     n = load_config(tiny).num_hidden_layers
-    server = stage_main.StageServer(str(tiny), StageSpec(1, 0, n, n), ("tcp://127.0.0.1:0", 1),
+    server = StageServer(str(tiny), StageSpec(1, 0, n, n), ("tcp://127.0.0.1:0", 1),
                                     ("tcp://127.0.0.1:9", 1), heartbeat=0.1)
     server.next_addr = server.listen  # a ring of one stage: it feeds its own tokens back
     real_forward = server.model.forward

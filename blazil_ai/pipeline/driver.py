@@ -487,7 +487,7 @@ class StageProcess:
     def start(self, env: dict[str, str] | None = None) -> None:
         """Start (or restart) the process."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child writes to it for its whole life
-        self.proc = subprocess.Popen([sys.executable, "-m", "blazil_ai.pipeline.stage", *self.args],
+        self.proc = subprocess.Popen([sys.executable, "-m", "blazil_ai", "stage", *self.args],
                                      stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         log.close()
 
