@@ -239,7 +239,7 @@ def main() -> int:
     import random
 
     from blazil_ai.pipeline import random_model
-    from blazil_ai.pipeline.driver import LocalPipeline, resolve_transport
+    from blazil_ai.pipeline.launcher import LocalPipeline, resolve_transport
     from blazil_ai.pipeline.sampling import SamplingParams
 
     started = time.perf_counter()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from blazil_ai.pipeline.driver import LocalPipeline
+from blazil_ai.pipeline.launcher import LocalPipeline
 from blazil_ai.pipeline.sampling import SamplingParams
 
 aeron = pytest.importorskip("blazil_ai.transport.aeron", reason="the Aeron transport module is not there")

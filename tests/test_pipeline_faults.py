@@ -15,7 +15,8 @@ import torch
 
 from blazil_ai import cli
 from blazil_ai.errors import ConfigError
-from blazil_ai.pipeline.driver import LocalPipeline, PipelineError
+from blazil_ai.pipeline.client import PipelineError
+from blazil_ai.pipeline.launcher import LocalPipeline
 from blazil_ai.pipeline.sampling import SamplingParams
 from blazil_ai.pipeline.stage import StageServer
 
@@ -203,7 +204,7 @@ def test_a_forward_longer_than_the_client_timeout_is_busy_not_dead(tiny, referen
     the stage's heartbeats tell the client it is working, and the request completes."""
     import threading
 
-    from blazil_ai.pipeline.driver import PipelineClient
+    from blazil_ai.pipeline.client import PipelineClient
     from blazil_ai.pipeline.weights import StageSpec, load_config
 
     n = load_config(tiny).num_hidden_layers
@@ -303,7 +304,7 @@ def test_a_killed_client_leaves_no_cache_behind(pipe, tiny, reference):
     import sys
 
     uris = ",".join(u for u, _ in pipe.addrs)
-    code = ("from blazil_ai.pipeline.driver import PipelineClient\n"
+    code = ("from blazil_ai.pipeline.client import PipelineClient\n"
             "from blazil_ai.pipeline.sampling import SamplingParams\n"
             f"c = PipelineClient([(u, 1) for u in {uris!r}.split(',')], {str(tiny)!r}, timeout=30)\n"
             "c.connect(30)\n"

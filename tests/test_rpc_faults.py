@@ -239,7 +239,7 @@ def test_pipelined_fraud_futures_fail_when_the_server_dies(fraud):
 
 
 def test_a_stage_keeps_no_descriptor_for_clients_that_left(tiny):
-    from blazil_ai.pipeline.driver import LocalPipeline
+    from blazil_ai.pipeline.launcher import LocalPipeline
     from blazil_ai.pipeline.sampling import SamplingParams
     from blazil_ai.transport import publication, subscription
 

@@ -202,8 +202,9 @@ def start_or_connect(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
     Shared by ``blazil generate`` and ``blazil llm serve``: the checkpoint (config, shards, split) and the
     device are checked before anything starts or is announced.
     """
+    from blazil_ai.pipeline.client import PipelineClient
     from blazil_ai.pipeline.devices import check_device
-    from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient, resolve_transport
+    from blazil_ai.pipeline.launcher import LocalPipeline, resolve_transport
     from blazil_ai.pipeline.weights import parse_split
 
     pipe = None
