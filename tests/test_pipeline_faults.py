@@ -150,9 +150,9 @@ def test_sigterm_to_blazil_generate_stops_every_process_it_started(tiny, process
     import subprocess
     import sys
 
-    from blazil_ai.transport import aeron
+    from blazil_ai.transport.aeron_binding import available
 
-    transport = "aeron" if aeron.available() else "tcp"
+    transport = "aeron" if available() else "tcp"
     proc = subprocess.Popen([sys.executable, "-m", "blazil_ai", "generate", "--model", str(tiny), "--transport",
                              transport, "--threads", "1", "--max-new-tokens", "1000000", "Hello"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

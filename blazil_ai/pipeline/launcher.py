@@ -35,11 +35,10 @@ def resolve_transport(name: str) -> tuple[str, str]:
     """``auto`` -> ``aeron`` when the Aeron build is there, else ``tcp``; returns (transport, why)."""
     if name != "auto":
         return name, "as asked"
-    from blazil_ai.transport import aeron
+    from blazil_ai.transport.aeron_binding import available
 
-    ok, why = aeron.available()
+    ok, why = available()
     return ("aeron", "Aeron build found") if ok else ("tcp", f"Aeron unavailable: {why}")
-
 
 
 _port_picker = random.Random()
@@ -204,10 +203,9 @@ class LocalPipeline:
             raise
 
     def _start_media_driver(self) -> None:
-        import importlib
+        from blazil_ai.transport.media_driver import MediaDriver
 
-        aeron = importlib.import_module("blazil_ai.transport.aeron")
-        self.media_driver = aeron.MediaDriver()
+        self.media_driver = MediaDriver()
         self.media_driver.start()
 
     def check_alive(self) -> None:
