@@ -118,6 +118,30 @@ def test_factory_dispatches_aeron_uris(driver):
         assert m is not None and m.meta == {"hello": "world"}
 
 
+def test_aeron_messages_are_counted_in_the_transport_metrics(driver):
+    from blazil_ai import metrics
+
+    def counted(what: str) -> float:
+        name = f"blazil_transport_messages_{what}_total"
+        return metrics.REGISTRY.get_sample_value(name, {"transport": "aeron"}) or 0.0
+
+    sent_before, received_before = counted("sent"), counted("received")
+    pub, sub = _pair(driver, "aeron:ipc")
+    with pub, sub:
+        for i in range(5):  # small frames, one buffer each
+            pub.send({"i": i}, timeout=5.0)
+        pub.send({"i": 5}, [np.zeros(200_000, dtype=np.uint8)], timeout=5.0)  # a frame of several buffers
+        assert pub.offer_batch([Message({"i": 6 + k}) for k in range(3)], timeout=5.0) == 3
+        got = [sub.receive(timeout=5.0)]
+        deadline = time.monotonic() + 10
+        while len(got) < 9 and time.monotonic() < deadline:
+            sub.poll(got.append, 4)
+        assert [m.meta["i"] for m in got if m is not None] == list(range(9))
+        assert pub.offer({"not": "taken"}) == OfferStatus.OK  # sent, never delivered: counted once
+    assert counted("sent") - sent_before == 10
+    assert counted("received") - received_before == 9
+
+
 def test_ipc_reassembles_a_3_5_mib_array_sent_before_the_subscriber_polls(ipc_pair):
     pub, sub = ipc_pair
     big = np.random.default_rng(1).standard_normal(3_500_000 // 4).astype(np.float32)  # 3.5 MB

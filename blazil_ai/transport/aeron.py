@@ -26,7 +26,6 @@ is watched) or ``driver_timeout`` seconds (Aeron's keepalive, default 5 s) where
 from __future__ import annotations
 
 import atexit
-import collections
 import contextlib
 import logging
 import os
@@ -40,7 +39,7 @@ import numpy as np
 
 from blazil_ai.transport import framing
 from blazil_ai.transport.aeron_binding import DEFAULT_DRIVER_TIMEOUT_S, AeronClient
-from blazil_ai.transport.base import OfferStatus, Publication, Subscription, TransportError
+from blazil_ai.transport.base import MessageCount, OfferStatus, Publication, Subscription, TransportError
 from blazil_ai.transport.framing import DEFAULT_MAX_MESSAGE_SIZE, FrameError, Message
 from blazil_ai.transport.media_driver import default_dir
 
@@ -53,10 +52,13 @@ _channels: weakref.WeakSet[_AeronChannel] = weakref.WeakSet()
 
 
 class _AeronChannel:
+    """What an Aeron publication and subscription share: options, the driver's client, the native object."""
+
     uri: str
     stream_id: int
     _ptr: Any
     _client: Any
+    _messages: MessageCount  # set by Publication / Subscription
 
     def _open_client(self, options: dict[str, Any]) -> AeronClient:
         aeron_dir = options.pop("aeron_dir", None)
@@ -79,19 +81,26 @@ class _AeronChannel:
         _channels.add(self)
         return client
 
-    def _adopt(self, client: AeronClient, ptr: Any, err: Any, set_doorbell: Any, without_bell: str) -> None:
+    def _adopt(self, client: AeronClient, ptr: Any, err: Any, set_doorbell: Any, without_bell: str,
+               close_native: Callable[[Any], Any]) -> None:
         """Take the native channel just opened (or raise its error), and set up its IPC doorbell."""
         if ptr == client.ffi.NULL:
             client.release()
             raise self._error(client, err)
         self._client, self._ptr = client, ptr
+        self._close_native = close_native
         self._ffi, self._lib = client.ffi, client.lib
         bell = self._doorbell_path(client)
         if bell is not None and set_doorbell(ptr, bell) != 0:
             log.warning("%s stream %d: no doorbell at %s; %s", self.uri, self.stream_id, bell, without_bell)
 
-    def _close_native(self, ptr: Any) -> None:
-        raise NotImplementedError
+    def close(self) -> None:
+        """Release the channel: its native object and this process's share of the driver's client.
+
+        Further offers return ``CLOSED`` and polls raise :class:`TransportError`; closing again does nothing.
+        """
+        self._messages.report()
+        self._release()
 
     def _release(self) -> None:
         """Close the native channel and drop the shared client (once; never for a copy inherited by fork)."""
@@ -124,9 +133,6 @@ class _AeronChannel:
         return TransportError(f"{self.uri} stream {self.stream_id}: "
                               f"{client.ffi.string(err).decode(errors='replace')}")
 
-    def close(self) -> None:  # overridden
-        raise NotImplementedError
-
 
 class AeronPublication(_AeronChannel, Publication):
     """The sending end of an Aeron channel. ``offer`` never blocks unless given a ``timeout``.
@@ -135,6 +141,7 @@ class AeronPublication(_AeronChannel, Publication):
     """
 
     def __init__(self, uri: str, stream_id: int = 1, **options: Any) -> None:
+        super().__init__("aeron")
         self.uri, self.stream_id = uri, int(stream_id)
         self._client: AeronClient | None = None
         self._ptr: Any = None
@@ -142,7 +149,8 @@ class AeronPublication(_AeronChannel, Publication):
         err = client.ffi.new("char[]", 1024)
         ptr = client.lib.blz_pub_open(client.ptr, uri.encode(), self.stream_id, int(self.open_timeout * 1000),
                                       err, 1024)
-        self._adopt(client, ptr, err, client.lib.blz_pub_set_doorbell, "subscribers will poll")
+        self._adopt(client, ptr, err, client.lib.blz_pub_set_doorbell, "subscribers will poll",
+                    client.lib.blz_pub_close)
         self.max_message_length = int(self._lib.blz_pub_max_message(ptr))
         self.session_id = int(self._lib.blz_pub_session_id(ptr))
 
@@ -177,6 +185,8 @@ class AeronPublication(_AeronChannel, Publication):
                 if self._ptr is None:
                     return OfferStatus.CLOSED
                 r = self._lib.blz_pub_offer_bytes(self._ptr, frame, len(frame), wait_ms, wait_connect)
+                if r >= 0:
+                    self._messages.add(1)
             return self._status(r)
         ffi = self._ffi
         iov = ffi.new("aeron_iovec_t[]", len(parts))
@@ -190,6 +200,8 @@ class AeronPublication(_AeronChannel, Publication):
             if self._ptr is None:
                 return OfferStatus.CLOSED
             r = self._lib.blz_pub_offerv(self._ptr, iov, len(parts), wait_ms, wait_connect)
+            if r >= 0:
+                self._messages.add(1)
         return self._status(r)
 
     def offer_batch(self, messages: Sequence[Message | bytes | bytearray], *, timeout: float = 0.0) -> int:
@@ -219,7 +231,8 @@ class AeronPublication(_AeronChannel, Publication):
             r = self._lib.blz_pub_offer_many(self._ptr, ffi.from_buffer("uint8_t[]", blob),
                                              ffi.from_buffer("uint64_t[]", lens), len(lens), int(timeout * 1000),
                                              1 if timeout > 0 else 0, accepted)
-        n = int(accepted[0])
+            n = int(accepted[0])
+            self._messages.add(n)
         if r < 0 and n < len(lens):
             self._status(r)  # raises if the driver is gone; other refusals just end the batch
         return n
@@ -230,12 +243,6 @@ class AeronPublication(_AeronChannel, Publication):
         with self._lock:
             return self._ptr is not None and bool(self._lib.blz_pub_is_connected(self._ptr))
 
-    def _close_native(self, ptr: Any) -> None:
-        self._lib.blz_pub_close(ptr)
-
-    def close(self) -> None:
-        """Release the publication; further offers return ``CLOSED``."""
-        self._release()
 
 
 class AeronSubscription(_AeronChannel, Subscription):
@@ -245,17 +252,18 @@ class AeronSubscription(_AeronChannel, Subscription):
     """
 
     def __init__(self, uri: str, stream_id: int = 1, **options: Any) -> None:
+        super().__init__("aeron")
         self.uri, self.stream_id = uri, int(stream_id)
         self._client: AeronClient | None = None
         self._ptr: Any = None
-        self._pending: collections.deque[Message] = collections.deque()
         self._peers: dict[int, str] = {}
         self.decode_errors = 0
         client = self._open_client(dict(options))
         err = client.ffi.new("char[]", 1024)
         ptr = client.lib.blz_sub_open(client.ptr, uri.encode(), self.stream_id, self.max_message_size,
                                       int(self.open_timeout * 1000), err, 1024)
-        self._adopt(client, ptr, err, client.lib.blz_sub_set_doorbell, "waiting by polling")
+        self._adopt(client, ptr, err, client.lib.blz_sub_set_doorbell, "waiting by polling",
+                    client.lib.blz_sub_close)
 
     def _check(self, r: int) -> None:
         if r >= 0:
@@ -284,14 +292,7 @@ class AeronSubscription(_AeronChannel, Subscription):
             if peer is None:
                 peer = self._peers[m.session_id] = f"session:{m.session_id}"
             msg.peer = peer
-            self._pending.append(msg)
-
-    def _deliver(self, handler: Callable[[Message], None], limit: int) -> int:
-        n = 0
-        while n < limit and self._pending:
-            handler(self._pending.popleft())
-            n += 1
-        return n
+            self._ready.append(msg)
 
     def poll(self, handler: Callable[[Message], None], limit: int = 64) -> int:
         """Deliver up to ``limit`` whole messages to ``handler``; return how many were delivered."""
@@ -306,12 +307,15 @@ class AeronSubscription(_AeronChannel, Subscription):
                     break
                 self._take(r)
             delivered += self._deliver(handler, limit - delivered)
+        if not delivered:
+            self._messages.report()  # idle: the counter catches up
         return delivered
 
     def receive(self, timeout: float | None = None) -> Message | None:
         """Wait up to ``timeout`` seconds (None = forever) for one message; the wait runs in native code."""
-        if self._pending:
-            return self._pending.popleft()
+        if self._ready:
+            return self._next_ready()
+        self._messages.report()  # about to wait: the counter catches up
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             remaining_ms = _WAIT_SLICE_MS if deadline is None else \
@@ -323,8 +327,8 @@ class AeronSubscription(_AeronChannel, Subscription):
                 self._check(r)
                 if r > 0:
                     self._take(r)
-            if self._pending:
-                return self._pending.popleft()
+            if self._ready:
+                return self._next_ready()
             if deadline is not None and time.monotonic() >= deadline:
                 return None
 
@@ -343,6 +347,10 @@ class AeronSubscription(_AeronChannel, Subscription):
             else:
                 r = self._lib.blz_sub_poll(self._ptr, fragment_limit)
             self._check(r)
+            if r:
+                self._messages.add(r)
+            else:
+                self._messages.report()
             total = int(self._lib.blz_sub_batch_bytes(self._ptr)) if r else 0
             data = np.empty(total, dtype=np.uint8)
             lens = np.empty(r, dtype=np.uint64)
@@ -363,13 +371,6 @@ class AeronSubscription(_AeronChannel, Subscription):
         with self._lock:
             native = int(self._lib.blz_sub_dropped(self._ptr)) if self._ptr is not None else 0
         return native + self.decode_errors
-
-    def _close_native(self, ptr: Any) -> None:
-        self._lib.blz_sub_close(ptr)
-
-    def close(self) -> None:
-        """Stop receiving and release the channel."""
-        self._release()
 
 
 def _forget_after_fork() -> None:
