@@ -228,10 +228,7 @@ class PipelineClient:
         last_seen = dict.fromkeys(pending, time.monotonic())
         next_alive_check = time.monotonic() + 0.2
         while pending:
-            got: list[Message] = [*self._stray]
-            self._stray.clear()
-            # with nothing held back, asleep in the transport's wait until a message comes (or 50 ms pass)
-            got += self.sub.drain(wait=0.0 if got else 0.05)
+            got = self._arrived(0.05)
             now = time.perf_counter()
             for m in got:
                 if m.meta.get("op") == "working":  # a stage is busy with these requests (a long forward)
@@ -319,9 +316,7 @@ class PipelineClient:
         wait early) ends the wait and is otherwise ignored. A request leaves this client with its last
         token (``finish`` set) or its error.
         """
-        got: list[Message] = [*self._stray]
-        self._stray.clear()
-        got += self.sub.drain(wait=0.0 if got else timeout)
+        got = self._arrived(timeout)
         now = time.perf_counter()
         events: list[StreamEvent] = []
         for m in got:
@@ -393,6 +388,12 @@ class PipelineClient:
             if all(c == [] for c in caches) or time.monotonic() > deadline:
                 return caches
             time.sleep(0.05)
+
+    def _arrived(self, wait: float) -> list[Message]:
+        """Messages :meth:`_wait_for` held back, then what has arrived; with none held back, wait up to
+        ``wait`` seconds for the first one, asleep in the transport's own wait."""
+        got, self._stray = self._stray, []
+        return got + self.sub.drain(wait=0.0 if got else wait)
 
     def _wait_for(self, pred: Callable[[Message], bool], timeout: float) -> Message | None:
         deadline = time.monotonic() + max(0.0, timeout)
