@@ -25,20 +25,18 @@ is watched) or ``driver_timeout`` seconds (Aeron's keepalive, default 5 s) where
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from blazil_ai.transport import framing
-from blazil_ai.transport.aeron_binding import DEFAULT_DRIVER_TIMEOUT_S, AeronClient
+from blazil_ai.transport.aeron_binding import DEFAULT_DRIVER_TIMEOUT_S, AeronClient, ClosedAtExit
 from blazil_ai.transport.base import MessageCount, OfferStatus, Publication, Subscription, TransportError
 from blazil_ai.transport.framing import DEFAULT_MAX_MESSAGE_SIZE, FrameError, Message
 from blazil_ai.transport.media_driver import default_dir
@@ -48,7 +46,9 @@ log = logging.getLogger(__name__)
 _FRAGMENT_LIMIT = 256
 _WAIT_SLICE_MS = 250  # blocking waits return to Python this often, so Ctrl-C and close() get through
 
-_channels: weakref.WeakSet[_AeronChannel] = weakref.WeakSet()
+# Closed when this process exits: an unclosed client would leave an IPC publication stalled for the
+# driver's liveness timeout (~10 s).
+_channels: ClosedAtExit[_AeronChannel] = ClosedAtExit(lambda ch: ch.close())
 
 
 class _AeronChannel:
@@ -181,13 +181,7 @@ class AeronPublication(_AeronChannel, Publication):
         if len(parts) == 1:
             # small: framing.encode joined the frame into one buffer (cheaper than an iovec list through cffi)
             frame = parts[0]
-            with self._lock:
-                if self._ptr is None:
-                    return OfferStatus.CLOSED
-                r = self._lib.blz_pub_offer_bytes(self._ptr, frame, len(frame), wait_ms, wait_connect)
-                if r >= 0:
-                    self._messages.add(1)
-            return self._status(r)
+            return self._offer_native(self._lib.blz_pub_offer_bytes, frame, len(frame), wait_ms, wait_connect)
         ffi = self._ffi
         iov = ffi.new("aeron_iovec_t[]", len(parts))
         keep = []
@@ -196,10 +190,14 @@ class AeronPublication(_AeronChannel, Publication):
             keep.append(buf)
             iov[i].iov_base = buf
             iov[i].iov_len = len(buf)
+        return self._offer_native(self._lib.blz_pub_offerv, iov, len(parts), wait_ms, wait_connect)
+
+    def _offer_native(self, offer: Callable[..., int], *args: Any) -> OfferStatus:
+        """One native offer of one message, under the lock; counted when accepted."""
         with self._lock:
             if self._ptr is None:
                 return OfferStatus.CLOSED
-            r = self._lib.blz_pub_offerv(self._ptr, iov, len(parts), wait_ms, wait_connect)
+            r = offer(self._ptr, *args)
             if r >= 0:
                 self._messages.add(1)
         return self._status(r)
@@ -371,18 +369,3 @@ class AeronSubscription(_AeronChannel, Subscription):
         with self._lock:
             native = int(self._lib.blz_sub_dropped(self._ptr)) if self._ptr is not None else 0
         return native + self.decode_errors
-
-
-def _forget_after_fork() -> None:
-    _channels.clear()  # a forked child's channels belong to its parent's client
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-@atexit.register
-def _close_all() -> None:
-    # Unclosed clients would leave an IPC publication stalled for the driver's liveness timeout (~10 s).
-    for ch in list(_channels):
-        with contextlib.suppress(Exception):
-            ch.close()

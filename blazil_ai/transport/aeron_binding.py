@@ -8,12 +8,16 @@ channels; both connect to a driver through the :class:`AeronClient` this module 
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib.util
 import os
 import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
 
 from blazil_ai.transport.base import OfferStatus, TransportError
 
@@ -159,3 +163,34 @@ def _forget_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+T = TypeVar("T")
+
+
+class ClosedAtExit(Generic[T]):
+    """The open objects of one kind (channels, drivers) this process must close when it exits.
+
+    A forked child forgets them: they belong to its parent. Sets made later are closed first at exit, so
+    the channels (their module imports the drivers' one) go before the media drivers under them.
+    """
+
+    def __init__(self, close: Callable[[T], object]) -> None:
+        self._items: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._close = close
+        os.register_at_fork(after_in_child=self._items.clear)
+        atexit.register(self.close_all)
+
+    def add(self, item: T) -> None:
+        """Remember an object just opened."""
+        self._items.add(item)
+
+    def discard(self, item: T) -> None:
+        """Forget an object closed by its owner."""
+        self._items.discard(item)
+
+    def close_all(self) -> None:
+        """Close every object still open (errors are ignored: the process is ending)."""
+        for item in list(self._items):
+            with contextlib.suppress(Exception):
+                self._close(item)

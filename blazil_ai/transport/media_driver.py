@@ -11,7 +11,6 @@ for channels opened without ``aeron_dir`` (see :func:`default_dir`).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
@@ -23,12 +22,11 @@ import tempfile
 import threading
 import time
 import uuid
-import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from blazil_ai.files import sweep_stale, temp_prefix
-from blazil_ai.transport.aeron_binding import AeronClient, aeronmd_path, load_binding
+from blazil_ai.transport.aeron_binding import AeronClient, ClosedAtExit, aeronmd_path, load_binding
 from blazil_ai.transport.base import TransportError
 
 log = logging.getLogger(__name__)
@@ -248,19 +246,4 @@ class MediaDriver:
             self.stop()
 
 
-_drivers: weakref.WeakSet[MediaDriver] = weakref.WeakSet()
-
-
-def _forget_after_fork() -> None:
-    _drivers.clear()  # a forked child does not own its parent's drivers
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-@atexit.register
-def _stop_all() -> None:
-    # Registered before the channels' own clean-up (aeron.py imports this module), so it runs after it.
-    for d in list(_drivers):
-        with contextlib.suppress(Exception):
-            d.stop()
+_drivers: ClosedAtExit[MediaDriver] = ClosedAtExit(MediaDriver.stop)  # stopped when this process exits
