@@ -41,7 +41,7 @@ CONFIGS = {"7b": "QWEN25_7B_INSTRUCT", "small": "SMALL", "tiny": "TINY"}
 
 
 def peak_memory(device: str) -> dict[str, float]:
-    from blazil_ai.pipeline.stage import memory_peaks
+    from blazil_ai.pipeline.devices import memory_peaks
     return memory_peaks(device)
 
 
@@ -239,7 +239,7 @@ def main() -> int:
     import random
 
     from blazil_ai.pipeline import random_model
-    from blazil_ai.pipeline.driver import LocalPipeline, resolve_transport
+    from blazil_ai.pipeline.launcher import LocalPipeline, resolve_transport
     from blazil_ai.pipeline.sampling import SamplingParams
 
     started = time.perf_counter()

@@ -1,7 +1,7 @@
 """Benchmark: ``blazil llm serve`` (HTTP streaming, OpenAI API) against the pipeline client itself (the anchor).
 
 One set of three stages serves both paths in the same run. The anchor sends the N requests straight
-through :class:`~blazil_ai.pipeline.driver.PipelineClient` in one ``submit_many`` (its best case: all
+through :class:`~blazil_ai.pipeline.client.PipelineClient` in one ``submit_many`` (its best case: all
 prompts share one first forward; tokens timed as they reach the client). The server is a
 ``blazil llm serve --connect`` process on the same stages, and N concurrent ``httpx`` clients stream
 ``/v1/completions`` from it (tokens timed as their server-sent events arrive); each request arrives on
@@ -133,7 +133,7 @@ def main() -> int:
     import psutil
 
     from blazil_ai.pipeline import random_model
-    from blazil_ai.pipeline.driver import LocalPipeline
+    from blazil_ai.pipeline.launcher import LocalPipeline
     from blazil_ai.pipeline.sampling import SamplingParams
     from blazil_ai.serving.process import ServerProcess
 

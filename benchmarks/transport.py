@@ -240,7 +240,7 @@ def media_driver_if_needed(names: list[str]) -> Iterator[None]:
     if not any(n.startswith("aeron") for n in names):
         yield
         return
-    from blazil_ai.transport.aeron import MediaDriver
+    from blazil_ai.transport.media_driver import MediaDriver
 
     with MediaDriver() as driver:
         os.environ["AERON_DIR"] = str(driver.dir)
@@ -249,9 +249,9 @@ def media_driver_if_needed(names: list[str]) -> Iterator[None]:
 
 def aeron_available() -> bool:
     try:
-        from blazil_ai.transport import aeron
+        from blazil_ai.transport.aeron_binding import available
 
-        return bool(getattr(aeron, "available", lambda: False)())
+        return bool(available())
     except Exception:
         return False
 

@@ -34,7 +34,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import transport as common  # noqa: E402  (benchmarks/transport.py: anchor and TCP channel)
 
-from blazil_ai.transport import aeron, framing  # noqa: E402
+from blazil_ai.transport import aeron, aeron_binding, framing  # noqa: E402
+from blazil_ai.transport.media_driver import MediaDriver  # noqa: E402
 
 SIZES = {"64B": 64, "16KiB": 16 * 1024, "3.5MiB": 3584 * 1024}
 COUNTS = {"64B": 2_000_000, "16KiB": 100_000, "3.5MiB": 300}
@@ -174,15 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="measure idle driver + idle subscriber CPU over this long first (0 = skip)")
     ap.add_argument("--only-idle", action="store_true", help="measure idle CPU only")
     args = ap.parse_args(argv)
-    why = aeron.unavailable_reason()
+    why = aeron_binding.unavailable_reason()
     if why:
         print(json.dumps({"skipped": "aeron", "reason": why}))
         return 0
     names = args.transports.split(",")
     scale = 0.1 if args.quick else 1.0
     host = {"cpus": os.cpu_count(), "python": sys.version.split()[0], "load1": round(os.getloadavg()[0], 2),
-            "aeron": aeron.aeron_version()}
-    with aeron.MediaDriver() as driver:
+            "aeron": aeron_binding.aeron_version()}
+    with MediaDriver() as driver:
         os.environ["AERON_DIR"] = driver.dir  # for the forked receivers
         stream = 500
         if args.idle_seconds > 0:

@@ -195,7 +195,7 @@ def run_fraud(models: Path, n: int, summary: Summary) -> dict[str, Any]:
 def run_pipeline(model: str | None, tokens: int, summary: Summary) -> dict[str, Any]:
     """Generate text through the three-stage pipeline."""
     from blazil_ai.models.store import blazil_home
-    from blazil_ai.pipeline.driver import LocalPipeline, resolve_transport
+    from blazil_ai.pipeline.launcher import LocalPipeline, resolve_transport
     from blazil_ai.pipeline.sampling import SamplingParams
 
     if model is None:

@@ -13,7 +13,7 @@ import argparse
 import sys
 import tempfile
 
-from blazil_ai.pipeline.driver import LocalPipeline
+from blazil_ai.pipeline.launcher import LocalPipeline
 from blazil_ai.pipeline.random_model import save_tiny_checkpoint
 from blazil_ai.pipeline.sampling import SamplingParams
 

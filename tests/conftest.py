@@ -1,4 +1,5 @@
-"""Shared test fixtures: a private BLAZIL_HOME so tests never touch the user's cache."""
+"""Shared test fixtures. Every test runs with a private BLAZIL_HOME and HF_HOME (``_private_caches``), so no
+test reads or writes the user's cache."""
 
 from __future__ import annotations
 
@@ -11,6 +12,27 @@ import pytest
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_caches(tmp_path_factory: pytest.TempPathFactory):
+    """Point the project's cache (BLAZIL_HOME: built models, sample sets) and Hugging Face's (HF_HOME) at
+    empty folders of this run; restore them afterwards.
+
+    The project reads BLAZIL_HOME at each use, and every process a test starts inherits both. Hugging Face
+    reads HF_HOME once, when first imported, which in this process may come before the fixture (with
+    HF_HUB_OFFLINE set nothing is fetched into it either way).
+    """
+    names = {"BLAZIL_HOME": "blazil-home", "HF_HOME": "hf-home"}
+    before = {name: os.environ.get(name) for name in names}
+    for name, folder in names.items():
+        os.environ[name] = str(tmp_path_factory.mktemp(folder))
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True, scope="session")

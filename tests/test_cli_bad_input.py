@@ -370,10 +370,10 @@ def _blazil(args: list[str], env: dict[str, str] | None = None, timeout: float =
 
 @pytest.mark.parametrize("how", ["--dir", "AERON_DIR", "--dir ."])
 def test_transport_driver_never_wipes_a_folder_that_is_not_a_drivers(tmp_path, how):
-    from blazil_ai.transport import aeron
+    from blazil_ai.transport.aeron_binding import available, unavailable_reason
 
-    if not aeron.available():
-        pytest.skip(f"Aeron is not built here: {aeron.unavailable_reason()}")
+    if not available():
+        pytest.skip(f"Aeron is not built here: {unavailable_reason()}")
     user = tmp_path / "user"
     (user / "photos").mkdir(parents=True)
     (user / "photos" / "cat.jpg").write_bytes(b"\xff\xd8 a cat")
@@ -398,16 +398,17 @@ def test_transport_driver_never_wipes_a_folder_that_is_not_a_drivers(tmp_path, h
 
 
 def test_transport_driver_restarts_in_a_folder_a_driver_left(tmp_path):
-    from blazil_ai.transport import aeron
+    from blazil_ai.transport.aeron_binding import available, unavailable_reason
+    from blazil_ai.transport.media_driver import MediaDriver, check_driver_dir
 
-    if not aeron.available():
-        pytest.skip(f"Aeron is not built here: {aeron.unavailable_reason()}")
+    if not available():
+        pytest.skip(f"Aeron is not built here: {unavailable_reason()}")
     d = tmp_path / "drv"
-    drv = aeron.MediaDriver(d).start()
+    drv = MediaDriver(d).start()
     drv.kill()  # a crash: cnc.dat stays
     assert (d / "cnc.dat").exists()
-    aeron.check_driver_dir(d)  # accepted: it is a driver's folder
-    with aeron.MediaDriver(d) as again:
+    check_driver_dir(d)  # accepted: it is a driver's folder
+    with MediaDriver(d) as again:
         assert again.is_running()
     drv.stop()
 

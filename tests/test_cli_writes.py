@@ -187,7 +187,7 @@ def test_the_ledger_examples_leave_no_temporary_folders(tmp_path):
 
 
 def test_a_killed_generate_clients_temp_folder_is_swept_by_the_next(tiny, tmp_path, monkeypatch):
-    code = ("import os, signal\nfrom blazil_ai.pipeline.driver import LocalPipeline\n"
+    code = ("import os, signal\nfrom blazil_ai.pipeline.launcher import LocalPipeline\n"
             f"p = LocalPipeline({str(tiny)!r}, transport='tcp')\nprint(p.log_dir, flush=True)\n"
             "os.kill(os.getpid(), signal.SIGKILL)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path)}
@@ -196,7 +196,7 @@ def test_a_killed_generate_clients_temp_folder_is_swept_by_the_next(tiny, tmp_pa
     left = Path(out.stdout.strip())
     assert left.is_dir() and left.parent == tmp_path  # SIGKILL runs no clean-up ...
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    from blazil_ai.pipeline.driver import LocalPipeline
+    from blazil_ai.pipeline.launcher import LocalPipeline
 
     pipe = LocalPipeline(tiny, transport="tcp")  # ... so the next pipeline removes what a dead one left
     assert not left.exists()

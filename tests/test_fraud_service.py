@@ -326,7 +326,7 @@ def test_damage_to_an_acknowledged_decision_frame_is_refused_and_repaired_on_req
     off = frames[-1].offset if where == "truncate" else first.offset
     with pytest.raises(DataError, match=rf"decisions.log: .*damaged at byte offset {off} "):
         service(tmp_path, model)
-    run = [sys.executable, "-m", "blazil_ai.ledger.commands"]
+    run = [sys.executable, "-m", "blazil_ai", "ledger"]
     repo = Path(__file__).resolve().parent.parent
     out = subprocess.run([*run, "verify", str(tmp_path / "data")], cwd=repo, capture_output=True, text=True)
     assert out.returncode == 1 and f"byte offset {off}" in out.stdout

@@ -119,7 +119,7 @@ def test_bad_inputs_name_the_fault(tmp_path):
 
 
 def _start_server(data: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "blazil_ai.ledger.commands", "serve", "--data", str(data),
+    proc = subprocess.Popen([sys.executable, "-m", "blazil_ai", "ledger", "serve", "--data", str(data),
                              "--create", "--listen", "tcp://127.0.0.1:0", "--json", "--metrics-port", "-1", *extra],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # type: ignore[union-attr]

@@ -460,7 +460,7 @@ def test_decision_log_faults(tmp_path):
 
 
 def serve(data: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-m", "blazil_ai.ledger.commands", "serve", "--data", str(data),
+    proc = subprocess.Popen([sys.executable, "-m", "blazil_ai", "ledger", "serve", "--data", str(data),
                              "--create", "--listen", "tcp://127.0.0.1:0", "--json", "--metrics-port", "-1",
                              "--checkpoint-mb", "1", *extra],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -21,7 +21,7 @@ from blazil_ai.ledger.verify import verify
 from blazil_ai.ledger.wal import WriteAheadLog, encode_entries, scan_segment, segments
 
 REPO = Path(__file__).resolve().parent.parent
-CLI = [sys.executable, "-m", "blazil_ai.ledger.commands"]
+CLI = [sys.executable, "-m", "blazil_ai", "ledger"]
 
 
 def small_ledger(path: Path, batches: int = 2) -> None:
@@ -405,7 +405,7 @@ def test_inspect_and_verify_write_nothing_in_a_folder_that_is_no_ledger(tmp_path
     for cmd in ("inspect", "verify"):
         out = cli(cmd, str(tmp_path / "f"))
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-        assert out.stderr.startswith("blazil ledger: error: ") and str(tmp_path / "f") in out.stderr
+        assert out.stderr.startswith(f"blazil ledger {cmd}: error: ") and str(tmp_path / "f") in out.stderr
         assert list((tmp_path / "f").iterdir()) == []
     out = cli("inspect", str(tmp_path / "missing"))
     assert out.returncode == 1 and "missing" in out.stderr and not (tmp_path / "missing").exists()

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from blazil_ai.pipeline.driver import LocalPipeline
+from blazil_ai.pipeline.launcher import LocalPipeline
 from blazil_ai.pipeline.sampling import SamplingParams
+from blazil_ai.transport.aeron_binding import unavailable_reason
 
-aeron = pytest.importorskip("blazil_ai.transport.aeron", reason="the Aeron transport module is not there")
-_why = aeron.unavailable_reason()
+_why = unavailable_reason()
 pytestmark = [pytest.mark.skipif(_why is not None, reason=f"Aeron is not usable here: {_why}"),
               pytest.mark.usefixtures("one_torch_thread")]  # the stages run with threads=1
 

@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from blazil_ai.pipeline.driver import PipelineClient, PipelineError, free_port
+from blazil_ai.pipeline.client import PipelineClient, PipelineError
+from blazil_ai.pipeline.launcher import free_port
 from blazil_ai.transport import publication, subscription
 
 

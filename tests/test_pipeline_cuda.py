@@ -123,7 +123,7 @@ def test_sampling_on_the_gpu_equals_hf_generate_there_with_the_seed(tiny, hf):
 def test_stage_processes_with_graphs_on_keep_them_through_cache_reallocation(tiny, hf):
     """Three stage processes on the GPU with ``--decode-graphs on``: graphs captured at start-up, still on
     after a long prompt grew the caches and the idle stages gave them back (the torch 2.11 pool case)."""
-    from blazil_ai.pipeline.driver import LocalPipeline
+    from blazil_ai.pipeline.launcher import LocalPipeline
     from blazil_ai.pipeline.sampling import SamplingParams
 
     long = [(7 * i) % 5000 + 1 for i in range(250)]

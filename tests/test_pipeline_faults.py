@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from blazil_ai import cli
 from blazil_ai.errors import ConfigError
-from blazil_ai.pipeline import stage as stage_main
-from blazil_ai.pipeline.driver import LocalPipeline, PipelineError
+from blazil_ai.pipeline.client import PipelineError
+from blazil_ai.pipeline.launcher import LocalPipeline
 from blazil_ai.pipeline.sampling import SamplingParams
+from blazil_ai.pipeline.stage import StageServer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the stages run with threads=1
 
@@ -106,7 +108,7 @@ def test_missing_shard_is_named_at_startup(tiny, tmp_path, capsys):
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
     argv = ["--stage", "2", "--model", str(d), "--layers", "1:5", "--listen", "tcp://127.0.0.1:0",
             "--next", "tcp://127.0.0.1:9"]
-    assert stage_main.main(argv) == 1
+    assert cli.main(["stage", *argv]) == 1
     err = capsys.readouterr().err
     assert "model-00002-of-00002.safetensors: checkpoint shard named by model.safetensors.index.json is missing" in err
     # The launcher checks the index's files before starting any process.
@@ -148,9 +150,9 @@ def test_sigterm_to_blazil_generate_stops_every_process_it_started(tiny, process
     import subprocess
     import sys
 
-    from blazil_ai.transport import aeron
+    from blazil_ai.transport.aeron_binding import available
 
-    transport = "aeron" if aeron.available() else "tcp"
+    transport = "aeron" if available() else "tcp"
     proc = subprocess.Popen([sys.executable, "-m", "blazil_ai", "generate", "--model", str(tiny), "--transport",
                              transport, "--threads", "1", "--max-new-tokens", "1000000", "Hello"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -202,11 +204,11 @@ def test_a_forward_longer_than_the_client_timeout_is_busy_not_dead(tiny, referen
     the stage's heartbeats tell the client it is working, and the request completes."""
     import threading
 
-    from blazil_ai.pipeline.driver import PipelineClient
+    from blazil_ai.pipeline.client import PipelineClient
     from blazil_ai.pipeline.weights import StageSpec, load_config
 
     n = load_config(tiny).num_hidden_layers
-    server = stage_main.StageServer(str(tiny), StageSpec(1, 0, n, n), ("tcp://127.0.0.1:0", 1),
+    server = StageServer(str(tiny), StageSpec(1, 0, n, n), ("tcp://127.0.0.1:0", 1),
                                     ("tcp://127.0.0.1:9", 1), heartbeat=0.1)
     server.next_addr = server.listen  # a ring of one stage: it feeds its own tokens back
     real_forward = server.model.forward
@@ -302,7 +304,7 @@ def test_a_killed_client_leaves_no_cache_behind(pipe, tiny, reference):
     import sys
 
     uris = ",".join(u for u, _ in pipe.addrs)
-    code = ("from blazil_ai.pipeline.driver import PipelineClient\n"
+    code = ("from blazil_ai.pipeline.client import PipelineClient\n"
             "from blazil_ai.pipeline.sampling import SamplingParams\n"
             f"c = PipelineClient([(u, 1) for u in {uris!r}.split(',')], {str(tiny)!r}, timeout=30)\n"
             "c.connect(30)\n"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from blazil_ai.pipeline.driver import LocalPipeline
+from blazil_ai.pipeline.launcher import LocalPipeline
 from blazil_ai.pipeline.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the stages run with threads=1

@@ -239,7 +239,7 @@ def test_pipelined_fraud_futures_fail_when_the_server_dies(fraud):
 
 
 def test_a_stage_keeps_no_descriptor_for_clients_that_left(tiny):
-    from blazil_ai.pipeline.driver import LocalPipeline
+    from blazil_ai.pipeline.launcher import LocalPipeline
     from blazil_ai.pipeline.sampling import SamplingParams
     from blazil_ai.transport import publication, subscription
 
@@ -262,11 +262,13 @@ def test_a_stage_keeps_no_descriptor_for_clients_that_left(tiny):
 
 
 def test_over_aeron_a_server_answers_only_on_aeron_channels(tmp_path):
-    from blazil_ai.transport import aeron, publication
+    from blazil_ai.transport import publication
+    from blazil_ai.transport.aeron_binding import available
+    from blazil_ai.transport.media_driver import MediaDriver
 
-    if not aeron.available().ok:
-        pytest.skip(f"Aeron is not built here: {aeron.available().reason}")
-    driver = aeron.MediaDriver()
+    if not available().ok:
+        pytest.skip(f"Aeron is not built here: {available().reason}")
+    driver = MediaDriver()
     driver.start()
     srv = LedgerServer(tmp_path / "aeron-ledger", "aeron:ipc", metrics_port=None, create=True)
     t = threading.Thread(target=srv.serve_forever, daemon=True)

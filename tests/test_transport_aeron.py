@@ -16,10 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blazil_ai import transport
-from blazil_ai.transport import OfferStatus, TransportError, aeron, framing
+from blazil_ai.transport import OfferStatus, TransportError, aeron, aeron_binding, framing
 from blazil_ai.transport.framing import Message
+from blazil_ai.transport.media_driver import MediaDriver
 
-_why = aeron.unavailable_reason()
+_why = aeron_binding.unavailable_reason()
 pytestmark = [pytest.mark.skipif(_why is not None, reason=f"Aeron is not built here: {_why}"), pytest.mark.timeout(120)]
 
 _streams = itertools.count(2000)
@@ -46,7 +47,7 @@ def _wait(pred, timeout: float = 5.0) -> bool:
 
 @pytest.fixture(scope="module")
 def driver():
-    with aeron.MediaDriver() as d:  # fresh directory, wiped on start and removed on stop
+    with MediaDriver() as d:  # fresh directory, wiped on start and removed on stop
         yield d
 
 
@@ -115,6 +116,30 @@ def test_factory_dispatches_aeron_uris(driver):
         pub.send({"hello": "world"}, timeout=5.0)
         m = sub.receive(timeout=5.0)
         assert m is not None and m.meta == {"hello": "world"}
+
+
+def test_aeron_messages_are_counted_in_the_transport_metrics(driver):
+    from blazil_ai import metrics
+
+    def counted(what: str) -> float:
+        name = f"blazil_transport_messages_{what}_total"
+        return metrics.REGISTRY.get_sample_value(name, {"transport": "aeron"}) or 0.0
+
+    sent_before, received_before = counted("sent"), counted("received")
+    pub, sub = _pair(driver, "aeron:ipc")
+    with pub, sub:
+        for i in range(5):  # small frames, one buffer each
+            pub.send({"i": i}, timeout=5.0)
+        pub.send({"i": 5}, [np.zeros(200_000, dtype=np.uint8)], timeout=5.0)  # a frame of several buffers
+        assert pub.offer_batch([Message({"i": 6 + k}) for k in range(3)], timeout=5.0) == 3
+        got = [sub.receive(timeout=5.0)]
+        deadline = time.monotonic() + 10
+        while len(got) < 9 and time.monotonic() < deadline:
+            sub.poll(got.append, 4)
+        assert [m.meta["i"] for m in got if m is not None] == list(range(9))
+        assert pub.offer({"not": "taken"}) == OfferStatus.OK  # sent, never delivered: counted once
+    assert counted("sent") - sent_before == 10
+    assert counted("received") - received_before == 9
 
 
 def test_ipc_reassembles_a_3_5_mib_array_sent_before_the_subscriber_polls(ipc_pair):
@@ -272,7 +297,7 @@ def test_message_over_the_size_limit_is_refused(ipc_pair):
 
 
 def test_driver_killed_blocked_calls_fail_fast_and_a_restart_works():
-    drv = aeron.MediaDriver().start()
+    drv = MediaDriver().start()
     try:
         stream = _stream()
         pub, sub = _pair(drv, "aeron:ipc", stream)
@@ -306,7 +331,7 @@ def test_driver_killed_blocked_calls_fail_fast_and_a_restart_works():
     finally:
         drv.stop()
     # restart: a new driver in the same directory, new channels work
-    with aeron.MediaDriver(drv.dir) as drv2:
+    with MediaDriver(drv.dir) as drv2:
         pub, sub = _pair(drv2, "aeron:ipc")
         with pub, sub:
             pub.send({"again": 1}, timeout=5.0)
@@ -420,18 +445,18 @@ def test_back_pressure_is_a_status_and_clears_when_the_subscriber_catches_up(dri
 
 
 def test_available_reads_as_a_bool_and_unpacks_with_the_reason(monkeypatch):
-    ok, why = aeron.available()
-    assert ok is True and why == "" and bool(aeron.available())
+    ok, why = aeron_binding.available()
+    assert ok is True and why == "" and bool(aeron_binding.available())
     monkeypatch.setenv("BLAZIL_AERON_HOME", "/nonexistent/aeron")
-    ok, why = aeron.available()
-    assert not ok and not aeron.available() and "/nonexistent/aeron/bin/aeronmd" in why
+    ok, why = aeron_binding.available()
+    assert not ok and not aeron_binding.available() and "/nonexistent/aeron/bin/aeronmd" in why
 
 
 
 def test_a_driver_stops_when_the_process_that_started_it_is_killed(tmp_path, process_gone):
     aeron_dir = str(tmp_path / "drv")
-    code = ("import time\nfrom blazil_ai.transport import aeron\n"
-            f"d = aeron.MediaDriver({aeron_dir!r}).start()\nprint(d.pid, flush=True)\ntime.sleep(600)\n")
+    code = ("import time\nfrom blazil_ai.transport.media_driver import MediaDriver\n"
+            f"d = MediaDriver({aeron_dir!r}).start()\nprint(d.pid, flush=True)\ntime.sleep(600)\n")
     owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                              env=dict(os.environ, PYTHONPATH=os.getcwd()))
     try:

@@ -126,7 +126,7 @@ def model(tmp_path_factory):
 @contextmanager
 def _target(name: str, tmp_path: Path, repo_root: Path, model_path: Path | None = None, tiny: Path | None = None):
     if name == "stage":
-        from blazil_ai.pipeline.driver import LocalPipeline
+        from blazil_ai.pipeline.launcher import LocalPipeline
         from blazil_ai.pipeline.sampling import SamplingParams
 
         assert tiny is not None

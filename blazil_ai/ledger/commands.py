@@ -235,19 +235,3 @@ def _inspect(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m blazil_ai.ledger.commands ...``: the ``blazil ledger`` group on its own."""
-    parser = argparse.ArgumentParser(prog="blazil")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["ledger", *(sys.argv[1:] if argv is None else argv)])
-    from blazil_ai.errors import BlazilError
-    try:
-        return int(args.func(args) or 0)
-    except BlazilError as e:
-        print(f"blazil ledger: error: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

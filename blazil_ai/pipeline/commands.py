@@ -28,23 +28,6 @@ def stage_uris(text: str) -> list[str]:
     return uris
 
 
-def check_device(name: str, option: str = "--device") -> None:
-    """Check the torch device exists on this host before any stage starts (imports torch)."""
-    import torch
-
-    from blazil_ai.errors import ConfigError
-
-    kind, _, index = name.partition(":")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{option} {name}: no CUDA GPU is visible to torch on this host")
-        if index and int(index) >= torch.cuda.device_count():
-            raise ConfigError(f"{option} {name}: this host has {torch.cuda.device_count()} CUDA device(s)")
-    elif kind == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{option} {name}: MPS is not available on this host")
-    elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise ConfigError(f"{option} {name}: no XPU device is visible to torch on this host")
-
 GENERATE_EPILOG = """\
 examples:
   blazil generate --model ./Qwen2.5-7B-Instruct --chat "Write a haiku about ledgers"
@@ -121,7 +104,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def stage_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Options of one stage process (shared by ``blazil stage`` and ``python -m blazil_ai.pipeline.stage``).
+    """Options of one stage process (``blazil stage``; launchers start ``python -m blazil_ai stage``).
 
     Kept here, away from torch, so that ``blazil --help`` does not import it.
     """
@@ -219,7 +202,9 @@ def start_or_connect(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
     Shared by ``blazil generate`` and ``blazil llm serve``: the checkpoint (config, shards, split) and the
     device are checked before anything starts or is announced.
     """
-    from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient, resolve_transport
+    from blazil_ai.pipeline.client import PipelineClient
+    from blazil_ai.pipeline.devices import check_device
+    from blazil_ai.pipeline.launcher import LocalPipeline, resolve_transport
     from blazil_ai.pipeline.weights import parse_split
 
     pipe = None

@@ -3,12 +3,11 @@
 The stage is an agent in Aeron's sense: ``do_work`` drains the subscription, runs ONE forward for every
 sequence that arrived (decode steps batched), sends the result on and returns how much it did; with
 nothing to do, the loop sleeps in the transport's own wait (epoll on a TCP socket, Aeron's doorbell)
-until a message arrives. Every message's position for a
-sequence must equal the stage's cache length for it, else that request fails with an error naming
-the stage, the request and both numbers.
+until a message arrives. Every message's position for a sequence must equal the stage's cache length
+for it, else that request fails with an error naming the stage, the request and both numbers.
 
-Run one with ``python -m blazil_ai.pipeline.stage --stage 2 --model DIR --layers 10:20 --listen URI --next URI``
-(or ``blazil stage``).
+Run one with ``blazil stage --stage 2 --model DIR --layers 10:20 --listen URI --next URI`` (a launcher
+starts it as ``python -m blazil_ai stage ...``).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import torch
 
 from blazil_ai import metrics
 from blazil_ai.errors import BlazilError
+from blazil_ai.pipeline.devices import check_device, memory_peaks
 from blazil_ai.pipeline.graphs import GraphCaptureError, enable_decode_graphs
 from blazil_ai.pipeline.model import PositionError, StageModel
 from blazil_ai.pipeline.protocol import PROTOCOL_VERSION, Address, addr, hidden_from_wire, hidden_to_wire
@@ -184,16 +184,19 @@ class StageServer:
         parent, next_check = os.getppid(), time.monotonic() + 1.0
         beats = threading.Thread(target=self._heartbeats, name=f"stage{self.spec.stage}-heartbeat", daemon=True)
         beats.start()
-        while self.running:
-            self.do_work(wait=0.05)
-            if time.monotonic() > next_check:
-                next_check = time.monotonic() + 1.0
-                self._close_gone_replies()
-                if exit_with_parent and os.getppid() != parent:  # the launcher died without stopping us: do not linger
-                    log.warning("stage %d: launching process %d is gone; exiting", self.spec.stage, parent)
-                    self.running = False
-        beats.join()
-        self.close()
+        try:
+            while self.running:
+                self.do_work(wait=0.05)
+                if time.monotonic() > next_check:
+                    next_check = time.monotonic() + 1.0
+                    self._close_gone_replies()
+                    if exit_with_parent and os.getppid() != parent:  # the launcher died without stopping us
+                        log.warning("stage %d: launching process %d is gone; exiting", self.spec.stage, parent)
+                        self.running = False
+        finally:  # also when the CLI's SIGHUP handler unwinds the loop
+            self.running = False
+            beats.join()
+            self.close()
 
     def close(self) -> None:
         """Release every channel."""
@@ -477,22 +480,6 @@ class StageServer:
             self._send(self.next_addr, {"op": "drop", "rids": done})
 
 
-def memory_peaks(device: str) -> dict[str, float]:
-    """This process's peak resident memory (MiB), and peak CUDA memory allocated on ``device`` if it is a GPU."""
-    out: dict[str, float] = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    out["peak_rss_mb"] = int(line.split()[1]) / 1024
-    except OSError:
-        import resource
-        out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.startswith("cuda") and torch.cuda.is_available():
-        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2**20
-    return out
-
-
 def check_stages(stages: list[dict[str, Any]]) -> str | None:
     """Why the stages of one ring do not form one model (None when they do)."""
     first = stages[0]
@@ -520,7 +507,6 @@ def check_stages(stages: list[dict[str, Any]]) -> str | None:
 
 def run_stage(args: argparse.Namespace) -> int:
     """Load the stage and serve until SIGTERM/SIGINT or a shutdown message."""
-    from blazil_ai.pipeline.commands import check_device
     from blazil_ai.pipeline.weights import parse_layers
 
     if args.threads:
@@ -554,21 +540,3 @@ def run_stage(args: argparse.Namespace) -> int:
         raise BlazilError(server.failed)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m blazil_ai.pipeline.stage``."""
-    from blazil_ai.pipeline.commands import stage_arguments
-
-    parser = argparse.ArgumentParser(prog="python -m blazil_ai.pipeline.stage", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    args = stage_arguments(parser).parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run_stage(args)
-    except BlazilError as e:
-        print(f"blazil stage {args.stage}: error: {e}", file=sys.stderr, flush=True)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

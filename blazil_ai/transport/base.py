@@ -9,10 +9,16 @@ A channel is addressed by a URI and a stream id, as in Aeron:
 Publications never block unless asked to: ``offer`` returns an :class:`OfferStatus` at once, or waits
 up to ``timeout`` seconds for room. Subscriptions are driven by the caller (``poll``), so no thread
 runs behind the application's back; ``receive`` waits for one message without spinning.
+
+The bookkeeping every transport shares lives here: a subscription's queue of decoded messages not yet
+delivered (``_ready``, handed out by ``_deliver``), and the message counters
+``blazil_transport_messages_sent_total`` / ``blazil_transport_messages_received_total`` (label
+``transport``: tcp, tcps or aeron), which each end updates through its ``_messages``.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import time
 from abc import ABC, abstractmethod
@@ -21,9 +27,41 @@ from typing import Any
 
 import numpy as np
 
+from blazil_ai import metrics
 from blazil_ai.errors import BlazilError
 from blazil_ai.transport.framing import Message
 from blazil_ai.transport.idle import BackoffIdleStrategy
+
+_received = metrics.counter("transport", "messages_received", "total", "Messages delivered to the application",
+                            ["transport"])
+_sent = metrics.counter("transport", "messages_sent", "total", "Messages accepted by offer", ["transport"])
+
+
+class MessageCount:
+    """Messages one channel end has sent or delivered, added to its counter in batches of ``every``.
+
+    One increment of a Prometheus counter costs about as much as receiving a small message, so the count
+    is carried here and reported every ``every`` messages, when the end goes idle, and when it closes.
+    """
+
+    __slots__ = ("_counter", "_every", "_pending")
+
+    def __init__(self, counter: Any, every: int) -> None:
+        self._counter = counter
+        self._every = every
+        self._pending = 0
+
+    def add(self, n: int) -> None:
+        """Count ``n`` more messages."""
+        self._pending += n
+        if self._pending >= self._every:
+            self.report()
+
+    def report(self) -> None:
+        """Add what was counted since the last report to the counter."""
+        if self._pending:
+            self._counter.inc(self._pending)
+            self._pending = 0
 
 
 class OfferStatus(enum.IntEnum):
@@ -48,6 +86,9 @@ class Publication(ABC):
 
     uri: str
     stream_id: int
+
+    def __init__(self, transport: str) -> None:
+        self._messages = MessageCount(_sent.labels(transport), every=1024)  # accepted by offer
 
     @abstractmethod
     def offer(self, meta: Mapping[str, Any] | None = None, arrays: Sequence[np.ndarray] = (), *,
@@ -100,6 +141,10 @@ class Subscription(ABC):
     uri: str
     stream_id: int
 
+    def __init__(self, transport: str) -> None:
+        self._ready: collections.deque[Message] = collections.deque()  # whole, decoded, not yet delivered
+        self._messages = MessageCount(_received.labels(transport), every=256)  # delivered to the application
+
     @abstractmethod
     def poll(self, handler: Callable[[Message], None], limit: int = 64) -> int:
         """Deliver up to ``limit`` whole messages to ``handler``; return how many were delivered."""
@@ -128,6 +173,21 @@ class Subscription(ABC):
                 got.append(first)
                 self.poll(got.append, limit=limit - 1)
         return got
+
+    def _deliver(self, handler: Callable[[Message], None], limit: int) -> int:
+        """Hand up to ``limit`` ready messages to ``handler``, counting them; return how many."""
+        n = 0
+        ready = self._ready
+        while ready and n < limit:
+            handler(ready.popleft())
+            n += 1
+        self._messages.add(n)
+        return n
+
+    def _next_ready(self) -> Message:
+        """The first ready message (there must be one), counted as delivered."""
+        self._messages.add(1)
+        return self._ready.popleft()
 
     supports_replies = False  # whether reply() can answer a message over the connection it came on
 

@@ -53,25 +53,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _driver(args: argparse.Namespace) -> int:
     from blazil_ai.errors import ConfigError
-    from blazil_ai.transport import aeron
+    from blazil_ai.transport.aeron_binding import aeron_version
     from blazil_ai.transport.base import TransportError
+    from blazil_ai.transport.media_driver import MediaDriver, check_driver_dir, default_dir
 
     kw: dict[str, Any] = {}
     if args.term_length:
         kw["term_length"] = args.term_length
     if args.ipc_term_length:
         kw["ipc_term_length"] = args.ipc_term_length
-    aeron_dir = args.dir or os.environ.get("AERON_DIR") or aeron.default_dir()
+    aeron_dir = args.dir or os.environ.get("AERON_DIR") or default_dir()
     source = "--dir" if args.dir else "AERON_DIR" if os.environ.get("AERON_DIR") else "the default directory"
     try:
-        aeron.check_driver_dir(aeron_dir)
+        check_driver_dir(aeron_dir)
     except TransportError as e:
         raise ConfigError(f"{source}: {e}") from None
-    driver = aeron.MediaDriver(aeron_dir, **kw).start()
+    driver = MediaDriver(aeron_dir, **kw).start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    info = {"dir": driver.dir, "pid": driver.pid, "version": aeron.aeron_version()}
+    info = {"dir": driver.dir, "pid": driver.pid, "version": aeron_version()}
     if args.json:
         print(json.dumps(info), flush=True)
     else:
@@ -100,12 +101,12 @@ def _ping(args: argparse.Namespace) -> int:
     driver = None
     opts: dict[str, Any] = {}
     if args.uri.startswith("aeron:"):
-        from blazil_ai.transport import aeron
-        aeron_dir = args.dir or aeron.default_dir()
+        from blazil_ai.transport.media_driver import MediaDriver, default_dir
+        aeron_dir = args.dir or default_dir()
         if os.path.exists(os.path.join(aeron_dir, "cnc.dat")):
             opts["aeron_dir"] = aeron_dir
         else:
-            driver = aeron.MediaDriver().start()
+            driver = MediaDriver().start()
             opts["aeron_dir"] = driver.dir
     try:
         with subscription(args.uri, args.stream, **opts) as sub, \

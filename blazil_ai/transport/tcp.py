@@ -66,9 +66,6 @@ _native_read: Any = framing.native.read_frames if framing.native is not None els
 _native_send: Any = framing.native.send_frame if framing.native is not None else None
 _native_parse: Any = framing.native.parse_frames if framing.native is not None else None
 _OK = OfferStatus.OK
-_received = metrics.counter("transport", "messages_received", "total", "Messages delivered to the application",
-                            ["transport"])
-_sent = metrics.counter("transport", "messages_sent", "total", "Messages accepted by offer", ["transport"])
 _frame_errors = metrics.counter("transport", "frame_errors", "total",
                                 "Connections closed for a bad frame or handshake", ["transport", "fault"])
 _connections = metrics.gauge("transport", "connections", "", "Open inbound connections", ["transport"])
@@ -338,6 +335,7 @@ class TcpSubscription(Subscription, _Reader):
                  backlog: int = 128, **_: Any) -> None:
         ep = parse_uri(uri)
         opts = _tls_settings(ep, {"certfile": certfile, "keyfile": keyfile, "cafile": cafile})
+        super().__init__(ep.scheme)
         self.stream_id = stream_id
         self.max_message_size = max_message_size
         self._kind = ep.scheme
@@ -351,12 +349,9 @@ class TcpSubscription(Subscription, _Reader):
         self._epoll = select.epoll()
         self._epoll.register(self._listener.fileno(), select.EPOLLIN)
         self._listen_fd = self._listener.fileno()
-        self._m_received = _received.labels(self._kind)
         self._conns: dict[int, _Conn] = {}
         self._by_peer: dict[str, _Conn] = {}
-        self._ready: collections.deque[Message] = collections.deque()
         self._closed = False
-        self._unreported = 0
         self._full_round_at = 0.0
         self._accept_resume = 0.0  # while > 0, accepting is paused (out of descriptors) until this time
         self._accept_backoff = _ACCEPT_BACKOFF_S[0]
@@ -376,7 +371,7 @@ class TcpSubscription(Subscription, _Reader):
                 self._full_round_at = now  # the full round (new connections included) now and then
                 self._pump(0.0)
         if not self._ready:
-            self._report()  # idle: the counter catches up
+            self._messages.report()  # idle: the counter catches up
             return 0
         return self._deliver(handler, limit)
 
@@ -391,7 +386,7 @@ class TcpSubscription(Subscription, _Reader):
                 # One plain connection (the usual case): wait, read and decode in one native call.
                 self._read_sole(conn, -1 if timeout is None else min(math.ceil(timeout * 1000), _MAX_WAIT_MS))
         if not self._ready:
-            self._report()
+            self._messages.report()
             while not self._ready:
                 wait = None if deadline is None else max(0.0, deadline - time.monotonic())
                 self._pump(wait)
@@ -399,8 +394,7 @@ class TcpSubscription(Subscription, _Reader):
                     break
             if not self._ready:
                 return None
-        self._count_delivered(1)
-        return self._ready.popleft()
+        return self._next_ready()
 
     @property
     def peers(self) -> list[str]:
@@ -413,7 +407,7 @@ class TcpSubscription(Subscription, _Reader):
             return
         self.flush(timeout=1.0)
         self._closed = True
-        self._report()
+        self._messages.report()
         for conn in list(self._conns.values()):
             self._drop(conn)
         self._epoll.close()
@@ -474,26 +468,6 @@ class TcpSubscription(Subscription, _Reader):
         return True
 
     # -- internals --------------------------------------------------------------------------------
-
-    def _deliver(self, handler: Callable[[Message], None], limit: int) -> int:
-        n = 0
-        ready = self._ready
-        while ready and n < limit:
-            handler(ready.popleft())
-            n += 1
-        self._count_delivered(n)
-        return n
-
-    def _count_delivered(self, n: int) -> None:
-        self._unreported += n
-        if self._unreported >= 256:
-            self._report()
-
-    def _report(self) -> None:
-        """Add delivered messages to the counter (in batches: one increment costs as much as a receive)."""
-        if self._unreported:
-            self._m_received.inc(self._unreported)
-            self._unreported = 0
 
     def _sole_conn(self) -> _Conn | None:
         """The one connection, when it alone is open, is plain TCP and sits between frames; else None."""
@@ -738,6 +712,7 @@ class TcpPublication(Publication):
                  certfile: str | None = None, keyfile: str | None = None, cafile: str | None = None,
                  check_hostname: bool | None = None, **_: Any) -> None:
         ep = parse_uri(uri)
+        super().__init__(ep.scheme)
         self._ep = ep
         self._opts = _tls_settings(ep, {"certfile": certfile, "keyfile": keyfile, "cafile": cafile,
                                         "check_hostname": None if check_hostname is None else int(check_hostname)})
@@ -754,7 +729,6 @@ class TcpPublication(Publication):
         self._backoff = _RECONNECT_BACKOFF_S[0]
         self._last_check = 0.0
         self._closed = False
-        self._sent_unreported = 0
         self._handshaking = False
         self._fast_fd = -1  # the socket's descriptor while the native send path may use it
         self._lock = threading.Lock()  # offer() vs the background flusher vs the reader of replies
@@ -811,13 +785,13 @@ class TcpPublication(Publication):
             # message (so order holds without the flusher's lock: only this thread ever adds to the queue).
             r = _native_send(self._fast_fd, meta, arrays, self.max_message_size)
             if type(r) is int:
-                self._count_sent(1)
+                self._messages.add(1)
                 return _OK
             parts, sent = r
             if sent > 0:
                 with self._lock:
                     self._queue(parts, sent)  # the kernel took part of it; the rest goes first next time
-                self._count_sent(1)
+                self._messages.add(1)
                 return _OK
         else:
             parts = framing.encode(meta, arrays, self.max_message_size)
@@ -850,7 +824,7 @@ class TcpPublication(Publication):
             with self._lock:
                 status = self._try_offer(parts, size)
             if status == OfferStatus.OK:
-                self._count_sent(count)
+                self._messages.add(count)
                 return status
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -878,22 +852,12 @@ class TcpPublication(Publication):
             return
         if self._sock is not None and self._pending:
             self.flush(timeout=1.0)
-        self._report()
+        self._messages.report()
         with self._lock:
             self._closed = True
             self._disconnect()
 
     # -- internals --------------------------------------------------------------------------------
-
-    def _count_sent(self, n: int) -> None:
-        self._sent_unreported += n
-        if self._sent_unreported >= 1024:
-            self._report()
-
-    def _report(self) -> None:
-        if self._sent_unreported:
-            _sent.labels(self._ep.scheme).inc(self._sent_unreported)
-            self._sent_unreported = 0
 
     def _try_offer(self, parts: list[bytes | memoryview], size: int) -> OfferStatus:
         if self._sock is None or not self._alive():
