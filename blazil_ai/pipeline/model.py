@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +38,6 @@ class SequenceCache:
 
     slot: int
     length: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class KVSlots:
