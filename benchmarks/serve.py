@@ -234,11 +234,14 @@ def main() -> int:
     server = None
     try:
         client = pipe.start()
-        most = str(max(levels))
+        # The server's defaults for its batch (32) unless more clients come at once (a batch that N requests
+        # fill would let a burst start the moment its last request arrives).
+        most = str(max(32, *levels))
         server = ServerProcess(["--model", str(ckpt), "--connect", ",".join(u for u, _ in pipe.addrs), "--port", "0",
                                 "--served-model-name", "bench", "--max-running", most, "--max-queue", most,
                                 "--timeout", "600", "--batch-wait-ms", args.batch_wait_ms],
-                               env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                   [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])},
                                echo=lambda line: print("server: " + line.rstrip(), file=sys.stderr)
                                if "error" in line.lower() or "Traceback" in line else None)
         server_proc = psutil.Process(server.proc.pid)
