@@ -22,6 +22,13 @@ One JSON line per concurrency:
 * ``itl_p50_ms/itl_p99_ms``   between consecutive tokens of one request
 * ``ratio``                   HTTP / direct for each; ``ttft_p50_added_ms`` is HTTP minus direct
 * ``server_cpu_ms_per_token`` CPU time of the server process (engine and HTTP threads) per token streamed
+* ``ttft_outside_stages_ms``  HTTP: mean TTFT at the client minus the server's mean time from starting a
+                              request in the stages (its ``submit_many``, where the anchor's clock starts)
+                              to its first token (from ``/metrics``): what HTTP, the batch wait and the way
+                              back add, whatever speed the shared CPUs gave the stages in that repetition
+                              (TTFT p50s of separate runs differ by tens of ms on a loaded machine)
+* ``bursts_per_run``          HTTP: groups in which the server started the N requests on idle stages (1: the
+                              burst shared its first forward; more: it was split)
 
     python benchmarks/serve.py --config small --threads 2 --new-tokens 16 --reps 3 --concurrency 1,8,32
     python benchmarks/serve.py --config tiny --reps 1                       # a quick check
@@ -58,7 +65,8 @@ def summarise(starts: list[float], times: list[list[float]]) -> dict[str, float]
     itl = [b - a for t in times for a, b in zip(t, t[1:])]
     total = sum(len(t) for t in times)
     span = max(t[-1] for t in times) - min(starts)
-    return {"tokens_per_s": total / span, "ttft_p50_ms": 1e3 * percentile(ttft, 50),
+    return {"tokens_per_s": total / span, "ttft_mean_ms": 1e3 * statistics.mean(ttft),
+            "ttft_p50_ms": 1e3 * percentile(ttft, 50),
             "ttft_p99_ms": 1e3 * percentile(ttft, 99), "itl_p50_ms": 1e3 * percentile(itl, 50),
             "itl_p99_ms": 1e3 * percentile(itl, 99)}
 
@@ -183,6 +191,22 @@ def run_http(url: str, prompts: list[list[int]], new_tokens: int,
     return summarise([o[0] for o in out], [o[1] for o in out]), [o[2] for o in out]
 
 
+def server_counts(url: str) -> dict[str, float]:
+    """Sums and counts of the server's TTFT and queue-time histograms, and its bursts, from ``/metrics``."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    out = {"bursts": 0.0}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("blazil_llm_bursts_total{"):
+            out["bursts"] += float(value)
+        elif name.startswith(("blazil_llm_time_to_first_token_seconds_", "blazil_llm_queue_time_seconds_")) and \
+                name.endswith(("_sum", "_count")):
+            out[name.removeprefix("blazil_llm_")] = float(value)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(CONFIGS), default="small", help="model shape (default: small, 0.5B)")
@@ -260,20 +284,28 @@ def main() -> int:
                     if path == "direct":
                         fig, ids[path] = run_direct(client, prompts[:n], args.new_tokens)
                     else:
-                        cpu0 = sum(server_proc.cpu_times()[:2])
+                        cpu0, m0 = sum(server_proc.cpu_times()[:2]), server_counts(server.url)
                         fig, ids[path] = run_http(server.url, prompts[:n], args.new_tokens, args.client)
                         # The server's own CPU per token streamed (its engine and HTTP threads together).
                         fig["server_cpu_ms_per_token"] = 1e3 * (sum(server_proc.cpu_times()[:2]) - cpu0) / (
                             n * args.new_tokens)
+                        d = {k: v - m0.get(k, 0.0) for k, v in server_counts(server.url).items()}
+                        in_stages = (d["time_to_first_token_seconds_sum"] - d["queue_time_seconds_sum"]) / \
+                            d["time_to_first_token_seconds_count"]
+                        fig["ttft_outside_stages_ms"] = fig["ttft_mean_ms"] - 1e3 * in_stages
+                        fig["bursts_per_run"] = d["bursts"]
                     runs[path].append(fig)
                 same += sum(a == b for a, b in zip(ids["direct"], ids["http"]))
             med = {path: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for path, rs in runs.items()}
             cpu = med["http"].pop("server_cpu_ms_per_token")
+            outside = med["http"].pop("ttft_outside_stages_ms")
+            bursts = med["http"].pop("bursts_per_run")
             record = {**common, "concurrency": n,
                       "http": {k: round(v, 3) for k, v in med["http"].items()},
                       "direct": {k: round(v, 3) for k, v in med["direct"].items()},
                       "ratio": {k: round(med["http"][k] / med["direct"][k], 3) for k in med["http"]},
                       "ttft_p50_added_ms": round(med["http"]["ttft_p50_ms"] - med["direct"]["ttft_p50_ms"], 3),
+                      "ttft_outside_stages_ms": round(outside, 3), "bursts_per_run": bursts,
                       "server_cpu_ms_per_token": round(cpu, 3),
                       "requests_identical": f"{same}/{n * args.reps}"}
             line = json.dumps(record)

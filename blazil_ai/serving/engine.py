@@ -115,6 +115,7 @@ class Engine:
         self._lock = threading.Lock()  # guards the fields below and the wake publication
         self._arrival = threading.Condition(self._lock)  # notified by every start (see _gather_burst)
         self._last_start = 0.0  # time.monotonic() of the latest start command
+        self._gathering = False  # the engine thread waits on _arrival (not in the client's receive)
         self._commands: deque[tuple[str, Any]] = deque()
         self._waiting: deque[Job] = deque()
         self._n_running = 0
@@ -153,8 +154,10 @@ class Engine:
                 self._n_running += 1
                 self._commands.append(("start", job))
                 self._last_start = time.monotonic()
-                self._poke()
-                self._arrival.notify()
+                if self._gathering:
+                    self._arrival.notify()
+                else:
+                    self._poke()
             elif len(self._waiting) < self.max_queue:
                 self._waiting.append(job)
             else:
@@ -260,23 +263,27 @@ class Engine:
         more: list[Job] = []
         cap = time.monotonic() + 20 * self.batch_wait
         with self._lock:
-            while True:
-                kept: list[tuple[str, Any]] = []  # cancels and pings wait for the next step
-                for kind, arg in self._commands:
-                    if kind == "start":
-                        more.append(arg)
-                    else:
-                        kept.append((kind, arg))
-                self._commands.clear()
-                self._commands.extend(kept)
-                if have + len(more) >= self.max_running:
-                    return more, "full"
-                now = time.monotonic()
-                if now >= cap:
-                    return more, "cap"
-                if now >= self._last_start + self.batch_wait:
-                    return more, "quiet"
-                self._arrival.wait(min(self._last_start + self.batch_wait, cap) - now)
+            self._gathering = True  # submit() notifies _arrival instead of sending a wake message
+            try:
+                while True:
+                    kept: list[tuple[str, Any]] = []  # cancels and pings wait for the next step
+                    for kind, arg in self._commands:
+                        if kind == "start":
+                            more.append(arg)
+                        else:
+                            kept.append((kind, arg))
+                    self._commands.clear()
+                    self._commands.extend(kept)
+                    if have + len(more) >= self.max_running:
+                        return more, "full"
+                    now = time.monotonic()
+                    if now >= cap:
+                        return more, "cap"
+                    if now >= self._last_start + self.batch_wait:
+                        return more, "quiet"
+                    self._arrival.wait(min(self._last_start + self.batch_wait, cap) - now)
+            finally:
+                self._gathering = False
 
     def _start(self, jobs: list[Job]) -> None:
         gone = sum(j.finished for j in jobs)  # cancelled before they started: their places are free again
