@@ -1,9 +1,11 @@
 """Benchmark: ``blazil llm serve`` (HTTP streaming, OpenAI API) against the pipeline client itself (the anchor).
 
-One set of three stages serves both paths in the same run. The anchor sends the N requests straight
-through :class:`~blazil_ai.pipeline.driver.PipelineClient` in one ``submit_many`` (its best case: all
-prompts share one first forward; tokens timed as they reach the client). The server is a
-``blazil llm serve --connect`` process on the same stages, and N concurrent clients stream
+One set of three stages serves both paths in the same run (over Aeron, which ``--connect`` cannot
+name, the server starts a second set of its own, as ``blazil llm serve`` does; ``server_stages`` says
+which). The anchor sends the N requests straight through
+:class:`~blazil_ai.pipeline.driver.PipelineClient` in one ``submit_many`` (its best case: all prompts
+share one first forward; tokens timed as they reach the client). The server is a ``blazil llm serve``
+process, and N concurrent clients stream
 ``/v1/completions`` from it (tokens timed as their server-sent events arrive); each request arrives on
 its own, as from independent clients, so the server's figures include how arrivals fall into forwards.
 The clients (``--client``): ``raw`` (default) writes each request on a kept-alive connection of its
@@ -249,6 +251,7 @@ def main() -> int:
     prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(max(levels))]
     common = {"bench": "serve", "config": args.config, "device": args.device, "dtype": args.dtype,
               "threads": args.threads, "transport": args.transport, "client": args.client,
+              "server_stages": "shared" if args.transport == "tcp" else "its own",
               "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "reps": args.reps, "batch_wait_ms": float(args.batch_wait_ms)}
     out = open(args.out, "a") if args.out else None  # noqa: SIM115
@@ -261,11 +264,17 @@ def main() -> int:
         # The server's defaults for its batch (32) unless more clients come at once (a batch that N requests
         # fill would let a burst start the moment its last request arrives).
         most = str(max(32, *levels))
-        server = ServerProcess(["--model", str(ckpt), "--connect", ",".join(u for u, _ in pipe.addrs), "--port", "0",
+        server_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get(
+            "PYTHONPATH")])])}
+        # --connect names stages by URI alone (TCP); over Aeron the server starts three of its own, as
+        # `blazil llm serve` does by default, with the same shape, dtype and threads.
+        stages = ["--connect", ",".join(u for u, _ in pipe.addrs)] if args.transport == "tcp" else [
+            "--transport", args.transport, "--dtype", args.dtype, "--device", args.device,
+            "--threads", str(args.threads)]
+        server = ServerProcess(["--model", str(ckpt), *stages, "--port", "0",
                                 "--served-model-name", "bench", "--max-running", most, "--max-queue", most,
                                 "--timeout", "600", "--batch-wait-ms", args.batch_wait_ms],
-                               env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                   [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])},
+                               env=server_env, start_timeout=1200,
                                echo=lambda line: print("server: " + line.rstrip(), file=sys.stderr)
                                if "error" in line.lower() or "Traceback" in line else None)
         server_proc = psutil.Process(server.proc.pid)
