@@ -347,6 +347,44 @@ def test_queue_overflow_answers_503_with_retry_after(server, ckpt, hf, tok):
         assert small.stop() in (0, 128 + signal.SIGTERM)
 
 
+def test_a_burst_on_idle_stages_shares_one_first_forward(server, ckpt, hf, tok):
+    """Requests sent together to idle stages start together: stage 1 runs all their prompts in one forward.
+
+    A second server on the same stages waits 1 s of quiet for the rest of a burst (far longer than the
+    requests take to arrive, so the check does not depend on the machine's speed). Three requests with
+    room for four end the wait by quiet; four fill the batch and start with the fourth's arrival.
+    """
+    uris = ",".join(s["address"] for s in server.health().json()["stages"])
+    burst = Server(["--model", str(ckpt), "--connect", uris, "--port", "0", "--max-running", "4",
+                    "--batch-wait-ms", "1000", "--served-model-name", NAME])
+    try:
+        def forwards() -> list[int]:
+            return [s["forwards"] for s in burst.health().json()["stages"]]
+
+        def metric(text: str, name: str) -> float:
+            m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+            return float(m.group(1)) if m else 0.0
+
+        async def send(prompts: list[str]) -> list[list[int]]:
+            ac = openai.AsyncOpenAI(base_url=burst.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            out = await asyncio.gather(*(ac.completions.create(model=NAME, prompt=p, max_tokens=1, temperature=0,
+                                                               extra_body=EXACT) for p in prompts))
+            return [r.choices[0].model_extra["token_ids"] for r in out]
+
+        for prompts, ended_by in ((PROMPTS[:3], "quiet"), (PROMPTS[3:7], "full")):
+            before, text0 = forwards(), httpx.get(burst.url + "/metrics").text
+            got = asyncio.run(send(prompts))
+            assert got == [greedy(hf, tok.encode(p, add_special_tokens=False), 1) for p in prompts]
+            after, text1 = forwards(), httpx.get(burst.url + "/metrics").text
+            assert after[0] - before[0] == 1, (prompts, before, after)  # one forward in stage 1 for the lot
+            name = f'blazil_llm_bursts_total{{ended_by="{ended_by}"}}'
+            assert metric(text1, name) - metric(text0, name) == 1
+            assert metric(text1, "blazil_llm_burst_size_requests_sum") - \
+                metric(text0, "blazil_llm_burst_size_requests_sum") == len(prompts)
+    finally:
+        assert burst.stop() in (0, 128 + signal.SIGTERM)
+
+
 def test_generate_refuses_a_prompt_longer_than_the_context(server, ckpt, capsys):
     uris = ",".join(s["address"] for s in server.health().json()["stages"])
     rc = cli.main(["generate", "--model", str(ckpt), "--connect", uris, "--max-new-tokens", "8", "hello " * 5000])

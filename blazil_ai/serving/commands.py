@@ -47,9 +47,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting for a place; beyond, 503 with Retry-After (default 64)")
     s.add_argument("--batch-wait-ms", type=float, default=3.0,
-                   help="when the stages are idle, wait this long for more requests before starting the first, "
-                        "and again while more keep coming (up to 20 times), so a burst shares one first forward "
-                        "(default 3; 0 = start each at once)")
+                   help="when the stages are idle, start a request once no other has come for this long (the "
+                        "end of a burst; at once when --max-running have come, at most 20 times this in all), so "
+                        "a burst shares one first forward (default 3; 0 = start each at once)")
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
     pipeline_arguments(s, "the server")
     s.set_defaults(func=cmd_serve)

@@ -33,7 +33,8 @@ from typing import Any
 
 from blazil_ai import metrics
 from blazil_ai.errors import BlazilError
-from blazil_ai.pipeline.driver import LocalPipeline, PipelineClient, PipelineError, StreamEvent
+from blazil_ai.pipeline.client import PipelineClient, PipelineError, StreamEvent
+from blazil_ai.pipeline.launcher import LocalPipeline
 from blazil_ai.pipeline.sampling import SamplingParams
 from blazil_ai.transport import publication
 
@@ -48,6 +49,12 @@ RUNNING = metrics.gauge("llm", "requests_running", "", "Requests in the stages' 
 WAITING = metrics.gauge("llm", "requests_waiting", "", "Requests queued for a place in the batch")
 PROMPT_TOKENS = metrics.counter("llm", "prompt_tokens", "total", "Prompt tokens of started requests")
 GENERATION_TOKENS = metrics.counter("llm", "generation_tokens", "total", "Tokens generated")
+BURSTS = metrics.counter("llm", "bursts", "total",
+                         "Groups of requests started together on idle stages (one first forward), by what ended "
+                         "the wait: quiet (none came for --batch-wait-ms), full (--max-running), cap (20 waits)",
+                         ["ended_by"])
+BURST_SIZE = metrics.histogram("llm", "burst_size", "requests", "Requests in each group started on idle stages",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 STAGE_RESTARTS = metrics.counter("llm", "stage_restarts", "total", "Local stage processes restarted", ["stage"])
 
 
@@ -107,6 +114,9 @@ class Engine:
         self.down: str | None = None  # why the stages cannot serve now (None: they can)
         self.restarts = 0
         self._lock = threading.Lock()  # guards the fields below and the wake publication
+        self._arrival = threading.Condition(self._lock)  # notified by every start (see _gather_burst)
+        self._last_start = 0.0  # time.monotonic() of the latest start command
+        self._gathering = False  # the engine thread waits on _arrival (not in the client's receive)
         self._commands: deque[tuple[str, Any]] = deque()
         self._waiting: deque[Job] = deque()
         self._n_running = 0
@@ -144,7 +154,11 @@ class Engine:
             if self._n_running < self.max_running:
                 self._n_running += 1
                 self._commands.append(("start", job))
-                self._poke()
+                self._last_start = time.monotonic()
+                if self._gathering:
+                    self._arrival.notify()
+                else:
+                    self._poke()
             elif len(self._waiting) < self.max_queue:
                 self._waiting.append(job)
             else:
@@ -224,27 +238,53 @@ class Engine:
                 except BlazilError as e:
                     fut.set_exception(e)
         if starts and not self._running and self.batch_wait > 0:
-            # The stages are idle and requests are coming: clients that send together (a burst) arrive over
-            # a few milliseconds, one HTTP request after another. Started one by one, the first would run its
-            # prompt alone and the rest would form a second group that stays a forward out of step with it
-            # through the ring (two forwards per stage for every token from then on); a moment's wait lets
-            # the burst share one first forward. The wait goes on while requests keep coming (up to 20 times).
-            for _ in range(20):
-                time.sleep(self.batch_wait)
-                with self._lock:
-                    more = [c for c in self._commands if c[0] == "start"]
-                    rest = [c for c in self._commands if c[0] != "start"]
-                    self._commands.clear()
-                    self._commands.extend(rest)
-                starts += [job for _, job in more]
-                if not more:
-                    break
+            more, ended_by = self._gather_burst(len(starts))
+            starts += more
+            BURSTS.labels(ended_by).inc()
+            BURST_SIZE.observe(len(starts))
         if starts:
             self._start(starts)
         events = self.client.pump(0.05)
         if events:
             self._handle(events)
         self._watch()
+
+    def _gather_burst(self, have: int) -> tuple[list[Job], str]:
+        """The stages are idle and ``have`` requests came: the rest of their burst (it ends when none came for
+        ``batch_wait``, the batch is full, or ``20 * batch_wait`` has passed).
+
+        Clients that send together (a burst) arrive over a few milliseconds, one HTTP request after
+        another. Started one by one, the first would run its prompt alone and the rest would form a second
+        group that stays a forward out of step with it through the ring (two forwards per stage for every
+        token from then on); waiting for the burst's end lets it share one first forward. The wait ends
+        ``batch_wait`` after the latest arrival (each arrival wakes this thread at once) rather than at a
+        fixed step, and at once when no more could join (``max_running`` reached). Returns the jobs and
+        what ended the wait (``quiet``, ``full`` or ``cap``).
+        """
+        more: list[Job] = []
+        cap = time.monotonic() + 20 * self.batch_wait
+        with self._lock:
+            self._gathering = True  # submit() notifies _arrival instead of sending a wake message
+            try:
+                while True:
+                    kept: list[tuple[str, Any]] = []  # cancels and pings wait for the next step
+                    for kind, arg in self._commands:
+                        if kind == "start":
+                            more.append(arg)
+                        else:
+                            kept.append((kind, arg))
+                    self._commands.clear()
+                    self._commands.extend(kept)
+                    if have + len(more) >= self.max_running:
+                        return more, "full"
+                    now = time.monotonic()
+                    if now >= cap:
+                        return more, "cap"
+                    if now >= self._last_start + self.batch_wait:
+                        return more, "quiet"
+                    self._arrival.wait(min(self._last_start + self.batch_wait, cap) - now)
+            finally:
+                self._gathering = False
 
     def _start(self, jobs: list[Job]) -> None:
         gone = sum(j.finished for j in jobs)  # cancelled before they started: their places are free again

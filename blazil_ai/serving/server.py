@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from blazil_ai import metrics
 from blazil_ai.errors import BlazilError, ConfigError
-from blazil_ai.pipeline.driver import StreamEvent
+from blazil_ai.pipeline.client import StreamEvent
 from blazil_ai.pipeline.sampling import SamplingParams, eos_ids_of, generation_defaults
 from blazil_ai.pipeline.weights import check_context, context_length, load_config
 from blazil_ai.serving.engine import Engine, Job, ServerBusy, StageUnavailable
@@ -310,7 +310,8 @@ class Api:
         silent = [f"stage {i + 1} ({addrs[i][0]})" for i, a in enumerate(answers) if a is None]
         stages = [{"stage": i + 1, "address": addrs[i][0], "stream": addrs[i][1], "answers": a is not None,
                    "pid": a and a.get("pid"),
-                   "sequences": len(a["caches"]) if a else None} for i, a in enumerate(answers)]
+                   "sequences": len(a["caches"]) if a else None,
+                   "forwards": int(a.get("work", {}).get("steps", 0)) if a else None} for i, a in enumerate(answers)]
         if silent:
             return JSONResponse({**base, "status": "unavailable", "stages": stages,
                                  "reason": f"{', '.join(silent)} did not answer a ping within 2 s"}, status_code=503)
