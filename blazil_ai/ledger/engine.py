@@ -42,6 +42,7 @@ from blazil_ai.ledger.types import (
     QueryFilterFlags,
     TransferFlags,
     copy_records,
+    preallocate,
     set_u128,
     u128,
     u128_from_words,
@@ -94,8 +95,9 @@ class Engine:
         self._acc_key_rows = np.zeros(0, dtype=np.int64)
         self._acc_keys_unique = True
         self._dense: np.ndarray | None = None
-        self.transfers = np.zeros(capacity, dtype=TRANSFER_DTYPE)
-        self.pending_state = np.zeros(capacity, dtype=np.uint8)
+        # Preallocated and mapped for ``capacity`` transfers; past that, the storage doubles.
+        self.transfers = preallocate(capacity, TRANSFER_DTYPE)
+        self.pending_state = preallocate(capacity, np.uint8)
         self.n_transfers = 0
         self.transfer_keys = KeyIndex(capacity)  # key64 -> row of the first transfer with that key
         self.transfer_collisions: dict[int, int] = {}  # full id -> row, for ids whose key64 was taken
@@ -121,9 +123,9 @@ class Engine:
         if need <= len(self.transfers):
             return
         cap = max(need, 2 * len(self.transfers))
-        t = np.zeros(cap, dtype=TRANSFER_DTYPE)
-        t[: self.n_transfers] = self.transfers[: self.n_transfers]
-        p = np.zeros(cap, dtype=np.uint8)
+        t = preallocate(cap, TRANSFER_DTYPE)
+        copy_records(t[: self.n_transfers], self.transfers[: self.n_transfers])
+        p = preallocate(cap, np.uint8)
         p[: self.n_transfers] = self.pending_state[: self.n_transfers]
         self.transfers, self.pending_state = t, p
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from blazil_ai.ledger.types import preallocate
+
 _M = np.uint64(0xBF58476D1CE4E5B9)
 _EMPTY = 0
 _DELETED = (1 << 64) - 1
@@ -35,7 +37,7 @@ class KeyIndex:
 
     def _alloc(self, slots: int) -> None:
         bits = max(10, (slots - 1).bit_length())
-        self.table = np.zeros((1 << bits, 2), dtype=np.uint64)
+        self.table = preallocate((1 << bits, 2), np.uint64)
         # Batch probes gather from the flat view: key of slot s at 2s, its row + 1 at 2s + 1 (one cache line;
         # a 1-D gather is several times faster than gathering rows of the 2-D array).
         self._flat = self.table.reshape(-1)
