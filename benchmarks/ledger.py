@@ -12,6 +12,8 @@ On a TigerBeetle cluster (a single replica started from --tigerbeetle, default B
                            tigerbeetle.Transfer), one batch at a time (the objects exist before timing starts)
   tb_fast                  our fast path: numpy batches to the official package's native library as one buffer
                            each, --tb-depth batches in flight (connect("tigerbeetle://...").create_transfers_async)
+  (each client registers its session with one lookup before timing starts: the first request of a session
+  takes about 0.6 s on this VM)
   tb_benchmark             the ceiling: `tigerbeetle benchmark --addresses=<the same replica>` (TigerBeetle's own
                            native load generator), its "load accepted" and batch latencies
 Anchors:
@@ -193,11 +195,13 @@ def run_tb_official(address: str, batches: list[np.ndarray]) -> dict[str, float]
     lists = [[tb.Transfer(**{k: getattr(t, k) for k in t.__slots__ if k != "flags"}, flags=tb.TransferFlags(0))
               for t in L.array_to_transfers(b)] for b in batches]  # the caller's objects exist before timing
     with tb.ClientSync(cluster_id=0, replica_addresses=address) as c:
+        c.lookup_accounts([1])  # registers the client's session (about 0.6 s here), as each path does before timing
         return run_lists(c.create_transfers, lists, tb.CreateTransferStatus.CREATED)
 
 
 def run_tb_fast(address: str, batches: list[np.ndarray], depth: int) -> dict[str, float]:
     with L.connect(f"tigerbeetle://{address}") as c:
+        c.lookup_accounts([1])  # session registration, outside the timing as for the official client
         return run_numpy_on(c, batches, depth)
 
 
