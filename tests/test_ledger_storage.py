@@ -525,3 +525,21 @@ def test_a_checkpoint_whose_manifest_cannot_be_written_is_rolled_back(tmp_path, 
     with L.connect(tmp_path) as c:
         assert len(c.lookup_transfers(list(range(1, 31)))) == 30
     assert verify(tmp_path).healthy
+
+
+@pytest.mark.parametrize("capacity", [0, -5, 2.5, "many", True, 10**12])
+def test_a_capacity_that_cannot_be_allocated_is_refused_by_name_before_anything_is_written(tmp_path, capacity):
+    from blazil_ai import ledger
+    from blazil_ai.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^capacity "):
+        ledger.connect(tmp_path / "l", create=True, capacity=capacity)
+    assert not (tmp_path / "l").exists()
+
+
+def test_storage_for_the_capacity_is_allocated_at_open(tmp_path):
+    from blazil_ai import ledger
+
+    with ledger.connect(tmp_path / "l", create=True, capacity=100_000) as c:
+        assert len(c.backend.engine.transfers) == 100_000
+        assert 2 * 100_000 <= len(c.backend.engine.transfer_keys.table)

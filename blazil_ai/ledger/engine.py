@@ -19,13 +19,14 @@ which is what the write-ahead log relies on.
 from __future__ import annotations
 
 import heapq
+import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from blazil_ai.errors import DataError
+from blazil_ai.errors import ConfigError, DataError
 from blazil_ai.ledger.keyindex import KeyIndex
 from blazil_ai.ledger.types import (
     ACCOUNT_DTYPE,
@@ -81,6 +82,26 @@ def _valid_ids(w: np.ndarray) -> bool:
 
 
 
+# Bytes preallocated per transfer of capacity: its record, its pending state, two id-table slots.
+BYTES_PER_TRANSFER = TRANSFER_DTYPE.itemsize + 1 + 2 * 16
+
+
+def check_capacity(capacity: int) -> None:
+    """Refuse, naming ``capacity``, a value that is no positive integer or whose storage (allocated and mapped
+    at open) would not fit in this machine's memory."""
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+        raise ConfigError(f"capacity {capacity!r}: must be a positive number of transfers")
+    need = int(capacity) * BYTES_PER_TRANSFER
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # pragma: no cover - not every system names its memory
+        return
+    if need > memory // 2:
+        raise ConfigError(f"capacity {capacity}: storage for that many transfers takes {need / 2**30:.1f} GiB at "
+                          f"open, more than half of this machine's {memory / 2**30:.1f} GiB; give a smaller "
+                          f"capacity (storage doubles as a ledger fills past it)")
+
+
 class Engine:
     """One ledger's state and its create/lookup/query operations (not thread-safe: one caller at a time)."""
 
@@ -96,6 +117,7 @@ class Engine:
         self._acc_keys_unique = True
         self._dense: np.ndarray | None = None
         # Preallocated and mapped for ``capacity`` transfers; past that, the storage doubles.
+        check_capacity(capacity)
         self.transfers = preallocate(capacity, TRANSFER_DTYPE)
         self.pending_state = preallocate(capacity, np.uint8)
         self.n_transfers = 0

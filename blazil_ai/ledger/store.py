@@ -37,7 +37,7 @@ from blazil_ai import metrics
 from blazil_ai.errors import BlazilError, ConfigError, DataError
 from blazil_ai.ledger import checkpoint as ckpt
 from blazil_ai.ledger import manifest as mf
-from blazil_ai.ledger.engine import Engine
+from blazil_ai.ledger.engine import Engine, check_capacity
 from blazil_ai.ledger.ring import RingBuffer, RingClosed
 from blazil_ai.ledger.types import LocalOp, Operation, as_account_array, as_transfer_array, backend_op, own_records
 from blazil_ai.ledger.wal import KIND_ACCOUNTS, KIND_TRANSFERS, WriteAheadLog, encode_entries
@@ -85,6 +85,7 @@ class LocalLedger:
                  capacity: int = 1 << 16, read_only: bool = False, create: bool = False) -> None:
         self.directory = Path(directory)
         self.read_only = read_only
+        check_capacity(capacity)  # before anything is written
         if create and not read_only and not mf.is_ledger(self.directory):
             format_ledger(self.directory)
         check_ledger_dir(self.directory)
