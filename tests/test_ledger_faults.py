@@ -238,8 +238,8 @@ def sweep_torn_tails(golden: Golden, work: Path, n: int, seed: int) -> Tally:
     segs = [segments(d)[-1][1] for d in dirs if scan_segment(segments(d)[-1][1]).entries]
     for k in range(n):
         s = segs[k % len(segs)]
-        end = scan_segment(s).end
-        last = scan_segment(s).entries[-1]
+        scan = scan_segment(s)
+        end, last = scan.end, scan.entries[-1]
         whole = journal.encode(scan_magic(s), last.kind, last.seq + 1, last.timestamp, len(last.payload) // 128,
                                last.payload, end) + last.payload
         tail = [os.urandom(int(rng.integers(1, 2000))), whole[: int(rng.integers(1, len(whole)))]][k % 2]

@@ -52,7 +52,8 @@ def test_key_index_matches_a_dict(ops: list[tuple[str, list[int]]]) -> None:
 
 def test_first_rows_keeps_the_first_row_of_a_repeated_key() -> None:
     keys = np.array([5, 9, 5, 0, 9, 2**64 - 1], dtype=np.uint64)
-    ki = KeyIndex.first_rows(keys)
+    ki = KeyIndex()
+    ki.insert_first_rows(keys)
     assert ki.lookup(keys).tolist() == [0, 1, 0, 3, 1, 5]
     assert len(ki) == 4
 

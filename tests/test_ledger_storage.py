@@ -543,3 +543,22 @@ def test_storage_for_the_capacity_is_allocated_at_open(tmp_path):
     with ledger.connect(tmp_path / "l", create=True, capacity=100_000) as c:
         assert len(c.backend.engine.transfers) == 100_000
         assert 2 * 100_000 <= len(c.backend.engine.transfer_keys.table)
+
+
+def test_a_checkpoint_with_another_record_layout_is_refused_by_name(tmp_path):
+    from blazil_ai.errors import DataError
+    from blazil_ai.ledger import checkpoint as ckpt
+    from blazil_ai.ledger.engine import Engine
+    from blazil_ai.ledger.manifest import file_crc
+
+    eng = Engine()
+    path = ckpt.save(eng, tmp_path, 7)
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["transfers"] = np.zeros(3, dtype=[("id", "<u8", (2,)), ("rest", "V112")])  # 128 bytes, other fields
+    path.unlink()
+    np.savez(path, **arrays)
+    size, crc = file_crc(path)
+    with pytest.raises(DataError, match=r"transfers have the record layout .* not this ledger's") as e:
+        ckpt.load(Engine(), path, 7, size, crc)
+    assert path.name in str(e.value)

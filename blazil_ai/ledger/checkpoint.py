@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from blazil_ai.errors import DataError
-from blazil_ai.ledger.engine import Engine, key64, key64_int
+from blazil_ai.ledger.engine import Engine, key64_int
 from blazil_ai.ledger.journal import write_atomic
-from blazil_ai.ledger.keyindex import KeyIndex
-from blazil_ai.ledger.types import u128_from_words, u128_to_words
+from blazil_ai.ledger.types import ACCOUNT_DTYPE, TRANSFER_DTYPE, copy_records, u128_from_words, u128_to_words
 
 _NAME = re.compile(r"^checkpoint-(\d{20})\.npz$")
 
@@ -85,29 +84,17 @@ def load(engine: Engine, path: Path, seq: int, size: int, crc: int) -> int:
                         path=str(path)) from e
     if meta.get("seq") != seq:
         raise DataError(f"checkpoint says seq {meta.get('seq')}, its name says {seq}", path=str(path))
+    for name, arr, want in (("accounts", accounts, ACCOUNT_DTYPE), ("transfers", transfers, TRANSFER_DTYPE)):
+        if arr.dtype != want:
+            raise DataError(f"checkpoint's {name} have the record layout {arr.dtype}, not this ledger's",
+                            path=str(path))
     engine.last_timestamp = int(meta["last_timestamp"])
     engine.n_accounts = len(accounts)
-    engine.accounts = np.zeros(max(1024, 2 * len(accounts)), dtype=accounts.dtype)
-    engine.accounts[: len(accounts)] = accounts
+    engine.accounts = np.zeros(max(1024, 2 * len(accounts)), dtype=ACCOUNT_DTYPE)
+    copy_records(engine.accounts[: len(accounts)], accounts)
     engine.account_rows = dict(zip(u128_from_words(accounts["id"]), range(len(accounts))))
     engine._index_dirty = True
-    m = len(transfers)
-    engine.n_transfers = 0
-    engine.transfers = np.zeros(max(len(engine.transfers), 2 * m), dtype=transfers.dtype)
-    engine.pending_state = np.zeros(len(engine.transfers), dtype=np.uint8)
-    engine.transfers[:m] = transfers
-    engine.pending_state[:m] = pending_state
-    engine.n_transfers = m
-    # For a repeated hash key the first row wins, as on insert.
-    engine.transfer_keys = KeyIndex.first_rows(key64(transfers["id"]), len(engine.transfers))
-    engine.transfer_collisions = {}
-    if len(engine.transfer_keys) < m:
-        seen: set[int] = set()
-        for row, tid in enumerate(u128_from_words(transfers["id"])):
-            k = key64_int(tid)
-            if k in seen:
-                engine.transfer_collisions[tid] = row
-            seen.add(k)
+    engine.adopt_transfers(transfers, pending_state)
     engine.failed_ids = set(u128_from_words(failed))
     engine.failed_keys = {key64_int(i) for i in engine.failed_ids}
     vals = u128_from_words(hist_values.reshape(-1, 2)) if len(hist_values) else []

@@ -156,8 +156,29 @@ class Engine:
         if need <= len(self.accounts):
             return
         a = np.zeros(max(need, 2 * len(self.accounts)), dtype=ACCOUNT_DTYPE)
-        a[: self.n_accounts] = self.accounts[: self.n_accounts]
+        copy_records(a[: self.n_accounts], self.accounts[: self.n_accounts])
         self.accounts = a
+
+    def adopt_transfers(self, transfers: np.ndarray, pending_state: np.ndarray) -> None:
+        """Make stored transfers (a checkpoint's, in timestamp order) rows 0.. of this empty engine, in the storage
+        it allocated at start when they fit (room to double them), in new storage otherwise."""
+        m = len(transfers)
+        if 2 * m > len(self.transfers):
+            self.transfers = preallocate(2 * m, TRANSFER_DTYPE)
+            self.pending_state = preallocate(2 * m, np.uint8)
+        copy_records(self.transfers[:m], transfers)
+        self.pending_state[:m] = pending_state
+        self.n_transfers = m
+        # For a repeated hash key the first row wins, as on insert; the later rows are collisions, by full id.
+        keys = key64(self.transfers["id"][:m])
+        self.transfer_keys.insert_first_rows(keys)
+        self.transfer_collisions = {}
+        if len(self.transfer_keys) < m:
+            seen: set[int] = set()
+            for row, (k, tid) in enumerate(zip(keys.tolist(), u128_from_words(self.transfers["id"][:m]))):
+                if k in seen:
+                    self.transfer_collisions[tid] = row
+                seen.add(k)
 
     def transfer_row(self, tid: int) -> int | None:
         """The row of transfer ``tid``, or None."""

@@ -21,7 +21,8 @@ import numpy as np
 
 from blazil_ai.ledger.types import preallocate
 
-_M = np.uint64(0xBF58476D1CE4E5B9)
+_M_INT = 0xBF58476D1CE4E5B9
+_M = np.uint64(_M_INT)
 _EMPTY = 0
 _DELETED = (1 << 64) - 1
 
@@ -52,7 +53,7 @@ class KeyIndex:
         return ((keys * _M) >> self._shift).astype(np.intp)
 
     def _home_int(self, k: int) -> int:
-        return ((k * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF) >> self._shift_int
+        return ((k * _M_INT) & 0xFFFFFFFFFFFFFFFF) >> self._shift_int
 
     # ------------------------------------------------------------------ one key (the sequential path)
 
@@ -121,10 +122,20 @@ class KeyIndex:
     def insert_new(self, keys: np.ndarray, start_row: int) -> np.ndarray | None:
         """Add keys[i] -> start_row + i for every i and return the slots filled (for :meth:`rollback`);
         None, with nothing added, if a key is already in the index or repeats within ``keys``."""
-        n = len(keys)
-        self._reserve(n)
+        self._reserve(len(keys))
+        return self._insert(keys, np.arange(start_row + 1, start_row + 1 + len(keys), dtype=np.uint64))
+
+    def insert_first_rows(self, keys: np.ndarray) -> None:
+        """Add keys[i] -> i into an empty index, where a repeated key keeps its first row."""
+        uniq, first = np.unique(np.asarray(keys, dtype=np.uint64), return_index=True)
+        self._reserve(len(uniq))
+        self._insert(uniq, first.astype(np.uint64) + np.uint64(1))
+
+    def _insert(self, keys: np.ndarray, rows_plus_one: np.ndarray) -> np.ndarray | None:
+        """The batch insert behind every other (room already reserved): the slots filled, or None with nothing
+        added when a key is present or repeats within ``keys``."""
         f = self._flat
-        todo = np.arange(n)
+        todo = np.arange(len(keys))
         pos = self._home(keys)
         filled: list[np.ndarray] = []
         while len(todo):
@@ -138,7 +149,7 @@ class KeyIndex:
             free = ~taken
             cand, cpos = todo[free], pos[free]
             # Several keys may want one empty slot: each writes its row, the one whose row stays wins.
-            want = cand.astype(np.uint64) + np.uint64(start_row + 1)
+            want = rows_plus_one[cand]
             f[2 * cpos + 1] = want
             won = f[2 * cpos + 1] == want
             wpos = cpos[won]
@@ -148,8 +159,8 @@ class KeyIndex:
             # The losers look at the same slot again (a repeated key is caught there); the rest move on.
             todo = np.concatenate([todo[taken], cand[lost]])
             pos = np.concatenate([(pos[taken] + 1) & self.mask, cpos[lost]])
-        self.count += n
-        self.used += n
+        self.count += len(keys)
+        self.used += len(keys)
         return np.concatenate(filled) if filled else np.zeros(0, dtype=np.intp)
 
     def rollback(self, slots: np.ndarray) -> None:
@@ -163,33 +174,7 @@ class KeyIndex:
         if 2 * (self.used + extra) <= len(self.table):
             return
         live = self.table[(self.table[:, 1] != _EMPTY) & (self.table[:, 1] != _DELETED)]
-        self._alloc(2 * (len(live) + extra) * 2)
+        self._alloc(4 * (len(live) + extra))  # half used at most, and room to grow as much again
         self.count = self.used = 0
         if len(live):
-            self._put_unique(live[:, 0], live[:, 1])
-
-    def _put_unique(self, keys: np.ndarray, rows_plus_one: np.ndarray) -> None:
-        """Insert keys known to be unique and absent."""
-        f = self._flat
-        todo = np.arange(len(keys))
-        pos = self._home(keys)
-        while len(todo):
-            free = f[2 * pos + 1] == _EMPTY
-            cand, cpos = todo[free], pos[free]
-            want = rows_plus_one[cand]
-            f[2 * cpos + 1] = want
-            won = f[2 * cpos + 1] == want
-            f[2 * cpos[won]] = keys[cand[won]]
-            lost = ~won
-            todo = np.concatenate([todo[~free], cand[lost]])
-            pos = np.concatenate([(pos[~free] + 1) & self.mask, cpos[lost]])
-        self.count += len(keys)
-        self.used += len(keys)
-
-    @classmethod
-    def first_rows(cls, keys: np.ndarray, capacity: int = 0) -> KeyIndex:
-        """An index of ``keys`` (row i for keys[i]) where a repeated key keeps its first row."""
-        ki = cls(max(capacity, len(keys)))
-        uniq, first = np.unique(np.asarray(keys, dtype=np.uint64), return_index=True)
-        ki._put_unique(uniq, first.astype(np.uint64) + np.uint64(1))
-        return ki
+            self._insert(live[:, 0], live[:, 1])
