@@ -212,13 +212,6 @@ class DecisionStore:
             log.warning("%s; dropped (never acknowledged)", damage.describe(self.path))
             journal.clear_tail(self.path, damage.offset)
         self._journal = journal.JournalFile(self.path, FRAME_MAGIC, end, self.fsync)
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def _write(self, kind: int, payload: bytes | memoryview) -> None:
         self.frames_written += 1
         j = self._journal
