@@ -116,6 +116,7 @@ class Engine:
         self._lock = threading.Lock()  # guards the fields below and the wake publication
         self._arrival = threading.Condition(self._lock)  # notified by every start (see _gather_burst)
         self._last_start = 0.0  # time.monotonic() of the latest start command
+        self._read_at: float | None = None  # time.monotonic() of the front's latest all_read (None: no front)
         self._gathering = False  # the engine thread waits on _arrival (not in the client's receive)
         self._commands: deque[tuple[str, Any]] = deque()
         self._waiting: deque[Job] = deque()
@@ -166,6 +167,18 @@ class Engine:
                                  f"(the server's --max-queue); try again shortly")
             RUNNING.set(self._n_running)
             WAITING.set(len(self._waiting))
+
+    def front_attached(self) -> None:
+        """An HTTP front will call :meth:`all_read`: bursts wait for it from now on."""
+        with self._lock:
+            self._read_at = 0.0
+
+    def all_read(self) -> None:
+        """The HTTP front has read every request that reached it (see ``server.Intake``): a burst is all in."""
+        with self._lock:
+            self._read_at = time.monotonic()
+            if self._gathering:
+                self._arrival.notify()
 
     def cancel(self, job: Job) -> None:
         """Forget ``job`` (its client went away): out of the queue, or dropped in every stage."""
@@ -237,7 +250,7 @@ class Engine:
                     fut.set_result(self.client.ping(timeout))
                 except BlazilError as e:
                     fut.set_exception(e)
-        if starts and not self._running and self.batch_wait > 0:
+        if starts and not self._running and (self.batch_wait > 0 or self._read_at is not None):
             more, ended_by = self._gather_burst(len(starts))
             starts += more
             BURSTS.labels(ended_by).inc()
@@ -250,19 +263,20 @@ class Engine:
         self._watch()
 
     def _gather_burst(self, have: int) -> tuple[list[Job], str]:
-        """The stages are idle and ``have`` requests came: the rest of their burst (it ends when none came for
-        ``batch_wait``, the batch is full, or ``20 * batch_wait`` has passed).
+        """The stages are idle and ``have`` requests came: the rest of their burst.
 
-        Clients that send together (a burst) arrive over a few milliseconds, one HTTP request after
-        another. Started one by one, the first would run its prompt alone and the rest would form a second
-        group that stays a forward out of step with it through the ring (two forwards per stage for every
-        token from then on); waiting for the burst's end lets it share one first forward. The wait ends
-        ``batch_wait`` after the latest arrival (each arrival wakes this thread at once) rather than at a
-        fixed step, and at once when no more could join (``max_running`` reached). Returns the jobs and
-        what ended the wait (``quiet``, ``full`` or ``cap``).
+        Clients that send together (a burst) reach the server within a fraction of a millisecond, and
+        its front reads their requests one after another. Started one by one, the first would run its
+        prompt alone and the rest would form a second group that stays a forward out of step with it
+        through the ring (two forwards per stage for every token from then on); starting them together
+        lets the burst share one first forward. The wait ends when the front has read every request that
+        reached it (:meth:`all_read`; an engine without a front counts as read at once) and none came
+        for ``batch_wait`` (``quiet``), at once when no more could join (``full``: ``max_running``), and
+        at the latest ``max(20 * batch_wait, 20 ms)`` after it began (``cap``). Returns the jobs and
+        what ended the wait.
         """
         more: list[Job] = []
-        cap = time.monotonic() + 20 * self.batch_wait
+        cap = time.monotonic() + max(20 * self.batch_wait, 0.02)
         with self._lock:
             self._gathering = True  # submit() notifies _arrival instead of sending a wake message
             try:
@@ -280,9 +294,10 @@ class Engine:
                     now = time.monotonic()
                     if now >= cap:
                         return more, "cap"
-                    if now >= self._last_start + self.batch_wait:
+                    read = self._read_at is None or self._read_at >= self._last_start
+                    if read and now >= self._last_start + self.batch_wait:
                         return more, "quiet"
-                    self._arrival.wait(min(self._last_start + self.batch_wait, cap) - now)
+                    self._arrival.wait(min(self._last_start + self.batch_wait, cap) - now if read else cap - now)
             finally:
                 self._gathering = False
 

@@ -17,14 +17,15 @@ import os
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from blazil_ai import metrics
 from blazil_ai.errors import BlazilError, ConfigError
@@ -52,6 +53,9 @@ REQUESTS = metrics.counter("llm", "requests", "total", "Requests answered, by en
 ERRORS = metrics.counter("llm", "errors", "total", "Errors answered, by kind", ["kind"])
 
 RETRY_AFTER_S = 1
+MAX_BODY = 16 << 20  # bytes of one request's body (a 100k-token prompt as ids is well under 1 MiB)
+SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
 
 
 @dataclass(slots=True)
@@ -138,12 +142,97 @@ def _error_event(ev: StreamEvent) -> ApiError:
     return ApiError(500, ev.message, code="stage_error", kind="server_error")
 
 
-async def _disconnected(request: Request) -> None:
-    """Return when the client closes its connection (the body has been read already)."""
+class ClientGone(Exception):
+    """The client closed its connection before its request was read."""
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body (at most ``MAX_BODY`` bytes, else 413)."""
+    parts: list[bytes] = []
+    size = 0
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
+            raise ClientGone
+        part = message.get("body", b"")
+        size += len(part)
+        if size > MAX_BODY:
+            raise ApiError(413, f"the request body is over {MAX_BODY >> 20} MiB")
+        parts.append(part)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def send_json(send: Send, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+    """A whole JSON response (as FastAPI's ``JSONResponse`` writes it)."""
+    body = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    head += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Return when the client closes its connection (the body has been read already)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Chunks:
+    """A stream's events as server-sent-event bytes, gathered until the next write."""
+
+    __slots__ = ("a", "detok", "n", "include_usage", "out", "ended", "gone")
+
+    def __init__(self, api: Api, a: Answer) -> None:
+        self.a = a
+        self.detok = Detokenizer(api.model.tokenizer, stop_list(a.req))
+        self.n = 0
+        self.include_usage = bool(a.req.stream_options and a.req.stream_options.include_usage)
+        self.out: list[bytes] = []
+        self.ended = False  # the last event has been added
+        self.gone = False  # the client went away
+
+    def add(self, ev: StreamEvent) -> None:
+        a = self.a
+        if ev.kind == "gone":
+            self.gone = self.ended = True
             return
+        if ev.kind != "token":
+            err = _error_event(ev)
+            ERRORS.labels(err.code or "error").inc()
+            REQUESTS.labels(a.endpoint, "error").inc()
+            self.out.append(_sse(err.body()))
+            self._end()
+            return
+        self.n += 1
+        piece = self.detok.add(ev.token, ev.finish)
+        self.out.append(_sse({**a.head, "choices": [a.choice(piece, [ev.token], finish_reason(ev.finish))]}))
+        if ev.finish:
+            REQUESTS.labels(a.endpoint, finish_reason(ev.finish) or "unknown").inc()
+            if self.include_usage:
+                self.out.append(_sse({**a.head, "choices": [], "usage": usage(len(a.job.prompt_ids), self.n)}))
+            self._end()
+
+    def _end(self) -> None:
+        self.out.append(b"data: [DONE]\n\n")
+        self.ended = True
+
+    def take(self) -> bytes:
+        """The bytes gathered since the last call."""
+        body = b"".join(self.out)
+        self.out.clear()
+        return body
+
+
+@dataclass(slots=True, eq=False)
+class Answer:
+    """A request the engine took: what its answer needs besides the tokens."""
+
+    endpoint: str  # completions | chat
+    req: Any
+    job: Job
+    head: dict[str, Any]  # the fields every chunk (and the whole answer) starts with
+    choice: Callable[..., dict[str, Any]]
 
 
 class Api:
@@ -182,40 +271,30 @@ class Api:
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         return job
 
-    async def completions(self, request: Request) -> Response:
-        """``POST /v1/completions``."""
-        arrived = time.perf_counter()
-        req = parse(await request.body(), CompletionRequest)
+    def start_completion(self, body: bytes, arrived: float) -> Answer:
+        """``POST /v1/completions``: check the request and hand it to the engine."""
+        req = parse(body, CompletionRequest)
         self._check_model(req.model)
         ids = completion_prompt(req, self.model)
         job = self._job(req, ids, req.max_tokens, 16, arrived)
-        cid = f"cmpl-{job.rid}"
-        head = {"id": cid, "object": "text_completion", "created": now_s(), "model": self.model.name}
+        head = {"id": f"cmpl-{job.rid}", "object": "text_completion", "created": now_s(), "model": self.model.name}
 
-        def choice(text: str, tokens: list[int] | None, finish: str | None) -> dict[str, Any]:
+        def choice(text: str, tokens: list[int] | None, finish: str | None, delta: bool = True) -> dict[str, Any]:
             c: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             if req.return_token_ids and tokens is not None:
                 c["token_ids"] = tokens
             return c
 
-        if req.stream:
-            return self._stream(request, job, "completions", req, head, choice)
-        tokens, finish = await self._collect(request, job, "completions")
-        text = final_text(self.model.tokenizer.decode(tokens, skip_special_tokens=True),
-                          stop_list(req) if finish == "stop" else [])
-        body = {**head, "choices": [choice(text, tokens, finish_reason(finish))], "usage": usage(len(ids), len(tokens))}
-        if req.return_token_ids:
-            body["prompt_token_ids"] = ids
-        return JSONResponse(body)
+        return Answer("completions", req, job, head, choice)
 
-    async def chat(self, request: Request) -> Response:
-        """``POST /v1/chat/completions``."""
-        arrived = time.perf_counter()
-        req = parse(await request.body(), ChatRequest)
+    def start_chat(self, body: bytes, arrived: float) -> Answer:
+        """``POST /v1/chat/completions``: check the request and hand it to the engine."""
+        req = parse(body, ChatRequest)
         self._check_model(req.model)
         ids = chat_prompt(req, self.model)
         job = self._job(req, ids, req.max_completion_tokens or req.max_tokens, None, arrived)
-        head = {"id": f"chatcmpl-{job.rid}", "created": now_s(), "model": self.model.name}
+        head = {"id": f"chatcmpl-{job.rid}", "object": "chat.completion.chunk", "created": now_s(),
+                "model": self.model.name}
 
         def choice(text: str, tokens: list[int] | None, finish: str | None, delta: bool = True) -> dict[str, Any]:
             c: dict[str, Any] = {"index": 0, "delta" if delta else "message":
@@ -225,21 +304,25 @@ class Api:
                 c["token_ids"] = tokens
             return c
 
-        if req.stream:
-            return self._stream(request, job, "chat", req, {**head, "object": "chat.completion.chunk"}, choice)
-        tokens, finish = await self._collect(request, job, "chat")
-        text = final_text(self.model.tokenizer.decode(tokens, skip_special_tokens=True),
-                          stop_list(req) if finish == "stop" else [])
-        body = {**head, "object": "chat.completion", "choices": [choice(text, tokens, finish_reason(finish), False)],
-                "usage": usage(len(ids), len(tokens))}
-        if req.return_token_ids:
-            body["prompt_token_ids"] = ids
-        return JSONResponse(body)
+        return Answer("chat", req, job, head, choice)
 
-    async def _collect(self, request: Request, job: Job, endpoint: str) -> tuple[list[int], str | None]:
+    async def respond(self, a: Answer, receive: Receive, send: Send) -> None:
+        """The whole answer at once (``stream`` false)."""
+        tokens, finish = await self._collect(receive, a.job, a.endpoint)
+        text = final_text(self.model.tokenizer.decode(tokens, skip_special_tokens=True),
+                          stop_list(a.req) if finish == "stop" else [])
+        body = {**a.head, "choices": [a.choice(text, tokens, finish_reason(finish), False)],
+                "usage": usage(len(a.job.prompt_ids), len(tokens))}
+        if a.endpoint == "chat":
+            body["object"] = "chat.completion"
+        if a.req.return_token_ids:
+            body["prompt_token_ids"] = a.job.prompt_ids
+        await send_json(send, 200, body)
+
+    async def _collect(self, receive: Receive, job: Job, endpoint: str) -> tuple[list[int], str | None]:
         """Wait for a whole (non-streamed) request; a client that goes away cancels it."""
         assert job.done is not None
-        watch = asyncio.ensure_future(_disconnected(request))
+        watch = asyncio.ensure_future(_disconnected(receive))
         try:
             await asyncio.wait({job.done, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -259,43 +342,50 @@ class Api:
         REQUESTS.labels(endpoint, finish_reason(finish) or "unknown").inc()
         return tokens, finish
 
-    def _stream(self, request: Request, job: Job, endpoint: str, req: Any, head: dict[str, Any],
-                choice: Any) -> StreamingResponse:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        detok = Detokenizer(self.model.tokenizer, stop_list(req))
-        prompt_len = len(job.prompt_ids)
+    async def stream(self, a: Answer, receive: Receive, send: Send,
+                     settled: asyncio.Future[None] | None = None) -> None:
+        """The answer as server-sent events, each token as it comes (tokens that came together, in one write).
 
-        async def events() -> AsyncIterator[bytes]:
-            n = 0
-            try:
-                if endpoint == "chat":
-                    first = choice("", None, None)
-                    first["delta"] = {"role": "assistant", "content": ""}
-                    yield _sse({**head, "choices": [first]})
-                while True:
-                    ev = await job.queue.get()
-                    if ev.kind != "token":
-                        err = _error_event(ev)
-                        ERRORS.labels(err.code or "error").inc()
-                        REQUESTS.labels(endpoint, "error").inc()
-                        yield _sse(err.body())
-                        break
-                    n += 1
-                    piece = detok.add(ev.token, ev.finish)
-                    yield _sse({**head, "choices": [choice(piece, [ev.token], finish_reason(ev.finish))]})
-                    if ev.finish:
-                        REQUESTS.labels(endpoint, finish_reason(ev.finish) or "unknown").inc()
-                        if include_usage:
-                            yield _sse({**head, "choices": [], "usage": usage(prompt_len, n)})
-                        break
-                yield b"data: [DONE]\n\n"
-            finally:
-                if not job.finished:  # the client went away mid-stream: free its sequence everywhere
-                    self.engine.cancel(job)
-                    REQUESTS.labels(endpoint, "cancelled").inc()
+        The response's head goes out once ``settled`` is done: when the requests that arrived with this
+        one have been read too (see :class:`Intake`), so that a burst's requests reach the engine without
+        a write to each client between them. A second task waits for the client to go away; then the
+        request is dropped in every stage.
+        """
+        job = a.job
+        if settled is not None:
+            await settled
+        await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+        watch = asyncio.ensure_future(self._watch(receive, job))
+        try:
+            if a.endpoint == "chat":
+                first = a.choice("", None, None)
+                first["delta"] = {"role": "assistant", "content": ""}
+                await send({"type": "http.response.body", "body": _sse({**a.head, "choices": [first]}),
+                            "more_body": True})
+            chunks = _Chunks(self, a)
+            while not chunks.ended:
+                ev = await job.queue.get()
+                chunks.add(ev)
+                while not chunks.ended and not job.queue.empty():
+                    chunks.add(job.queue.get_nowait())
+                if chunks.gone:
+                    return
+                await send({"type": "http.response.body", "body": chunks.take(), "more_body": not chunks.ended})
+        except Exception as e:  # after the response started only the stream itself can say so
+            log.exception("%s stream failed", a.endpoint)
+            ERRORS.labels("internal_error").inc()
+            err = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+            await send({"type": "http.response.body", "body": _sse(err.body()) + b"data: [DONE]\n\n"})
+        finally:
+            watch.cancel()
+            if not job.finished:  # the client went away mid-stream: free its sequence everywhere
+                self.engine.cancel(job)
+                REQUESTS.labels(a.endpoint, "cancelled").inc()
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    @staticmethod
+    async def _watch(receive: Receive, job: Job) -> None:
+        await _disconnected(receive)
+        job.queue.put_nowait(StreamEvent("gone", job.rid))
 
     async def health(self) -> Response:
         """``GET /health``: 200 when every stage answers a ping, else 503 naming the ones that do not."""
@@ -327,17 +417,151 @@ class Api:
                 "max_model_len": self.model.context}
 
 
-def create_app(engine: Engine, model: ServedModel) -> FastAPI:
+class Intake:
+    """Tells the engine when the server has read every request that reached it: a burst is all in.
+
+    Requests that clients send together reach the socket within a fraction of a millisecond, but the
+    event loop reads and checks them one after another. The engine, starting a burst on idle stages,
+    should start it when the last of them has been handed over, not a fixed time after the first.
+
+    The signs, all on the event loop: uvicorn creates a task for each request as soon as its head has
+    been read (:meth:`count_tasks` counts the loop's task creations); :meth:`enter` and :meth:`leave`
+    bracket each generation request from the application's first look at it to its hand-over to the
+    engine (or its refusal). While any of this happens a callback goes round the loop, scheduled as a
+    timer so that it runs after the round's reads; after two rounds in which no task was created, no
+    request entered and none is being read, everything that had reached the server has been read, and
+    the engine hears so (:meth:`Engine.all_read`). While a slow client's body trickles in it looks
+    every millisecond instead of every round.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.reading = 0  # generation requests entered and not yet handed over or refused
+        self.events = 0  # tasks created and requests entered
+        self._seen = 0
+        self._quiet = 0
+        self._rounds = 0
+        self._armed = False
+        self._settled: asyncio.Future[None] | None = None
+        engine.front_attached()
+
+    def count_tasks(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Count the tasks ``loop`` creates (call it on the server's loop before it serves)."""
+        base = loop.get_task_factory()
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Future[Any]:
+            self.events += 1
+            return base(loop, coro, **kw) if base is not None else asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(factory)  # type: ignore[arg-type]
+
+    def enter(self, reading: bool = True) -> None:
+        """A request reached the application (``reading``: a generation request, to be handed over)."""
+        self.events += 1
+        self.reading += reading
+        if not self._armed:
+            self._armed = True
+            self._rounds = 0
+            self._quiet = 0
+            self._seen = self.events
+            asyncio.get_running_loop().call_later(0, self._round)
+
+    def leave(self) -> None:
+        """A generation request was handed over to the engine, or refused."""
+        self.reading -= 1
+
+    def settled(self) -> asyncio.Future[None] | None:
+        """A future done when the requests being read now have all been read (None when they have)."""
+        if not self._armed:
+            return None
+        if self._settled is None:
+            self._settled = asyncio.get_running_loop().create_future()
+        return self._settled
+
+    def _release(self) -> None:
+        if self._settled is not None:
+            self._settled.set_result(None)
+            self._settled = None
+
+    def _round(self) -> None:
+        if self.reading or self.events != self._seen:
+            self._seen = self.events
+            self._quiet = 0
+        else:
+            self._quiet += 1
+            if self._quiet >= 2:
+                self._armed = False
+                self.engine.all_read()
+                self._release()
+                return
+        self._rounds += 1
+        if self._rounds == 64:  # a body that trickles in holds nobody's answer back
+            self._release()
+        asyncio.get_running_loop().call_later(0 if self._rounds < 64 else 0.001, self._round)
+
+
+class Front:
+    """The ASGI application the server runs: the two generation endpoints, and FastAPI for the rest.
+
+    ``POST /v1/completions`` and ``POST /v1/chat/completions`` are answered here, as plain ASGI: read
+    the body, check it, hand the request to the engine, stream its tokens. That path is what every
+    request of a burst pays one after another before the burst can start, so it skips the per-request
+    layers of a FastAPI route (middleware, dependency solving, Starlette's streaming response with its
+    task group) that a generation request does not use. Every other route (``/v1/models``,
+    ``/health``, ``/metrics``, ``/docs``, errors) is FastAPI's.
+    """
+
+    def __init__(self, api: Api, app: FastAPI) -> None:
+        self.api = api
+        self.app = app
+        self.intake = Intake(api.engine)
+        self.routes: dict[str, tuple[str, Callable[[bytes, float], Answer]]] = {
+            "/v1/completions": ("completions", api.start_completion),
+            "/v1/chat/completions": ("chat", api.start_chat)}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
+            if scope["type"] == "http":
+                self.intake.enter(reading=False)
+            await self.app(scope, receive, send)
+            return
+        arrived = time.perf_counter()
+        try:
+            if scope["method"] != "POST":
+                raise ApiError(405, f"{scope['method']} {scope['path']}: Method Not Allowed (use POST)",
+                               headers={"Allow": "POST"})
+            self.intake.enter()
+            try:
+                a = route[1](await read_body(receive), arrived)
+            finally:
+                self.intake.leave()
+            if a.req.stream:
+                await self.api.stream(a, receive, send, self.intake.settled())
+            else:
+                await self.api.respond(a, receive, send)
+        except ClientGone:
+            REQUESTS.labels(route[0], "cancelled").inc()
+        except ApiError as e:
+            if e.status != 499:
+                ERRORS.labels(e.code or ("model_not_found" if e.status == 404 else "invalid_request")).inc()
+            await send_json(send, e.status, e.body(), e.headers)
+        except Exception as e:
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            ERRORS.labels("internal_error").inc()
+            await send_json(send, 500, ApiError(500, f"internal error: {type(e).__name__}: {e}",
+                                                kind="server_error").body())
+
+
+def create_app(engine: Engine, model: ServedModel) -> Front:
     """The ASGI application over a started engine."""
     api = Api(engine, model)
     app = FastAPI(title="Blazil AI LLM server", description="OpenAI-compatible API over the three-stage pipeline",
                   docs_url="/docs", redoc_url=None)
-    app.state.api = api
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> Response:
-        if e.status != 499:
-            ERRORS.labels(e.code or ("model_not_found" if e.status == 404 else "invalid_request")).inc()
+        ERRORS.labels(e.code or ("model_not_found" if e.status == 404 else "invalid_request")).inc()
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -352,9 +576,6 @@ def create_app(engine: Engine, model: ServedModel) -> FastAPI:
         ERRORS.labels("internal_error").inc()
         return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body(),
                             status_code=500)
-
-    app.add_api_route("/v1/completions", api.completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", api.chat, methods=["POST"])
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -371,7 +592,7 @@ def create_app(engine: Engine, model: ServedModel) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
 
-    return app
+    return Front(api, app)
 
 
 def serve(args: Any, sock: socket.socket) -> int:
@@ -396,7 +617,12 @@ def serve(args: Any, sock: socket.socket) -> int:
         print(f"blazil llm serve: serving {model.name} at http://{host}:{port}/v1 (OpenAI API; /health, /metrics); "
               f"{args.max_running} requests in the batch, {args.max_queue} may wait", file=sys.stderr, flush=True)
         t0 = time.monotonic()
-        server.run(sockets=[sock])
+
+        async def run() -> None:
+            app.intake.count_tasks(asyncio.get_running_loop())
+            await server.serve(sockets=[sock])
+
+        asyncio.run(run())
         log.info("served for %.0f s", time.monotonic() - t0)
     finally:
         if engine is not None:
