@@ -225,7 +225,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (medians are reported)")
     p.add_argument("--concurrency", default="1,8,32", help="numbers of concurrent clients")
-    p.add_argument("--batch-wait-ms", default="3", help="the server's --batch-wait-ms (default 3)")
+    p.add_argument("--batch-wait-ms", default="0", help="the server's --batch-wait-ms (default 0, as the server's)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args()
 

@@ -5,10 +5,12 @@ the bounded queue, every error of the API, and a stage killed under load."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -290,6 +292,11 @@ def test_bad_chat_requests_and_routes(server, client):
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], temperature=-1)
+    r = httpx.get(server.url + "/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert "Method Not Allowed" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/completions", content=b" " * (17 << 20), timeout=60)
+    assert r.status_code == 413 and "over 16 MiB" in r.json()["error"]["message"]
     # Nothing else was disturbed: the server still answers.
     assert client.completions.create(model=NAME, prompt="Hi", max_tokens=2).usage.completion_tokens >= 1
 
@@ -310,6 +317,8 @@ def test_metrics_count_latencies_tokens_and_errors(server, client):
     assert value("blazil_llm_requests_running") == 0
     assert value("blazil_llm_requests_waiting") == 0
     assert value('blazil_llm_errors_total{kind="model_not_found"}') >= 1
+    assert value('blazil_llm_http_parser{parser="httptools"}') == 1  # a dependency: h11 is the loud fallback
+    assert httpx.get(server.url + "/health", timeout=30).json()["http_parser"] == "httptools"
     assert value('blazil_llm_errors_total{kind="context_length_exceeded"}') >= 1
 
 
@@ -383,6 +392,47 @@ def test_a_burst_on_idle_stages_shares_one_first_forward(server, ckpt, hf, tok):
                 metric(text0, "blazil_llm_burst_size_requests_sum") == len(prompts)
     finally:
         assert burst.stop() in (0, 128 + signal.SIGTERM)
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_a_burst_starts_once_the_server_has_read_all_of_it(server, hf, tok):
+    """With the default --batch-wait-ms 0 the requests that came together start together once the server has
+    read them all, however long that takes: four clients send their heads, then (200 ms later) their bodies,
+    and the first request handed over waits for the three still being read. Stage 1 runs the four prompts in
+    one forward."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    prompts = PROMPTS[7:11]
+    bodies = [json.dumps({"model": NAME, "prompt": p, "max_tokens": 1, "temperature": 0, **EXACT}).encode()
+              for p in prompts]
+    socks = [socket.create_connection((host, int(port)), timeout=60) for _ in prompts]
+    try:
+        before, text0 = server.health().json()["stages"][0]["forwards"], httpx.get(server.url + "/metrics").text
+        for sock, body in zip(socks, bodies):
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode())
+        time.sleep(0.2)
+        for sock, body in zip(socks, bodies):
+            sock.sendall(body)
+        got = []
+        for sock in socks:
+            r = http.client.HTTPResponse(sock)
+            r.begin()
+            assert r.status == 200
+            got.append(json.loads(r.read())["choices"][0]["token_ids"])
+    finally:
+        for sock in socks:
+            sock.close()
+    assert got == [greedy(hf, tok.encode(p, add_special_tokens=False), 1) for p in prompts]
+    text1 = httpx.get(server.url + "/metrics").text
+    assert server.health().json()["stages"][0]["forwards"] - before == 1
+    name = 'blazil_llm_bursts_total{ended_by="quiet"}'
+    assert _metric(text1, name) - _metric(text0, name) == 1
+    assert _metric(text1, "blazil_llm_burst_size_requests_sum") - \
+        _metric(text0, "blazil_llm_burst_size_requests_sum") == len(prompts)
 
 
 def test_generate_refuses_a_prompt_longer_than_the_context(server, ckpt, capsys):

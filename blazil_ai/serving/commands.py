@@ -46,10 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="most requests decoding together in the stages' batch (default 32)")
     s.add_argument("--max-queue", type=int, default=64,
                    help="most requests waiting for a place; beyond, 503 with Retry-After (default 64)")
-    s.add_argument("--batch-wait-ms", type=float, default=3.0,
-                   help="when the stages are idle, start a request once no other has come for this long (the "
-                        "end of a burst; at once when --max-running have come, at most 20 times this in all), so "
-                        "a burst shares one first forward (default 3; 0 = start each at once)")
+    s.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="when the stages are idle, requests start together once the server has read every "
+                        "request that reached it and none has come for this long (at once when --max-running "
+                        "have come, at most max(20 times this, 20 ms) in all), so a burst shares one first "
+                        "forward; raise it for clients whose requests of one burst come milliseconds apart "
+                        "(default 0)")
     s.add_argument("--access-log", action="store_true", help="log every HTTP request")
     pipeline_arguments(s, "the server")
     s.set_defaults(func=cmd_serve)

@@ -103,7 +103,7 @@ class Engine:
 
     def __init__(self, client: PipelineClient, pipeline: LocalPipeline | None = None, max_running: int = 32,
                  max_queue: int = 64, timeout: float = 120.0, restart_backoff: float = 1.0,
-                 batch_wait: float = 0.003) -> None:
+                 batch_wait: float = 0.0) -> None:
         self.client = client
         self.batch_wait = batch_wait
         self.pipeline = pipeline

@@ -52,6 +52,9 @@ REQUESTS = metrics.counter("llm", "requests", "total", "Requests answered, by en
                            ["endpoint", "outcome"])
 ERRORS = metrics.counter("llm", "errors", "total", "Errors answered, by kind", ["kind"])
 
+HTTP_PARSER = metrics.gauge("llm", "http_parser", "", "1 for the HTTP parser the server runs: httptools (C), or "
+                            "h11 (pure Python, slower) when httptools cannot be imported", ["parser"])
+
 RETRY_AFTER_S = 1
 MAX_BODY = 16 << 20  # bytes of one request's body (a 100k-token prompt as ids is well under 1 MiB)
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
@@ -241,6 +244,7 @@ class Api:
     def __init__(self, engine: Engine, model: ServedModel) -> None:
         self.engine = engine
         self.model = model
+        self.http_parser = ""  # what /health says of the HTTP parser (set by serve)
 
     def _check_model(self, name: str) -> None:
         if name != self.model.name:
@@ -389,7 +393,8 @@ class Api:
 
     async def health(self) -> Response:
         """``GET /health``: 200 when every stage answers a ping, else 503 naming the ones that do not."""
-        base = {"model": self.model.name, "running": self.engine.running, "waiting": self.engine.waiting}
+        base = {"model": self.model.name, "running": self.engine.running, "waiting": self.engine.waiting,
+                "http_parser": self.http_parser}
         if self.engine.down is not None:
             return JSONResponse({**base, "status": "unavailable", "reason": self.engine.down}, status_code=503)
         try:
@@ -595,6 +600,16 @@ def create_app(engine: Engine, model: ServedModel) -> Front:
     return Front(api, app)
 
 
+def http_parser() -> tuple[str, str | None]:
+    """uvicorn's HTTP parser: ``httptools`` (C) when it imports, else ``h11`` and why (a slower fallback)."""
+    try:
+        import httptools  # noqa: F401
+    except ImportError as e:
+        return "h11", (f"httptools cannot be imported ({e}); HTTP is parsed by h11 in pure Python, which adds to "
+                       "every request's latency (pip install httptools)")
+    return "httptools", None
+
+
 def serve(args: Any, sock: socket.socket) -> int:
     """Start (or connect to) the stages, then serve HTTP on ``sock`` until SIGINT/SIGTERM; stops what it started."""
     import uvicorn
@@ -610,8 +625,13 @@ def serve(args: Any, sock: socket.socket) -> int:
         engine = Engine(client, pipe, max_running=args.max_running, max_queue=args.max_queue,
                         timeout=args.timeout, batch_wait=args.batch_wait_ms / 1000).start()
         app = create_app(engine, model)
+        parser, why = http_parser()
+        if why is not None:
+            log.warning("blazil llm serve: %s", why)
+        HTTP_PARSER.labels(parser).set(1)
+        app.api.http_parser = parser if why is None else f"{parser} ({why})"
         config = uvicorn.Config(app, log_level="warning", access_log=args.access_log, timeout_graceful_shutdown=3,
-                                lifespan="off")
+                                lifespan="off", http=parser)
         server = uvicorn.Server(config)
         host = f"[{args.host}]" if ":" in args.host else args.host
         print(f"blazil llm serve: serving {model.name} at http://{host}:{port}/v1 (OpenAI API; /health, /metrics); "
