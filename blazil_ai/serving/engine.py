@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from blazil_ai.errors import BlazilError
 from blazil_ai.pipeline.client import PipelineClient, PipelineError, StreamEvent
 from blazil_ai.pipeline.launcher import LocalPipeline
 from blazil_ai.pipeline.sampling import SamplingParams
-from blazil_ai.transport import publication
+from blazil_ai.transport import OfferStatus, publication
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ class Job:
     rid: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     queue: asyncio.Queue[StreamEvent] = field(default_factory=asyncio.Queue)
     done: asyncio.Future[None] | None = None
+    begun: asyncio.Future[None] | None = None  # done once the stages have the request, or it has an event
     arrived: float = field(default_factory=time.perf_counter)
     started: float = 0.0
     first_token_at: float = 0.0
@@ -86,12 +88,22 @@ class Job:
 
     def __post_init__(self) -> None:
         self.done = self.loop.create_future()
+        self.begun = self.loop.create_future()
+
+
+def _begin(jobs: list[Job]) -> None:
+    """On the asyncio loop: these jobs are in the stages."""
+    for job in jobs:
+        if job.begun is not None and not job.begun.done():
+            job.begun.set_result(None)
 
 
 def _deliver(items: list[tuple[Job, StreamEvent]]) -> None:
     """On the asyncio loop: put events into their jobs' queues; settle a job's ``done`` with its last one."""
     for job, ev in items:
         job.queue.put_nowait(ev)
+        if job.begun is not None and not job.begun.done():
+            job.begun.set_result(None)
         if ev.kind != "token" or ev.finish:
             job.finished = True
             if job.done is not None and not job.done.done():
@@ -118,6 +130,7 @@ class Engine:
         self._last_start = 0.0  # time.monotonic() of the latest start command
         self._read_at: float | None = None  # time.monotonic() of the front's latest all_read (None: no front)
         self._gathering = False  # the engine thread waits on _arrival (not in the client's receive)
+        self._poked = False  # a wake message is on its way and the engine has not taken the commands since
         self._commands: deque[tuple[str, Any]] = deque()
         self._waiting: deque[Job] = deque()
         self._n_running = 0
@@ -156,10 +169,16 @@ class Engine:
                 self._n_running += 1
                 self._commands.append(("start", job))
                 self._last_start = time.monotonic()
-                if self._gathering:
+                # With a front, its all_read wakes the engine once the burst is read (waking it for each
+                # arrival would only take the GIL from the loop that is reading the rest); without one,
+                # each arrival does.
+                if self._read_at is None:
+                    if self._gathering:
+                        self._arrival.notify()
+                    else:
+                        self._poke()
+                elif self._gathering and self._n_running >= self.max_running:
                     self._arrival.notify()
-                else:
-                    self._poke()
             elif len(self._waiting) < self.max_queue:
                 self._waiting.append(job)
             else:
@@ -169,16 +188,20 @@ class Engine:
             WAITING.set(len(self._waiting))
 
     def front_attached(self) -> None:
-        """An HTTP front will call :meth:`all_read`: bursts wait for it from now on."""
+        """An HTTP front will call :meth:`all_read`: from now on the engine starts what was submitted when
+        it does (not at each submit), and bursts wait for it."""
         with self._lock:
             self._read_at = 0.0
 
     def all_read(self) -> None:
-        """The HTTP front has read every request that reached it (see ``server.Intake``): a burst is all in."""
+        """The HTTP front has read every request that reached it, or has been reading for a while (see
+        ``server.Intake``): start what it handed over."""
         with self._lock:
             self._read_at = time.monotonic()
             if self._gathering:
                 self._arrival.notify()
+            elif self._commands:
+                self._poke()
 
     def cancel(self, job: Job) -> None:
         """Forget ``job`` (its client went away): out of the queue, or dropped in every stage."""
@@ -213,8 +236,10 @@ class Engine:
         self._wake.close()
 
     def _poke(self) -> None:
-        # Under self._lock. A message to the client's own subscription ends the engine's receive wait.
-        self._wake.offer({"op": "wake"}, timeout=0.0)
+        # Under self._lock. A message to the client's own subscription ends the engine's receive wait; one
+        # is enough until the engine next takes the commands (a burst's requests send one, not one each).
+        if not self._poked:
+            self._poked = self._wake.offer({"op": "wake"}, timeout=0.0) == OfferStatus.OK
 
     # -- the engine thread ---------------------------------------------------------------------
 
@@ -224,6 +249,7 @@ class Engine:
                 if self._stop:
                     break
                 commands = list(self._commands)
+                self._poked = False
                 self._commands.clear()
             try:
                 self._step(commands)
@@ -278,7 +304,7 @@ class Engine:
         more: list[Job] = []
         cap = time.monotonic() + max(20 * self.batch_wait, 0.02)
         with self._lock:
-            self._gathering = True  # submit() notifies _arrival instead of sending a wake message
+            self._gathering = True  # submit() sends no wake; all_read (without a front: each arrival) notifies
             try:
                 while True:
                     kept: list[tuple[str, Any]] = []  # cancels and pings wait for the next step
@@ -322,6 +348,8 @@ class Engine:
         except BlazilError as e:
             self._finish([(j, StreamEvent("unavailable", j.rid, message=f"cannot reach stage 1: {e}"))
                           for j in jobs])
+            return
+        self._to_loops(_begin, jobs)
 
     def _cancel(self, job: Job) -> None:
         if self._running.pop(job.rid, None) is None:
@@ -364,12 +392,17 @@ class Engine:
             self._left(len(ended))
 
     def _send(self, items: list[tuple[Job, StreamEvent]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, StreamEvent]]] = {}
-        for job, ev in items:
-            by_loop.setdefault(job.loop, []).append((job, ev))
+        self._to_loops(_deliver, items)
+
+    @staticmethod
+    def _to_loops(fn: Callable[[list[Any]], None], items: list[Any]) -> None:
+        """Call ``fn`` on each job's asyncio loop with that loop's share of ``items`` (jobs or (job, event))."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for item in items:
+            by_loop.setdefault((item[0] if isinstance(item, tuple) else item).loop, []).append(item)
         for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, batch)
+                loop.call_soon_threadsafe(fn, batch)
             except RuntimeError:  # that loop has closed (server shutting down)
                 pass
 

@@ -57,6 +57,7 @@ HTTP_PARSER = metrics.gauge("llm", "http_parser", "", "1 for the HTTP parser the
 
 RETRY_AFTER_S = 1
 MAX_BODY = 16 << 20  # bytes of one request's body (a 100k-token prompt as ids is well under 1 MiB)
+HOLD_S = 0.002  # while requests keep arriving, the engine still gets what has been read this often
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 
@@ -346,18 +347,16 @@ class Api:
         REQUESTS.labels(endpoint, finish_reason(finish) or "unknown").inc()
         return tokens, finish
 
-    async def stream(self, a: Answer, receive: Receive, send: Send,
-                     settled: asyncio.Future[None] | None = None) -> None:
+    async def stream(self, a: Answer, receive: Receive, send: Send) -> None:
         """The answer as server-sent events, each token as it comes (tokens that came together, in one write).
 
-        The response's head goes out once ``settled`` is done: when the requests that arrived with this
-        one have been read too (see :class:`Intake`), so that a burst's requests reach the engine without
-        a write to each client between them. A second task waits for the client to go away; then the
-        request is dropped in every stage.
+        The response's head goes out once the engine has handed the request to the stages (``job.begun``),
+        so that neither a burst's reading nor the engine's hand-over waits for writes to each client. A
+        second task waits for the client to go away; then the request is dropped in every stage.
         """
         job = a.job
-        if settled is not None:
-            await settled
+        assert job.begun is not None
+        await job.begun
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         watch = asyncio.ensure_future(self._watch(receive, job))
         try:
@@ -435,8 +434,11 @@ class Intake:
     engine (or its refusal). While any of this happens a callback goes round the loop, scheduled as a
     timer so that it runs after the round's reads; after two rounds in which no task was created, no
     request entered and none is being read, everything that had reached the server has been read, and
-    the engine hears so (:meth:`Engine.all_read`). While a slow client's body trickles in it looks
-    every millisecond instead of every round.
+    the engine hears so (:meth:`Engine.all_read`) and starts what was handed over. The engine is not
+    woken before: waking it for each arrival would take the GIL from the loop that is reading the rest.
+    While requests keep coming without a quiet round the engine hears every ``HOLD_S`` (2 ms) all the
+    same, and while a slow client's body trickles in the callback looks every millisecond instead of
+    every round.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -447,7 +449,7 @@ class Intake:
         self._quiet = 0
         self._rounds = 0
         self._armed = False
-        self._settled: asyncio.Future[None] | None = None
+        self._since = 0.0  # loop.time() of the arming, or of the last hand-over while requests kept coming
         engine.front_attached()
 
     def count_tasks(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -469,24 +471,13 @@ class Intake:
             self._rounds = 0
             self._quiet = 0
             self._seen = self.events
-            asyncio.get_running_loop().call_later(0, self._round)
+            loop = asyncio.get_running_loop()
+            self._since = loop.time()
+            loop.call_later(0, self._round)
 
     def leave(self) -> None:
         """A generation request was handed over to the engine, or refused."""
         self.reading -= 1
-
-    def settled(self) -> asyncio.Future[None] | None:
-        """A future done when the requests being read now have all been read (None when they have)."""
-        if not self._armed:
-            return None
-        if self._settled is None:
-            self._settled = asyncio.get_running_loop().create_future()
-        return self._settled
-
-    def _release(self) -> None:
-        if self._settled is not None:
-            self._settled.set_result(None)
-            self._settled = None
 
     def _round(self) -> None:
         if self.reading or self.events != self._seen:
@@ -497,12 +488,13 @@ class Intake:
             if self._quiet >= 2:
                 self._armed = False
                 self.engine.all_read()
-                self._release()
                 return
         self._rounds += 1
-        if self._rounds == 64:  # a body that trickles in holds nobody's answer back
-            self._release()
-        asyncio.get_running_loop().call_later(0 if self._rounds < 64 else 0.001, self._round)
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._since >= HOLD_S:  # requests keep coming: hand over what has been read so far
+            self._since = loop.time()
+            self.engine.all_read()
+        loop.call_later(0 if self._rounds < 64 else 0.001, self._round)
 
 
 class Front:
@@ -542,7 +534,7 @@ class Front:
             finally:
                 self.intake.leave()
             if a.req.stream:
-                await self.api.stream(a, receive, send, self.intake.settled())
+                await self.api.stream(a, receive, send)
             else:
                 await self.api.respond(a, receive, send)
         except ClientGone:
