@@ -22,7 +22,9 @@ One JSON line per concurrency:
 * ``tokens_per_s``            all tokens of the N requests / (last token - first submission)
 * ``ttft_p50_ms/ttft_p99_ms`` submission to first token, per request
 * ``itl_p50_ms/itl_p99_ms``   between consecutive tokens of one request
-* ``ratio``                   HTTP / direct for each; ``ttft_p50_added_ms`` is HTTP minus direct
+* ``ratio``                   HTTP / direct for each; ``ttft_p50_added_ms`` is HTTP minus direct (medians);
+                              ``ttft_p50_added_paired_ms`` the median over repetitions of HTTP minus direct
+                              within one repetition (runs seconds apart, so slow drifts of the machine cancel)
 * ``server_cpu_ms_per_token`` CPU time of the server process (engine and HTTP threads) per token streamed
 * ``ttft_outside_stages_ms``  HTTP: mean TTFT at the client minus the server's mean time from starting a
                               request in the stages (its ``submit_many``, where the anchor's clock starts)
@@ -314,6 +316,8 @@ def main() -> int:
                       "direct": {k: round(v, 3) for k, v in med["direct"].items()},
                       "ratio": {k: round(med["http"][k] / med["direct"][k], 3) for k in med["http"]},
                       "ttft_p50_added_ms": round(med["http"]["ttft_p50_ms"] - med["direct"]["ttft_p50_ms"], 3),
+                      "ttft_p50_added_paired_ms": round(statistics.median(
+                          h["ttft_p50_ms"] - d["ttft_p50_ms"] for h, d in zip(runs["http"], runs["direct"])), 3),
                       "ttft_outside_stages_ms": round(outside, 3), "bursts_per_run": bursts,
                       "server_cpu_ms_per_token": round(cpu, 3),
                       "requests_identical": f"{same}/{n * args.reps}"}

@@ -14,9 +14,11 @@ then restarts a dead local stage, or pings remote ones until they all answer, an
 A job's queue receives the client's :class:`StreamEvent` s (``token``, ``error``: a stage refused or
 failed it) and, from the engine itself, ``unavailable`` (a stage is down; the message names it).
 
-Everything that touches the pipeline client runs on the engine thread; handlers only queue commands
-and wake it with a message to the client's own reply address (so a new request does not wait out the
-thread's 50 ms receive).
+Everything that touches the pipeline client runs on the engine thread; handlers only queue commands.
+A message to the client's own reply address wakes the thread (so a new request does not wait out its
+50 ms receive): sent for each command, or, with an HTTP front (:meth:`Engine.front_attached`), once the
+front has read what reached it (:meth:`Engine.all_read`), so that a burst's arrivals do not each wake
+the thread while the event loop is still reading the rest.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ PROMPT_TOKENS = metrics.counter("llm", "prompt_tokens", "total", "Prompt tokens 
 GENERATION_TOKENS = metrics.counter("llm", "generation_tokens", "total", "Tokens generated")
 BURSTS = metrics.counter("llm", "bursts", "total",
                          "Groups of requests started together on idle stages (one first forward), by what ended "
-                         "the wait: quiet (none came for --batch-wait-ms), full (--max-running), cap (20 waits)",
+                         "the wait: quiet (the server had read every request and none came for "
+                         "--batch-wait-ms), full (--max-running), cap (20 ms or 20 waits)",
                          ["ended_by"])
 BURST_SIZE = metrics.histogram("llm", "burst_size", "requests", "Requests in each group started on idle stages",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
@@ -126,7 +129,7 @@ class Engine:
         self.down: str | None = None  # why the stages cannot serve now (None: they can)
         self.restarts = 0
         self._lock = threading.Lock()  # guards the fields below and the wake publication
-        self._arrival = threading.Condition(self._lock)  # notified by every start (see _gather_burst)
+        self._arrival = threading.Condition(self._lock)  # what ends a burst's wait (see _gather_burst)
         self._last_start = 0.0  # time.monotonic() of the latest start command
         self._read_at: float | None = None  # time.monotonic() of the front's latest all_read (None: no front)
         self._gathering = False  # the engine thread waits on _arrival (not in the client's receive)
