@@ -93,6 +93,9 @@ def test_models_endpoint_lists_the_served_model(client, server):
     assert [m.id for m in models.data] == [NAME]
     assert client.models.retrieve(NAME).id == NAME
     assert models.data[0].model_extra["max_model_len"] == 4096
+    doc = httpx.get(server.url + "/openapi.json", timeout=30).json()  # what /docs shows
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(doc["paths"])
+    assert "messages" in doc["components"]["schemas"]["ChatRequest"]["properties"]
 
 
 def test_completion_greedy_equals_hf_streamed_and_not(client, hf, tok):

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from blazil_ai import metrics
+from blazil_ai import __version__, metrics
 from blazil_ai.errors import BlazilError, ConfigError
 from blazil_ai.pipeline.client import StreamEvent
 from blazil_ai.pipeline.sampling import SamplingParams, eos_ids_of, generation_defaults
@@ -589,7 +589,33 @@ def create_app(engine: Engine, model: ServedModel) -> Front:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
 
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return Front(api, app)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document (``/docs``) with the two generation endpoints, which :class:`Front` answers."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=__version__, description=app.description, routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for path, model, what in (("/v1/completions", CompletionRequest, "Complete a prompt"),
+                                  ("/v1/chat/completions", ChatRequest, "Answer a chat")):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(schema.pop("$defs", {}))
+            schemas[model.__name__] = schema
+            doc["paths"][path] = {"post": {
+                "summary": what, "description": "OpenAI API shapes; with \"stream\": true, server-sent events "
+                                                "ending in `data: [DONE]`.",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}},
+                "responses": {"200": {"description": "The answer, or its stream"},
+                              "400": {"description": "A bad request (the OpenAI error object names the field)"},
+                              "404": {"description": "Another model than the one served"},
+                              "503": {"description": "The queue is full or a stage is down (Retry-After)"}}}}
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 def http_parser() -> tuple[str, str | None]:
