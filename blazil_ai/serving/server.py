@@ -57,7 +57,7 @@ HTTP_PARSER = metrics.gauge("llm", "http_parser", "", "1 for the HTTP parser the
 
 RETRY_AFTER_S = 1
 MAX_BODY = 16 << 20  # bytes of one request's body (a 100k-token prompt as ids is well under 1 MiB)
-HOLD_S = 0.002  # while requests keep arriving, the engine still gets what has been read this often
+HOLD_S = 0.005  # the longest a request handed over waits for the rest of its burst to be read
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]
 
@@ -436,9 +436,9 @@ class Intake:
     request entered and none is being read, everything that had reached the server has been read, and
     the engine hears so (:meth:`Engine.all_read`) and starts what was handed over. The engine is not
     woken before: waking it for each arrival would take the GIL from the loop that is reading the rest.
-    While requests keep coming without a quiet round the engine hears every ``HOLD_S`` (2 ms) all the
-    same, and while a slow client's body trickles in the callback looks every millisecond instead of
-    every round.
+    A request handed over is held at most ``HOLD_S`` (5 ms): while requests keep coming without two
+    quiet rounds, or one request's body trickles in, the engine hears all the same. While nothing
+    happens but such a trickle the callback looks every millisecond instead of every round.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -449,7 +449,7 @@ class Intake:
         self._quiet = 0
         self._rounds = 0
         self._armed = False
-        self._since = 0.0  # loop.time() of the arming, or of the last hand-over while requests kept coming
+        self._held: float | None = None  # time.monotonic() of the first hand-over the engine has not heard of
         engine.front_attached()
 
     def count_tasks(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -466,18 +466,19 @@ class Intake:
         """A request reached the application (``reading``: a generation request, to be handed over)."""
         self.events += 1
         self.reading += reading
+        self._rounds = 0  # something happens: look every round again
         if not self._armed:
             self._armed = True
-            self._rounds = 0
             self._quiet = 0
             self._seen = self.events
-            loop = asyncio.get_running_loop()
-            self._since = loop.time()
-            loop.call_later(0, self._round)
+            asyncio.get_running_loop().call_later(0, self._round)
 
     def leave(self) -> None:
         """A generation request was handed over to the engine, or refused."""
         self.reading -= 1
+        self._rounds = 0
+        if self._held is None:
+            self._held = time.monotonic()
 
     def _round(self) -> None:
         if self.reading or self.events != self._seen:
@@ -487,14 +488,14 @@ class Intake:
             self._quiet += 1
             if self._quiet >= 2:
                 self._armed = False
+                self._held = None
                 self.engine.all_read()
                 return
         self._rounds += 1
-        loop = asyncio.get_running_loop()
-        if loop.time() - self._since >= HOLD_S:  # requests keep coming: hand over what has been read so far
-            self._since = loop.time()
+        if self._held is not None and time.monotonic() - self._held >= HOLD_S:
+            self._held = None  # no quiet yet: the engine starts what has been handed over all the same
             self.engine.all_read()
-        loop.call_later(0 if self._rounds < 64 else 0.001, self._round)
+        asyncio.get_running_loop().call_later(0 if self._rounds < 64 else 0.001, self._round)
 
 
 class Front:
