@@ -1,13 +1,12 @@
 """Benchmark: ``blazil llm serve`` (HTTP streaming, OpenAI API) against the pipeline client itself (the anchor).
 
-One set of three stages serves both paths in the same run (over Aeron, which ``--connect`` cannot
-name, the server starts a second set of its own, as ``blazil llm serve`` does; ``server_stages`` says
-which). The anchor sends the N requests straight through
-:class:`~blazil_ai.pipeline.client.PipelineClient` in one ``submit_many`` (its best case: all prompts
-share one first forward; tokens timed as they reach the client). The server is a ``blazil llm serve``
-process, and N concurrent clients stream
-``/v1/completions`` from it (tokens timed as their server-sent events arrive); each request arrives on
-its own, as from independent clients, so the server's figures include how arrivals fall into forwards.
+One set of three stages serves both paths in the same run (over Aeron IPC the server joins them with
+``--connect aeron:ipc,... --connect-streams`` and the launcher's media driver). The anchor sends the N
+requests straight through :class:`~blazil_ai.pipeline.client.PipelineClient` in one ``submit_many``
+(its best case: all prompts share one first forward; tokens timed as they reach the client). The server
+is a ``blazil llm serve`` process, and N concurrent clients stream ``/v1/completions`` from it (tokens
+timed as their server-sent events arrive); each request arrives on its own, as from independent
+clients, so the server's figures include how arrivals fall into forwards.
 The clients (``--client``): ``raw`` (default) writes each request on a kept-alive connection of its
 own and reads the chunked server-sent events itself, so the N requests leave within a fraction of a
 millisecond, as from N independent clients; ``httpx`` runs N ``httpx`` streams in the benchmark's one
@@ -253,7 +252,6 @@ def main() -> int:
     prompts = [[rng.randrange(vocab) for _ in range(args.prompt_tokens)] for _ in range(max(levels))]
     common = {"bench": "serve", "config": args.config, "device": args.device, "dtype": args.dtype,
               "threads": args.threads, "transport": args.transport, "client": args.client,
-              "server_stages": "shared" if args.transport == "tcp" else "its own",
               "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "reps": args.reps, "batch_wait_ms": float(args.batch_wait_ms)}
     out = open(args.out, "a") if args.out else None  # noqa: SIM115
@@ -268,11 +266,13 @@ def main() -> int:
         most = str(max(32, *levels))
         server_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get(
             "PYTHONPATH")])])}
-        # --connect names stages by URI alone (TCP); over Aeron the server starts three of its own, as
-        # `blazil llm serve` does by default, with the same shape, dtype and threads.
-        stages = ["--connect", ",".join(u for u, _ in pipe.addrs)] if args.transport == "tcp" else [
-            "--transport", args.transport, "--dtype", args.dtype, "--device", args.device,
-            "--threads", str(args.threads)]
+        # The server joins the same stages: over TCP by their URIs, over Aeron IPC by their streams on the
+        # launcher's media driver.
+        stages = ["--connect", ",".join(u for u, _ in pipe.addrs)]
+        if args.transport == "aeron":
+            assert pipe.media_driver is not None
+            server_env["AERON_DIR"] = str(pipe.media_driver.dir)
+            stages += ["--connect-streams", ",".join(str(s) for _, s in pipe.addrs), "--listen", "aeron:ipc"]
         server = ServerProcess(["--model", str(ckpt), *stages, "--port", "0",
                                 "--served-model-name", "bench", "--max-running", most, "--max-queue", most,
                                 "--timeout", "600", "--batch-wait-ms", args.batch_wait_ms],

@@ -41,6 +41,14 @@ def nonneg_int(text: str) -> int:
     return n
 
 
+def stream_id(text: str) -> int:
+    """A channel's stream id (a 32-bit signed integer, as Aeron's)."""
+    n = _int(text)
+    if not -2**31 <= n < 2**31:
+        raise argparse.ArgumentTypeError(f"{n} is not a stream id (a 32-bit signed integer)")
+    return n
+
+
 def port(text: str) -> int:
     """A TCP port, 0 (any free one) to 65535."""
     n = _int(text)

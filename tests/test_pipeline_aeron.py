@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from blazil_ai import cli
 from blazil_ai.pipeline.launcher import LocalPipeline
 from blazil_ai.pipeline.sampling import SamplingParams
 from blazil_ai.transport.aeron_binding import unavailable_reason
@@ -17,7 +20,7 @@ pytestmark = [pytest.mark.skipif(_why is not None, reason=f"Aeron is not usable 
 PROMPTS = [[151643, 9707, 11, 1879, 0], [5, 6, 7, 8, 9, 10, 11, 12, 13], [100, 200]]
 
 
-def test_greedy_and_concurrent_over_aeron_ipc_equal_hf(tiny):
+def test_greedy_and_concurrent_over_aeron_ipc_equal_hf(tiny, capsys):
     from transformers import Qwen2ForCausalLM
 
     hf = Qwen2ForCausalLM.from_pretrained(tiny, attn_implementation="sdpa").eval()
@@ -35,5 +38,14 @@ def test_greedy_and_concurrent_over_aeron_ipc_equal_hf(tiny):
             assert np.array_equal(res.logits[-1], logits)
         results = pipe.client.generate_many(PROMPTS, params)
         assert [r.token_ids for r in results] == [ids for ids, _ in refs]
+        # Another client joins the running stages: on one host they share aeron:ipc and differ by stream.
+        assert [s for _, s in pipe.addrs] == [101, 102, 103]
+        capsys.readouterr()
+        assert cli.main(["generate", "--model", str(tiny), "--connect", "aeron:ipc,aeron:ipc,aeron:ipc",
+                         "--connect-streams", "101,102,103", "--listen", "aeron:ipc", "--temperature", "0",
+                         "--max-new-tokens", "8", "--json", "Hello pipeline"]) == 0
+        ids = pipe.client.encode("Hello pipeline")
+        ref = hf.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=8, eos_token_id=None)
+        assert json.loads(capsys.readouterr().out)["token_ids"] == ref[0, len(ids):].tolist()
         driver = pipe.media_driver
     assert not driver.is_running()  # the launcher stops the media driver it started

@@ -8,10 +8,34 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from blazil_ai.checks import channel_uri, check_uri, device, nonneg_int, port, positive_float, positive_int
+from blazil_ai.checks import (
+    channel_uri,
+    check_uri,
+    device,
+    nonneg_int,
+    port,
+    positive_float,
+    positive_int,
+    stream_id,
+)
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 STAGES = 3  # blazil generate runs (or connects to) a ring of three stages
+
+
+def stage_streams(text: str) -> list[int]:
+    """``argparse`` type of ``--connect-streams``: one stream id per stage, comma-separated."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != STAGES:
+        raise argparse.ArgumentTypeError(f"{len(parts)} stream id(s) given; give {STAGES}, one per stage, in ring "
+                                         "order (e.g. 101,102,103)")
+    out = []
+    for i, p in enumerate(parts, 1):
+        try:
+            out.append(stream_id(p))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"stage {i}: {e}") from None
+    return out
 
 
 def stage_uris(text: str) -> list[str]:
@@ -68,8 +92,15 @@ def pipeline_arguments(p: argparse.ArgumentParser, receiver: str) -> None:
                    help="fail a request when no token arrives for this many seconds (default 120)")
     p.add_argument("--connect", default=None, type=stage_uris,
                    help="use running stages instead of starting them: comma-separated URIs of stages 1,2,3")
+    p.add_argument("--connect-streams", default=None, type=stage_streams,
+                   help="with --connect: the stages' stream ids (their --listen-stream), comma-separated "
+                        "(default 1,1,1; stages on one host over aeron:ipc share the channel and differ by "
+                        "stream, e.g. 101,102,103 as blazil generate starts them)")
     p.add_argument("--listen", default="tcp://127.0.0.1:0", type=channel_uri,
                    help=f"where {receiver} receives tokens (with --connect)")
+    p.add_argument("--listen-stream", default=None, type=stream_id,
+                   help="stream id of --listen (default 1; on aeron:ipc one of this process's own, so that "
+                        "clients of one media driver do not share it)")
     p.add_argument("--reply-to", default=None, type=channel_uri,
                    help="the address stages use to reach --listen, when it differs (e.g. tcp://client-host:7000)")
 
@@ -202,15 +233,24 @@ def start_or_connect(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
     Shared by ``blazil generate`` and ``blazil llm serve``: the checkpoint (config, shards, split) and the
     device are checked before anything starts or is announced.
     """
+    from blazil_ai.errors import ConfigError
     from blazil_ai.pipeline.client import PipelineClient
     from blazil_ai.pipeline.devices import check_device
     from blazil_ai.pipeline.launcher import LocalPipeline, resolve_transport
+    from blazil_ai.pipeline.protocol import own_ipc_stream
     from blazil_ai.pipeline.weights import parse_split
 
     pipe = None
+    if not args.connect:
+        for name in ("connect_streams", "listen_stream"):
+            if getattr(args, name) is not None:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: only with --connect")
     if args.connect:
-        client = PipelineClient([(u, 1) for u in args.connect], args.model, (args.listen, 1), timeout=args.timeout,
-                                reply_to=args.reply_to)
+        streams = args.connect_streams or [1] * len(args.connect)
+        listen_stream = args.listen_stream if args.listen_stream is not None else (
+            own_ipc_stream() if args.listen.startswith("aeron:ipc") else 1)
+        client = PipelineClient(list(zip(args.connect, streams)), args.model, (args.listen, listen_stream),
+                                timeout=args.timeout, reply_to=args.reply_to)
         try:
             client.connect(args.timeout)
         except BaseException:

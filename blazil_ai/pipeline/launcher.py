@@ -27,7 +27,7 @@ from tqdm import tqdm
 from blazil_ai.errors import BlazilError, ConfigError
 from blazil_ai.files import sweep_stale, temp_prefix
 from blazil_ai.pipeline.client import PipelineClient, PipelineError
-from blazil_ai.pipeline.protocol import DRIVER_STREAM, STAGE_STREAM_BASE, Address
+from blazil_ai.pipeline.protocol import STAGE_STREAM_BASE, Address, own_ipc_stream
 from blazil_ai.pipeline.weights import load_config, model_fingerprint, split_layers, weight_map
 
 
@@ -152,7 +152,7 @@ class LocalPipeline:
     def _client_listen(self) -> Address:
         if self.transport == "tcp":
             return ("tcp://127.0.0.1:0", 1)
-        return ("aeron:ipc", DRIVER_STREAM + 1000 + os.getpid() % 50000)
+        return ("aeron:ipc", own_ipc_stream())
 
     def stage_args(self, i: int) -> list[str]:
         """Command-line arguments of stage ``i + 1``."""

@@ -17,6 +17,8 @@ Ring: driver -> stage 1 -> stage 2 -> stage 3 -> stage 1 (sampled tokens), and s
 
 from __future__ import annotations
 
+import itertools
+import os
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,15 @@ DRIVER_STREAM = 100
 STAGE_STREAM_BASE = 100  # stage n listens on stream 100 + n under aeron:ipc
 
 Address = tuple[str, int]
+
+
+_own_streams = itertools.count()
+
+
+def own_ipc_stream() -> int:
+    """A stream id under ``aeron:ipc`` for one client's replies: clients of one media driver must not share
+    one (each call gives another, from the process id and a count)."""
+    return DRIVER_STREAM + 1000 + (os.getpid() % 50000) * 16 + next(_own_streams) % 16
 
 
 def hidden_to_wire(t: torch.Tensor) -> tuple[np.ndarray, str]:
