@@ -9,9 +9,11 @@ timed as their server-sent events arrive); each request arrives on its own, as f
 clients, so the server's figures include how arrivals fall into forwards.
 The clients (``--client``): ``raw`` (default) writes each request on a kept-alive connection of its
 own and reads the chunked server-sent events itself, so the N requests leave within a fraction of a
-millisecond, as from N independent clients; ``httpx`` runs N ``httpx`` streams in the benchmark's one
-event loop, which sends them one after another (about 1 ms each on a loaded 2-core machine), so the
-burst's arrivals are spread by the client's own cost and every TTFT includes it.
+millisecond, as from N independent clients, and times each token when its bytes reached the client's
+event loop (as N independent clients would, rather than after parsing the other streams' events);
+``httpx`` runs N ``httpx`` streams in the benchmark's one event loop, which sends them one after another
+(about 1 ms each on a loaded 2-core machine), so the burst's arrivals are spread by the client's own
+cost and every TTFT includes it.
 Both get the same greedy requests (random token-id prompts, ``ignore_eos``); ``requests_identical``
 counts the requests whose tokens were the same both ways (in bf16 a request batched with other
 neighbours may round differently in the last bit and, on random weights, take another argmax now and
@@ -41,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import json
 import os
 import random
@@ -123,17 +126,51 @@ def _chunk_tokens(data: bytes) -> list[int]:
     return [int(t) for t in chunk["choices"][0]["token_ids"]]
 
 
-class RawClient:
-    """One kept-alive HTTP/1.1 connection that streams ``/v1/completions`` (chunked server-sent events)."""
+class _TimedReader(asyncio.StreamReader):
+    """A stream reader that notes when each piece of data reached the event loop (``data_received``)."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+    def __init__(self) -> None:
+        super().__init__(limit=2**20)
+        self.ends: list[int] = []  # bytes fed so far, after each piece
+        self.times: list[float] = []
+        self.fed = 0
+
+    def feed_data(self, data: bytes) -> None:  # type: ignore[override]
+        self.fed += len(data)
+        self.ends.append(self.fed)
+        self.times.append(time.perf_counter())
+        super().feed_data(data)
+
+    def arrival(self, offset: int) -> float:
+        """When the byte before ``offset`` (counted from the connection's start) arrived."""
+        return self.times[bisect.bisect_left(self.ends, offset)]
+
+
+class RawClient:
+    """One kept-alive HTTP/1.1 connection that streams ``/v1/completions`` (chunked server-sent events).
+
+    A token's time is when the bytes of its event reached the client's event loop, not when this
+    client got round to parsing them: one process reading N connections would otherwise charge stream i
+    for parsing streams 1..i-1 first, which N independent clients do not pay.
+    """
+
+    def __init__(self, reader: _TimedReader, writer: asyncio.StreamWriter, host: str) -> None:
         self.reader, self.writer, self.host = reader, writer, host
+        self.read = 0  # bytes taken from the reader so far
 
     @classmethod
     async def open(cls, url: str) -> RawClient:
         host, port = url.removeprefix("http://").rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        return cls(reader, writer, f"{host}:{port}")
+        loop = asyncio.get_running_loop()
+        reader = _TimedReader()
+        transport, protocol = await loop.create_connection(lambda: asyncio.StreamReaderProtocol(reader), host,
+                                                           int(port))
+        return cls(reader, asyncio.StreamWriter(transport, protocol, reader, loop), f"{host}:{port}")
+
+    async def _line(self) -> bytes:
+        line = await self.reader.readline()
+        self.read += len(line)
+        return line
 
     async def stream(self, prompt: list[int], new_tokens: int) -> tuple[float, list[float], list[int]]:
         body = json.dumps(_request_body(prompt, new_tokens)).encode()
@@ -141,9 +178,9 @@ class RawClient:
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         t0 = time.perf_counter()
         self.writer.write(head + body)
-        status = await self.reader.readline()
+        status = await self._line()
         headers = {}
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+        while (line := await self._line()) not in (b"\r\n", b""):
             k, _, v = line.decode().partition(":")
             headers[k.strip().lower()] = v.strip()
         if b" 200 " not in status or headers.get("transfer-encoding") != "chunked":
@@ -153,17 +190,18 @@ class RawClient:
         ids: list[int] = []
         buf = b""
         while True:
-            size = int((await self.reader.readline()).strip(), 16)
+            size = int((await self._line()).strip(), 16)
             data = await self.reader.readexactly(size + 2)
+            self.read += len(data)
             if size == 0:
                 return t0, times, ids
-            now = time.perf_counter()
+            at = self.reader.arrival(self.read - 2)  # the chunk's last byte of data
             buf += data[:-2]
             *events, buf = buf.split(b"\n\n")
             for ev in events:
                 if ev.startswith(b"data: ") and ev != b"data: [DONE]":
                     for t in _chunk_tokens(ev[6:]):
-                        times.append(now)
+                        times.append(at)
                         ids.append(t)
 
     def close(self) -> None:

@@ -134,6 +134,7 @@ class Engine:
         self._read_at: float | None = None  # time.monotonic() of the front's latest all_read (None: no front)
         self._gathering = False  # the engine thread waits on _arrival (not in the client's receive)
         self._poked = False  # a wake message is on its way and the engine has not taken the commands since
+        self._idle = False  # the engine thread waits on _arrival with nothing in the stages (see _idle_wait)
         self._commands: deque[tuple[str, Any]] = deque()
         self._waiting: deque[Job] = deque()
         self._n_running = 0
@@ -241,7 +242,9 @@ class Engine:
     def _poke(self) -> None:
         # Under self._lock. A message to the client's own subscription ends the engine's receive wait; one
         # is enough until the engine next takes the commands (a burst's requests send one, not one each).
-        if not self._poked:
+        if self._idle:
+            self._arrival.notify()
+        elif not self._poked:
             self._poked = self._wake.offer({"op": "wake"}, timeout=0.0) == OfferStatus.OK
 
     # -- the engine thread ---------------------------------------------------------------------
@@ -286,10 +289,26 @@ class Engine:
             BURST_SIZE.observe(len(starts))
         if starts:
             self._start(starts)
-        events = self.client.pump(0.05)
+        if self._running:
+            events = self.client.pump(0.05)
+        else:
+            self._idle_wait(0.05)
+            events = self.client.pump(0.0)
         if events:
             self._handle(events)
         self._watch()
+
+    def _idle_wait(self, timeout: float) -> None:
+        """With nothing in the stages, wait for a command on the lock's condition: a poke then costs a
+        notify instead of a message through the transport."""
+        with self._lock:
+            if self._commands or self._stop:
+                return
+            self._idle = True
+            try:
+                self._arrival.wait(timeout)
+            finally:
+                self._idle = False
 
     def _gather_burst(self, have: int) -> tuple[list[Job], str]:
         """The stages are idle and ``have`` requests came: the rest of their burst.
@@ -374,23 +393,25 @@ class Engine:
             job.last_seen = mono
             if ev.kind == "working":
                 continue
-            if ev.kind == "token":
-                job.tokens += 1
-                GENERATION_TOKENS.inc()
-                if job.tokens == 1:
-                    job.first_token_at = ev.at
-                    TTFT.observe(ev.at - job.arrived)
-                else:
-                    ITL.observe(ev.at - job.last_token_at)
-                job.last_token_at = ev.at
-                if ev.finish:
-                    E2E.observe(ev.at - job.arrived)
             out.append((job, ev))
             if ev.kind != "token" or ev.finish:
                 ended.append(job)
         for job in ended:
             self._running.pop(job.rid, None)
-        self._send(out)
+        self._send(out)  # first, so the clients' wait does not include the bookkeeping below
+        for job, ev in out:
+            if ev.kind != "token":
+                continue
+            job.tokens += 1
+            GENERATION_TOKENS.inc()
+            if job.tokens == 1:
+                job.first_token_at = ev.at
+                TTFT.observe(ev.at - job.arrived)
+            else:
+                ITL.observe(ev.at - job.last_token_at)
+            job.last_token_at = ev.at
+            if ev.finish:
+                E2E.observe(ev.at - job.arrived)
         if ended:
             self._left(len(ended))
 
