@@ -167,13 +167,22 @@ async def read_body(receive: Receive) -> bytes:
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-async def send_json(send: Send, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-    """A whole JSON response (as FastAPI's ``JSONResponse`` writes it)."""
-    body = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    head += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": head})
-    await send({"type": "http.response.body", "body": body})
+def _count(e: ApiError) -> None:
+    """Count an error answered in ``blazil_llm_errors_total`` by its code, else by its status (a client that
+    went away, 499, is no error of ours)."""
+    if e.status != 499:
+        ERRORS.labels(e.code or {404: "model_not_found", 500: "internal_error"}.get(e.status, "invalid_request")).inc()
+
+
+def _answer(e: ApiError) -> JSONResponse:
+    """The OpenAI error object for ``e``, counted."""
+    _count(e)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _internal(e: Exception) -> ApiError:
+    """An unexpected fault as the 500 error that answers it (the caller logs it)."""
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
 
 
 async def _disconnected(receive: Receive) -> None:
@@ -311,7 +320,7 @@ class Api:
 
         return Answer("chat", req, job, head, choice)
 
-    async def respond(self, a: Answer, receive: Receive, send: Send) -> None:
+    async def respond(self, a: Answer, scope: Scope, receive: Receive, send: Send) -> None:
         """The whole answer at once (``stream`` false)."""
         tokens, finish = await self._collect(receive, a.job, a.endpoint)
         text = final_text(self.model.tokenizer.decode(tokens, skip_special_tokens=True),
@@ -322,7 +331,7 @@ class Api:
             body["object"] = "chat.completion"
         if a.req.return_token_ids:
             body["prompt_token_ids"] = a.job.prompt_ids
-        await send_json(send, 200, body)
+        await JSONResponse(body)(scope, receive, send)
 
     async def _collect(self, receive: Receive, job: Job, endpoint: str) -> tuple[list[int], str | None]:
         """Wait for a whole (non-streamed) request; a client that goes away cancels it."""
@@ -376,8 +385,8 @@ class Api:
                 await send({"type": "http.response.body", "body": chunks.take(), "more_body": not chunks.ended})
         except Exception as e:  # after the response started only the stream itself can say so
             log.exception("%s stream failed", a.endpoint)
-            ERRORS.labels("internal_error").inc()
-            err = ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error")
+            err = _internal(e)
+            _count(err)
             await send({"type": "http.response.body", "body": _sse(err.body()) + b"data: [DONE]\n\n"})
         finally:
             watch.cancel()
@@ -537,18 +546,14 @@ class Front:
             if a.req.stream:
                 await self.api.stream(a, receive, send)
             else:
-                await self.api.respond(a, receive, send)
+                await self.api.respond(a, scope, receive, send)
         except ClientGone:
             REQUESTS.labels(route[0], "cancelled").inc()
         except ApiError as e:
-            if e.status != 499:
-                ERRORS.labels(e.code or ("model_not_found" if e.status == 404 else "invalid_request")).inc()
-            await send_json(send, e.status, e.body(), e.headers)
+            await _answer(e)(scope, receive, send)
         except Exception as e:
             log.exception("%s %s failed", scope["method"], scope["path"])
-            ERRORS.labels("internal_error").inc()
-            await send_json(send, 500, ApiError(500, f"internal error: {type(e).__name__}: {e}",
-                                                kind="server_error").body())
+            await _answer(_internal(e))(scope, receive, send)
 
 
 def create_app(engine: Engine, model: ServedModel) -> Front:
@@ -559,8 +564,7 @@ def create_app(engine: Engine, model: ServedModel) -> Front:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> Response:
-        ERRORS.labels(e.code or ("model_not_found" if e.status == 404 else "invalid_request")).inc()
-        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+        return _answer(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException) -> Response:
@@ -571,9 +575,7 @@ def create_app(engine: Engine, model: ServedModel) -> Front:
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> Response:
         log.exception("%s %s failed", request.method, request.url.path)
-        ERRORS.labels("internal_error").inc()
-        return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body(),
-                            status_code=500)
+        return _answer(_internal(e))
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
