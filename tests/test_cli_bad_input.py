@@ -301,6 +301,8 @@ CASES = [
     case("stage", "--stage 1 --model {tiny} --layers 0:1 --listen tcp://127.0.0.1 --next tcp://h:7002", "--listen"),
     case("stage", "--stage 0 --model {tiny} --layers 0:1 --listen tcp://127.0.0.1:0 --next tcp://h:7002", "--stage"),
     case("stage", "--stage 1 --model {tiny} --layers 0:1 --listen tcp://127.0.0.1:0 --next tcp://h:7002 "
+         "--next-stream 4294967296", "--next-stream|32-bit"),
+    case("stage", "--stage 1 --model {tiny} --layers 0:1 --listen tcp://127.0.0.1:0 --next tcp://h:7002 "
                   "--device tpu", "--device|tpu"),
     case("stage", "--stage 1 --model {tiny} --layers 0:1 --listen tcp://127.0.0.1:0 --next tcp://h:7002 "
                   "--dtype int8", "--dtype"),

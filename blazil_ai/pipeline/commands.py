@@ -147,8 +147,8 @@ def stage_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="URI this stage receives on (tcp://0.0.0.0:7001, aeron:ipc, ...)")
     p.add_argument("--next", required=True, type=channel_uri,
                    help="URI of the next stage (the last stage's next is stage 1)")
-    p.add_argument("--listen-stream", type=int, default=1, help="stream id to receive on (default 1)")
-    p.add_argument("--next-stream", type=int, default=1, help="stream id of the next stage (default 1)")
+    p.add_argument("--listen-stream", type=stream_id, default=1, help="stream id to receive on (default 1)")
+    p.add_argument("--next-stream", type=stream_id, default=1, help="stream id of the next stage (default 1)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="float32, bfloat16, float16 or auto (the checkpoint's)")
     p.add_argument("--device", default="cpu", type=device, help="torch device: cpu, cuda, cuda:1 ...")
